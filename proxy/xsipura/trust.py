@@ -1,0 +1,120 @@
+"""Which CAs are trusted, and the verdict on a peer's Mini-Certificate.
+
+An MC is valid iff its signature verifies under a trusted CA modulus and it has not
+expired (profile §1). The CA modulus that travels with an MC is never trusted because
+it is there: trust comes only from the operator's configuration (and a line's own
+``Mini Certificate`` param, as on an SPA device).
+
+The sample CA printed in the Linksys administration guide is public, so anyone can
+issue MCs under it. It stays usable (labs, interop tests) but every verdict that relies
+on it says so, and the CLI and the proxy surface that as a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from proxy.xsipura.mc import CA_MODULUS_LENGTH, MiniCertificate
+from proxy.xsipura.rsa import PublicKey, int_to_bytes, verify_raw
+
+SAMPLE_CA_MODULUS = int(
+    "f420bd6985355f9949b94f840599a2dc099ca84f54d4bc44386c28a5a1b218e8"
+    "7757284a822e89695b5066df3b3e224834a5bc5d08f707d42a7b756063158240"
+    "d6b7df96029c3b1e9c049e071b8c2046810987759757d512874964e1b05f07c0"
+    "75ed0c85c6c3d248fb2d597372c4f29364d961371c9d9ef94ee4e38f5deabd8b",
+    16,
+)
+"""The public sample CA from the vendor guide (vectors ``ca.n_hex``). Never secure."""
+
+
+def is_sample_ca(key: PublicKey) -> bool:
+    return key.n == SAMPLE_CA_MODULUS
+
+
+def ca_fingerprint(key: PublicKey) -> str:
+    """SHA-256 hex of the 128-byte CA modulus (what `mc show` prints as ``ca_sha256``)."""
+    return hashlib.sha256(int_to_bytes(key.n, CA_MODULUS_LENGTH)).hexdigest()
+
+
+class McStatus(StrEnum):
+    """Outcome of checking an MC; values double as machine-readable reasons."""
+
+    VALID = "valid"
+    UNTRUSTED_CA = "untrusted_ca"
+    EXPIRED = "expired"
+
+
+_MESSAGES = {
+    McStatus.VALID: "valid",
+    McStatus.UNTRUSTED_CA: "not signed by a trusted CA",
+    McStatus.EXPIRED: "expired",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class McVerdict:
+    status: McStatus
+    ca: PublicKey | None = None
+    """The trusted CA whose signature verified (None when none did)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is McStatus.VALID
+
+    @property
+    def sample_ca(self) -> bool:
+        """True when the MC is vouched for only by the public sample CA: not secure."""
+        return self.ca is not None and is_sample_ca(self.ca)
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self.status]
+
+
+class TrustStore:
+    """A set of trusted CA moduli. Immutable after construction; cheap to share."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, anchors: Iterable[PublicKey] = ()) -> None:
+        self._keys: dict[int, PublicKey] = {}
+        for anchor in anchors:
+            self._keys.setdefault(anchor.n, anchor)
+
+    def with_anchor(self, anchor: PublicKey) -> TrustStore:
+        return TrustStore([*self._keys.values(), anchor])
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, PublicKey) and key.n in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def anchors(self) -> tuple[PublicKey, ...]:
+        return tuple(self._keys.values())
+
+    @property
+    def includes_sample_ca(self) -> bool:
+        return SAMPLE_CA_MODULUS in self._keys
+
+    def signer_of(self, certificate: MiniCertificate) -> PublicKey | None:
+        """The trusted CA whose signature the MC carries, if any."""
+        digest = certificate.digest
+        for key in self._keys.values():
+            if verify_raw(key, digest, certificate.signature):
+                return key
+        return None
+
+    def verify(self, certificate: MiniCertificate, now: datetime) -> McVerdict:
+        """Signature first, then expiry (the order the profile lists the checks in)."""
+        signer = self.signer_of(certificate)
+        if signer is None:
+            return McVerdict(McStatus.UNTRUSTED_CA)
+        if certificate.is_expired(now):
+            return McVerdict(McStatus.EXPIRED, signer)
+        return McVerdict(McStatus.VALID, signer)
