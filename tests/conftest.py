@@ -1,17 +1,105 @@
-"""Shared fixtures: the x-sipura test vectors (a copy of the profile's vectors.json)."""
+"""Shared fixtures: the x-sipura test vectors and a freshly generated test PKI."""
 
 from __future__ import annotations
 
 import json
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the package imports as `proxy` from the repo root
+    sys.path.insert(0, str(ROOT))
+
+from proxy.xsipura import keyfiles, rsa  # noqa: E402
+from proxy.xsipura.mc import MiniCertificate, MiniCertificateParam  # noqa: E402
+from proxy.xsipura.trust import TrustStore  # noqa: E402
+
+VECTORS_PATH = ROOT / "tests" / "data" / "xsipura_vectors.json"
+
+NOW_UTC = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
+"""A wall-clock instant at which every vector and test-PKI MC is valid."""
+
+
+def load_vectors() -> dict[str, Any]:
+    with VECTORS_PATH.open(encoding="utf-8") as fh:
+        data: dict[str, Any] = json.load(fh)
+    return data
+
+
+@dataclass(frozen=True)
+class Party:
+    """One subscriber: its MC, its private key and its provisioning param."""
+
+    certificate: MiniCertificate
+    key: rsa.PrivateKey
+    param: MiniCertificateParam
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: rsa.PrivateKey
+    other_ca: rsa.PrivateKey
+    alice: Party
+    bob: Party
+    trust: TrustStore
+
+    def issue(
+        self,
+        name: str,
+        user_id: str,
+        expires: datetime,
+        key: rsa.PrivateKey | None = None,
+        ca: rsa.PrivateKey | None = None,
+    ) -> Party:
+        key = key or rsa.generate_subscriber_key()
+        ca = ca or self.ca
+        certificate = MiniCertificate.issue(ca, name, user_id, expires, key.public)
+        return Party(certificate, key, MiniCertificateParam(certificate, ca.public))
+
+
+def make_pki() -> Pki:
+    ca = keyfiles.generate_ca_key()
+    other_ca = keyfiles.generate_ca_key()
+    parties = []
+    for name, user_id, expires in (
+        ("Alice Caller", "15550001111", datetime(2031, 1, 1, tzinfo=UTC)),
+        ("Bob Callee", "15550002222", datetime(2032, 2, 2, 2, 2, 2, tzinfo=UTC)),
+    ):
+        key = rsa.generate_subscriber_key()
+        certificate = MiniCertificate.issue(ca, name, user_id, expires, key.public)
+        parties.append(Party(certificate, key, MiniCertificateParam(certificate, ca.public)))
+    return Pki(ca, other_ca, parties[0], parties[1], TrustStore([ca.public]))
 
 
 @pytest.fixture(scope="session")
 def vectors() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((DATA / "xsipura_vectors.json").read_text())
-    return data
+    return load_vectors()
+
+
+@pytest.fixture(scope="session")
+def sample_ca(vectors: dict[str, Any]) -> rsa.PrivateKey:
+    return keyfiles.load_ca_private_key(vectors["ca"]["ca_key_file"].encode("ascii"))
+
+
+@pytest.fixture(scope="session")
+def vector_users(vectors: dict[str, Any]) -> dict[str, Party]:
+    """joe and jane from the vectors, loaded through their provisioning params."""
+    from proxy.xsipura.mc import decode_private_key_param
+
+    users = {}
+    for name, user in vectors["users"].items():
+        param = MiniCertificateParam.from_base64(user["mini_certificate_param_b64"])
+        key = decode_private_key_param(user["srtp_private_key_param_b64"], param.certificate)
+        users[name] = Party(param.certificate, key, param)
+    return users
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    """A test CA, a second unrelated CA and two subscribers, generated once per module."""
+    return make_pki()

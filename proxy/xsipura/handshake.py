@@ -276,13 +276,13 @@ class CallerHandshake:
         if status < 200:
             return []
         if self.state is CallerState.HELLO_SENT:
-            return self._on_hello_response(status, body, now_utc)
+            return self._on_hello_response(status, body, now, now_utc)
         if self.state in (CallerState.FINAL_SENT, CallerState.FINAL_LOST):
             return self._on_final_response(status, body)
         return []  # a late response after we gave up: nothing to do
 
     def _on_hello_response(
-        self, status: int, body: bytes | str | None, now_utc: datetime
+        self, status: int, body: bytes | str | None, now: float, now_utc: datetime
     ) -> list[Event]:
         if status >= 300:
             reason = ClearReason.PEER_REJECTED if status == 488 else ClearReason.PEER_UNSUPPORTED
@@ -320,6 +320,7 @@ class CallerHandshake:
         self._pending = SecureSession(keys, self._local_ssrc, reply.ssrc, identity, generation)
         self._pending_authenticated = False
         self.state = CallerState.FINAL_SENT
+        self._deadline = now + self._timeout  # the Final's INFO gets a full timeout (§2a)
         return [AcceptSrtp(self._pending), SendInfo(msg.encode_body(final))]
 
     def _on_final_response(self, status: int, body: bytes | str | None) -> list[Event]:

@@ -18,6 +18,7 @@ import base64
 import re
 from enum import StrEnum
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa as crsa
 
@@ -84,7 +85,7 @@ def _pem_key(data: bytes) -> PrivateKey | PublicKey:
             raise KeyFileError("encrypted PEM keys are not supported; decrypt it first")
         try:
             loaded = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise KeyFileError("not a readable PEM private key") from exc
         if not isinstance(loaded, crsa.RSAPrivateKey):
             raise KeyFileError("PEM key is not an RSA key")
@@ -94,7 +95,7 @@ def _pem_key(data: bytes) -> PrivateKey | PublicKey:
         return PrivateKey.from_n_d(numbers.public_numbers.n, numbers.d)
     try:
         public = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError, NotImplementedError) as exc:
+    except (ValueError, TypeError, NotImplementedError, UnsupportedAlgorithm) as exc:
         raise KeyFileError("not a readable PEM public key") from exc
     if not isinstance(public, crsa.RSAPublicKey):
         raise KeyFileError("PEM key is not an RSA key")

@@ -26,7 +26,9 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import rsa as crsa
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 
 PUBLIC_EXPONENT = 65537
 """The profile never transmits e: it is always 65537."""
@@ -67,6 +69,9 @@ class PublicKey:
 
     def modulus_bytes(self) -> bytes:
         return int_to_bytes(self.n, self.size)
+
+    def to_cryptography(self) -> crsa.RSAPublicKey:
+        return crsa.RSAPublicNumbers(PUBLIC_EXPONENT, self.n).public_key()
 
     def public_op(self, block: bytes) -> bytes:
         """``block ** e mod n``, same length as the modulus."""
@@ -109,7 +114,7 @@ class PrivateKey:
             p, q = crsa.rsa_recover_prime_factors(n, PUBLIC_EXPONENT, d)
         except (ValueError, ArithmeticError) as exc:
             raise RsaError("private exponent does not belong to this modulus") from exc
-        if p * q != n:
+        if p * q != n or (PUBLIC_EXPONENT * d) % math.lcm(p - 1, q - 1) != 1:
             raise RsaError("private exponent does not belong to this modulus")
         return cls(
             n=n,
@@ -180,6 +185,31 @@ def verify_raw(key: PublicKey, payload: bytes, signature: bytes) -> bool:
     except RsaError:
         return False
     return hmac.compare_digest(key.public_op(signature), expected)
+
+
+class Type1Verifier:
+    """Fast :func:`verify_raw` for a key that verifies many signatures (a trusted CA).
+
+    OpenSSL's ``RSA_public_decrypt`` (via `cryptography`'s ``recover_data_from_signature``
+    with no hash algorithm) checks the type-1 block strictly and returns the payload;
+    comparing it whole with the digest is the same check as :func:`verify_raw`, at about
+    6 µs instead of 38 µs for a 1024-bit key (bench/crypto.py).
+    """
+
+    __slots__ = ("_key", "_size")
+
+    def __init__(self, key: PublicKey) -> None:
+        self._key = key.to_cryptography()
+        self._size = key.size
+
+    def verify(self, payload: bytes, signature: bytes) -> bool:
+        if len(signature) != self._size:
+            return False
+        try:
+            recovered = self._key.recover_data_from_signature(signature, PKCS1v15(), None)
+        except InvalidSignature:
+            return False
+        return hmac.compare_digest(recovered, payload)
 
 
 # --- PKCS#1 v1.5 type 2 (encryption) ---------------------------------------------------

@@ -19,7 +19,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from proxy.xsipura.mc import CA_MODULUS_LENGTH, MiniCertificate
-from proxy.xsipura.rsa import PublicKey, int_to_bytes, verify_raw
+from proxy.xsipura.rsa import PublicKey, Type1Verifier, int_to_bytes
 
 SAMPLE_CA_MODULUS = int(
     "f420bd6985355f9949b94f840599a2dc099ca84f54d4bc44386c28a5a1b218e8"
@@ -78,12 +78,14 @@ class McVerdict:
 class TrustStore:
     """A set of trusted CA moduli. Immutable after construction; cheap to share."""
 
-    __slots__ = ("_keys",)
+    __slots__ = ("_keys", "_verifiers")
 
     def __init__(self, anchors: Iterable[PublicKey] = ()) -> None:
         self._keys: dict[int, PublicKey] = {}
         for anchor in anchors:
             self._keys.setdefault(anchor.n, anchor)
+        # Built once: a handshake verifies one MC per side against every anchor.
+        self._verifiers = [(key, Type1Verifier(key)) for key in self._keys.values()]
 
     def with_anchor(self, anchor: PublicKey) -> TrustStore:
         return TrustStore([*self._keys.values(), anchor])
@@ -105,8 +107,8 @@ class TrustStore:
     def signer_of(self, certificate: MiniCertificate) -> PublicKey | None:
         """The trusted CA whose signature the MC carries, if any."""
         digest = certificate.digest
-        for key in self._keys.values():
-            if verify_raw(key, digest, certificate.signature):
+        for key, verifier in self._verifiers:
+            if verifier.verify(digest, certificate.signature):
                 return key
         return None
 
