@@ -36,7 +36,55 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     add_mc_commands(commands)
+    run = commands.add_parser("run", help="run the B2BUA (inside <-> outside)")
+    run.add_argument("--config", required=True, metavar="FILE", help="TOML configuration")
+    run.add_argument("--check", action="store_true", help="validate the config and exit")
+    run.set_defaults(handler=_cmd_run)
+    calls = commands.add_parser("calls", help="list active calls of a running proxy")
+    calls.add_argument("--admin", default="127.0.0.1:5099", metavar="HOST:PORT")
+    calls.add_argument("--json", action="store_true")
+    calls.set_defaults(handler=_cmd_calls)
     return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from proxy.b2bua.config import load_config
+    from proxy.b2bua.server import run
+
+    config = load_config(args.config)  # ConfigError is a UsageError: one line, exit 2
+    if args.check:
+        print(f"{args.config}: OK ({len(config.lines)} lines)")
+        return 0
+    return run(config)
+
+
+def _cmd_calls(args: argparse.Namespace) -> int:
+    import json
+    import socket
+
+    host, _, port = args.admin.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5) as conn:
+            conn.sendall(b"GET /calls HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot reach the admin endpoint {args.admin}: {exc}") from exc
+    body = data.split(b"\r\n\r\n", 1)[-1]
+    try:
+        calls = json.loads(body)
+    except ValueError as exc:
+        raise UsageError(f"admin endpoint {args.admin} did not answer JSON") from exc
+    if args.json:
+        print(json.dumps(calls))
+        return 0
+    if not calls:
+        print("no active calls")
+    for call in calls:
+        print(f"{call['id']:>6} {call['direction']:<16} {call['state']:<11} "
+              f"line={call['line'] or '-'} a={call['a_call_id']}")  # fmt: skip
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -247,7 +247,6 @@ class CallerHandshake:
         self.session: SecureSession | None = None
         """The session in force (set at switch-over; kept through a failed re-key)."""
         self._pending: SecureSession | None = None
-        self._pending_authenticated = False
         self._deadline: float | None = None
 
     @property
@@ -318,7 +317,6 @@ class CallerHandshake:
         )
         generation = 0 if self.session is None else self.session.generation + 1
         self._pending = SecureSession(keys, self._local_ssrc, reply.ssrc, identity, generation)
-        self._pending_authenticated = False
         self.state = CallerState.FINAL_SENT
         self._deadline = now + self._timeout  # the Final's INFO gets a full timeout (§2a)
         return [AcceptSrtp(self._pending), SendInfo(msg.encode_body(final))]
@@ -347,18 +345,20 @@ class CallerHandshake:
     def _final_lost(self, now: float) -> list[Event]:
         # §2a "Lost Callee Final": the callee may have switched; SRTP that authenticates
         # under the key we sent proves it did.
-        if self._pending_authenticated:
-            return self._switch()
         self.state = CallerState.FINAL_LOST
         self._deadline = now + self._grace
         return []
 
     def srtp_authenticated(self, now: float) -> list[Event]:
-        """The media layer saw the peer's SRTP authenticate under the pending key."""
-        if self.state is CallerState.FINAL_SENT:
-            self._pending_authenticated = True
-            return []
-        if self.state is CallerState.FINAL_LOST:
+        """The media layer saw the peer's SRTP authenticate under the pending key.
+
+        The callee encrypts only once it has sent the Callee Final, so authenticated SRTP
+        proves it switched: the caller switches at once rather than wait for a Final
+        that may be lost (§2a). Waiting would leave the callee's grace window (2 s)
+        to run out long before the INFO transaction times out (32 s), and the callee
+        would fall back to clear while the caller still holds the key.
+        """
+        if self.state in (CallerState.FINAL_SENT, CallerState.FINAL_LOST):
             return self._switch()
         return []
 

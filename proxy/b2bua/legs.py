@@ -1,0 +1,114 @@
+"""Dialog state for one leg of a bridged call (RFC 3261 §12), and the call that pairs two.
+
+A B2BUA is two user agents glued together: the *A leg* is the dialog in which the proxy
+is the UAS (the request came to it), the *B leg* the dialog in which it is the UAC (it
+sent the request on). Each leg has its own Call-ID, tags, CSeq space, route set and
+remote target, so nothing of one dialog's identity leaks into the other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from proxy.media.engine import Side
+from proxy.sip.headers import NameAddr
+from proxy.sip.transaction import Address, ClientTransaction, ServerTransaction
+
+if TYPE_CHECKING:
+    from proxy.b2bua.config import LineConfig
+    from proxy.b2bua.media import MediaHandle
+
+
+def new_tag() -> str:
+    return secrets.token_hex(6)
+
+
+def new_call_id(host: str) -> str:
+    return f"{secrets.token_hex(12)}@{host}"
+
+
+@dataclass(slots=True)
+class Leg:
+    side: Side
+    call_id: str
+    local_tag: str
+    local: NameAddr
+    """Our end's address header (From on a UAC leg, To on a UAS leg), with our tag."""
+    remote: NameAddr
+    """The peer's address header (To on a UAC leg, From on a UAS leg)."""
+    uac: bool
+    local_cseq: int
+    remote_tag: str | None = None
+    remote_cseq: int | None = None
+    remote_target: str | None = None
+    route_set: list[str] = field(default_factory=list)
+    flow: Address | None = None
+    """Where the peer's messages come from: reused for requests to it (NAT, TCP)."""
+    dest: Address | None = None
+    """Where requests on this leg go (resolved once, refreshed on target refresh)."""
+    supports_xsipura: bool = False
+    invite_cseq: int = 0
+    """CSeq number of the last INVITE sent on this leg (the ACK reuses it)."""
+    ack_data: bytes | None = None
+    """The ACK we sent for the last 2xx on this (UAC) leg: re-sent for 2xx retransmissions."""
+    ack_cseq: int = 0
+    """The CSeq number ``ack_data`` acknowledges (only that INVITE's 2xx is re-ACKed)."""
+
+    def next_cseq(self) -> int:
+        self.local_cseq += 1
+        return self.local_cseq
+
+
+class CallState(Enum):
+    INVITING = "inviting"
+    EARLY = "early"
+    ANSWERED = "answered"
+    """B answered and the 2xx went to A; waiting for A's ACK."""
+    CONFIRMED = "confirmed"
+    TERMINATING = "terminating"
+    TERMINATED = "terminated"
+
+
+_call_ids = itertools.count(1)
+
+
+@dataclass(eq=False, slots=True)
+class Relay:
+    """A request relayed from one leg to the other, awaiting the far side's answer."""
+
+    call: Call
+    origin: Leg
+    server_tx: ServerTransaction | None
+    """None for requests the proxy originates itself (BYE on timeout, CANCEL...)."""
+    answered: bool = False
+    """INVITE only: a 2xx arrived; any further 2xx is a retransmission (RFC 6026)."""
+
+
+@dataclass(eq=False, slots=True)
+class Call:
+    a: Leg
+    b: Leg
+    line: LineConfig | None
+    invite_server: ServerTransaction
+    invite_client: ClientTransaction | None = None
+    state: CallState = CallState.INVITING
+    media: MediaHandle | None = None
+    cancelled: bool = False
+    cancel_sent: bool = False
+    got_provisional: bool = False
+    created: float = 0.0
+    id: int = field(default_factory=lambda: next(_call_ids))
+
+    def other(self, leg: Leg) -> Leg:
+        return self.b if leg is self.a else self.a
+
+    def leg_on(self, side: Side) -> Leg:
+        return self.a if self.a.side is side else self.b
+
+    @property
+    def direction(self) -> str:
+        return f"{self.a.side.value}->{self.b.side.value}"

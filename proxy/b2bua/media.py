@@ -1,0 +1,55 @@
+"""Glue between SDP bodies and the media engine for one call.
+
+Every SDP body that crosses the B2BUA, in either direction and in any message (INVITE,
+18x, 2xx, ACK, UPDATE, re-INVITE), goes through :meth:`MediaHandle.relay_sdp`: the
+sender's media addresses become the engine's expected peers on the sender's side, and
+the body handed to the other side advertises the proxy's ports on that side. Nothing
+else in the SDP changes, so codecs, ptime, telephone-event and direction attributes
+reach the far end as the near end wrote them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from proxy.media.engine import MediaSession, Side
+from proxy.sip.sdp import SdpError, connection_endpoint, parse_sdp, rewrite_sdp
+
+log = logging.getLogger("sipura.media")
+
+
+class MediaHandle:
+    __slots__ = ("_media_ip", "session", "streams")
+
+    def __init__(self, session: MediaSession, streams: int, media_ip: dict[Side, str]) -> None:
+        self.session = session
+        self.streams = streams
+        self._media_ip = media_ip
+
+    def relay_sdp(self, from_side: Side, body: bytes) -> bytes:
+        """Learn the sender's endpoints and return the body for the other side.
+
+        Raises :class:`SdpError` for a body that is not SDP: the caller answers 488/400.
+        """
+        sdp = parse_sdp(body)
+        to_side = Side.OUTSIDE if from_side is Side.INSIDE else Side.INSIDE
+        ports: list[int | None] = []
+        for index in range(len(sdp.media)):
+            if index >= self.streams:
+                ports.append(None)  # beyond what was anchored: passes through as is
+                continue
+            ip, rtp_port, rtcp_port, rtcp_mux = connection_endpoint(sdp, index)
+            self.session.set_remote(from_side, index, ip, rtp_port, rtcp_port, rtcp_mux)
+            ports.append(None if rtp_port == 0 else self.session.local(to_side, index)[1])
+        return rewrite_sdp(body, self._media_ip[to_side], ports)
+
+    def release(self) -> None:
+        self.session.release()
+
+
+def stream_count(body: bytes) -> int:
+    """How many m= lines an offer has (at least 1, to anchor a later offer too)."""
+    try:
+        return max(1, len(parse_sdp(body).media))
+    except SdpError:
+        return 1

@@ -1,0 +1,283 @@
+"""One call's x-sipura security on the outside leg, sans-IO.
+
+The handshake machines (:mod:`proxy.xsipura.handshake`) know the protocol; this module
+knows the *call*: which role the proxy plays on the outside leg (caller when the call
+came from a line's phone, callee when it goes to one), with which line's MC and key,
+under which policy (secure by default, ``*18``/``*19``, ``require_secure``), and what a
+result means for the media and for the phone's user (SRTP switch-over with a grace
+window, the secure-call tone, the ``$`` caller-ID refresh, or a hang-up).
+
+The B2BUA core executes the :data:`Action` values it returns; nothing here touches a
+socket or a clock (``now`` is monotonic seconds, ``now_utc`` the wall-clock instant used
+for MC expiry).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+
+from proxy.b2bua.security_config import LineSecurity, XsipuraConfig
+from proxy.media.srtp import SrtpContext
+from proxy.xsipura import handshake as hs
+
+log = logging.getLogger("sipura.secure")
+
+KNOWN_OTHER_INFO = frozenset(
+    {"application/dtmf-relay", "application/dtmf", "application/media_control+xml"}
+)
+"""INFO packages that are not x-sipura (profile §2a): relayed as usual."""
+
+
+def is_xsipura_info(content_type: str, body: bytes) -> bool | None:
+    """§2a: True for an x-sipura INFO, False for another package, None for an empty body."""
+    if not body.strip():
+        return None
+    return content_type.split(";", 1)[0].strip().lower() not in KNOWN_OTHER_INFO
+
+
+class Role(Enum):
+    CALLER = "caller"
+    CALLEE = "callee"
+
+
+class SecureState(Enum):
+    WAITING = "waiting"
+    """Caller: dialog confirmed, waiting for media to flow before the Caller Hello."""
+    HANDSHAKING = "handshaking"
+    SECURE = "secure"
+    CLEAR = "clear"
+
+
+# --- actions for the core ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendInfo:
+    body: str
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class RespondInfo:
+    status: int
+    reason: str
+    body: str | None
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptSrtp:
+    context: SrtpContext
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchSrtp:
+    context: SrtpContext
+    grace_s: float
+    srtcp: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ClearSrtp:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Secured:
+    """The call just became secure: play the tone, refresh the caller ID."""
+
+    peer: hs.PeerIdentity
+    rekey: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    reason: str
+
+
+Action = SendInfo | RespondInfo | AcceptSrtp | SwitchSrtp | ClearSrtp | Secured | HangUp
+
+
+class CallSecurity:
+    """x-sipura for one call's outside leg."""
+
+    def __init__(
+        self,
+        *,
+        role: Role,
+        line: LineSecurity,
+        settings: XsipuraConfig,
+        label: str,
+        dialled_user_id: str = "",
+        require_secure: bool | None = None,
+    ) -> None:
+        self.role = role
+        self.line = line
+        self.settings = settings
+        self.label = label
+        self.dialled = dialled_user_id
+        self.require_secure = line.require_secure if require_secure is None else require_secure
+        self.state = SecureState.WAITING
+        self.reason: hs.ClearReason | None = None
+        self.detail = ""
+        self.peer: hs.PeerIdentity | None = None
+        self.generation = -1
+        self._caller: hs.CallerHandshake | None = None
+        self._callee: hs.CalleeHandshake | None = None
+        self._start_at: float | None = None
+
+    # --- caller role --------------------------------------------------------------------
+
+    def arm(self, now: float) -> None:
+        """Caller: the outside dialog is confirmed; start once media flows (and not before
+        ``start_delay_ms``)."""
+        if self.role is Role.CALLER and self.state is SecureState.WAITING:
+            self._start_at = now + self.settings.start_delay_ms / 1000
+
+    def ready_to_start(self, now: float) -> bool:
+        return (
+            self.role is Role.CALLER
+            and self.state is SecureState.WAITING
+            and self._start_at is not None
+            and now >= self._start_at
+        )
+
+    def start(self, now: float, local_ssrc: int) -> list[Action]:
+        """Caller: send the Caller Hello, with the SSRC the proxy relays toward the peer."""
+        self._caller = hs.CallerHandshake(
+            certificate=self.line.param.certificate,
+            trust=self.line.trust,
+            dialled_user_id=self.dialled,
+            local_ssrc=local_ssrc,
+            timeout=self.settings.handshake_timeout_ms / 1000,
+            grace=self.settings.grace_ms / 1000,
+        )
+        self.state = SecureState.HANDSHAKING
+        self._start_at = None
+        log.info("call %s: x-sipura step 1: Caller Hello (%s, ssrc %08x)", self.label,
+                 self.line.param.certificate.name, local_ssrc)  # fmt: skip
+        return self._translate(self._caller.start(now))
+
+    def rekey(self, now: float) -> list[Action]:
+        if self._caller is None or self.state is not SecureState.SECURE:
+            return []
+        log.info("call %s: x-sipura re-key", self.label)
+        return self._translate(self._caller.rekey(now))
+
+    def on_info_response(
+        self, status: int, body: bytes | None, now: float, now_utc: datetime
+    ) -> list[Action]:
+        if self._caller is None:
+            return []
+        return self._translate(self._caller.receive_response(status, body, now, now_utc))
+
+    def on_info_timeout(self, now: float) -> list[Action]:
+        if self._caller is None:
+            return []
+        return self._translate(self._caller.transaction_timeout(now))
+
+    # --- callee role --------------------------------------------------------------------
+
+    def on_info(self, body: bytes, now: float, now_utc: datetime, local_ssrc: int) -> list[Action]:
+        """Callee: an x-sipura INFO arrived on the outside leg; always yields one response."""
+        if self._callee is None:
+            self._callee = hs.CalleeHandshake(
+                certificate=self.line.param.certificate,
+                private_key=self.line.private_key,
+                trust=self.line.trust,
+                local_ssrc=local_ssrc,
+                grace=self.settings.grace_ms / 1000,
+            )
+        if self.state is SecureState.WAITING:
+            self.state = SecureState.HANDSHAKING
+        return self._translate(self._callee.receive_request(body, now, now_utc))
+
+    # --- both ---------------------------------------------------------------------------
+
+    def srtp_authenticated(self, now: float) -> list[Action]:
+        machine = self._caller or self._callee
+        return [] if machine is None else self._translate(machine.srtp_authenticated(now))
+
+    def next_deadline(self) -> float | None:
+        machine = self._caller or self._callee
+        deadlines = [d for d in (self._start_at, machine.next_deadline() if machine else None) if d]
+        return min(deadlines) if deadlines else None
+
+    def poll(self, now: float) -> list[Action]:
+        machine = self._caller or self._callee
+        return [] if machine is None else self._translate(machine.handle_timer(now))
+
+    def give_up(self, reason: hs.ClearReason, detail: str) -> list[Action]:
+        """Policy decided not to try (peer does not advertise x-sipura, *19...)."""
+        return self._clear(reason, detail)
+
+    def _translate(self, events: list[hs.Event]) -> list[Action]:
+        actions: list[Action] = []
+        for event in events:
+            if isinstance(event, hs.SendInfo):
+                actions.append(SendInfo(event.body, event.content_type))
+            elif isinstance(event, hs.SendResponse):
+                actions.append(
+                    RespondInfo(event.status, event.reason, event.body, event.content_type)
+                )
+                log.info("call %s: x-sipura callee answers %d %s", self.label, event.status,
+                         event.reason)  # fmt: skip
+            elif isinstance(event, hs.AcceptSrtp):
+                keys, peer = event.session.keys, event.session.peer
+                actions.append(AcceptSrtp(SrtpContext(keys.master_key, keys.master_salt)))
+                log.info(
+                    "call %s: x-sipura step 2: Callee Hello from %s <%s> verified; "
+                    "step 3: Caller Final sent",
+                    self.label, peer.name, peer.user_id,
+                )  # fmt: skip
+            elif isinstance(event, hs.Secured):
+                actions.extend(self._secured(event.session))
+            elif isinstance(event, hs.StayClear):
+                actions.extend(self._clear(event.reason, event.detail))
+            elif isinstance(event, hs.RekeyFailed):
+                log.warning("call %s: x-sipura re-key failed (%s): %s; keeping the current key",
+                            self.label, event.reason.value, event.detail)  # fmt: skip
+        return actions
+
+    def _secured(self, session: hs.SecureSession) -> list[Action]:
+        rekey = self.state is SecureState.SECURE
+        self.state = SecureState.SECURE
+        self.peer = session.peer
+        self.generation = session.generation
+        self.reason = None
+        keys = session.keys
+        warn = " (peer MC under the PUBLIC SAMPLE CA: not secure)" if session.peer.sample_ca else ""
+        log.info("call %s: x-sipura step 4: %s, peer %s <%s>, ssrc local %08x peer %08x%s",
+                 self.label, "re-keyed" if rekey else "SECURE", session.peer.name,
+                 session.peer.user_id, session.local_ssrc, session.peer_ssrc, warn)  # fmt: skip
+        context = SrtpContext(keys.master_key, keys.master_salt)
+        return [
+            SwitchSrtp(context, self.settings.grace_ms / 1000, self.settings.srtcp),
+            Secured(session.peer, rekey),
+        ]
+
+    def _clear(self, reason: hs.ClearReason, detail: str) -> list[Action]:
+        was_secure = self.state is SecureState.SECURE
+        self.state = SecureState.CLEAR
+        self.reason = reason
+        self.detail = detail
+        log.warning("call %s: x-sipura: call stays in the clear: %s (%s)", self.label,
+                    reason.value, detail)  # fmt: skip
+        actions: list[Action] = [ClearSrtp()] if was_secure or self._caller else []
+        if self.require_secure:
+            actions.append(HangUp(f"x-sipura: {reason.value}"))
+        return actions
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "role": self.role.value,
+            "state": self.state.value,
+            "reason": self.reason.value if self.reason else None,
+            "peer_name": self.peer.name if self.peer else None,
+            "peer_user_id": self.peer.user_id if self.peer else None,
+            "peer_sample_ca": self.peer.sample_ca if self.peer else None,
+            "generation": self.generation,
+        }

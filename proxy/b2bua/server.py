@@ -1,0 +1,219 @@
+"""`sipura-proxy run`: the asyncio process that owns sockets and timers.
+
+The B2BUA core is sans-IO; this module is the thin edge around it: two
+:class:`SipTransport` (inside, outside), the media engine, one timer handle re-armed at
+the core's next deadline, and signal handling. ``now`` for the core is the event loop's
+monotonic clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+from proxy.b2bua.config import Config
+from proxy.b2bua.core import B2BUA, Outbound
+from proxy.media.engine import Side
+from proxy.media.relay import RelayEngine
+from proxy.sip.transaction import Address
+from proxy.sip.transport import SipTransport
+
+log = logging.getLogger("sipura.server")
+
+
+class ProxyServer:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.media = RelayEngine(
+            port_min=config.media.port_min,
+            port_max=config.media.port_max,
+            inside_ip=config.inside.media_ip,
+            outside_ip=config.outside.media_ip,
+        )
+        self.core = B2BUA(config, self.media)
+        self.transports = {
+            side: SipTransport(
+                side.value,
+                cfg.listen_host,
+                cfg.listen_port,
+                lambda data, source, side=side: self._on_message(side, data, source),  # type: ignore[misc]
+            )
+            for side, cfg in ((Side.INSIDE, config.inside), (Side.OUTSIDE, config.outside))
+        }
+        self._timer: asyncio.Handle | None = None
+        self._timer_at: float | None = None
+        """The deadline ``_timer`` was armed for: uvloop's ``call_at`` with a time already
+        past returns a plain Handle, which has no ``when()``."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._admin: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for transport in self.transports.values():
+            await transport.start(self.config.sip.transports)
+        if self.config.admin.enabled:
+            self._admin = await asyncio.start_server(
+                self._admin_client, self.config.admin.listen_host, self.config.admin.listen_port
+            )
+        log.info(
+            "listening: inside %s:%s, outside %s:%s (%s); media ports %d-%d",
+            self.config.inside.listen_host, self.config.inside.listen_port,
+            self.config.outside.listen_host, self.config.outside.listen_port,
+            "+".join(self.config.sip.transports), self.config.media.port_min,
+            self.config.media.port_max,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        for transport in self.transports.values():
+            transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._admin is not None:
+            self._admin.close()
+        self.media.close_now()
+
+    def _on_message(self, side: Side, data: bytes, source: Address) -> None:
+        assert self._loop is not None
+        try:
+            out = self.core.receive(side, data, source, self._loop.time())
+        except Exception:  # a bug must cost one message, never the process
+            log.exception("%s: internal error handling a message from %s", side.value, source)
+            return
+        self._send(out)
+
+    def _send(self, out: list[Outbound]) -> None:
+        for item in out:
+            self.transports[item.side].send(item.data, item.dest)
+        self._arm()
+
+    def _arm(self) -> None:
+        assert self._loop is not None
+        deadline = self.core.next_deadline()
+        if self._timer is not None:
+            armed = self._timer_at
+            if deadline is not None and armed is not None and abs(armed - deadline) < 0.001:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._fire)
+            self._timer_at = deadline
+
+    def _fire(self) -> None:
+        assert self._loop is not None
+        self._timer = None
+        try:
+            out = self.core.poll(self._loop.time())
+        except Exception:
+            log.exception("internal error in timers")
+            out = []
+        self._send(out)
+
+    def status(self) -> dict[str, Any]:
+        stats = self.core.stats
+        return {
+            "calls": self.core.active_calls(),
+            "stats": {
+                "calls_total": stats.calls_total,
+                "calls_answered": stats.calls_answered,
+                "calls_failed": stats.calls_failed,
+                "bad_messages": stats.bad_messages,
+                "registrations": stats.registrations,
+                "responses": stats.responses,
+            },
+            "bindings": {k: v.contact for k, v in self.core.bindings.items()},
+        }
+
+    async def _admin_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Minimal HTTP/1.0: ``GET /calls`` or ``GET /status`` returns JSON."""
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            path = request.decode("latin-1").split(" ")[1] if request.count(b" ") >= 2 else "/"
+            status = self.status()
+            body = json.dumps(status["calls"] if path == "/calls" else status, default=str)
+            writer.write(
+                b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body.encode()
+            )
+            await writer.drain()
+        except (OSError, TimeoutError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+
+def install_fast_loop() -> str:
+    """uvloop when installed (see docs/decisions.md §1), else the stdlib loop, with a warning."""
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("uvloop is not installed: media relay will cost ~6x more CPU per packet")
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def setup_logging(config: Config) -> None:
+    level = getattr(logging, config.log.level.upper(), logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log.format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "ts": self.formatTime(record),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+        )
+
+
+async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
+    server = ProxyServer(config)
+    try:
+        await server.start()
+    except OSError as exc:
+        server.close()
+        raise RuntimeError(f"cannot listen: {exc}") from exc
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        server.close()
+
+
+def run(config: Config) -> int:
+    setup_logging(config)
+    loop_name = install_fast_loop()
+    log.info("sipura-proxy starting (%s event loop)", loop_name)
+    try:
+        asyncio.run(serve(config))
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        print(f"sipura-proxy: {exc}", file=sys.stderr)
+        return 2
+    return 0

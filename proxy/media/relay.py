@@ -1,0 +1,867 @@
+"""The in-process media engine: an RTP/RTCP relay on asyncio datagram endpoints.
+
+Each side of each stream owns an RTP and an RTCP socket on the proxy. A packet arriving
+on one side's socket is checked against that side's peer, unprotected if that side is
+SRTP, protected if the other side is, and sent from the other side's matching socket to
+the other side's peer. Everything happens inside ``datagram_received``: no task, no
+future, no log line per packet; state lives in slotted :class:`_Leg` objects whose plain
+int counters the hot path bumps directly. The protocol object of a socket holds both of
+its legs, so a packet costs attribute reads and one ``sendto``, no dict lookup. With
+uvloop the relay costs little more than a bare forward loop (see ``bench/relay.py``).
+
+Symmetric RTP (RFC 4961) with latching: until a packet arrives from a side, the relay
+sends to the address that side's SDP gave; the first packet from the SDP's IP address,
+from any port (NAT rewrites ports, not the LAN address of a phone or the public
+address of a PBX), latches that exact ip:port as the peer, and from then on packets from
+anywhere else are dropped as ``wrong_source``: nobody else can inject media into the
+call. On an SRTP side a packet latches only once it has authenticated, so a forged
+first packet cannot steal the stream either. A new address from SDP re-arms latching.
+
+SRTP (profile §3) is per side, for all of its streams, in four fields per leg: ``tx``
+(the key packets toward the side are protected with), ``rx`` (the key packets from it
+are tried with first), ``rx_alt`` (the previous key after a re-key, until
+``alt_until``) and ``plain_until`` (until when a packet that does not authenticate is
+still relayed as plain RTP: forever while only accepting, then the grace window after
+the switch-over from clear). A plain side costs one attribute check per direction; an
+SRTP packet one protect/unprotect call in a ``try``. Everything else (previous key,
+grace window, the clock read that decides it, the counters that explain a drop) is on
+the failure path, which a call in steady state never takes. RTCP follows the same rules
+when SRTCP is switched on and stays in the clear otherwise.
+
+A tone (:mod:`proxy.media.tones`) being played toward a side is one more attribute
+check per packet to that side, and a table mix of the payload while the tone sounds.
+
+Allocation is synchronous, so the sans-IO B2BUA core can call it while handling an
+INVITE: the sockets are bound (and the ports known) at once, and a per-session task
+wraps them in datagram transports on the next loop iterations; a packet that arrives
+meanwhile waits in the socket's kernel buffer. Ports return to the allocator only when
+both sockets of a pair are really closed (the transports' ``connection_lost``, on the
+loop iteration after :meth:`RelaySession.release`), so a port is never handed out while
+an old socket still holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from proxy.media.engine import DROP_REASONS, MediaEngine, Side, SrtpCallback, StreamStats
+from proxy.media.ports import PortAllocator, PortsExhausted
+from proxy.media.srtp import SrtpContext, SrtpError, SrtpReplayError
+from proxy.media.tones import Tone, ToneMixer
+
+__all__ = ["PortsExhausted", "RelayEngine", "RelaySession"]
+
+log = logging.getLogger("sipura.media")
+
+Address = tuple[Any, ...]
+"""A socket address as the loop reports it: (host, port) or (host, port, flow, scope)."""
+
+SendTo = Callable[[bytes, Address], object]
+"""A transport's or a bare socket's ``sendto``."""
+
+Clock = Callable[[], float]
+"""Seconds on a monotonic scale; read only on a switch-over and when a packet fails to
+authenticate."""
+
+_SEND_FAILURES = (OSError, ValueError, RuntimeError)
+"""What a transport's ``sendto`` may raise (closed transport, family mismatch, ...)."""
+
+_BIND_TAKEN = frozenset({errno.EADDRINUSE, errno.EACCES})
+"""Bind errors that mean "this port is not ours to take": try another one."""
+
+
+def _refuse(data: bytes, addr: Address) -> None:
+    """Stand-in ``sendto`` while a transport's buffer is over its high-water mark, so a
+    stalled socket drops (and counts) packets instead of queueing them without bound."""
+    raise BlockingIOError(errno.EAGAIN, "send buffer full")
+
+
+class _Leg:
+    """One side of one stream: its sockets, its peer and its counters."""
+
+    __slots__ = (
+        "alive",
+        "alt_until",
+        "bytes_in",
+        "bytes_out",
+        "clock",
+        "expected_ip",
+        "family",
+        "hold",
+        "index",
+        "ip",
+        "mux",
+        "no_destination",
+        "packets_decrypted",
+        "packets_encrypted",
+        "packets_in",
+        "packets_out",
+        "plain_accepted",
+        "plain_after_grace",
+        "plain_until",
+        "port",
+        "rtcp_dest",
+        "rtcp_packets_in",
+        "rtcp_packets_out",
+        "rtcp_peer",
+        "rtcp_rx",
+        "rtcp_send",
+        "rtcp_tx",
+        "rtp_dest",
+        "rtp_peer",
+        "rtp_send",
+        "rx",
+        "rx_alt",
+        "rx_first",
+        "tx_ssrc",
+        "sdp_rtcp",
+        "sdp_rtp",
+        "send_error",
+        "side",
+        "sockets",
+        "srtp_auth",
+        "srtp_protect",
+        "srtp_replay",
+        "tone",
+        "tone_packets",
+        "tone_skipped",
+        "tx",
+        "wrong_source",
+    )
+
+    def __init__(
+        self, side: Side, index: int, ip: str, family: socket.AddressFamily, clock: Clock
+    ) -> None:
+        self.side = side
+        self.index = index
+        self.ip = ip
+        self.family = family
+        self.port = 0
+        self.sockets: tuple[_Socket, ...] = ()
+        """The RTP and the RTCP socket, once bound."""
+        self.alive = 0
+        """Sockets of the pair still open: the port goes back to the pool at 0."""
+        self.rtp_send: SendTo = _refuse
+        self.rtcp_send: SendTo = _refuse
+        self.expected_ip: str | None = None
+        """The SDP's IP: the only source allowed to latch. None: accept nothing yet."""
+        self.rtp_peer: Address | None = None
+        """Latched RTP source; None until latched."""
+        self.rtcp_peer: Address | None = None
+        self.rtp_dest: Address | None = None
+        """Where packets toward this side go; None: nowhere (hold, unknown)."""
+        self.rtcp_dest: Address | None = None
+        self.sdp_rtp: Address | None = None
+        self.sdp_rtcp: Address | None = None
+        self.hold = False
+        self.mux = False
+        self.clock = clock
+        self.tx: SrtpContext | None = None
+        self.tx_ssrc: bytes | None = None
+        """SSRC written into RTP sent toward this side while it is SRTP (x-sipura
+        announces the SSRC it encrypts with; the phone's own may change mid-call)."""
+        """Protects RTP sent toward this side; None: plain."""
+        self.rtcp_tx: SrtpContext | None = None
+        """Protects RTCP sent toward this side (SRTCP on); None: plain."""
+        self.rx: SrtpContext | None = None
+        """Tried first on RTP from this side; None: the side sends plain, take it as is."""
+        self.rtcp_rx: SrtpContext | None = None
+        self.rx_alt: SrtpContext | None = None
+        """The previous key, tried second until ``alt_until`` (a re-key)."""
+        self.alt_until = -math.inf
+        self.plain_until = -math.inf
+        """Until then a packet that authenticates under no key is relayed as plain."""
+        self.rx_first = False
+        """No packet has authenticated under ``rx`` yet (the session is told once)."""
+        self.tone: ToneMixer | None = None
+        self.packets_in = 0
+        self.bytes_in = 0
+        self.packets_out = 0
+        self.bytes_out = 0
+        self.rtcp_packets_in = 0
+        self.rtcp_packets_out = 0
+        self.wrong_source = 0
+        self.no_destination = 0
+        self.srtp_auth = 0
+        self.srtp_replay = 0
+        self.srtp_protect = 0
+        self.send_error = 0
+        self.packets_encrypted = 0
+        self.packets_decrypted = 0
+        self.plain_accepted = 0
+        self.plain_after_grace = 0
+        self.tone_packets = 0
+        self.tone_skipped = 0
+
+    def latch_rtp(self, addr: Address) -> None:
+        self.rtp_peer = addr
+        if not self.hold:
+            self.rtp_dest = addr
+
+    def latch_rtcp(self, addr: Address) -> None:
+        self.rtcp_peer = addr
+        if not self.hold and self.sdp_rtcp is not None:
+            self.rtcp_dest = addr
+
+    def stats(self) -> StreamStats:
+        return StreamStats(
+            packets_in=self.packets_in,
+            bytes_in=self.bytes_in,
+            packets_out=self.packets_out,
+            bytes_out=self.bytes_out,
+            rtcp_packets_in=self.rtcp_packets_in,
+            rtcp_packets_out=self.rtcp_packets_out,
+            packets_encrypted=self.packets_encrypted,
+            packets_decrypted=self.packets_decrypted,
+            plain_accepted=self.plain_accepted,
+            plain_after_grace=self.plain_after_grace,
+            tone_packets=self.tone_packets,
+            tone_skipped=self.tone_skipped,
+            drops={reason: getattr(self, reason) for reason in DROP_REASONS},
+        )
+
+    def unauthenticated(
+        self, data: bytes, error: SrtpError, rtcp: bool
+    ) -> tuple[bytes, bool] | None:
+        """The failure path of a packet from this side that did not unprotect under
+        ``rx`` (``error``): (packet to relay, authenticated?) or None to drop it.
+
+        Tries the previous key while it is valid, then takes the packet as plain while
+        that is allowed. A replayed packet is dropped even then: it is a duplicate of
+        SRTP already relayed, and its ciphertext must not reach the phone as audio."""
+        replay = isinstance(error, SrtpReplayError)
+        now = self.clock()
+        alt = self.rx_alt
+        if alt is not None:
+            if now < self.alt_until:
+                try:
+                    data = alt.unprotect_rtcp(data) if rtcp else alt.unprotect(data)
+                except SrtpReplayError:
+                    replay = True
+                except SrtpError:
+                    pass
+                else:
+                    self.packets_decrypted += 1
+                    return data, True
+            else:
+                self.rx_alt = None  # the previous key's time is over
+        if replay:
+            self.srtp_replay += 1
+            return None
+        if now < self.plain_until:
+            self.plain_accepted += 1
+            return data, False
+        self.srtp_auth += 1
+        if _plain_rtcp(data) if rtcp else _plain_rtp(data):
+            self.plain_after_grace += 1
+        return None
+
+
+def _plain_rtp(data: bytes) -> bool:
+    """Shaped like RTP: version 2 and a header (CSRCs, extension) that fits."""
+    size = len(data)
+    if size < 12 or data[0] >> 6 != 2:
+        return False
+    end = 12 + 4 * (data[0] & 0x0F)
+    if data[0] & 0x10:
+        if size < end + 4:
+            return False
+        end += 4 + 4 * int.from_bytes(data[end + 2 : end + 4], "big")
+    return end <= size
+
+
+def _plain_rtcp(data: bytes) -> bool:
+    """A compound RTCP packet whose length fields add up to exactly ``len(data)``: SRTCP
+    has 14 bytes more (E flag and index, authentication tag)."""
+    size, pos = len(data), 0
+    while pos + 4 <= size:
+        if data[pos] >> 6 != 2 or not 192 <= data[pos + 1] <= 223:
+            return False
+        pos += 4 + 4 * int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return pos == size > 0
+
+
+def _mix_tone(b: _Leg, data: bytes) -> bytes:
+    """Mix the tone being played toward ``b`` into ``data`` (RTP) and count it."""
+    mixer = b.tone
+    if mixer is None:
+        return data
+    mixed = mixer.mix(data)
+    if mixed is None:
+        b.tone_skipped += 1
+        mixed = data
+    elif mixed is not data:
+        b.tone_packets += 1
+    if mixer.done:
+        b.tone = None
+    return mixed
+
+
+def _relay_rtcp(a: _Leg, b: _Leg, session: RelaySession, data: bytes) -> bool:
+    """Relay one RTCP packet from side ``a`` to side ``b``. True if it came from a's peer
+    for sure (it passed SRTCP authentication, or ``a`` sends plain): it may latch."""
+    size = len(data)
+    authentic = a.rx is None
+    rx = a.rtcp_rx
+    if rx is not None:
+        try:
+            data = rx.unprotect_rtcp(data)
+        except SrtpError as exc:
+            result = a.unauthenticated(data, exc, True)
+            if result is None:
+                return False
+            data, authentic = result
+        else:
+            a.packets_decrypted += 1
+            authentic = True
+            if a.rx_first:
+                session._authenticated(a.side)
+    a.packets_in += 1
+    a.bytes_in += size
+    a.rtcp_packets_in += 1
+    if b.mux:
+        dest, send = b.rtp_dest, b.rtp_send
+    else:
+        dest, send = b.rtcp_dest, b.rtcp_send
+    if dest is None:
+        b.no_destination += 1
+        return authentic
+    tx = b.rtcp_tx
+    if tx is not None:
+        try:
+            data = tx.protect_rtcp(data)
+        except SrtpError:
+            b.srtp_protect += 1
+            return authentic
+        b.packets_encrypted += 1
+    try:
+        send(data, dest)
+    except _SEND_FAILURES:
+        b.send_error += 1
+        return authentic
+    b.packets_out += 1
+    b.bytes_out += len(data)
+    b.rtcp_packets_out += 1
+    return authentic
+
+
+class _Socket(asyncio.DatagramProtocol):
+    """One bound socket of leg ``a`` (``b`` is the other side of the same stream) and,
+    once attached, its transport's protocol.
+
+    Lifecycle: bound (``sock`` set) -> handed to the loop (``handed``) -> attached
+    (``transport`` set) -> closed. :meth:`gone` runs exactly once per socket, whichever
+    path closes it, and gives the port back when the pair's last socket is gone.
+    """
+
+    __slots__ = ("a", "b", "handed", "is_open", "session", "sock", "transport")
+
+    def __init__(self, session: RelaySession, a: _Leg, b: _Leg, sock: socket.socket) -> None:
+        self.session = session
+        self.a = a
+        self.b = b
+        self.sock: socket.socket | None = sock
+        self.handed = False
+        self.is_open = True
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def itself(self) -> _Socket:
+        """Protocol factory for ``create_datagram_endpoint``: this very object."""
+        return self
+
+    def set_send(self, send: SendTo) -> None:
+        raise NotImplementedError
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        self.set_send(self.transport.sendto)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.set_send(_refuse)
+        self.gone()
+
+    def pause_writing(self) -> None:
+        self.set_send(_refuse)
+
+    def resume_writing(self) -> None:
+        if self.transport is not None:
+            self.set_send(self.transport.sendto)
+
+    def error_received(self, exc: Exception) -> None:
+        # The stdlib loop reports a failed sendto here instead of raising.
+        self.a.send_error += 1
+
+    def close(self) -> None:
+        """Close whatever this socket is now; an in-flight attach finishes the job."""
+        if self.transport is not None:
+            self.transport.close()  # -> connection_lost -> gone()
+        elif not self.handed and self.sock is not None:
+            self.sock.close()
+            self.gone()
+
+    def gone(self) -> None:
+        if not self.is_open:
+            return
+        self.is_open = False
+        self.sock = None
+        self.set_send(_refuse)
+        leg = self.a
+        leg.alive -= 1
+        if leg.alive == 0:
+            self.session._pair_closed(leg)
+
+
+class _RtpSocket(_Socket):
+    __slots__ = ()
+
+    def set_send(self, send: SendTo) -> None:
+        self.a.rtp_send = send
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        a = self.a
+        latch = addr != a.rtp_peer
+        if latch and (a.rtp_peer is not None or addr[0] != a.expected_ip):
+            a.wrong_source += 1
+            return
+        if a.mux and len(data) > 1 and 199 < data[1] < 205:  # RTCP PT 200..204 (RFC 5761)
+            if _relay_rtcp(a, self.b, self.session, data) and latch:
+                a.latch_rtp(addr)
+            return
+        size = len(data)
+        rx = a.rx
+        if rx is not None:
+            try:
+                data = rx.unprotect(data)
+            except SrtpError as exc:
+                result = a.unauthenticated(data, exc, False)
+                if result is None:
+                    return
+                data, authentic = result
+                latch = latch and authentic
+            else:
+                a.packets_decrypted += 1
+                if a.rx_first:
+                    self.session._authenticated(a.side)
+        if latch:
+            a.latch_rtp(addr)
+        a.packets_in += 1
+        a.bytes_in += size
+        b = self.b
+        dest = b.rtp_dest
+        if dest is None:
+            b.no_destination += 1
+            return
+        if b.tone is not None:
+            data = _mix_tone(b, data)
+        tx = b.tx
+        if tx is not None:
+            if b.tx_ssrc is not None and len(data) >= 12:
+                data = data[:8] + b.tx_ssrc + data[12:]
+            try:
+                data = tx.protect(data)
+            except SrtpError:
+                b.srtp_protect += 1
+                return
+            b.packets_encrypted += 1
+        try:
+            b.rtp_send(data, dest)
+        except _SEND_FAILURES:
+            b.send_error += 1
+            return
+        b.packets_out += 1
+        b.bytes_out += len(data)
+
+
+class _RtcpSocket(_Socket):
+    __slots__ = ()
+
+    def set_send(self, send: SendTo) -> None:
+        self.a.rtcp_send = send
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        a = self.a
+        latch = addr != a.rtcp_peer
+        if latch and (a.rtcp_peer is not None or addr[0] != a.expected_ip):
+            a.wrong_source += 1
+            return
+        if _relay_rtcp(a, self.b, self.session, data) and latch:
+            a.latch_rtcp(addr)
+
+
+def _check_port(port: int, what: str) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{what} out of range: {port}")
+
+
+class RelaySession:
+    """One call's media on the in-process relay (implements ``MediaSession``)."""
+
+    __slots__ = (
+        "_attach",
+        "_authentic",
+        "_call_id",
+        "_callbacks",
+        "_closed",
+        "_engine",
+        "_legs",
+        "_loop",
+        "_pairs",
+        "_released",
+    )
+
+    def __init__(self, call_id: str, engine: RelayEngine, loop: asyncio.AbstractEventLoop) -> None:
+        self._call_id = call_id
+        self._engine = engine
+        self._loop = loop
+        self._callbacks: dict[Side, SrtpCallback] = {}
+        """Armed by on_srtp_authenticated, for the side's current ``rx`` key."""
+        self._authentic: set[Side] = set()
+        """Sides on which a packet authenticated under the current ``rx`` key."""
+        self._legs: dict[Side, list[_Leg]] = {Side.INSIDE: [], Side.OUTSIDE: []}
+        self._pairs = 0
+        """Port pairs bound and not yet closed."""
+        self._released = False
+        self._closed = asyncio.Event()
+        self._attach: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "live"
+        return f"RelaySession({self._call_id!r}, streams={self.streams}, {state})"
+
+    @property
+    def call_id(self) -> str:
+        return self._call_id
+
+    @property
+    def streams(self) -> int:
+        return len(self._legs[Side.INSIDE])
+
+    def _leg(self, side: Side, index: int) -> _Leg:
+        if index < 0:
+            raise IndexError(f"no stream {index}")
+        return self._legs[Side(side)][index]
+
+    def local(self, side: Side, index: int) -> tuple[str, int]:
+        leg = self._leg(side, index)
+        return leg.ip, leg.port
+
+    def set_remote(
+        self,
+        side: Side,
+        index: int,
+        ip: str,
+        rtp_port: int,
+        rtcp_port: int,
+        rtcp_mux: bool = False,
+    ) -> None:
+        leg = self._leg(side, index)
+        _check_port(rtp_port, "rtp_port")
+        _check_port(rtcp_port, "rtcp_port")
+        address = ipaddress.ip_address(ip)
+        if (address.version == 6) != (leg.family == socket.AF_INET6):
+            raise ValueError(f"{ip} is not of the address family of {leg.ip}")
+        ip = str(address)
+        leg.mux = rtcp_mux
+        if address.is_unspecified or rtp_port == 0:
+            # Hold: send nothing. The peer keeps its latch (a sendonly phone still sends
+            # music on hold from where it was) unless it announced a new address.
+            leg.hold = True
+            leg.rtp_dest = leg.rtcp_dest = None
+            if not address.is_unspecified and ip != leg.expected_ip:
+                leg.expected_ip = ip
+                leg.rtp_peer = leg.rtcp_peer = leg.sdp_rtp = leg.sdp_rtcp = None
+            return
+        sdp_rtp = (ip, rtp_port)
+        sdp_rtcp = (ip, rtcp_port) if rtcp_port else None
+        if ip != leg.expected_ip or sdp_rtp != leg.sdp_rtp or sdp_rtcp != leg.sdp_rtcp:
+            leg.rtp_peer = leg.rtcp_peer = None  # re-arm latching
+        leg.expected_ip = ip
+        leg.sdp_rtp = sdp_rtp
+        leg.sdp_rtcp = sdp_rtcp
+        leg.hold = False
+        leg.rtp_dest = leg.rtp_peer or sdp_rtp
+        leg.rtcp_dest = None if sdp_rtcp is None else (leg.rtcp_peer or sdp_rtcp)
+
+    def set_srtp(self, side: Side, context: SrtpContext | None, srtcp: bool = True) -> None:
+        if context is None:
+            self.clear_srtp(side)
+            return
+        side = Side(side)
+        self._new_key(side, context)
+        for leg in self._legs[side]:
+            leg.tx = leg.rx = context
+            leg.rtcp_tx = leg.rtcp_rx = context if srtcp else None
+            leg.rx_alt = None
+            leg.alt_until = leg.plain_until = -math.inf
+
+    def accept_srtp(self, side: Side, context: SrtpContext, srtcp: bool = False) -> None:
+        side = Side(side)
+        self._new_key(side, context)
+        for leg in self._legs[side]:
+            current = leg.tx
+            leg.rx = context
+            leg.rtcp_rx = context if srtcp else None
+            if current is None:  # still plain: so is the peer, until it switches
+                leg.rx_alt = None
+                leg.plain_until = math.inf
+            elif current is not context:  # a re-key: the key in use stays valid
+                leg.rx_alt, leg.alt_until = current, math.inf
+
+    def switch_srtp(
+        self,
+        side: Side,
+        context: SrtpContext,
+        grace_s: float,
+        now: float | None = None,
+        srtcp: bool = False,
+    ) -> None:
+        if not 0 <= grace_s < math.inf:
+            raise ValueError(f"grace_s must be a finite number >= 0, not {grace_s}")
+        deadline = (self._engine.clock() if now is None else now) + grace_s
+        side = Side(side)
+        self._new_key(side, context)
+        for leg in self._legs[side]:
+            previous = leg.tx
+            leg.tx = leg.rx = context
+            leg.rtcp_tx = leg.rtcp_rx = context if srtcp else None
+            if previous is None:  # from clear: the peer's plain RTP for the grace window
+                leg.rx_alt = None
+                leg.plain_until = deadline
+            elif previous is not context:  # re-key: the old key for the grace window
+                leg.rx_alt, leg.alt_until = previous, deadline
+
+    def on_srtp_authenticated(self, side: Side, callback: SrtpCallback) -> None:
+        side = Side(side)
+        legs = self._legs[side]
+        if not legs or legs[0].rx is None:
+            raise ValueError(f"no SRTP key to authenticate on the {side} side")
+        if side in self._authentic:
+            self._callbacks.pop(side, None)
+            self._loop.call_soon(self._call, side, callback)
+        else:
+            self._callbacks[side] = callback
+
+    def clear_srtp(self, side: Side) -> None:
+        side = Side(side)
+        self._new_key(side, None)
+        for leg in self._legs[side]:
+            leg.tx = leg.rx = leg.rtcp_tx = leg.rtcp_rx = leg.rx_alt = None
+            leg.alt_until = leg.plain_until = -math.inf
+
+    def set_tx_ssrc(self, side: Side, ssrc: int | None) -> None:
+        """Rewrite the SSRC of RTP sent toward ``side`` while it is SRTP (None: keep the
+        sender's). Stream 0 only: x-sipura secures the call's audio stream."""
+        self._leg(side, 0).tx_ssrc = None if ssrc is None else ssrc.to_bytes(4, "big")
+
+    def play_tone(self, side: Side, index: int, tone: Tone | None) -> None:
+        leg = self._leg(side, index)
+        mixer = None if tone is None else ToneMixer(tone)
+        leg.tone = None if mixer is None or mixer.done else mixer
+
+    def _new_key(self, side: Side, rx: SrtpContext | None) -> None:
+        """``rx`` becomes the side's first receive key: if it is another key than now,
+        the one-shot authentication callback starts over."""
+        legs = self._legs[side]
+        if legs and legs[0].rx is rx:
+            return
+        self._callbacks.pop(side, None)
+        self._authentic.discard(side)
+        for leg in legs:
+            leg.rx_first = rx is not None
+
+    def _authenticated(self, side: Side) -> None:
+        """A packet from ``side`` authenticated under its ``rx`` key for the first time."""
+        for leg in self._legs[side]:
+            leg.rx_first = False
+        self._authentic.add(side)
+        callback = self._callbacks.pop(side, None)
+        if callback is not None:
+            self._call(side, callback)
+
+    def _call(self, side: Side, callback: SrtpCallback) -> None:
+        try:
+            callback()
+        except Exception:  # once per key at most: a log line is affordable
+            log.exception("%s: SRTP-authenticated callback for the %s side failed", self, side)
+
+    def stats(self) -> dict[Side, list[StreamStats]]:
+        return {side: [leg.stats() for leg in legs] for side, legs in self._legs.items()}
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._engine._released(self)
+        for legs in self._legs.values():
+            for leg in legs:
+                leg.rtp_dest = leg.rtcp_dest = None
+                for sock in leg.sockets:
+                    sock.close()
+        if self._pairs == 0:
+            self._set_closed()
+
+    async def wait_closed(self) -> None:
+        """After :meth:`release`: wait until every socket is closed and its port is free."""
+        await self._closed.wait()
+
+    async def _attach_all(self) -> None:
+        """Wrap the bound sockets in transports (the loop only offers that as a coroutine)."""
+        loop = asyncio.get_running_loop()
+        for legs in self._legs.values():
+            for leg in legs:
+                for proto in leg.sockets:
+                    if self._released or proto.sock is None:
+                        continue
+                    proto.handed = True
+                    try:
+                        await loop.create_datagram_endpoint(proto.itself, sock=proto.sock)
+                    except BaseException as exc:
+                        if proto.sock is not None:
+                            proto.sock.close()
+                        proto.gone()  # a transport made before the error: no-op on its close
+                        if not isinstance(exc, Exception):
+                            raise
+                        log.error("%s: cannot attach %s:%d: %s", self, leg.ip, leg.port, exc)
+                        continue
+                    if self._released:
+                        proto.close()
+
+    def _pair_closed(self, leg: _Leg) -> None:
+        self._engine.ports.release(leg.port)
+        self._pairs -= 1
+        if self._pairs == 0 and self._released:
+            self._set_closed()
+
+    def _set_closed(self) -> None:
+        self._closed.set()
+        self._engine._closing.discard(self)
+
+
+class RelayEngine:
+    """The in-process engine (implements ``MediaEngine``): sockets on ``inside_ip`` for
+    the phones, on ``outside_ip`` for the PBX/ITSP side, ports from ``port_min`` to
+    ``port_max``.
+
+    Inside and outside share one allocator (:attr:`ports`): a stream takes two RTP/RTCP
+    pairs. ``clock`` times the SRTP grace windows (tests pass a fake one). Must be used
+    from within a running event loop."""
+
+    def __init__(
+        self,
+        inside_ip: str,
+        outside_ip: str,
+        port_min: int,
+        port_max: int,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.clock = clock
+        """The scale of ``switch_srtp``'s ``now``; read on switch-overs and failed packets."""
+        self._ips: dict[Side, tuple[str, socket.AddressFamily]] = {}
+        for side, ip in ((Side.INSIDE, inside_ip), (Side.OUTSIDE, outside_ip)):
+            address = ipaddress.ip_address(ip)
+            if address.is_unspecified:
+                raise ValueError(f"{side} media address must be a real address, not {ip}")
+            family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+            self._ips[side] = (str(address), family)
+        self.ports = PortAllocator(port_min, port_max)
+        self._live: set[RelaySession] = set()
+        self._closing: set[RelaySession] = set()
+        """Released sessions whose sockets are not all closed yet."""
+
+    def __repr__(self) -> str:
+        return f"RelayEngine({len(self._live)} sessions, {self.ports!r})"
+
+    @property
+    def sessions(self) -> int:
+        """Sessions allocated and not released."""
+        return len(self._live)
+
+    def allocate(self, call_id: str, streams: int) -> RelaySession:
+        if streams < 1:
+            raise ValueError(f"a session needs at least one stream, not {streams}")
+        loop = asyncio.get_running_loop()
+        session = RelaySession(call_id, self, loop)
+        self._live.add(session)
+        try:
+            for index in range(streams):
+                legs = {
+                    side: _Leg(side, index, ip, family, self.clock)
+                    for side, (ip, family) in self._ips.items()
+                }
+                for side, leg in legs.items():
+                    session._legs[side].append(leg)
+                    port, rtp, rtcp = self._bind_pair(leg.ip, leg.family)
+                    other = legs[side.other]
+                    leg.port = port
+                    leg.sockets = (
+                        _RtpSocket(session, leg, other, rtp),
+                        _RtcpSocket(session, leg, other, rtcp),
+                    )
+                    leg.alive = 2
+                    # Until the transports are attached, send through the bare sockets.
+                    leg.rtp_send = rtp.sendto
+                    leg.rtcp_send = rtcp.sendto
+                    session._pairs += 1
+        except BaseException:
+            session.release()
+            raise
+        session._attach = loop.create_task(session._attach_all())
+        return session
+
+    def close_now(self) -> None:
+        """Release every session; the sockets close on the next loop iterations."""
+        for session in list(self._live):
+            session.release()
+
+    async def close(self) -> None:
+        self.close_now()
+        for session in list(self._closing):
+            await session.wait_closed()
+
+    def _released(self, session: RelaySession) -> None:
+        self._live.discard(session)
+        self._closing.add(session)
+
+    def _bind_pair(
+        self, ip: str, family: socket.AddressFamily
+    ) -> tuple[int, socket.socket, socket.socket]:
+        """Bind RTP and RTCP sockets on the next free pair, skipping pairs that another
+        process holds. Those go back to the allocator afterwards, at the back of the queue."""
+        taken: list[int] = []
+        try:
+            while True:
+                port = self.ports.allocate()
+                sockets: list[socket.socket] = []
+                try:
+                    for p in (port, port + 1):
+                        sock = socket.socket(family, socket.SOCK_DGRAM)
+                        sockets.append(sock)
+                        sock.setblocking(False)
+                        sock.bind((ip, p))
+                except OSError as exc:
+                    for sock in sockets:
+                        sock.close()
+                    if exc.errno not in _BIND_TAKEN:
+                        self.ports.release(port)
+                        raise
+                    taken.append(port)
+                    continue
+                return port, sockets[0], sockets[1]
+        finally:
+            for port in taken:
+                self.ports.release(port)
+
+
+if TYPE_CHECKING:  # the relay implements the interface the B2BUA programs against
+
+    def _conforms(engine: RelayEngine) -> MediaEngine:
+        return engine

@@ -1,0 +1,404 @@
+"""Structured SIP header values: URIs, name-addr, Via, CSeq (RFC 3261 §19, §20, §25).
+
+Only what the B2BUA reads or rewrites is structured; everything else stays a string.
+Parameters keep their order and spelling so that re-serialising a value we did not
+change gives back the same text. Every malformed value raises :class:`SipHeaderError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field, replace
+
+MAGIC_COOKIE = "z9hG4bK"
+
+
+class SipHeaderError(ValueError):
+    """A header value we needed to understand is malformed."""
+
+
+def split_header_values(value: str) -> list[str]:
+    """Split a comma-joined header into its values, respecting quotes and <...>."""
+    values: list[str] = []
+    depth = 0
+    quoted = False
+    escaped = False
+    start = 0
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted:
+            if char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == "<":
+            depth += 1
+        elif char == ">":
+            depth = max(0, depth - 1)
+        elif char == "," and depth == 0:
+            values.append(value[start:index].strip())
+            start = index + 1
+    values.append(value[start:].strip())
+    return [v for v in values if v]
+
+
+_PARAM_NAME = re.compile(r"[A-Za-z0-9\-.!%*_+`'~\[\]:/&$()]+")
+"""RFC 3261 token (generic-param) and paramchar (uri-parameter) characters."""
+
+_QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_BAD_UNQUOTED_VALUE = re.compile(r'[\s",<>]')
+
+
+def _split_params(text: str) -> list[tuple[str, str | None]]:
+    """``a=b;c`` (the text after the first ';') -> [("a", "b"), ("c", None)].
+
+    Quotes are respected; an empty parameter (``;;``), a bad name, or an unquoted value
+    with whitespace, commas, quotes or angle brackets raises :class:`SipHeaderError`.
+    """
+    params: list[tuple[str, str | None]] = []
+    for part in _split_outside_quotes(text, ";"):
+        name, eq, val = part.partition("=")
+        name = name.strip()
+        if not _PARAM_NAME.fullmatch(name):
+            raise SipHeaderError(f"bad parameter {part.strip()[:40]!r}")
+        if not eq:
+            params.append((name, None))
+            continue
+        val = val.strip()
+        if val.startswith('"'):
+            if not _QUOTED_STRING.fullmatch(val):
+                raise SipHeaderError(f"bad quoted parameter value {val[:40]!r}")
+        elif _BAD_UNQUOTED_VALUE.search(val):
+            raise SipHeaderError(f"bad parameter value {val[:40]!r}")
+        params.append((name, val))
+    return params
+
+
+def _param_tail(text: str) -> list[tuple[str, str | None]]:
+    """Parameters after a value: empty, or ``;a=b;c`` (leading ';' required)."""
+    text = text.strip()
+    if not text:
+        return []
+    if not text.startswith(";"):
+        raise SipHeaderError(f"unexpected text {text[:40]!r}")
+    return _split_params(text[1:])
+
+
+def _split_outside_quotes(text: str, separator: str) -> list[str]:
+    parts: list[str] = []
+    quoted = False
+    escaped = False
+    start = 0
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append(text[start:index])
+            start = index + 1
+    if quoted:
+        raise SipHeaderError("unterminated quoted string")
+    parts.append(text[start:])
+    return parts
+
+
+def _format_params(params: list[tuple[str, str | None]]) -> str:
+    return "".join(f";{n}" if v is None else f";{n}={v}" for n, v in params)
+
+
+def _param(params: list[tuple[str, str | None]], name: str) -> str | None:
+    lowered = name.lower()
+    for pname, value in params:
+        if pname.lower() == lowered:
+            return "" if value is None else value
+    return None
+
+
+def _with_param(
+    params: list[tuple[str, str | None]], name: str, value: str | None
+) -> list[tuple[str, str | None]]:
+    lowered = name.lower()
+    out = [(n, v) for n, v in params if n.lower() != lowered]
+    out.append((name, value))
+    return out
+
+
+def _without_param(params: list[tuple[str, str | None]], name: str) -> list[tuple[str, str | None]]:
+    lowered = name.lower()
+    return [(n, v) for n, v in params if n.lower() != lowered]
+
+
+_HOSTPORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.]+)(?::([0-9]{1,5}))?")
+
+
+def parse_hostport(text: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port``; the host keeps its brackets."""
+    match = _HOSTPORT.fullmatch(text.strip())
+    if not match:
+        raise SipHeaderError(f"bad host[:port] {text[:60]!r}")
+    host = match.group(1)
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise SipHeaderError(f"bad IPv6 reference {host[:60]!r}") from None
+    port = int(match.group(2)) if match.group(2) else None
+    if port is not None and not 0 < port < 65536:
+        raise SipHeaderError(f"port out of range in {text[:60]!r}")
+    return host, port
+
+
+def format_hostport(host: str, port: int | None) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return host if port is None else f"{host}:{port}"
+
+
+def bare_host(host: str) -> str:
+    """``[::1]`` -> ``::1`` (socket form)."""
+    return host[1:-1] if host.startswith("[") else host
+
+
+_BAD_URI_CHAR = re.compile(r'[\x00-\x20\x7f<>"]')
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
+
+
+def has_uri_scheme(text: str) -> bool:
+    """True when ``text`` starts with an RFC 3986 scheme followed by ':' and something."""
+    scheme, colon, rest = text.partition(":")
+    return bool(colon and rest and _SCHEME.fullmatch(scheme))
+
+
+@dataclass(frozen=True, slots=True)
+class SipUri:
+    """sip:/sips: URI (RFC 3261 §19.1). Other schemes (tel:) keep ``user`` = whole rest."""
+
+    scheme: str
+    user: str | None
+    password: str | None
+    host: str
+    port: int | None
+    params: list[tuple[str, str | None]] = field(default_factory=list)
+    headers: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> SipUri:
+        text = text.strip()
+        scheme, colon, rest = text.partition(":")
+        scheme = scheme.lower()
+        if not colon or scheme not in ("sip", "sips"):
+            raise SipHeaderError(f"not a sip: URI: {text[:60]!r}")
+        if _BAD_URI_CHAR.search(rest):
+            raise SipHeaderError(f"whitespace, quote or bracket in URI {text[:60]!r}")
+        # '@' cannot appear unescaped in params or headers, but ';', '?' and ':' can
+        # appear in the userinfo (RFC 3261 §25.1 user-unreserved), so split there first.
+        userinfo, at, hostpart = rest.rpartition("@")
+        user = password = None
+        if at:
+            user, _, pw = userinfo.partition(":")
+            password = pw or None
+            if not user:
+                raise SipHeaderError("empty user in URI")
+        hostpart, _, uri_headers = hostpart.partition("?")
+        hostport, semi, param_text = hostpart.partition(";")
+        host, port = parse_hostport(hostport)
+        params = _split_params(param_text) if semi else []
+        return cls(scheme, user, password, host, port, params, uri_headers)
+
+    def __str__(self) -> str:
+        userinfo = ""
+        if self.user is not None:
+            userinfo = self.user + (f":{self.password}" if self.password else "") + "@"
+        text = f"{self.scheme}:{userinfo}{format_hostport(self.host, self.port)}"
+        text += _format_params(self.params)
+        if self.headers:
+            text += "?" + self.headers
+        return text
+
+    def param(self, name: str) -> str | None:
+        return _param(self.params, name)
+
+    def with_param(self, name: str, value: str | None = None) -> SipUri:
+        return replace(self, params=_with_param(self.params, name, value))
+
+    def without_param(self, name: str) -> SipUri:
+        return replace(self, params=_without_param(self.params, name))
+
+    @property
+    def transport(self) -> str:
+        value = self.param("transport")
+        return "udp" if not value else value.lower()
+
+    @property
+    def default_port(self) -> int:
+        return 5061 if self.scheme == "sips" else 5060
+
+
+@dataclass(frozen=True, slots=True)
+class NameAddr:
+    """``"Display" <uri>;params`` or ``uri;params`` (From, To, Contact, Route...).
+
+    ``uri`` is kept as text: the B2BUA passes foreign URIs (tel:, urn:) through untouched
+    and only parses it with :meth:`sip_uri` when it needs the parts.
+    """
+
+    display: str
+    uri: str
+    params: list[tuple[str, str | None]] = field(default_factory=list)
+    bracketed: bool = True
+
+    @classmethod
+    def parse(cls, text: str) -> NameAddr:
+        text = text.strip()
+        if not text:
+            raise SipHeaderError("empty address")
+        if text == "*":
+            return cls("", "*", [], False)
+        lt = _find_unquoted(text, "<")
+        if lt >= 0:
+            gt = text.find(">", lt)
+            if gt < 0:
+                raise SipHeaderError("unterminated <uri>")
+            display = text[:lt].strip()
+            _check_display(display)
+            uri = text[lt + 1 : gt]
+            if not has_uri_scheme(uri) or _BAD_URI_CHAR.search(uri):
+                raise SipHeaderError(f"bad URI in {text[:60]!r}")
+            return cls(display, uri, _param_tail(text[gt + 1 :]), True)
+        # addr-spec form: URI params end at the first ';' (they belong to the header), and
+        # a URI with ',', '?' or ';' of its own must be in <> (RFC 3261 §20.10).
+        uri, semi, rest = text.partition(";")
+        uri = uri.strip()
+        if not has_uri_scheme(uri) or _BAD_URI_CHAR.search(uri) or _ADDR_SPEC_BAD.search(uri):
+            raise SipHeaderError(f"bad address {text[:60]!r}")
+        return cls("", uri, _split_params(rest) if semi else [], False)
+
+    def __str__(self) -> str:
+        if not self.bracketed and not self.display and "?" not in self.uri and ";" not in self.uri:
+            core = self.uri
+        else:
+            core = (f"{self.display} " if self.display else "") + f"<{self.uri}>"
+        return core + _format_params(self.params)
+
+    @property
+    def tag(self) -> str | None:
+        value = _param(self.params, "tag")
+        return value or None
+
+    def param(self, name: str) -> str | None:
+        return _param(self.params, name)
+
+    def with_param(self, name: str, value: str | None) -> NameAddr:
+        return replace(self, params=_with_param(self.params, name, value))
+
+    def without_param(self, name: str) -> NameAddr:
+        return replace(self, params=_without_param(self.params, name))
+
+    def with_uri(self, uri: str) -> NameAddr:
+        return replace(self, uri=uri, bracketed=True)
+
+    def sip_uri(self) -> SipUri:
+        return SipUri.parse(self.uri)
+
+
+_ADDR_SPEC_BAD = re.compile(r"[,?]")
+_DISPLAY_WORD = r'[^\x00-\x20\x7f()<>@,;:\\"/\[\]?={}]+'
+_DISPLAY_TOKENS = re.compile(rf"{_DISPLAY_WORD}(?:[ \t]+{_DISPLAY_WORD})*")
+"""``*(token LWS)``; non-ASCII is tolerated (common in the field, unambiguous)."""
+
+
+def _check_display(display: str) -> None:
+    """display-name = *(token LWS) / quoted-string (RFC 3261 §25.1)."""
+    if not display:
+        return
+    if display.startswith('"'):
+        if not _QUOTED_STRING.fullmatch(display):
+            raise SipHeaderError(f"bad quoted display name {display[:40]!r}")
+    elif not _DISPLAY_TOKENS.fullmatch(display):
+        raise SipHeaderError(f"display name must be quoted: {display[:40]!r}")
+
+
+def _find_unquoted(text: str, char: str) -> int:
+    quoted = False
+    escaped = False
+    for index, current in enumerate(text):
+        if escaped:
+            escaped = False
+        elif current == "\\" and quoted:
+            escaped = True
+        elif current == '"':
+            quoted = not quoted
+        elif current == char and not quoted:
+            return index
+    return -1
+
+
+_VIA = re.compile(
+    r"SIP\s*/\s*2\.0\s*/\s*([A-Za-z0-9\-.!%*_+`'~]+)\s+([^;\s]+(?:\s*:\s*[0-9]+)?)(.*)",
+    re.S | re.I,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    transport: str
+    host: str
+    port: int | None
+    params: list[tuple[str, str | None]] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str) -> Via:
+        match = _VIA.fullmatch(text.strip())
+        if not match:
+            raise SipHeaderError(f"bad Via {text[:60]!r}")
+        transport, sent_by, rest = match.groups()
+        host, port = parse_hostport(re.sub(r"\s+", "", sent_by))
+        return cls(transport.upper(), host, port, _param_tail(rest))
+
+    def __str__(self) -> str:
+        return f"SIP/2.0/{self.transport} {format_hostport(self.host, self.port)}" + (
+            _format_params(self.params)
+        )
+
+    @property
+    def branch(self) -> str | None:
+        return _param(self.params, "branch") or None
+
+    def param(self, name: str) -> str | None:
+        return _param(self.params, name)
+
+    def with_param(self, name: str, value: str | None) -> Via:
+        return replace(self, params=_with_param(self.params, name, value))
+
+    @property
+    def sent_by(self) -> tuple[str, int]:
+        return self.host.lower(), self.port or 5060
+
+
+_CSEQ = re.compile(r"([0-9]+)[ \t]+([A-Za-z0-9\-.!%*_+`'~]+)")
+
+
+@dataclass(frozen=True, slots=True)
+class CSeq:
+    number: int
+    method: str
+
+    @classmethod
+    def parse(cls, text: str) -> CSeq:
+        match = _CSEQ.fullmatch(text.strip())
+        if not match:
+            raise SipHeaderError(f"bad CSeq {text[:40]!r}")
+        digits = match.group(1).lstrip("0") or "0"
+        if len(digits) > 10 or int(digits) >= 2**31:
+            raise SipHeaderError("CSeq number must be < 2**31")
+        return cls(int(digits), match.group(2))
+
+    def __str__(self) -> str:
+        return f"{self.number} {self.method}"

@@ -1,0 +1,510 @@
+"""SIP messages: parse, inspect, edit and serialise (RFC 3261 §7, §20, §25).
+
+A transparent B2BUA must pass every header it does not own through unchanged, in order,
+with its original spelling, so a message keeps its headers as an ordered list of
+``(name, value)`` pairs exactly as received (folded lines unfolded, per RFC 3261 §7.3.1).
+Lookups are by canonical name (compact forms expanded, case-insensitive). The few headers
+the proxy owns (Via, Contact, Route, Record-Route, Call-ID, From/To tags, CSeq,
+Content-Length) are edited through explicit methods.
+
+Parsing is strict where a wrong guess would be dangerous (start line, CSeq, Content-Length,
+the mandatory headers) and lenient elsewhere (unknown headers are opaque strings). Every
+malformed input raises :class:`SipParseError`, nothing else, so the transport can answer
+400 (with the reason) when it can and drop the datagram when it cannot.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from proxy.sip.headers import (
+    CSeq,
+    NameAddr,
+    SipHeaderError,
+    SipUri,
+    Via,
+    has_uri_scheme,
+    split_header_values,
+)
+
+SIP_VERSION = "SIP/2.0"
+MAX_MESSAGE = 65535
+
+COMPACT_FORMS = {
+    "a": "accept-contact",
+    "b": "referred-by",
+    "c": "content-type",
+    "d": "request-disposition",
+    "e": "content-encoding",
+    "f": "from",
+    "i": "call-id",
+    "j": "reject-contact",
+    "k": "supported",
+    "l": "content-length",
+    "m": "contact",
+    "n": "identity-info",
+    "o": "event",
+    "r": "refer-to",
+    "s": "subject",
+    "t": "to",
+    "u": "allow-events",
+    "v": "via",
+    "x": "session-expires",
+    "y": "identity",
+}
+
+MULTI_VALUE_HEADERS = frozenset(
+    {"via", "route", "record-route", "contact", "supported", "require", "allow",
+     "proxy-require", "unsupported", "accept", "allow-events"}
+)  # fmt: skip
+"""Headers whose comma-separated values are independent (RFC 3261 §7.3.1)."""
+
+SINGLE_VALUE_HEADERS = {
+    "to": "To",
+    "from": "From",
+    "call-id": "Call-ID",
+    "cseq": "CSeq",
+    "max-forwards": "Max-Forwards",
+    "content-length": "Content-Length",
+}
+"""Headers that must appear at most once (RFC 3261 §7.3.1, RFC 4475 §3.3.8, §3.3.9)."""
+
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_REQUEST_LINE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+) ([^ \t]+) (SIP/[0-9]+\.[0-9]+)", re.I)
+_STATUS_LINE = re.compile(r"(SIP/[0-9]+\.[0-9]+) ([0-9]{3})(?: (.*))?", re.I | re.S)
+_PRINTABLE_ASCII = re.compile(r"[!-~]+")
+_WORD = r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+"
+_CALL_ID = re.compile(rf"{_WORD}(?:@{_WORD})?")
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+
+
+class SipParseError(ValueError):
+    """The bytes are not a SIP message we can process. ``reason`` goes into a 400.
+
+    ``status`` is the response code a UAS would answer with when it can answer at all.
+    """
+
+    status = 400
+
+
+class SipVersionError(SipParseError):
+    """The start line names a SIP version other than 2.0 (answer 505, RFC 4475 §3.1.2.16)."""
+
+    status = 505
+
+
+def canonical(name: str) -> str:
+    lowered = name.strip().lower()
+    return COMPACT_FORMS.get(lowered, lowered)
+
+
+@dataclass(slots=True)
+class SipMessage:
+    """Common part of requests and responses."""
+
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+    # --- generic header access ----------------------------------------------------------
+
+    def get(self, name: str) -> str | None:
+        """The first value of header ``name`` (canonical lookup), or None."""
+        key = canonical(name)
+        for hname, value in self.headers:
+            if canonical(hname) == key:
+                return value
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of ``name``; comma-joined multi-value headers are split."""
+        key = canonical(name)
+        values: list[str] = []
+        for hname, value in self.headers:
+            if canonical(hname) == key:
+                if key in MULTI_VALUE_HEADERS:
+                    values.extend(split_header_values(value))
+                else:
+                    values.append(value)
+        return values
+
+    def has(self, name: str) -> bool:
+        return self.get(name) is not None
+
+    def remove(self, name: str) -> None:
+        key = canonical(name)
+        self.headers = [(h, v) for h, v in self.headers if canonical(h) != key]
+
+    def set(self, name: str, value: str) -> None:
+        """Replace the first occurrence in place (keeps its position), drop the others."""
+        key = canonical(name)
+        out: list[tuple[str, str]] = []
+        placed = False
+        for hname, hvalue in self.headers:
+            if canonical(hname) == key:
+                if not placed:
+                    out.append((name, value))
+                    placed = True
+                continue
+            out.append((hname, hvalue))
+        if not placed:
+            out.append((name, value))
+        self.headers = out
+
+    def add(self, name: str, value: str, *, first: bool = False) -> None:
+        if first:
+            self.headers.insert(0, (name, value))
+        else:
+            self.headers.append((name, value))
+
+    def insert_before(self, anchor: str, name: str, value: str) -> None:
+        """Insert before the first ``anchor`` header (or append if absent)."""
+        key = canonical(anchor)
+        for index, (hname, _) in enumerate(self.headers):
+            if canonical(hname) == key:
+                self.headers.insert(index, (name, value))
+                return
+        self.headers.append((name, value))
+
+    def replace_all(self, name: str, values: Iterable[str]) -> None:
+        """Replace every ``name`` header with one header per value, at the first position."""
+        key = canonical(name)
+        new = [(name, v) for v in values]
+        out: list[tuple[str, str]] = []
+        placed = False
+        for hname, hvalue in self.headers:
+            if canonical(hname) == key:
+                if not placed:
+                    out.extend(new)
+                    placed = True
+                continue
+            out.append((hname, hvalue))
+        if not placed:
+            out.extend(new)
+        self.headers = out
+
+    # --- typed accessors for the headers every element needs ----------------------------
+
+    @property
+    def call_id(self) -> str:
+        value = self.get("call-id")
+        if not value:
+            raise SipParseError("missing Call-ID")
+        return value.strip()
+
+    @property
+    def cseq(self) -> CSeq:
+        value = self.get("cseq")
+        if value is None:
+            raise SipParseError("missing CSeq")
+        try:
+            return CSeq.parse(value)
+        except SipHeaderError as exc:
+            raise SipParseError(str(exc)) from exc
+
+    @property
+    def from_(self) -> NameAddr:
+        return self._name_addr("from")
+
+    @property
+    def to(self) -> NameAddr:
+        return self._name_addr("to")
+
+    def _name_addr(self, name: str) -> NameAddr:
+        value = self.get(name)
+        if value is None:
+            raise SipParseError(f"missing {name.title()}")
+        try:
+            return NameAddr.parse(value)
+        except SipHeaderError as exc:
+            raise SipParseError(f"{name.title()}: {exc}") from exc
+
+    @property
+    def vias(self) -> list[Via]:
+        try:
+            return [Via.parse(v) for v in self.get_all("via")]
+        except SipHeaderError as exc:
+            raise SipParseError(f"Via: {exc}") from exc
+
+    @property
+    def top_via(self) -> Via:
+        vias = self.vias
+        if not vias:
+            raise SipParseError("missing Via")
+        return vias[0]
+
+    @property
+    def content_type(self) -> str:
+        value = self.get("content-type")
+        return "" if value is None else value.split(";", 1)[0].strip().lower()
+
+    def pop_top_via(self) -> Via:
+        """Remove the first Via value (possibly from a comma-joined header)."""
+        for index, (hname, value) in enumerate(self.headers):
+            if canonical(hname) == "via":
+                values = split_header_values(value)
+                if not values:
+                    continue
+                top = values.pop(0)
+                if values:
+                    self.headers[index] = (hname, ", ".join(values))
+                else:
+                    del self.headers[index]
+                try:
+                    return Via.parse(top)
+                except SipHeaderError as exc:
+                    raise SipParseError(f"Via: {exc}") from exc
+        raise SipParseError("missing Via")
+
+    # --- serialisation ------------------------------------------------------------------
+
+    def start_line(self) -> str:
+        raise NotImplementedError
+
+    def serialize(self) -> bytes:
+        """Bytes on the wire; Content-Length always matches the body.
+
+        Headers keep their order and spelling; the first Content-Length header (whatever
+        its spelling, e.g. ``l``) gets the body's length, any other is dropped, and one is
+        appended when there was none. CR/LF inside a value (which a folded value may carry
+        when set by code) become a space so that no value can inject a header line.
+        """
+        lines = [self.start_line()]
+        length = str(len(self.body))
+        placed = False
+        for hname, value in self.headers:
+            if canonical(hname) == "content-length":
+                if not placed:
+                    lines.append(f"{hname}: {length}")
+                    placed = True
+                continue
+            if "\r" in value or "\n" in value:
+                value = re.sub(r"[ \t]*[\r\n]+[ \t]*", " ", value)
+            lines.append(f"{hname}: {value}")
+        if not placed:
+            lines.append(f"Content-Length: {length}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + self.body
+
+    def __bytes__(self) -> bytes:
+        return self.serialize()
+
+
+@dataclass(slots=True)
+class Request(SipMessage):
+    method: str = ""
+    uri: str = ""
+    version: str = SIP_VERSION
+
+    def start_line(self) -> str:
+        return f"{self.method} {self.uri} {self.version}"
+
+
+@dataclass(slots=True)
+class Response(SipMessage):
+    status: int = 0
+    reason: str = ""
+    version: str = SIP_VERSION
+
+    def start_line(self) -> str:
+        return f"{self.version} {self.status} {self.reason}"
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def _split_head(data: bytes) -> tuple[bytes, bytes]:
+    """Head and body around the first empty line (CRLF, tolerating bare LF)."""
+    match = _BLANK_LINE.search(data)
+    if match is None:
+        raise SipParseError("no blank line after the headers")
+    return data[: match.start()], data[match.end() :]
+
+
+def _unfold(head: str) -> Iterator[str]:
+    """Header lines with continuation lines (leading SP/HT) joined (RFC 3261 §7.3.1)."""
+    current: str | None = None
+    for line in re.split(r"\r\n|\n", head):
+        if line[:1] in (" ", "\t"):
+            if current is None:
+                raise SipParseError("continuation line before the first header")
+            current += " " + line.strip(" \t")
+            continue
+        if current is not None:
+            yield current
+        current = line
+    if current is not None:
+        yield current
+
+
+def _decimal(text: str, what: str, limit: int) -> int:
+    """An ASCII decimal number <= ``limit`` (leading zeros allowed, no sign)."""
+    text = text.strip(" \t")
+    if not text or not text.isascii() or not text.isdigit():
+        raise SipParseError(f"{what} is not a number")
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(limit)) or int(digits) > limit:
+        raise SipParseError(f"{what} {text[:20]} out of range")
+    return int(digits)
+
+
+def _content_length(values: list[str]) -> int | None:
+    if not values:
+        return None
+    if len(values) > 1:
+        raise SipParseError("more than one Content-Length header")
+    return _decimal(values[0], "Content-Length", MAX_MESSAGE)
+
+
+def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
+    """Parse one complete SIP message.
+
+    ``stream`` is True for TCP framing, where Content-Length is mandatory and exact; for
+    UDP a missing Content-Length means "the rest of the datagram" (RFC 3261 §18.3), a
+    larger-than-available one is an error and octets past it are ignored (RFC 4475
+    §3.1.1.8).
+    """
+    if len(data) > MAX_MESSAGE:
+        raise SipParseError("message too large")
+    data = data.lstrip(b"\r\n")  # RFC 3261 §7.5: ignore CRLFs before the start line
+    head_bytes, body = _split_head(data)
+    try:
+        head = head_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        head = head_bytes.decode("utf-8", "surrogateescape")
+    lines = list(_unfold(head))
+    if not lines or not lines[0]:
+        raise SipParseError("empty start line")
+    if any("\r" in line for line in lines):
+        raise SipParseError("bare CR in the header section")
+    start, header_lines = lines[0], lines[1:]
+    message: Request | Response
+    status_match = _STATUS_LINE.fullmatch(start)
+    if status_match:
+        version = status_match.group(1).upper()
+        if version != SIP_VERSION:
+            raise SipVersionError(f"unsupported version {status_match.group(1)}")
+        status = int(status_match.group(2))
+        if not 100 <= status <= 699:
+            raise SipParseError(f"status code {status} out of range")
+        message = Response(status=status, reason=status_match.group(3) or "")
+    else:
+        request_match = _REQUEST_LINE.fullmatch(start)
+        if not request_match:
+            raise SipParseError("malformed start line")
+        method, uri, version = request_match.groups()
+        if version.upper() != SIP_VERSION:
+            raise SipVersionError(f"unsupported version {version}")
+        _check_request_uri(uri)
+        message = Request(method=method, uri=uri)
+    headers: list[tuple[str, str]] = []
+    for line in header_lines:
+        name, colon, value = line.partition(":")
+        name = name.rstrip(" \t")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise SipParseError(f"malformed header line {line[:40]!r}")
+        headers.append((name, value.strip(" \t")))
+    message.headers = headers
+    message.body = _body(message, body, stream)
+    _check_mandatory(message)
+    return message
+
+
+def _check_request_uri(uri: str) -> None:
+    """Request-URI = SIP-URI / SIPS-URI / absoluteURI (RFC 3261 §25.1)."""
+    if not _PRINTABLE_ASCII.fullmatch(uri) or not has_uri_scheme(uri):
+        raise SipParseError("malformed Request-URI")
+    if uri.partition(":")[0].lower() in ("sip", "sips"):
+        try:
+            parsed = SipUri.parse(uri)
+        except SipHeaderError as exc:
+            raise SipParseError(f"Request-URI: {exc}") from exc
+        if parsed.headers:  # RFC 3261 §19.1.1 table: headers not allowed (RFC 4475 §3.1.2.11)
+            raise SipParseError("Request-URI must not contain headers")
+
+
+def _body(message: SipMessage, body: bytes, stream: bool) -> bytes:
+    length = _content_length([v for h, v in message.headers if canonical(h) == "content-length"])
+    if length is None:
+        if stream:
+            raise SipParseError("Content-Length is mandatory over TCP")
+        return body
+    if length > len(body):
+        raise SipParseError(f"Content-Length {length} exceeds the {len(body)} bytes received")
+    if stream and length < len(body):
+        raise SipParseError("octets after the Content-Length body on a stream")
+    return body[:length]
+
+
+def _check_mandatory(message: Request | Response) -> None:
+    """RFC 3261 §8.1.1: To, From, CSeq, Call-ID, Max-Forwards (requests), Via.
+
+    Max-Forwards is optional here: RFC 2543 requests lack it (RFC 4475 §3.4.1). The
+    single-value headers must appear once, Call-ID must be a ``word[@word]``, every Via
+    and Contact value must parse (the B2BUA rewrites both).
+    """
+    counts: dict[str, int] = {}
+    for hname, _ in message.headers:
+        key = canonical(hname)
+        if key in SINGLE_VALUE_HEADERS:
+            counts[key] = counts.get(key, 0) + 1
+            if counts[key] > 1:
+                raise SipParseError(f"more than one {SINGLE_VALUE_HEADERS[key]} header")
+    message.from_  # noqa: B018 - parse for validation
+    message.to  # noqa: B018
+    cseq = message.cseq
+    if not _CALL_ID.fullmatch(message.call_id):
+        raise SipParseError("malformed Call-ID")
+    for hname, value in message.headers:
+        if canonical(hname) == "via" and not split_header_values(value):
+            raise SipParseError("empty Via header")
+    if not message.vias:
+        raise SipParseError("missing Via")
+    for contact in message.get_all("contact"):
+        try:
+            NameAddr.parse(contact)
+        except SipHeaderError as exc:
+            raise SipParseError(f"Contact: {exc}") from exc
+    if isinstance(message, Request):
+        if cseq.method != message.method:
+            raise SipParseError("CSeq method does not match the request method")
+        max_forwards = message.get("max-forwards")
+        if max_forwards is not None:
+            _decimal(max_forwards, "Max-Forwards", 255)
+
+
+def frame_stream(buffer: bytearray) -> bytes | None:
+    """Cut one message off the front of a TCP receive buffer (RFC 3261 §18.3).
+
+    Returns None until a whole message is buffered. CRLF keep-alives (RFC 5626 §3.5.1)
+    before a message are consumed. Raises SipParseError when the head is unusable (the
+    connection must then be closed: framing is lost). The head is delimited and the
+    Content-Length found exactly as :func:`parse_message` does, so both agree on where
+    the message ends.
+    """
+    skip = len(buffer) - len(buffer.lstrip(b"\r\n"))
+    if skip:
+        del buffer[:skip]
+    match = _BLANK_LINE.search(buffer)
+    if match is None:
+        if len(buffer) > MAX_MESSAGE:
+            raise SipParseError("header section too large")
+        return None
+    head = bytes(buffer[: match.start()]).decode("latin-1")
+    lines = list(_unfold(head))[1:]
+    values = [
+        value.strip(" \t")
+        for name, colon, value in (line.partition(":") for line in lines)
+        if colon and canonical(name) == "content-length"
+    ]
+    length = _content_length(values)
+    if length is None:
+        raise SipParseError("Content-Length is mandatory over TCP")
+    total = match.end() + length
+    if total > MAX_MESSAGE:
+        raise SipParseError("message too large")
+    if len(buffer) < total:
+        return None
+    message = bytes(buffer[:total])
+    del buffer[:total]
+    return message

@@ -1,0 +1,468 @@
+"""RFC 3261 §17 transactions (with RFC 6026's Accepted states), sans-IO.
+
+One :class:`TransactionLayer` per SIP side of the B2BUA. It is fed parsed messages with
+where they came from and the current time, and returns :class:`Transmit` actions (bytes
+and a destination) plus events for the transaction user (the B2BUA core). It owns every
+retransmission and every timer A-K, so nothing above it ever thinks about UDP loss.
+
+Time is a float (seconds, monotonic) passed in by the caller; :meth:`next_deadline`
+says when :meth:`poll` must next be called.
+
+Two pragmatic choices, both what production B2BUAs do:
+
+* INVITE server transactions answer ``100 Trying`` at once: the B2BUA always needs a
+  round trip to the far side before it has a real answer.
+* A 2xx to an INVITE is retransmitted by the server transaction (RFC 6026 "Accepted",
+  timers G/L reused) until the ACK arrives; the ACK is matched by Call-ID, CSeq number
+  and From tag because it carries a new branch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+from proxy.sip.headers import MAGIC_COOKIE, Via, bare_host
+from proxy.sip.message import Request, Response, SipMessage, SipParseError
+
+
+@dataclass(frozen=True, slots=True)
+class Timers:
+    """RFC 3261 Table 4 base values (seconds); all timers derive from these."""
+
+    t1: float = 0.5
+    t2: float = 4.0
+    t4: float = 5.0
+
+    @property
+    def timeout(self) -> float:
+        """64*T1: timers B, F, H, J, L."""
+        return 64 * self.t1
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where a message came from or goes to. ``conn`` identifies a TCP connection."""
+
+    host: str
+    port: int
+    transport: str = "udp"
+    conn: int | None = None
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport.lower() != "udp"
+
+
+@dataclass(frozen=True, slots=True)
+class Transmit:
+    data: bytes
+    dest: Address
+
+
+# --- events for the transaction user ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """A new request; answer it with :meth:`TransactionLayer.respond` on ``tx``."""
+
+    tx: ServerTransaction
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class AckReceived:
+    """An ACK for a 2xx (its own transaction per RFC 3261): the dialog layer's business."""
+
+    request: Request
+    source: Address
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseReceived:
+    tx: ClientTransaction
+    response: Response
+
+
+@dataclass(frozen=True, slots=True)
+class StrayResponse:
+    """A response matching no transaction (e.g. a 2xx retransmitted after ours ended)."""
+
+    response: Response
+    source: Address
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionTimeout:
+    """Timer B or F fired (client), or H (server: no ACK for our error response) / L."""
+
+    tx: ClientTransaction | ServerTransaction
+
+
+TransactionEvent = (
+    RequestReceived | AckReceived | ResponseReceived | StrayResponse | TransactionTimeout
+)
+
+
+class State(Enum):
+    CALLING = "calling"
+    TRYING = "trying"
+    PROCEEDING = "proceeding"
+    ACCEPTED = "accepted"
+    COMPLETED = "completed"
+    CONFIRMED = "confirmed"
+    TERMINATED = "terminated"
+
+
+def new_branch() -> str:
+    return MAGIC_COOKIE + secrets.token_hex(8)
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False, slots=True)
+class ClientTransaction:
+    request: Request
+    dest: Address
+    key: tuple[str, str]
+    invite: bool
+    state: State
+    data: bytes
+    interval: float
+    retransmit_at: float | None
+    timeout_at: float | None
+    context: object = None
+    """Opaque to the layer: the transaction user's bookkeeping (which call, which leg)."""
+    last_response: Response | None = None
+    cancel_sent: bool = False
+    """INVITE only: a CANCEL went out, so timer B guards the wait for the final (§9.1)."""
+    id: int = field(default_factory=lambda: next(_ids))
+
+
+@dataclass(eq=False, slots=True)
+class ServerTransaction:
+    request: Request
+    source: Address
+    key: tuple[str, str, str]
+    invite: bool
+    state: State
+    last_response: bytes | None = None
+    last_status: int = 0
+    interval: float = 0.0
+    retransmit_at: float | None = None
+    timeout_at: float | None = None
+    context: object = None
+    id: int = field(default_factory=lambda: next(_ids))
+
+
+def _server_key(request: Request) -> tuple[str, str, str]:
+    via = request.top_via
+    method = "INVITE" if request.method == "ACK" else request.method
+    branch = via.branch or ""
+    if branch.startswith(MAGIC_COOKIE):
+        host, port = via.sent_by
+        return branch, f"{host}:{port}", method
+    # RFC 2543 peers: no magic cookie. Approximate §17.2.3's rule with the dialog fields.
+    from_tag = request.from_.tag or ""
+    return f"2543:{request.call_id}:{request.cseq.number}:{from_tag}", str(via), method
+
+
+def _client_key(message: SipMessage, method: str) -> tuple[str, str]:
+    return message.top_via.branch or "", method
+
+
+def build_ack_for_error(request: Request, response: Response) -> Request:
+    """§17.1.1.3: the ACK for a non-2xx is part of the INVITE client transaction."""
+    ack = Request(method="ACK", uri=request.uri)
+    ack.add("Via", str(request.top_via))
+    for route in request.get_all("route"):
+        ack.add("Route", route)
+    ack.add("Max-Forwards", "70")
+    ack.add("From", request.get("from") or "")
+    ack.add("To", response.get("to") or request.get("to") or "")
+    ack.add("Call-ID", request.call_id)
+    ack.add("CSeq", f"{request.cseq.number} ACK")
+    return ack
+
+
+def response_to(
+    request: Request, status: int, reason: str, *, to_tag: str | None = None
+) -> Response:
+    """A response that copies Via, From, To (+tag), Call-ID and CSeq (§8.2.6.2)."""
+    response = Response(status=status, reason=reason)
+    for hname, value in request.headers:
+        key = hname.lower()
+        if key in ("via", "v", "from", "f", "call-id", "i", "cseq", "record-route"):
+            response.add(hname, value)
+        elif key in ("to", "t"):
+            if to_tag and ";tag=" not in value.replace(" ", "").lower():
+                value = f"{value};tag={to_tag}"
+            response.add(hname, value)
+    return response
+
+
+class TransactionLayer:
+    """All transactions of one SIP side."""
+
+    def __init__(self, timers: Timers | None = None) -> None:
+        self.timers = timers or Timers()
+        self._clients: dict[tuple[str, str], ClientTransaction] = {}
+        self._servers: dict[tuple[str, str, str], ServerTransaction] = {}
+        self._accepted: dict[tuple[str, int, str], ServerTransaction] = {}
+
+    def __len__(self) -> int:
+        return len(self._clients) + len(self._servers)
+
+    # --- client side ------------------------------------------------------------------
+
+    def send_request(
+        self, request: Request, dest: Address, now: float, context: object = None
+    ) -> tuple[ClientTransaction, list[Transmit]]:
+        """Start a client transaction. The request's top Via must carry a fresh branch.
+
+        ACK for a 2xx is not a transaction: use :meth:`send_stateless`. A CANCEL re-arms
+        the INVITE's timer B: without a final response within 64*T1 the INVITE transaction
+        times out (§9.1) instead of waiting for ever in "Proceeding".
+        """
+        if request.method == "ACK":
+            raise ValueError("ACK for 2xx is sent with send_stateless")
+        invite = request.method == "INVITE"
+        data = request.serialize()
+        t = self.timers
+        if request.method == "CANCEL":
+            target = self._clients.get(_client_key(request, "INVITE"))
+            if target is not None and target.state in (State.CALLING, State.PROCEEDING):
+                target.cancel_sent = True
+                target.timeout_at = now + t.timeout
+        tx = ClientTransaction(
+            request=request,
+            dest=dest,
+            key=_client_key(request, request.method),
+            invite=invite,
+            state=State.CALLING if invite else State.TRYING,
+            data=data,
+            interval=t.t1,
+            retransmit_at=None if dest.reliable else now + t.t1,
+            timeout_at=now + t.timeout,
+            context=context,
+        )
+        self._clients[tx.key] = tx
+        return tx, [Transmit(data, dest)]
+
+    def send_stateless(self, message: SipMessage, dest: Address) -> list[Transmit]:
+        return [Transmit(message.serialize(), dest)]
+
+    def _on_response(
+        self, response: Response, source: Address, now: float
+    ) -> tuple[list[TransactionEvent], list[Transmit]]:
+        try:
+            key = _client_key(response, response.cseq.method)
+        except SipParseError:
+            return [], []
+        tx = self._clients.get(key)
+        if tx is None or tx.state is State.TERMINATED:
+            return [StrayResponse(response, source)], []
+        status = response.status
+        t = self.timers
+        if tx.invite:
+            if tx.state in (State.CALLING, State.PROCEEDING):
+                if status < 200:
+                    tx.state = State.PROCEEDING
+                    tx.retransmit_at = None
+                    if not tx.cancel_sent:
+                        tx.timeout_at = None  # timer B runs only in "Calling" (§17.1.1.2)
+                    tx.last_response = response
+                    return [ResponseReceived(tx, response)], []
+                if status < 300:
+                    # RFC 6026 Accepted: absorb nothing, pass every 2xx to the TU.
+                    tx.state = State.ACCEPTED
+                    tx.retransmit_at = None
+                    tx.timeout_at = now + t.timeout
+                    tx.last_response = response
+                    return [ResponseReceived(tx, response)], []
+                tx.state = State.COMPLETED
+                tx.retransmit_at = None
+                tx.timeout_at = now + (0 if tx.dest.reliable else 32.0)
+                tx.last_response = response
+                ack = build_ack_for_error(tx.request, response)
+                tx.data = ack.serialize()
+                return [ResponseReceived(tx, response)], [Transmit(tx.data, tx.dest)]
+            if tx.state is State.ACCEPTED and 200 <= status < 300:
+                return [ResponseReceived(tx, response)], []
+            if tx.state is State.COMPLETED and status >= 300:
+                return [], [Transmit(tx.data, tx.dest)]  # re-ACK a retransmitted error
+            return [], []
+        # non-INVITE
+        if tx.state in (State.TRYING, State.PROCEEDING):
+            tx.last_response = response
+            if status < 200:
+                tx.state = State.PROCEEDING
+                return [ResponseReceived(tx, response)], []
+            tx.state = State.COMPLETED
+            tx.retransmit_at = None
+            tx.timeout_at = now + (0 if tx.dest.reliable else t.t4)
+            return [ResponseReceived(tx, response)], []
+        return [], []
+
+    # --- server side ------------------------------------------------------------------
+
+    def _on_request(
+        self, request: Request, source: Address, now: float
+    ) -> tuple[list[TransactionEvent], list[Transmit]]:
+        key = _server_key(request)
+        tx = self._servers.get(key)
+        if request.method == "ACK":
+            if tx is not None and tx.invite:
+                if tx.state is State.COMPLETED:
+                    tx.state = State.CONFIRMED
+                    tx.retransmit_at = None
+                    tx.timeout_at = now + (0 if source.reliable else self.timers.t4)
+                    return [], []
+                if tx.state is State.CONFIRMED:
+                    return [], []
+            accepted = self._accepted.pop(self._ack_key(request), None)
+            if accepted is not None:
+                accepted.state = State.TERMINATED
+                accepted.retransmit_at = None
+                accepted.timeout_at = now  # reaped at the next poll
+            return [AckReceived(request, source)], []
+        if tx is not None:  # a retransmission: repeat the last response, if any
+            if tx.last_response is not None and tx.state is not State.TERMINATED:
+                return [], [Transmit(tx.last_response, tx.source)]
+            return [], []
+        invite = request.method == "INVITE"
+        tx = ServerTransaction(
+            request=request,
+            source=source,
+            key=key,
+            invite=invite,
+            state=State.PROCEEDING if invite else State.TRYING,
+        )
+        self._servers[key] = tx
+        out: list[Transmit] = []
+        if invite:
+            trying = response_to(request, 100, "Trying")
+            tx.last_response = trying.serialize()
+            tx.last_status = 100
+            out.append(Transmit(tx.last_response, source))
+        return [RequestReceived(tx, request)], out
+
+    @staticmethod
+    def _ack_key(request: Request) -> tuple[str, int, str]:
+        return request.call_id, request.cseq.number, request.from_.tag or ""
+
+    def respond(self, tx: ServerTransaction, response: Response, now: float) -> list[Transmit]:
+        """Send a response on a server transaction (the layer retransmits as needed)."""
+        if tx.state in (State.COMPLETED, State.CONFIRMED, State.TERMINATED, State.ACCEPTED):
+            return []  # already answered finally: a late TU response is dropped
+        data = response.serialize()
+        status = response.status
+        tx.last_response = data
+        tx.last_status = status
+        t = self.timers
+        reliable = tx.source.reliable
+        if status < 200:
+            if not tx.invite:
+                tx.state = State.PROCEEDING
+            return [Transmit(data, tx.source)]
+        if tx.invite:
+            if status < 300:
+                tx.state = State.ACCEPTED
+                self._accepted[self._ack_key(tx.request)] = tx
+            else:
+                tx.state = State.COMPLETED
+            tx.interval = t.t1
+            tx.retransmit_at = None if reliable else now + t.t1
+            tx.timeout_at = now + t.timeout
+        else:
+            tx.state = State.COMPLETED
+            tx.timeout_at = now + (0 if reliable else t.timeout)
+        return [Transmit(data, tx.source)]
+
+    # --- input and timers ---------------------------------------------------------------
+
+    def receive(
+        self, message: Request | Response, source: Address, now: float
+    ) -> tuple[list[TransactionEvent], list[Transmit]]:
+        """Feed one parsed message. Requests get received/rport stamped (RFC 3581)."""
+        if isinstance(message, Response):
+            return self._on_response(message, source, now)
+        stamp_via(message, source)
+        return self._on_request(message, source, now)
+
+    def find_invite_server(self, cancel: Request) -> ServerTransaction | None:
+        """The INVITE server transaction a CANCEL targets (§9.2: same branch)."""
+        key = _server_key(cancel)
+        return self._servers.get((key[0], key[1], "INVITE"))
+
+    def next_deadline(self) -> float | None:
+        deadlines = [
+            d for tx in self._iter_all() for d in (tx.retransmit_at, tx.timeout_at) if d is not None
+        ]
+        return min(deadlines) if deadlines else None
+
+    def _iter_all(self) -> Iterator[ClientTransaction | ServerTransaction]:
+        yield from self._clients.values()
+        yield from self._servers.values()
+
+    def poll(self, now: float) -> tuple[list[TransactionEvent], list[Transmit]]:
+        """Fire every timer due at ``now``."""
+        events: list[TransactionEvent] = []
+        out: list[Transmit] = []
+        t = self.timers
+        for ctx in list(self._clients.values()):
+            if ctx.timeout_at is not None and now >= ctx.timeout_at:
+                if ctx.state in (State.CALLING, State.TRYING, State.PROCEEDING):
+                    events.append(TransactionTimeout(ctx))  # timers B / F
+                ctx.state = State.TERMINATED
+                ctx.retransmit_at = None
+                del self._clients[ctx.key]
+                continue  # a timed-out request is not retransmitted one last time
+            if ctx.retransmit_at is not None and now >= ctx.retransmit_at:
+                out.append(Transmit(ctx.data, ctx.dest))  # timers A / E
+                ctx.interval = ctx.interval * 2 if ctx.invite else min(ctx.interval * 2, t.t2)
+                if not ctx.invite and ctx.state is State.PROCEEDING:
+                    ctx.interval = t.t2
+                ctx.retransmit_at = now + ctx.interval
+        for stx in list(self._servers.values()):
+            if stx.timeout_at is not None and now >= stx.timeout_at:
+                if stx.invite and stx.state in (State.COMPLETED, State.ACCEPTED):
+                    events.append(TransactionTimeout(stx))  # timer H / L: no ACK (J is not)
+                if stx.state is State.ACCEPTED:
+                    self._accepted.pop(self._ack_key(stx.request), None)
+                stx.state = State.TERMINATED
+                stx.retransmit_at = None
+                del self._servers[stx.key]
+                continue
+            if stx.retransmit_at is not None and now >= stx.retransmit_at:
+                if stx.last_response is not None:
+                    out.append(Transmit(stx.last_response, stx.source))  # timer G / 2xx
+                stx.interval = min(stx.interval * 2, t.t2)
+                stx.retransmit_at = now + stx.interval
+        return events, out
+
+
+def stamp_via(request: Request, source: Address) -> None:
+    """RFC 3261 §18.2.1 ``received`` and RFC 3581 ``rport`` on the top Via."""
+    for index, (hname, value) in enumerate(request.headers):
+        if hname.lower() not in ("via", "v"):
+            continue
+        first, sep, rest = value.partition(",")
+        try:
+            via = Via.parse(first)
+        except ValueError:
+            return
+        changed = via
+        same_host = bare_host(via.host).lower() == bare_host(source.host).lower()
+        if via.param("rport") is not None or not same_host:
+            changed = changed.with_param("received", source.host)
+        if via.param("rport") is not None:
+            changed = changed.with_param("rport", str(source.port))
+        if changed is not via:
+            request.headers[index] = (hname, str(changed) + (sep + rest if sep else ""))
+        return

@@ -1,0 +1,514 @@
+"""An in-memory world for the sans-IO B2BUA: fake clock, fake media engine, fake peers.
+
+The tests play the phones (inside) and the PBX/ITSP (outside) by hand: they build SIP
+messages as text, feed them to :meth:`B2BUA.receive` with a source address, parse what
+comes back (:class:`Outbound`) and answer it. Time only moves when a test calls
+:meth:`World.advance`, which polls the core at every deadline it announces, so timer
+behaviour (retransmissions, B/F/H/L) is exact and instant.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+from proxy.b2bua.config import Config, parse_config
+from proxy.b2bua.core import B2BUA, Outbound
+from proxy.media.engine import Side, StreamStats
+from proxy.media.ports import PortsExhausted
+from proxy.media.srtp import SrtpContext
+from proxy.sip.headers import NameAddr
+from proxy.sip.message import Request, Response, parse_message
+from proxy.sip.transaction import Address
+
+# --- the network -------------------------------------------------------------------------
+
+PROXY_IN = Address("10.0.0.1", 5060)
+PROXY_OUT = Address("192.0.2.1", 5060)
+PHONE = Address("10.0.0.10", 5060)
+"""The phone of line +14085551234 (registers, calls out)."""
+PHONE_TCP = Address("10.0.0.10", 40001, "tcp", conn=11)
+PHONE2 = Address("10.0.0.20", 5062)
+"""The phone of line 14085555678 (static contact in the config)."""
+UPSTREAM = Address("203.0.113.5", 5060)
+UPSTREAM_TCP = Address("203.0.113.5", 5060, "tcp", conn=21)
+
+LINE1 = "14085551234"
+LINE2 = "14085555678"
+
+CONFIG = """\
+[inside]
+listen = "10.0.0.1:5060"
+media_ip = "10.0.0.1"
+unknown_users = "{unknown_users}"
+[outside]
+listen = "192.0.2.1:5060"
+media_ip = "192.0.2.1"
+{outside_extra}
+[media]
+port_min = 20000
+port_max = 20999
+[sip]
+user_agent = ""
+{sip_extra}
+[limits]
+max_calls = {max_calls}
+[[line]]
+user_id = "+14085551234"
+[[line]]
+user_id = "14085555678"
+contact = "sip:10.0.0.20:5062"
+[[line]]
+user_id = "14085550000"
+"""
+
+
+def make_config(
+    *,
+    upstream: str | None = "sip:203.0.113.5:5060",
+    registrar: str | None = None,
+    unknown_users: str = "relay",
+    max_calls: int = 0,
+    sip_extra: str = "",
+) -> Config:
+    outside = []
+    if upstream:
+        outside.append(f'upstream = "{upstream}"')
+    if registrar:
+        outside.append(f'registrar = "{registrar}"')
+    text = CONFIG.format(
+        unknown_users=unknown_users,
+        outside_extra="\n".join(outside),
+        max_calls=max_calls,
+        sip_extra=sip_extra,
+    )
+    return parse_config(text, "test.toml")
+
+
+# --- a fake media engine -----------------------------------------------------------------
+
+
+class FakeSession:
+    """Records every call the core makes; ports come from the engine's pool."""
+
+    def __init__(self, engine: FakeMedia, call_id: str, streams: int, ports: list[int]) -> None:
+        self.engine = engine
+        self._call_id = call_id
+        self._streams = streams
+        self._ports = ports  # [inside0, outside0, inside1, outside1, ...]
+        self.calls: list[tuple[object, ...]] = []
+        self.remotes: dict[tuple[Side, int], tuple[str, int, int, bool]] = {}
+        self.srtp: dict[Side, SrtpContext | None] = {}
+        self.released = False
+
+    @property
+    def call_id(self) -> str:
+        return self._call_id
+
+    @property
+    def streams(self) -> int:
+        return self._streams
+
+    def local(self, side: Side, index: int) -> tuple[str, int]:
+        if not 0 <= index < self._streams:
+            raise IndexError(index)
+        ip = self.engine.ips[side]
+        return ip, self._ports[2 * index + (0 if side is Side.INSIDE else 1)]
+
+    def set_remote(
+        self,
+        side: Side,
+        index: int,
+        ip: str,
+        rtp_port: int,
+        rtcp_port: int,
+        rtcp_mux: bool = False,
+    ) -> None:
+        if not 0 <= index < self._streams:
+            raise IndexError(index)
+        assert not self.released, "set_remote on a released session"
+        self.calls.append(("set_remote", side, index, ip, rtp_port, rtcp_port, rtcp_mux))
+        self.remotes[(side, index)] = (ip, rtp_port, rtcp_port, rtcp_mux)
+
+    def set_srtp(self, side: Side, context: SrtpContext | None, srtcp: bool = True) -> None:
+        self.calls.append(("set_srtp", side, context))
+        self.srtp[side] = context
+
+    def accept_srtp(self, side: Side, context: SrtpContext, srtcp: bool = False) -> None:
+        self.calls.append(("accept_srtp", side, context))
+
+    def switch_srtp(
+        self, side: Side, context: SrtpContext, grace_s: float, now: float | None = None,
+        srtcp: bool = False,
+    ) -> None:  # fmt: skip
+        self.calls.append(("switch_srtp", side, context, grace_s))
+        self.srtp[side] = context
+
+    def on_srtp_authenticated(self, side: Side, callback: Callable[[], object]) -> None:
+        self.calls.append(("on_srtp_authenticated", side))
+
+    def clear_srtp(self, side: Side) -> None:
+        self.calls.append(("clear_srtp", side))
+        self.srtp[side] = None
+
+    def play_tone(self, side: Side, index: int, tone: object) -> None:
+        self.calls.append(("play_tone", side, index, tone))
+
+    def stats(self) -> dict[Side, list[StreamStats]]:
+        def zero() -> StreamStats:
+            # every counter the engine's StreamStats declares, whatever this version has
+            counters: dict[str, object] = dict.fromkeys(StreamStats.__annotations__, 0)
+            counters["drops"] = {}
+            return cast(StreamStats, counters)
+
+        return {side: [zero() for _ in range(self._streams)] for side in Side}
+
+    def release(self) -> None:
+        self.calls.append(("release",))
+        if not self.released:
+            self.released = True
+            self.engine.free.extend(self._ports)
+
+
+class FakeMedia:
+    """``allocate`` takes two RTP ports (inside, outside) per stream from a small pool."""
+
+    def __init__(self, pairs: int = 40, port_min: int = 30000) -> None:
+        self.free = list(range(port_min, port_min + 2 * pairs, 2))
+        self.capacity = pairs
+        self.sessions: list[FakeSession] = []
+        self.ips = {Side.INSIDE: "10.0.0.1", Side.OUTSIDE: "192.0.2.1"}
+
+    def allocate(self, call_id: str, streams: int) -> FakeSession:
+        if len(self.free) < 2 * streams:
+            raise PortsExhausted("fake pool empty")
+        ports = [self.free.pop(0) for _ in range(2 * streams)]
+        session = FakeSession(self, call_id, streams, ports)
+        self.sessions.append(session)
+        return session
+
+    @property
+    def active(self) -> list[FakeSession]:
+        return [s for s in self.sessions if not s.released]
+
+    def all_returned(self) -> bool:
+        return not self.active and len(self.free) == self.capacity
+
+
+# --- messages ----------------------------------------------------------------------------
+
+_branches = itertools.count(1)
+
+
+def branch() -> str:
+    return f"z9hG4bK-test-{next(_branches)}-{secrets.token_hex(3)}"
+
+
+def tag() -> str:
+    return secrets.token_hex(4)
+
+
+def sdp(ip: str, port: int, *, direction: str | None = None, video: int | None = None) -> bytes:
+    lines = [
+        "v=0",
+        f"o=- 1234 1 IN IP4 {ip}",
+        "s=call",
+        f"c=IN IP4 {ip}",
+        "t=0 0",
+        f"m=audio {port} RTP/AVP 0 101",
+        "a=rtpmap:0 PCMU/8000",
+        "a=rtpmap:101 telephone-event/8000",
+        "a=ptime:20",
+    ]
+    if direction:
+        lines.append(f"a={direction}")
+    if video is not None:
+        lines += [f"m=video {video} RTP/AVP 96", "a=rtpmap:96 H264/90000"]
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def via_for(addr: Address, br: str | None = None, *, rport: bool = True) -> str:
+    transport = addr.transport.upper()
+    return f"SIP/2.0/{transport} {addr.host}:{addr.port};branch={br or branch()}" + (
+        ";rport" if rport else ""
+    )
+
+
+def build_request(
+    method: str,
+    uri: str,
+    *,
+    via: str | Sequence[str],
+    from_: str,
+    to: str,
+    call_id: str,
+    cseq: int,
+    cseq_method: str | None = None,
+    contact: str | None = None,
+    max_forwards: int | None = 70,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+    content_type: str = "application/sdp",
+) -> bytes:
+    vias = [via] if isinstance(via, str) else list(via)
+    lines = [f"{method} {uri} SIP/2.0"]
+    lines += [f"Via: {v}" for v in vias]
+    if max_forwards is not None:
+        lines.append(f"Max-Forwards: {max_forwards}")
+    lines += [f"From: {from_}", f"To: {to}", f"Call-ID: {call_id}"]
+    lines.append(f"CSeq: {cseq} {cseq_method or method}")
+    if contact:
+        lines.append(f"Contact: {contact}")
+    lines += [f"{n}: {v}" for n, v in headers]
+    if body:
+        lines.append(f"Content-Type: {content_type}")
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def build_response(
+    request: Request,
+    status: int,
+    reason: str = "",
+    *,
+    to_tag: str | None = None,
+    contact: str | None = None,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+    record_route: Sequence[str] | None = None,
+) -> bytes:
+    """A UAS response to ``request`` (Via, From, To + tag, Call-ID, CSeq copied)."""
+    reason = reason or {100: "Trying", 180: "Ringing", 183: "Session Progress", 200: "OK"}.get(
+        status, "Whatever"
+    )
+    lines = [f"SIP/2.0 {status} {reason}"]
+    for hname, value in request.headers:
+        key = hname.lower()
+        if key in ("via", "v", "from", "f", "call-id", "i", "cseq"):
+            lines.append(f"{hname}: {value}")
+        elif key in ("to", "t"):
+            if to_tag and ";tag=" not in value:
+                value = f"{value};tag={to_tag}"
+            lines.append(f"{hname}: {value}")
+        elif key == "record-route" and record_route is None:
+            lines.append(f"{hname}: {value}")
+    for rr in record_route or ():
+        lines.append(f"Record-Route: {rr}")
+    if contact:
+        lines.append(f"Contact: {contact}")
+    lines += [f"{n}: {v}" for n, v in headers]
+    if body:
+        lines.append("Content-Type: application/sdp")
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def parse(data: bytes) -> Request | Response:
+    return parse_message(data)
+
+
+def uri_of(name_addr: str) -> str:
+    return NameAddr.parse(name_addr).uri
+
+
+# --- dialogs as a peer sees them ---------------------------------------------------------
+
+
+@dataclass
+class PeerDialog:
+    """One end's view of a dialog with the proxy: enough to send in-dialog requests."""
+
+    addr: Address
+    call_id: str
+    local: str
+    """Our From value in requests we send (with our tag)."""
+    remote: str
+    """The To value in requests we send (with the proxy's tag)."""
+    cseq: int
+    target: str
+    """The R-URI: the proxy's Contact."""
+    contact: str
+    route: list[str] = field(default_factory=list)
+
+    @property
+    def local_tag(self) -> str:
+        return NameAddr.parse(self.local).tag or ""
+
+    @property
+    def remote_tag(self) -> str:
+        return NameAddr.parse(self.remote).tag or ""
+
+    def request(
+        self,
+        method: str,
+        *,
+        body: bytes = b"",
+        headers: Iterable[tuple[str, str]] = (),
+        cseq: int | None = None,
+        max_forwards: int | None = 70,
+        content_type: str = "application/sdp",
+        br: str | None = None,
+    ) -> bytes:
+        if cseq is None:
+            if method != "ACK":
+                self.cseq += 1
+            cseq = self.cseq
+        route = [("Route", r) for r in self.route]
+        return build_request(
+            method,
+            self.target,
+            via=via_for(self.addr, br),
+            from_=self.local,
+            to=self.remote,
+            call_id=self.call_id,
+            cseq=cseq,
+            contact=self.contact,
+            max_forwards=max_forwards,
+            headers=[*route, *headers],
+            body=body,
+            content_type=content_type,
+        )
+
+
+def uac_dialog(addr: Address, request: Request, response: Response, contact: str) -> PeerDialog:
+    """The caller's dialog after ``response`` (with a To tag) to its ``request``."""
+    target = uri_of(response.get_all("contact")[0])
+    route = list(reversed(response.get_all("record-route")))
+    return PeerDialog(
+        addr,
+        request.call_id,
+        request.get("from") or "",
+        response.get("to") or "",
+        request.cseq.number,
+        target,
+        contact,
+        route,
+    )
+
+
+def uas_dialog(
+    addr: Address, request: Request, my_tag: str, contact: str, cseq: int = 500
+) -> PeerDialog:
+    """The callee's dialog after answering ``request`` with ``my_tag``."""
+    target = uri_of(request.get_all("contact")[0])
+    to = request.get("to") or ""
+    return PeerDialog(
+        addr,
+        request.call_id,
+        f"{to};tag={my_tag}",
+        request.get("from") or "",
+        cseq,
+        target,
+        contact,
+        request.get_all("record-route"),
+    )
+
+
+# --- the world ---------------------------------------------------------------------------
+
+
+@dataclass
+class Wire:
+    """One message the proxy sent, parsed."""
+
+    side: Side
+    dest: Address
+    msg: Request | Response
+
+    @property
+    def request(self) -> Request:
+        assert isinstance(self.msg, Request), self.msg
+        return self.msg
+
+    @property
+    def response(self) -> Response:
+        assert isinstance(self.msg, Response), self.msg
+        return self.msg
+
+
+def wires(out: Iterable[Outbound]) -> list[Wire]:
+    """Parse everything the proxy sent (it must always be well-formed SIP)."""
+    result = []
+    for item in out:
+        msg = parse_message(item.data, stream=item.dest.reliable)
+        result.append(Wire(item.side, item.dest, msg))
+    return result
+
+
+class World:
+    """The core, a fake clock and a fake media engine; every message it sent is kept."""
+
+    def __init__(self, config: Config | None = None, media: FakeMedia | None = None) -> None:
+        self.config = config or make_config()
+        self.media = media or FakeMedia()
+        self.core = B2BUA(self.config, self.media)
+        self.now = 1000.0
+        self.sent: list[Wire] = []
+
+    def send(self, side: Side, data: bytes, source: Address) -> list[Wire]:
+        out = wires(self.core.receive(side, data, source, self.now))
+        self.sent.extend(out)
+        return out
+
+    def phone(self, data: bytes, source: Address = PHONE) -> list[Wire]:
+        return self.send(Side.INSIDE, data, source)
+
+    def upstream(self, data: bytes, source: Address = UPSTREAM) -> list[Wire]:
+        return self.send(Side.OUTSIDE, data, source)
+
+    def advance(self, seconds: float) -> list[Wire]:
+        """Move the clock, polling at every deadline on the way."""
+        end = self.now + seconds
+        out: list[Outbound] = []
+        for _ in range(100_000):
+            deadline = self.core.next_deadline()
+            if deadline is None or deadline > end:
+                break
+            self.now = max(self.now, deadline)
+            out.extend(self.core.poll(self.now))
+        else:  # pragma: no cover - a deadline that never moves is a bug
+            raise AssertionError("next_deadline() does not advance")
+        self.now = end
+        out.extend(self.core.poll(self.now))
+        parsed = wires(out)
+        self.sent.extend(parsed)
+        return parsed
+
+    def settle(self) -> list[Wire]:
+        """Run every timer to completion (a few minutes of fake time)."""
+        return self.advance(300.0)
+
+
+def only(items: Sequence[Wire], what: str = "") -> Wire:
+    assert len(items) == 1, f"expected one {what}, got {[summary(w) for w in items]}"
+    return items[0]
+
+
+def pick(
+    items: Iterable[Wire],
+    side: Side | None = None,
+    *,
+    method: str | None = None,
+    status: int | None = None,
+) -> list[Wire]:
+    result = []
+    for wire in items:
+        if side is not None and wire.side is not side:
+            continue
+        msg = wire.msg
+        if method is not None and (not isinstance(msg, Request) or msg.method != method):
+            continue
+        if status is not None and (not isinstance(msg, Response) or msg.status != status):
+            continue
+        result.append(wire)
+    return result
+
+
+def summary(wire: Wire) -> str:
+    msg = wire.msg
+    if isinstance(msg, Request):
+        return f"{wire.side.value}: {msg.method} -> {wire.dest.host}:{wire.dest.port}"
+    return f"{wire.side.value}: {msg.status} {msg.cseq} -> {wire.dest.host}:{wire.dest.port}"

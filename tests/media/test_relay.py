@@ -1,0 +1,1057 @@
+"""The in-process media relay (proxy.media.relay) over real UDP sockets on loopback.
+
+Every test runs on the stdlib loop and, when installed, on uvloop: the relay must behave
+the same on both. Peers are plain asyncio datagram endpoints; "nothing arrives" is
+checked by sending a packet that must arrive after it on the same path, where possible,
+instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import random
+import socket
+import struct
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
+import pytest
+
+from proxy.media.engine import DROP_REASONS, MediaEngine, Side
+from proxy.media.ports import PortsExhausted
+from proxy.media.relay import RelayEngine, RelaySession
+from proxy.media.srtp import SrtpContext
+from proxy.media.tones import Tone
+
+HOST = "127.0.0.1"
+OTHER_HOST = "127.0.0.2"  # also loopback on Linux: "another machine" for source checks
+INSIDE, OUTSIDE = Side.INSIDE, Side.OUTSIDE
+KEY = bytes(range(16))
+SALT = bytes(range(16, 32))
+
+Runner = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
+
+LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
+
+
+@pytest.fixture(params=LOOPS)
+def run(request: pytest.FixtureRequest) -> Runner:
+    async def guarded(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        try:
+            await asyncio.wait_for(test(), 10)
+        finally:
+            while PEERS:
+                PEERS.pop().close()
+            await asyncio.sleep(0.01)
+
+    def runner(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        if request.param == "uvloop":
+            import uvloop
+
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+                r.run(guarded(test))
+        else:
+            asyncio.run(guarded(test))
+
+    return runner
+
+
+def rtp(seq: int, ssrc: int = 0x11223344, pt: int = 0, payload: bytes = b"\xd5" * 160) -> bytes:
+    return struct.pack("!BBHII", 0x80, pt, seq, seq * 160, ssrc) + payload
+
+
+def rtcp_sr(ssrc: int = 0x11223344) -> bytes:
+    """A minimal RTCP sender report (PT 200), 28 bytes."""
+    return struct.pack("!BBHIIIIII", 0x80, 200, 6, ssrc, 0, 0, 0, 0, 0)
+
+
+def free_range(pairs: int) -> tuple[int, int]:
+    """A random even port range whose ports are all free right now."""
+    for _ in range(50):
+        low = random.randrange(20000, 60000, 2)
+        socks = []
+        try:
+            for port in range(low, low + 2 * pairs):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(sock)
+                sock.bind((HOST, port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return low, low + 2 * pairs - 1
+    raise RuntimeError("no free port range")
+
+
+def make_engine(pairs: int = 8) -> RelayEngine:
+    return RelayEngine(HOST, HOST, *free_range(pairs))
+
+
+class Peer(asyncio.DatagramProtocol):
+    """A phone's or a PBX's socket."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.queue.put_nowait((data, (addr[0], addr[1])))
+
+    @property
+    def port(self) -> int:
+        assert self.transport is not None
+        port: int = self.transport.get_extra_info("sockname")[1]
+        return port
+
+    @property
+    def ip(self) -> str:
+        assert self.transport is not None
+        ip: str = self.transport.get_extra_info("sockname")[0]
+        return ip
+
+    def send(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, addr)
+
+    async def recv(self) -> tuple[bytes, tuple[str, int]]:
+        return await asyncio.wait_for(self.queue.get(), 2)
+
+    def close(self) -> None:
+        assert self.transport is not None
+        self.transport.close()
+
+
+PEERS: list[Peer] = []
+"""Peers of the running test, closed when it ends."""
+
+
+async def peer(host: str = HOST) -> Peer:
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_datagram_endpoint(Peer, local_addr=(host, 0))
+    PEERS.append(protocol)
+    return protocol
+
+
+async def settle() -> None:
+    """Let the relay process what is already in its socket buffers (loopback is
+    synchronous: a datagram is queued on the receiver before sendto returns)."""
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+
+
+def stat(session: RelaySession, side: Side, key: str, index: int = 0) -> int:
+    counters = session.stats()[side][index]
+    if key in counters:
+        value = counters[key]  # type: ignore[literal-required]
+        assert isinstance(value, int)
+        return value
+    return counters["drops"][key]
+
+
+async def call(engine: RelayEngine) -> tuple[RelaySession, Peer, Peer]:
+    """A one-stream call with a phone inside and a PBX outside, both remotes set."""
+    session = engine.allocate("call-1", 1)
+    phone, pbx = await peer(), await peer()
+    session.set_remote(INSIDE, 0, HOST, phone.port, phone.port + 1)
+    session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+    return session, phone, pbx
+
+
+# --------------------------------------------------------------------------- relaying
+
+
+def test_relay_both_ways_with_counters(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        assert inside[0] == outside[0] == HOST and inside[1] != outside[1]
+        assert inside[1] % 2 == 0 and outside[1] % 2 == 0
+
+        for seq in range(3):
+            phone.send(rtp(seq), inside)
+            data, source = await pbx.recv()
+            assert data == rtp(seq)
+            assert source == outside  # from the proxy's outside port: symmetric RTP
+        pbx.send(rtp(7, ssrc=0x99), outside)
+        data, source = await phone.recv()
+        assert (data, source) == (rtp(7, ssrc=0x99), inside)
+
+        stats = session.stats()
+        assert set(stats) == {INSIDE, OUTSIDE}
+        size = len(rtp(0))
+        assert stats[INSIDE][0]["packets_in"] == 3 and stats[INSIDE][0]["bytes_in"] == 3 * size
+        assert stats[OUTSIDE][0]["packets_out"] == 3 and stats[OUTSIDE][0]["bytes_out"] == 3 * size
+        assert stats[OUTSIDE][0]["packets_in"] == 1 and stats[INSIDE][0]["packets_out"] == 1
+        for side in (INSIDE, OUTSIDE):
+            assert stats[side][0]["drops"] == dict.fromkeys(DROP_REASONS, 0)
+        await engine.close()
+
+    run(test)
+
+
+def test_rtcp_is_relayed_between_rtcp_ports(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("c", 1)
+        phone_rtcp, pbx_rtcp = await peer(), await peer()
+        session.set_remote(INSIDE, 0, HOST, phone_rtcp.port - 1, phone_rtcp.port)
+        session.set_remote(OUTSIDE, 0, HOST, pbx_rtcp.port - 1, pbx_rtcp.port)
+        ip, inside_rtp = session.local(INSIDE, 0)
+        outside_rtcp = (ip, session.local(OUTSIDE, 0)[1] + 1)
+        phone_rtcp.send(rtcp_sr(), (ip, inside_rtp + 1))
+        assert await pbx_rtcp.recv() == (rtcp_sr(), outside_rtcp)
+        pbx_rtcp.send(rtcp_sr(5), outside_rtcp)
+        assert (await phone_rtcp.recv())[0] == rtcp_sr(5)
+        assert stat(session, INSIDE, "rtcp_packets_in") == 1
+        assert stat(session, OUTSIDE, "rtcp_packets_out") == 1
+        assert stat(session, OUTSIDE, "rtcp_packets_in") == 1
+        await engine.close()
+
+    run(test)
+
+
+def test_rtcp_mux_on_one_side(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("c", 1)
+        phone, pbx, pbx_rtcp = await peer(), await peer(), await peer()
+        session.set_remote(INSIDE, 0, HOST, phone.port, phone.port, rtcp_mux=True)
+        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx_rtcp.port)
+        inside = session.local(INSIDE, 0)
+        outside_ip, outside_rtp = session.local(OUTSIDE, 0)
+
+        phone.send(rtp(1), inside)  # RTP on the muxed port goes to the PBX's RTP port
+        assert (await pbx.recv())[0] == rtp(1)
+        phone.send(rtcp_sr(), inside)  # RTCP on the muxed port goes to the PBX's RTCP port
+        assert await pbx_rtcp.recv() == (rtcp_sr(), (outside_ip, outside_rtp + 1))
+        pbx_rtcp.send(rtcp_sr(9), (outside_ip, outside_rtp + 1))  # and back on the RTP port
+        assert await phone.recv() == (rtcp_sr(9), inside)
+        assert pbx.queue.empty()
+        assert stat(session, INSIDE, "rtcp_packets_in") == 1
+        assert stat(session, INSIDE, "rtcp_packets_out") == 1
+        assert stat(session, INSIDE, "packets_in") == 2
+        await engine.close()
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- latching
+
+
+def test_latching_follows_nat_port_then_drops_other_sources(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, sdp_phone, pbx = await call(engine)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+
+        # Before any packet from the phone, the relay sends where the SDP said.
+        pbx.send(rtp(1), outside)
+        assert (await sdp_phone.recv())[0] == rtp(1)
+
+        # Not the SDP's IP: dropped, never latched.
+        stranger = await peer(OTHER_HOST)
+        stranger.send(rtp(666), inside)
+        # The phone is behind a port-rewriting NAT: same IP, another port. It latches.
+        natted = await peer()
+        natted.send(rtp(2), inside)
+        assert (await pbx.recv())[0] == rtp(2)
+        assert stat(session, INSIDE, "wrong_source") == 1
+
+        # Replies now go to the latched address, not the SDP's.
+        pbx.send(rtp(3), outside)
+        assert await natted.recv() == (rtp(3), inside)
+        assert sdp_phone.queue.empty()
+
+        # After latching, even the SDP's own address is someone else: no injection.
+        sdp_phone.send(rtp(667), inside)
+        stranger.send(rtp(668), inside)
+        natted.send(rtp(4), inside)
+        assert (await pbx.recv())[0] == rtp(4)
+        assert stat(session, INSIDE, "wrong_source") == 3
+        assert stat(session, INSIDE, "packets_in") == 2
+        await engine.close()
+
+    run(test)
+
+
+def test_packets_before_the_remote_is_known(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("c", 1)
+        phone, pbx = await peer(), await peer()
+        inside = session.local(INSIDE, 0)
+        phone.send(rtp(1), inside)  # nobody expected on the inside yet: not ours
+        await settle()
+        assert stat(session, INSIDE, "wrong_source") == 1
+
+        session.set_remote(INSIDE, 0, HOST, phone.port, phone.port + 1)
+        phone.send(rtp(2), inside)  # accepted, but nowhere to send it
+        await settle()
+        assert stat(session, INSIDE, "packets_in") == 1
+        assert stat(session, OUTSIDE, "no_destination") == 1
+
+        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+        phone.send(rtp(3), inside)
+        assert (await pbx.recv())[0] == rtp(3)
+        await engine.close()
+
+    run(test)
+
+
+def test_hold_and_resume(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        phone.send(rtp(1), inside)
+        assert (await pbx.recv())[0] == rtp(1)
+        pbx.send(rtp(1), outside)
+        await phone.recv()
+
+        # The PBX puts the call on hold, old style (c=0.0.0.0) ...
+        session.set_remote(OUTSIDE, 0, "0.0.0.0", pbx.port, pbx.port + 1)
+        phone.send(rtp(2), inside)
+        # ... but still sends music on hold from where it was: relayed to the phone.
+        pbx.send(rtp(50), outside)
+        assert (await phone.recv())[0] == rtp(50)
+        assert stat(session, OUTSIDE, "no_destination") == 1
+
+        # ... then with port 0.
+        session.set_remote(OUTSIDE, 0, HOST, 0, 0)
+        phone.send(rtp(3), inside)
+        pbx.send(rtp(51), outside)
+        assert (await phone.recv())[0] == rtp(51)
+        assert stat(session, OUTSIDE, "no_destination") == 2
+
+        # Resume at the same address: the latch is kept, media flows again.
+        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+        phone.send(rtp(4), inside)
+        assert (await pbx.recv())[0] == rtp(4)
+        assert pbx.queue.empty()
+        await engine.close()
+
+    run(test)
+
+
+def test_retarget_with_set_remote_rearms_latching(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, old_pbx = await call(engine)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        old_pbx.send(rtp(1), outside)  # latches the old PBX
+        await phone.recv()
+
+        new_pbx = await peer(OTHER_HOST)  # re-INVITE: media moves to another host
+        session.set_remote(OUTSIDE, 0, OTHER_HOST, new_pbx.port, new_pbx.port + 1)
+        phone.send(rtp(2), inside)
+        assert await new_pbx.recv() == (rtp(2), outside)
+
+        old_pbx.send(rtp(99), outside)  # the old address is now a stranger
+        new_pbx.send(rtp(3), outside)
+        assert (await phone.recv())[0] == rtp(3)
+        assert stat(session, OUTSIDE, "wrong_source") == 1
+        assert old_pbx.queue.empty()
+
+        # Same host, new port (the PBX re-bound): also re-arms.
+        newer = await peer(OTHER_HOST)
+        session.set_remote(OUTSIDE, 0, OTHER_HOST, newer.port, newer.port + 1)
+        newer.send(rtp(4), outside)
+        assert (await phone.recv())[0] == rtp(4)
+        phone.send(rtp(5), inside)
+        assert (await newer.recv())[0] == rtp(5)
+        await engine.close()
+
+    run(test)
+
+
+def test_set_remote_validation(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("c", 2)
+        with pytest.raises(ValueError):
+            session.set_remote(INSIDE, 0, "::1", 4000, 4001)  # IPv4 socket
+        with pytest.raises(ValueError):
+            session.set_remote(INSIDE, 0, "pbx.example.com", 4000, 4001)
+        with pytest.raises(ValueError):
+            session.set_remote(INSIDE, 0, HOST, 70000, 4001)
+        with pytest.raises(IndexError):
+            session.set_remote(INSIDE, 2, HOST, 4000, 4001)
+        with pytest.raises(IndexError):
+            session.local(OUTSIDE, -1)
+        assert session.streams == 2 and session.call_id == "c"
+        with pytest.raises(ValueError):
+            engine.allocate("d", 0)
+        twin = engine.allocate("c", 1)  # a Call-ID is a label, not a key
+        assert twin.local(INSIDE, 0) != session.local(INSIDE, 0)
+        await engine.close()
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def test_release_frees_ports_and_exhaustion(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine(pairs=2)  # exactly one stream: an inside and an outside pair
+        first = engine.allocate("a", 1)
+        with pytest.raises(PortsExhausted):
+            engine.allocate("b", 1)
+        assert engine.sessions == 1
+        ports_before = {first.local(INSIDE, 0), first.local(OUTSIDE, 0)}
+
+        first.release()
+        first.release()  # idempotent
+        await first.wait_closed()
+        assert engine.ports.available == 2
+        second = engine.allocate("a", 1)  # the same call id is free again too
+        assert {second.local(INSIDE, 0), second.local(OUTSIDE, 0)} == ports_before
+        second.release()
+        await engine.close()
+        assert engine.ports.available == 2 and engine.sessions == 0
+
+    run(test)
+
+
+def test_partial_allocation_gives_everything_back(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine(pairs=3)
+        with pytest.raises(PortsExhausted):
+            engine.allocate("big", 2)  # needs 4 pairs
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert engine.ports.available == 3 and engine.sessions == 0
+        session = engine.allocate("small", 1)
+        assert session.streams == 1
+        await engine.close()
+
+    run(test)
+
+
+def test_ports_held_by_another_process_are_skipped(run: Runner) -> None:
+    async def test() -> None:
+        low, high = free_range(3)
+        squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        squatter.bind((HOST, low + 1))  # the RTCP port of the first pair
+        try:
+            engine = RelayEngine(HOST, HOST, low, high)
+            session = engine.allocate("c", 1)
+            used = {session.local(INSIDE, 0)[1], session.local(OUTSIDE, 0)[1]}
+            assert used == {low + 2, low + 4}
+            assert engine.ports.available == 1  # the squatted pair is back in the pool
+            with pytest.raises(PortsExhausted):
+                engine.allocate("d", 1)
+            await engine.close()
+        finally:
+            squatter.close()
+
+    run(test)
+
+
+def test_sync_allocation_relays_before_attach_and_releases_at_once(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine(pairs=2)
+        phone, pbx = await peer(), await peer()
+        # Allocated, remotes set and a packet sent, all before the loop ran once: the
+        # packet waits in the kernel buffer until the transports are attached.
+        session = engine.allocate("c", 1)
+        session.set_remote(INSIDE, 0, HOST, phone.port, phone.port + 1)
+        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+        phone.send(rtp(1), session.local(INSIDE, 0))
+        assert (await pbx.recv())[0] == rtp(1)
+        session.release()
+        await session.wait_closed()
+
+        # Released before the transports were ever attached: ports are back at once.
+        session = engine.allocate("d", 1)
+        assert engine.ports.available == 0
+        session.release()
+        assert engine.ports.available == 2
+        await asyncio.sleep(0.01)  # the attach task finds nothing to do
+        assert engine.ports.available == 2
+
+        session = engine.allocate("e", 1)
+        await asyncio.sleep(0.01)
+        engine.close_now()
+        assert engine.sessions == 0
+        await session.wait_closed()
+        assert engine.ports.available == 2
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- SRTP
+
+
+def test_srtp_on_the_outside(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        far_end = SrtpContext(KEY, SALT)  # the remote SPA's context: same key, own SSRC
+
+        # Leaving toward the outside: SRTP that the far end's context decrypts.
+        phone.send(rtp(1), inside)
+        wire, _ = await pbx.recv()
+        assert wire != rtp(1) and len(wire) == len(rtp(1)) + 10
+        assert far_end.unprotect(wire) == rtp(1)
+
+        # Arriving from the outside: unprotected for the phone.
+        srtp_in = far_end.protect(rtp(1, ssrc=0xABCD))
+        pbx.send(srtp_in, outside)
+        assert (await phone.recv())[0] == rtp(1, ssrc=0xABCD)
+
+        # Tampered (one payload bit), replayed, and plain RTP: dropped and counted.
+        tampered = bytearray(far_end.protect(rtp(2, ssrc=0xABCD)))
+        tampered[20] ^= 1
+        pbx.send(bytes(tampered), outside)
+        pbx.send(srtp_in, outside)
+        pbx.send(rtp(3, ssrc=0xABCD), outside)
+        pbx.send(far_end.protect(rtp(4, ssrc=0xABCD)), outside)
+        assert (await phone.recv())[0] == rtp(4, ssrc=0xABCD)
+        assert stat(session, OUTSIDE, "srtp_auth") == 2
+        assert stat(session, OUTSIDE, "srtp_replay") == 1
+        assert stat(session, OUTSIDE, "packets_in") == 2
+        assert stat(session, OUTSIDE, "bytes_in") == 2 * len(srtp_in)  # as on the wire
+        assert phone.queue.empty()
+
+        # SRTCP too.
+        pbx_rtcp = await peer()
+        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx_rtcp.port)
+        phone.send(rtcp_sr(), (inside[0], inside[1] + 1))
+        wire, _ = await pbx_rtcp.recv()
+        assert far_end.unprotect_rtcp(wire) == rtcp_sr()
+
+        # Back to clear.
+        session.set_srtp(OUTSIDE, None)
+        phone.send(rtp(5), inside)
+        assert (await pbx.recv())[0] == rtp(5)
+        await engine.close()
+
+    run(test)
+
+
+def test_announced_ssrc_replaces_the_phones_on_the_srtp_side(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        inside = session.local(INSIDE, 0)
+        far_end = SrtpContext(KEY, SALT)
+        session.set_tx_ssrc(OUTSIDE, 0xCAFEF00D)
+        phone.send(rtp(1), inside)  # still plain: the phone's SSRC passes
+        assert (await pbx.recv())[0] == rtp(1)
+        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        phone.send(rtp(2), inside)
+        wire, _ = await pbx.recv()
+        assert wire[8:12] == bytes.fromhex("cafef00d")
+        assert far_end.unprotect(wire) == rtp(2, ssrc=0xCAFEF00D)
+        session.set_tx_ssrc(OUTSIDE, None)
+        phone.send(rtp(3), inside)
+        assert far_end.unprotect((await pbx.recv())[0]) == rtp(3)
+        await engine.close()
+
+    run(test)
+
+
+def test_srtp_first_packet_latches_only_once_authenticated(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        far_end = SrtpContext(KEY, SALT)
+        outside = session.local(OUTSIDE, 0)
+        forger = await peer()  # same IP as the PBX, no key
+        forger.send(rtp(1, ssrc=0xABCD) + bytes(10), outside)
+        pbx.send(far_end.protect(rtp(2, ssrc=0xABCD)), outside)
+        assert (await phone.recv())[0] == rtp(2, ssrc=0xABCD)
+        assert stat(session, OUTSIDE, "srtp_auth") == 1
+        forger.send(far_end.protect(rtp(3, ssrc=0xABCD)), outside)  # even valid SRTP
+        pbx.send(far_end.protect(rtp(4, ssrc=0xABCD)), outside)
+        assert (await phone.recv())[0] == rtp(4, ssrc=0xABCD)
+        assert stat(session, OUTSIDE, "wrong_source") == 1
+        await engine.close()
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- interface
+
+
+def test_engine_satisfies_the_interface(run: Runner) -> None:
+    async def test() -> None:
+        engine: MediaEngine = make_engine()
+        session = engine.allocate("c", 2)
+        assert len(session.stats()[INSIDE]) == 2
+        assert session.local(Side("outside"), 1)[0] == HOST
+        session.release()
+        await engine.close()
+
+    run(test)
+
+
+def test_stats_names_every_drop_reason(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("c", 1)
+        counters = session.stats()[OUTSIDE][0]
+        assert set(counters["drops"]) == set(DROP_REASONS)
+        assert set(counters) == {
+            "packets_in",
+            "bytes_in",
+            "packets_out",
+            "bytes_out",
+            "rtcp_packets_in",
+            "rtcp_packets_out",
+            "packets_encrypted",
+            "packets_decrypted",
+            "plain_accepted",
+            "plain_after_grace",
+            "tone_packets",
+            "tone_skipped",
+            "drops",
+        }
+        assert all(value == 0 for key, value in counters.items() if key != "drops")
+        await engine.close()
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- switch-over
+#
+# Profile §3 on the outside leg: accept before switching, switch with a grace window for
+# the peer's plain RTP, re-key with the old key still accepted, the one-shot
+# "authenticated" callback, SRTCP as a switch. Grace windows run on a fake clock.
+
+OTHER_KEY = bytes(range(32, 48))
+OTHER_SALT = bytes(range(48, 64))
+FAR_SSRC = 0xABCD
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def clocked_engine(clock: FakeClock) -> RelayEngine:
+    return RelayEngine(HOST, HOST, *free_range(8), clock=clock)
+
+
+def far(seq: int) -> bytes:
+    """The far end's plain RTP (its own SSRC)."""
+    return rtp(seq, ssrc=FAR_SSRC)
+
+
+async def expect(receiver: Peer, data: bytes) -> None:
+    """``data`` is the next packet ``receiver`` gets: whatever was sent to it before on
+    the same path and is not there was dropped."""
+    assert (await receiver.recv())[0] == data
+    assert receiver.queue.empty()
+
+
+def test_accept_before_switch(run: Runner) -> None:
+    async def test() -> None:
+        clock = FakeClock()
+        engine = clocked_engine(clock)
+        session, phone, pbx = await call(engine)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        far_end = SrtpContext(KEY, SALT)
+        session.accept_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+
+        # Accepting, not sending: the phone's RTP still leaves in the clear ...
+        phone.send(rtp(1), inside)
+        await expect(pbx, rtp(1))
+        # ... the peer's plain RTP is still relayed, however long the handshake takes ...
+        pbx.send(far(1), outside)
+        await expect(phone, far(1))
+        clock.now += 3600
+        pbx.send(far(2), outside)
+        await expect(phone, far(2))
+        # ... and its SRTP, which may overtake the Callee Final, is decrypted.
+        pbx.send(far_end.protect(far(3)), outside)
+        await expect(phone, far(3))
+        assert stat(session, OUTSIDE, "plain_accepted") == 2
+        assert stat(session, OUTSIDE, "packets_decrypted") == 1
+        assert stat(session, OUTSIDE, "packets_encrypted") == 0
+
+        # The Callee Final arrives: switch-over. From now on the phone's RTP is SRTP.
+        session.switch_srtp(OUTSIDE, session_context(session), 2.0)
+        phone.send(rtp(2), inside)
+        wire, _ = await pbx.recv()
+        assert far_end.unprotect(wire) == rtp(2)
+        assert stat(session, OUTSIDE, "packets_encrypted") == 1
+        assert stat(session, OUTSIDE, "bytes_out") == 2 * len(rtp(1)) + 10
+        await engine.close()
+
+    run(test)
+
+
+def session_context(session: RelaySession) -> SrtpContext:
+    """The context the side is accepting under (the caller switches with the same one)."""
+    context = session._legs[OUTSIDE][0].rx
+    assert context is not None
+    return context
+
+
+def test_switch_grace_window_then_plain_is_dropped_and_counted(run: Runner) -> None:
+    async def test() -> None:
+        clock = FakeClock()
+        engine = clocked_engine(clock)
+        session, phone, pbx = await call(engine)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        far_end = SrtpContext(KEY, SALT)
+        # The callee: switches when it sends the Callee Final, without accepting first.
+        session.switch_srtp(OUTSIDE, SrtpContext(KEY, SALT), grace_s=2.0, now=clock())
+        phone.send(rtp(1), inside)
+        assert far_end.unprotect((await pbx.recv())[0]) == rtp(1)
+
+        # Within the grace window the caller, not switched yet, still sends plain.
+        clock.now += 1.9
+        pbx.send(far(1), outside)
+        await expect(phone, far(1))
+        srtp_2 = far_end.protect(far(2))
+        pbx.send(srtp_2, outside)
+        await expect(phone, far(2))
+        # A duplicate SRTP packet is dropped even now: its ciphertext is no audio.
+        pbx.send(srtp_2, outside)
+        pbx.send(far_end.protect(far(3)), outside)
+        await expect(phone, far(3))
+        assert stat(session, OUTSIDE, "srtp_replay") == 1
+
+        # After the window: plain RTP is dropped, as an auth failure that looks plain.
+        clock.now += 0.2
+        pbx.send(far(4), outside)
+        pbx.send(b"\x00" * 40, outside)  # not even RTP: an auth failure, not "plain"
+        tampered = bytearray(far_end.protect(far(5)))
+        tampered[-1] ^= 1
+        pbx.send(bytes(tampered), outside)
+        pbx.send(far_end.protect(far(6)), outside)
+        await expect(phone, far(6))
+        assert stat(session, OUTSIDE, "srtp_auth") == 3
+        assert stat(session, OUTSIDE, "plain_after_grace") == 2  # far(4) and the tampered
+        assert stat(session, OUTSIDE, "plain_accepted") == 1
+        assert stat(session, OUTSIDE, "packets_decrypted") == 3
+        assert stat(session, OUTSIDE, "packets_in") == 4
+
+        # libsrtp refuses to protect a packet too short to be RTP: dropped and counted.
+        phone.send(b"\x80\x00\x00", inside)
+        phone.send(rtp(2), inside)
+        assert far_end.unprotect((await pbx.recv())[0]) == rtp(2)
+        assert stat(session, OUTSIDE, "srtp_protect") == 1
+        assert stat(session, OUTSIDE, "packets_encrypted") == 2
+        await engine.close()
+
+    run(test)
+
+
+def test_grace_window_on_the_real_clock(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        outside = session.local(OUTSIDE, 0)
+        session.switch_srtp(OUTSIDE, SrtpContext(KEY, SALT), grace_s=0.2)  # now=None
+        pbx.send(far(1), outside)
+        await expect(phone, far(1))
+        await asyncio.sleep(0.25)
+        pbx.send(far(2), outside)
+        pbx.send(SrtpContext(KEY, SALT).protect(far(3)), outside)
+        await expect(phone, far(3))
+        assert stat(session, OUTSIDE, "plain_after_grace") == 1
+        with pytest.raises(ValueError):
+            session.switch_srtp(OUTSIDE, SrtpContext(KEY, SALT), grace_s=-1)
+        await engine.close()
+
+    run(test)
+
+
+def test_rekey_keeps_the_old_key_until_switch_plus_grace(run: Runner) -> None:
+    async def test() -> None:
+        clock = FakeClock()
+        engine = clocked_engine(clock)
+        session, phone, pbx = await call(engine)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        old, new = SrtpContext(KEY, SALT), SrtpContext(OTHER_KEY, OTHER_SALT)
+        far_old, far_new = SrtpContext(KEY, SALT), SrtpContext(OTHER_KEY, OTHER_SALT)
+        session.switch_srtp(OUTSIDE, old, 2.0)
+        clock.now += 10  # a secured call, long past its first grace window
+
+        # Caller re-keys: accepts the new key, still sends and accepts the old one.
+        session.accept_srtp(OUTSIDE, new)
+        pbx.send(far_old.protect(far(1)), outside)
+        await expect(phone, far(1))
+        pbx.send(far_new.protect(far(2)), outside)
+        await expect(phone, far(2))
+        pbx.send(far(3), outside)  # plain is not back just because of a re-key
+        pbx.send(far_old.protect(far(4)), outside)
+        await expect(phone, far(4))
+        assert stat(session, OUTSIDE, "plain_after_grace") == 1
+        phone.send(rtp(1), inside)
+        assert far_old.unprotect((await pbx.recv())[0]) == rtp(1)
+
+        # Switch-over to the new key: sent with it; the old key is taken for the grace.
+        session.switch_srtp(OUTSIDE, new, 2.0)
+        phone.send(rtp(2), inside)
+        assert far_new.unprotect((await pbx.recv())[0]) == rtp(2)
+        clock.now += 1.5
+        pbx.send(far_old.protect(far(5)), outside)
+        await expect(phone, far(5))
+        pbx.send(far(6), outside)  # still no plain during a re-key's grace
+        pbx.send(far_new.protect(far(7)), outside)
+        await expect(phone, far(7))
+        clock.now += 1.0
+        pbx.send(far_old.protect(far(8)), outside)  # the old key's time is over
+        pbx.send(far_new.protect(far(9)), outside)
+        await expect(phone, far(9))
+        assert stat(session, OUTSIDE, "srtp_auth") == 3
+        assert stat(session, OUTSIDE, "packets_decrypted") == 6
+        assert stat(session, OUTSIDE, "plain_accepted") == 0
+        await engine.close()
+
+    run(test)
+
+
+def test_authenticated_callback_fires_once_per_key(run: Runner) -> None:
+    async def test() -> None:
+        clock = FakeClock()
+        engine = clocked_engine(clock)
+        session, phone, pbx = await call(engine)
+        outside = session.local(OUTSIDE, 0)
+        k1, k2 = SrtpContext(KEY, SALT), SrtpContext(OTHER_KEY, OTHER_SALT)
+        far1, far2 = SrtpContext(KEY, SALT), SrtpContext(OTHER_KEY, OTHER_SALT)
+        fired: list[str] = []
+        with pytest.raises(ValueError):  # nothing to authenticate yet
+            session.on_srtp_authenticated(OUTSIDE, lambda: fired.append("none"))
+
+        # A callback for a key that is replaced before it authenticates is forgotten.
+        session.accept_srtp(OUTSIDE, SrtpContext(OTHER_KEY, SALT))
+        session.on_srtp_authenticated(OUTSIDE, lambda: fired.append("stale"))
+        session.accept_srtp(OUTSIDE, k1)
+        session.on_srtp_authenticated(OUTSIDE, lambda: fired.append("k1"))
+        pbx.send(far(1), outside)  # plain: not an authentication
+        await expect(phone, far(1))
+        assert fired == []
+        for seq in (2, 3):
+            pbx.send(far1.protect(far(seq)), outside)
+            await expect(phone, far(seq))
+        assert fired == ["k1"]
+        # Switching to the key that already authenticated does not re-arm it; asking
+        # again gets an answer on the next loop iteration, not from inside the call.
+        session.switch_srtp(OUTSIDE, k1, 2.0)
+        session.on_srtp_authenticated(OUTSIDE, lambda: fired.append("k1 again"))
+        assert fired == ["k1"]
+        await asyncio.sleep(0)
+        assert fired == ["k1", "k1 again"]
+
+        # Re-key: the callback is for the new key; the old one still authenticating
+        # does not count. A failing callback is logged, and the packet still relayed.
+        def broken() -> None:
+            fired.append("k2")
+            raise RuntimeError("handshake machine bug")
+
+        session.switch_srtp(OUTSIDE, k2, 2.0)
+        session.on_srtp_authenticated(OUTSIDE, broken)
+        pbx.send(far1.protect(far(4)), outside)
+        await expect(phone, far(4))
+        assert fired == ["k1", "k1 again"]
+        for seq in (5, 6):
+            pbx.send(far2.protect(far(seq)), outside)
+            await expect(phone, far(seq))
+        assert fired == ["k1", "k1 again", "k2"]
+
+        session.clear_srtp(OUTSIDE)
+        with pytest.raises(ValueError):
+            session.on_srtp_authenticated(OUTSIDE, lambda: fired.append("clear"))
+        await engine.close()
+
+    run(test)
+
+
+def test_callback_may_switch_over_from_inside_the_packet_handler(run: Runner) -> None:
+    async def test() -> None:
+        # The caller's machine switches as soon as the callee's SRTP authenticates.
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        key, far_end = SrtpContext(KEY, SALT), SrtpContext(KEY, SALT)
+        session.accept_srtp(OUTSIDE, key)
+        session.on_srtp_authenticated(OUTSIDE, lambda: session.switch_srtp(OUTSIDE, key, 2.0))
+        pbx.send(far_end.protect(far(1)), outside)
+        await expect(phone, far(1))
+        phone.send(rtp(1), inside)
+        assert far_end.unprotect((await pbx.recv())[0]) == rtp(1)
+        pbx.send(far(2), outside)  # the grace window started at that packet
+        await expect(phone, far(2))
+        await engine.close()
+
+    run(test)
+
+
+def test_srtcp_authenticates_too_and_fires_the_callback(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("c", 1)
+        phone, pbx = await peer(), await peer()
+        session.set_remote(INSIDE, 0, HOST, phone.port, phone.port, rtcp_mux=True)
+        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port, rtcp_mux=True)
+        outside = session.local(OUTSIDE, 0)
+        fired: list[int] = []
+        session.accept_srtp(OUTSIDE, SrtpContext(KEY, SALT), srtcp=True)
+        session.on_srtp_authenticated(OUTSIDE, lambda: fired.append(1))
+        pbx.send(SrtpContext(KEY, SALT).protect_rtcp(rtcp_sr(FAR_SSRC)), outside)
+        await expect(phone, rtcp_sr(FAR_SSRC))
+        assert fired == [1]
+        await engine.close()
+
+    run(test)
+
+
+def test_latching_while_accepting_needs_an_authenticated_packet(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        outside = session.local(OUTSIDE, 0)
+        session.accept_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        far_end = SrtpContext(KEY, SALT)
+        forger = await peer()  # the PBX's IP, another port, no key
+        forger.send(far(1), outside)  # plain is accepted while accepting ...
+        await expect(phone, far(1))
+        forger.send(far(2), outside)
+        await expect(phone, far(2))  # ... but it did not latch: the PBX still can
+        pbx.send(far_end.protect(far(3)), outside)
+        await expect(phone, far(3))
+        forger.send(far(4), outside)  # now the PBX is the peer
+        pbx.send(far(5), outside)
+        await expect(phone, far(5))
+        assert stat(session, OUTSIDE, "wrong_source") == 1
+        await engine.close()
+
+    run(test)
+
+
+def test_rtcp_in_the_clear_unless_srtcp_is_on(run: Runner) -> None:
+    async def test() -> None:
+        clock = FakeClock()
+        engine = clocked_engine(clock)
+        session = engine.allocate("c", 1)
+        phone, phone_rtcp, pbx, pbx_rtcp = await peer(), await peer(), await peer(), await peer()
+        session.set_remote(INSIDE, 0, HOST, phone.port, phone_rtcp.port)
+        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx_rtcp.port)
+        ip, inside_rtp = session.local(INSIDE, 0)
+        inside_rtcp = (ip, inside_rtp + 1)
+        outside_rtcp = (ip, session.local(OUTSIDE, 0)[1] + 1)
+        far_end = SrtpContext(KEY, SALT)
+
+        # Default: RTCP stays in the clear both ways, even after the grace window.
+        session.switch_srtp(OUTSIDE, SrtpContext(KEY, SALT), 2.0)
+        clock.now += 10
+        phone_rtcp.send(rtcp_sr(), inside_rtcp)
+        await expect(pbx_rtcp, rtcp_sr())
+        pbx_rtcp.send(rtcp_sr(FAR_SSRC), outside_rtcp)
+        await expect(phone_rtcp, rtcp_sr(FAR_SSRC))
+
+        # SRTCP switched on: protected out, unprotected in, plain dropped after grace.
+        context = SrtpContext(OTHER_KEY, OTHER_SALT)
+        far_end = SrtpContext(OTHER_KEY, OTHER_SALT)
+        session.switch_srtp(OUTSIDE, context, 2.0, srtcp=True)
+        phone_rtcp.send(rtcp_sr(), inside_rtcp)
+        wire, _ = await pbx_rtcp.recv()
+        assert far_end.unprotect_rtcp(wire) == rtcp_sr()
+        pbx_rtcp.send(far_end.protect_rtcp(rtcp_sr(FAR_SSRC)), outside_rtcp)
+        await expect(phone_rtcp, rtcp_sr(FAR_SSRC))
+        pbx_rtcp.send(rtcp_sr(FAR_SSRC), outside_rtcp)  # plain, and plain is over
+        forged = bytearray(far_end.protect_rtcp(rtcp_sr(FAR_SSRC)))
+        forged[-1] ^= 1
+        pbx_rtcp.send(bytes(forged), outside_rtcp)  # SRTCP-shaped: not "plain"
+        pbx_rtcp.send(far_end.protect_rtcp(rtcp_sr(7)), outside_rtcp)
+        await expect(phone_rtcp, rtcp_sr(7))
+        assert stat(session, OUTSIDE, "srtp_auth") == 2
+        assert stat(session, OUTSIDE, "plain_after_grace") == 1
+        assert stat(session, OUTSIDE, "packets_encrypted") == 1
+        assert stat(session, OUTSIDE, "packets_decrypted") == 2
+        await engine.close()
+
+    run(test)
+
+
+def test_clear_srtp_goes_back_to_plain(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        session.accept_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        session.switch_srtp(OUTSIDE, session_context(session), 0.0)
+        pbx.send(far(1), outside)  # no grace at all
+        await settle()
+        session.clear_srtp(OUTSIDE)  # the handshake fell back
+        pbx.send(far(2), outside)
+        await expect(phone, far(2))
+        phone.send(rtp(3), inside)
+        await expect(pbx, rtp(3))
+        assert stat(session, OUTSIDE, "srtp_auth") == 1
+        # set_srtp(None) is the same thing; set_srtp(context) is SRTP at once, no grace.
+        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        pbx.send(far(4), outside)
+        await settle()
+        session.set_srtp(OUTSIDE, None)
+        pbx.send(far(5), outside)
+        await expect(phone, far(5))
+        assert stat(session, OUTSIDE, "srtp_auth") == 2
+        await engine.close()
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- tones
+
+
+def test_tone_is_mixed_toward_the_phone_only_while_it_sounds(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        # The outside is SRTP: the tone is mixed into what the relay decrypted.
+        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        far_end = SrtpContext(KEY, SALT)
+        # 60 ms of 1 kHz, 60 ms gap, 60 ms of 1 kHz, cut at 200 ms: with 20 ms packets,
+        # packets 0-2 and 6-8 carry it.
+        tone = Tone.parse("1000@-10;.2(.06/.06/1)")
+        session.play_tone(INSIDE, 0, tone)
+        silence = b"\xff" * 160  # u-law
+        received = []
+        for seq in range(12):
+            pbx.send(far_end.protect(rtp(seq, FAR_SSRC, 0, silence)), outside)
+            received.append((await phone.recv())[0])
+        changed = [seq for seq, data in enumerate(received) if data[12:] != silence]
+        assert changed == [0, 1, 2, 6, 7, 8]
+        assert all(data[:12] == rtp(seq, FAR_SSRC)[:12] for seq, data in enumerate(received))
+        assert stat(session, INSIDE, "tone_packets") == 6
+        assert session._legs[INSIDE][0].tone is None  # done: back to the bare path
+
+        # Nothing toward the PBX was touched.
+        phone.send(rtp(1, payload=silence), inside)
+        assert far_end.unprotect((await pbx.recv())[0]) == rtp(1, payload=silence)
+
+        # A-law is mixed too; another payload type is counted and left alone.
+        session.play_tone(INSIDE, 0, tone)
+        pbx.send(far_end.protect(rtp(20, FAR_SSRC, 18, b"\x12" * 20)), outside)  # G.729
+        assert (await phone.recv())[0] == rtp(20, FAR_SSRC, 18, b"\x12" * 20)
+        pbx.send(far_end.protect(rtp(21, FAR_SSRC, 8, b"\xd5" * 160)), outside)
+        data = (await phone.recv())[0]
+        assert data[1] == 8 and data[12:] != b"\xd5" * 160
+        assert stat(session, INSIDE, "tone_skipped") == 1
+        assert stat(session, INSIDE, "tone_packets") == 7
+        session.play_tone(INSIDE, 0, None)  # stopped
+        pbx.send(far_end.protect(rtp(22, FAR_SSRC, 8, b"\xd5" * 160)), outside)
+        assert (await phone.recv())[0] == rtp(22, FAR_SSRC, 8, b"\xd5" * 160)
+        await engine.close()
+
+    run(test)
