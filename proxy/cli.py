@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, metavar="FILE", help="TOML configuration")
     run.add_argument("--check", action="store_true", help="validate the config and exit")
     run.set_defaults(handler=_cmd_run)
+    demo = commands.add_parser(
+        "demo", help="two sites, two phones, one call that becomes secure (self-contained)"
+    )
+    demo.add_argument("--seconds", type=float, default=4.0, help="how long media runs")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    demo.set_defaults(handler=_cmd_demo)
     calls = commands.add_parser("calls", help="list active calls of a running proxy")
     calls.add_argument("--admin", default="127.0.0.1:5099", metavar="HOST:PORT")
     calls.add_argument("--json", action="store_true")
@@ -49,13 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from proxy.b2bua.config import load_config
+    from proxy.b2bua.security_config import load_security
     from proxy.b2bua.server import run
 
     config = load_config(args.config)  # ConfigError is a UsageError: one line, exit 2
+    security = load_security(config)  # keys and certificates: checked before any socket
     if args.check:
-        print(f"{args.config}: OK ({len(config.lines)} lines)")
+        for warning in security.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"{args.config}: OK ({len(config.lines)} lines, {len(security.lines)} secure)")
         return 0
     return run(config)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    if not 1 <= args.seconds <= 60:
+        raise UsageError("--seconds must be within 1..60")
+    return run_demo(args.seconds, args.keep)
 
 
 def _cmd_calls(args: argparse.Namespace) -> int:

@@ -20,14 +20,19 @@ import contextlib
 import ipaddress
 import logging
 import re
+import secrets
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclasses_replace
+from datetime import UTC, datetime
 from typing import Protocol
 
+from proxy.b2bua import secure as sec
 from proxy.b2bua.config import Config, LineConfig, SideConfig
-from proxy.b2bua.legs import Call, CallState, Leg, Relay, new_call_id, new_tag
+from proxy.b2bua.legs import Call, CallState, Leg, ProxyRequest, Relay, new_call_id, new_tag
 from proxy.b2bua.media import MediaHandle, stream_count
+from proxy.b2bua.security_config import Security
 from proxy.media.engine import MediaSession, Side
 from proxy.media.ports import PortsExhausted
 from proxy.sip.headers import (
@@ -64,6 +69,7 @@ from proxy.sip.transaction import (
     new_branch,
     response_to,
 )
+from proxy.xsipura.handshake import ClearReason, PeerIdentity
 
 log = logging.getLogger("sipura.b2bua")
 
@@ -130,6 +136,10 @@ class Stats:
     bad_messages: int = 0
     registrations: int = 0
     responses: dict[int, int] = field(default_factory=dict)
+    secured: int = 0
+    """Calls whose outside leg became SRTP (x-sipura)."""
+    clear_reasons: dict[str, int] = field(default_factory=dict)
+    """Why secure attempts ended in the clear, by ClearReason value."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +164,22 @@ def _digits(user: str | None) -> str:
 class B2BUA:
     """Both SIP sides of the proxy and every call bridged between them."""
 
-    def __init__(self, config: Config, media: MediaEngine) -> None:
+    def __init__(
+        self,
+        config: Config,
+        media: MediaEngine,
+        security: Security | None = None,
+        utc_now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.config = config
         self.media = media
+        self.security = security
+        self.utc_now = utc_now
+        """Wall clock for MC expiry only (injected: the core reads no clock itself)."""
+        self.on_wakeup: Callable[[], None] | None = None
+        """Set by the IO edge: called when media reports an event (SRTP authenticated),
+        so that :meth:`poll` runs soon."""
+        self._srtp_events: list[int] = []
         timers = Timers(config.sip.t1_ms / 1000, config.sip.t2_ms / 1000, config.sip.t4_ms / 1000)
         self.layers = {
             Side.INSIDE: TransactionLayer(timers),
@@ -205,12 +228,18 @@ class B2BUA:
             out.extend(self._wrap(side, transmits))
             for event in events:
                 out.extend(self._on_event(side, event, now))
+        out.extend(self._poll_security(now))
         return out
 
     def next_deadline(self) -> float | None:
         deadlines = [
             d for layer in self.layers.values() if (d := layer.next_deadline()) is not None
         ]
+        for call in self.calls.values():
+            if call.security is not None and (d := call.security.next_deadline()) is not None:
+                deadlines.append(d)
+        if self._srtp_events:
+            deadlines.append(0.0)
         return min(deadlines) if deadlines else None
 
     def active_calls(self) -> list[dict[str, object]]:
@@ -222,6 +251,7 @@ class B2BUA:
                 "a_call_id": call.a.call_id,
                 "b_call_id": call.b.call_id,
                 "line": call.line.user_id if call.line else None,
+                "secure": call.security.describe() if call.security else None,
                 "media": call.media.session.stats() if call.media else None,
             }
             for call in self.calls.values()
@@ -409,6 +439,7 @@ class B2BUA:
         limit = self.config.limits.max_calls
         if limit and len(self.calls) >= limit:
             raise _Reject(503, "Service Unavailable", [("Retry-After", "5")])
+        forced = _strip_star_code(request) if side is Side.INSIDE else None
         route = self._route(side, request, tx.source, now)
         out_side = self._other(side)
         try:
@@ -450,6 +481,7 @@ class B2BUA:
         a.dest = self._leg_dest(a)
         call = Call(a=a, b=b, line=route.line, invite_server=tx, created=now)
         tx.context = call
+        call.security = self._call_security(call, request, forced)
         body = request.body
         if body and request.content_type == "application/sdp":
             call.media = self._allocate(call, body)
@@ -525,6 +557,8 @@ class B2BUA:
         self, side: Side, tx: ClientTransaction, response: Response, now: float
     ) -> list[Outbound]:
         context = tx.context
+        if isinstance(context, ProxyRequest):
+            return self._proxy_request_response(context, tx, response, now)
         if isinstance(context, RegisterRelay):
             return self._register_response(side, context, response, now)
         if isinstance(context, OneShot):
@@ -693,12 +727,16 @@ class B2BUA:
         call, leg = found
         leg.flow = source
         other = call.other(leg)
-        if call.state is CallState.ANSWERED:
+        confirmed = call.state is CallState.ANSWERED
+        if confirmed:
             call.state = CallState.CONFIRMED
         body = request.body
         if body and request.content_type == "application/sdp":
             body = self._relay_sdp(call, side, body)
-        return self._ack(other, other.invite_cseq, body, request.get("content-type") or "", now)
+        out = self._ack(other, other.invite_cseq, body, request.get("content-type") or "", now)
+        if confirmed and call.security is not None and call.security.role is sec.Role.CALLER:
+            out += self._arm_security(call, now)
+        return out
 
     def _ack(
         self, leg: Leg, cseq: int, body: bytes, content_type: str, now: float
@@ -796,6 +834,12 @@ class B2BUA:
                 leg.dest = self._leg_dest(leg)
         if other.dest is None or (other.remote_tag is None and method != "BYE"):
             raise _Reject(481, "Call/Transaction Does Not Exist")
+        if method == "INFO" and side is Side.OUTSIDE and call.security is not None:
+            kind = sec.is_xsipura_info(request.content_type, request.body)
+            if kind is None:  # profile §2a: an empty INFO is answered and ignored
+                return self._respond(side, tx, 200, "OK", now)
+            if kind:
+                return self._xsipura_info(call, tx, request, now)
         if method == "BYE" and leg is call.a and call.state in (CallState.INVITING,
                                                                 CallState.EARLY):  # fmt: skip
             # The caller hangs up an early dialog: the INVITE ends as if CANCELled.
@@ -864,6 +908,8 @@ class B2BUA:
                     + self._send_bye(call, call.a, now, "no ACK")
                 )
             return []
+        if isinstance(context, ProxyRequest):
+            return self._proxy_request_timeout(context, now)
         if isinstance(context, RegisterRelay):
             return self._respond(Side.INSIDE, context.server_tx, 408, "Request Timeout", now)
         if isinstance(context, OneShot):
@@ -902,6 +948,223 @@ class B2BUA:
         if call.media is not None:
             call.media.release()
             call.media = None
+
+    # --- x-sipura on the outside leg -------------------------------------------------
+
+    def _call_security(
+        self, call: Call, request: Request, forced: bool | None
+    ) -> sec.CallSecurity | None:
+        """Who secures this call: the proxy plays the line's SPA on the outside leg."""
+        if self.security is None or call.line is None:
+            return None
+        line = self.security.lines.get(call.line.user_key)
+        if line is None:
+            if forced:
+                log.warning("call %d: *18 dialled, but line %s has no Mini Certificate",
+                            call.id, call.line.user_id)  # fmt: skip
+            return None
+        settings = self.security.xsipura
+        if call.a.side is Side.INSIDE:  # the phone calls out: the proxy is the x-sipura caller
+            wanted = line.secure_by_default if forced is None else forced
+            if not wanted:
+                log.info("call %d: secure call not requested (%s)", call.id,
+                         "*19" if forced is False else "line not secure by default")  # fmt: skip
+                return None
+            try:
+                dialled = SipUri.parse(request.uri).user or ""
+            except SipHeaderError:
+                dialled = ""
+            role = sec.Role.CALLER
+        else:  # inbound: the peer decides; the proxy answers as the line's callee
+            dialled, role = "", sec.Role.CALLEE
+        call.secure_ssrc = secrets.randbits(32) or 1
+        return sec.CallSecurity(
+            role=role, line=line, settings=settings, label=f"{call.id} ({call.a.call_id})",
+            dialled_user_id=dialled,
+        )  # fmt: skip
+
+    def _arm_security(self, call: Call, now: float) -> list[Outbound]:
+        """Caller role, dialog confirmed: stage 2 if the peer supports it (or probing)."""
+        security = call.security
+        assert security is not None
+        if call.media is None:
+            return self._secure_actions(call, security.give_up(
+                ClearReason.PEER_UNSUPPORTED, "no anchored media to secure"), now)  # fmt: skip
+        settings = security.settings
+        if not call.b.supports_xsipura and not settings.probe_unadvertised:
+            return self._secure_actions(call, security.give_up(
+                ClearReason.PEER_UNSUPPORTED, "peer did not advertise Supported: x-sipura"),
+                now)  # fmt: skip
+        security.arm(now)
+        return []
+
+    def _poll_security(self, now: float) -> list[Outbound]:
+        out: list[Outbound] = []
+        pending, self._srtp_events = self._srtp_events, []
+        for call_id in pending:
+            call = self.calls.get(call_id)
+            if call is not None and call.security is not None:
+                out += self._secure_actions(call, call.security.srtp_authenticated(now), now)
+        for call in list(self.calls.values()):
+            security = call.security
+            if security is None or call.state is not CallState.CONFIRMED:
+                continue
+            if security.ready_to_start(now):
+                if call.media is not None:
+                    call.media.session.set_tx_ssrc(Side.OUTSIDE, call.secure_ssrc)
+                out += self._secure_actions(call, security.start(now, call.secure_ssrc), now)
+            deadline = security.next_deadline()
+            if deadline is not None and deadline <= now:
+                out += self._secure_actions(call, security.poll(now), now)
+        return out
+
+    def _xsipura_info(
+        self, call: Call, tx: ServerTransaction, request: Request, now: float
+    ) -> list[Outbound]:
+        """Callee role: the INFO is consumed here, never relayed to the phone."""
+        security = call.security
+        assert security is not None
+        if security.role is not sec.Role.CALLEE:
+            # Only the dialog's caller starts stage 2 (profile §2).
+            warning = [("Warning", '399 - "x-sipura: only the caller starts stage 2"')]
+            return self._respond(Side.OUTSIDE, tx, 400, "Bad Request", now, extra=warning)
+        if call.media is not None:
+            call.media.session.set_tx_ssrc(Side.OUTSIDE, call.secure_ssrc)
+        actions = security.on_info(request.body, now, self.utc_now(), call.secure_ssrc)
+        out: list[Outbound] = []
+        for action in actions:
+            if isinstance(action, sec.RespondInfo):
+                extra = [("Content-Type", action.content_type)] if action.body else []
+                response = response_to(tx.request, action.status, action.reason)
+                for name, value in extra:
+                    response.add(name, value)
+                if action.body:
+                    response.body = action.body.encode("ascii")
+                self._advertise(Side.OUTSIDE, response)
+                out += self._wrap(
+                    Side.OUTSIDE, self.layers[Side.OUTSIDE].respond(tx, response, now)
+                )
+        return out + self._secure_actions(
+            call, [a for a in actions if not isinstance(a, sec.RespondInfo)], now
+        )
+
+    def _secure_actions(self, call: Call, actions: list[sec.Action], now: float) -> list[Outbound]:
+        out: list[Outbound] = []
+        session = call.media.session if call.media is not None else None
+        settings = call.security.settings if call.security else None
+        for action in actions:
+            if isinstance(action, sec.SendInfo):
+                leg = call.leg_on(Side.OUTSIDE)
+                out += self._send_proxy_request(call, leg, "INFO", now, "x-sipura",
+                    body=action.body.encode("ascii"), content_type=action.content_type)  # fmt: skip
+            elif isinstance(action, sec.AcceptSrtp) and session is not None and settings:
+                session.accept_srtp(Side.OUTSIDE, action.context, settings.srtcp)
+                session.on_srtp_authenticated(Side.OUTSIDE, self._srtp_callback(call))
+            elif isinstance(action, sec.SwitchSrtp) and session is not None:
+                session.switch_srtp(Side.OUTSIDE, action.context, action.grace_s,
+                                    srtcp=action.srtcp)  # fmt: skip
+                session.on_srtp_authenticated(Side.OUTSIDE, self._srtp_callback(call))
+            elif isinstance(action, sec.ClearSrtp) and session is not None:
+                session.clear_srtp(Side.OUTSIDE)
+                session.set_tx_ssrc(Side.OUTSIDE, None)
+            elif isinstance(action, sec.Secured):
+                if not action.rekey:
+                    self.stats.secured += 1
+                    out += self._user_indication(call, action.peer, now)
+            elif isinstance(action, sec.Cleared):
+                key = action.reason.value
+                self.stats.clear_reasons[key] = self.stats.clear_reasons.get(key, 0) + 1
+            elif isinstance(action, sec.HangUp):
+                log.warning("call %d: require_secure: hanging up (%s)", call.id, action.reason)
+                out += self._send_bye(call, call.a, now, action.reason)
+                out += self._send_bye(call, call.b, now, action.reason)
+        return out
+
+    def _srtp_callback(self, call: Call) -> Callable[[], None]:
+        call_id = call.id
+
+        def authenticated() -> None:  # runs inside the relay's packet handler
+            self._srtp_events.append(call_id)
+            if self.on_wakeup is not None:
+                self.on_wakeup()
+
+        return authenticated
+
+    def _user_indication(self, call: Call, peer: PeerIdentity, now: float) -> list[Outbound]:
+        """What an SPA user perceives: the secure-call tone and ``$`` + the peer's name."""
+        settings = call.security.settings if call.security else None
+        if settings is None:
+            return []
+        if call.media is not None and settings.tone is not None:
+            call.media.session.play_tone(Side.INSIDE, 0, settings.tone)
+        mode = settings.callerid_refresh
+        if mode == "off":
+            return []
+        leg = call.leg_on(Side.INSIDE)
+        host, _ = self.sides[Side.INSIDE].advertised
+        name = ("$" + peer.name).replace("\\", "").replace('"', "")
+        identity = f'"{name}" <sip:{peer.user_id}@{format_hostport(host, None)}>'
+        party = "called" if call.a.side is Side.INSIDE else "calling"
+        headers = [
+            ("P-Asserted-Identity", identity),
+            ("Remote-Party-ID", f"{identity};party={party};screen=yes;privacy=off"),
+        ]
+        if mode == "reinvite" and call.media is not None and Side.INSIDE in call.media.last_sent:
+            return self._send_proxy_request(call, leg, "INVITE", now, "callerid",
+                body=call.media.last_sent[Side.INSIDE], content_type="application/sdp",
+                headers=headers)  # fmt: skip
+        return self._send_proxy_request(call, leg, "UPDATE", now, "callerid", headers=headers)
+
+    def _send_proxy_request(
+        self, call: Call, leg: Leg, method: str, now: float, purpose: str, *,
+        body: bytes = b"", content_type: str = "", headers: Iterable[tuple[str, str]] = (),
+    ) -> list[Outbound]:  # fmt: skip
+        if leg.dest is None or leg.remote_target is None:
+            return []
+        cseq = leg.next_cseq()
+        if method == "INVITE":
+            leg.invite_cseq = cseq
+        request = Request(method=method, uri=leg.remote_target)
+        self._dialog_headers(request, leg, method, cseq, self.config.sip.max_forwards)
+        if method in TARGET_REFRESH:
+            request.add("Contact", self._contact(leg.side, leg.dest.transport))
+        for name, value in headers:
+            request.add(name, value)
+        if body:
+            request.add("Content-Type", content_type)
+            request.body = body
+        self._advertise(leg.side, request)
+        _, transmits = self.layers[leg.side].send_request(
+            request, leg.dest, now, ProxyRequest(call, leg, purpose)
+        )
+        return self._wrap(leg.side, transmits)
+
+    def _proxy_request_response(
+        self, context: ProxyRequest, tx: ClientTransaction, response: Response, now: float
+    ) -> list[Outbound]:
+        call = context.call
+        if response.status < 200 or call.state is CallState.TERMINATED:
+            return []
+        if context.purpose == "x-sipura" and call.security is not None:
+            actions = call.security.on_info_response(
+                response.status, response.body, now, self.utc_now()
+            )
+            return self._secure_actions(call, actions, now)
+        if tx.request.method == "INVITE" and 200 <= response.status < 300:
+            if response.body and call.media is not None:
+                with contextlib.suppress(SdpError):  # learn where the phone now sends from
+                    call.media.relay_sdp(context.leg.side, response.body)
+            return self._ack(context.leg, tx.request.cseq.number, b"", "", now)
+        if response.status >= 300:
+            log.info("call %d: the phone answered the caller-ID refresh %s with %d", call.id,
+                     tx.request.method, response.status)  # fmt: skip
+        return []
+
+    def _proxy_request_timeout(self, context: ProxyRequest, now: float) -> list[Outbound]:
+        call = context.call
+        if context.purpose == "x-sipura" and call.security is not None:
+            return self._secure_actions(call, call.security.on_info_timeout(now), now)
+        return []
 
     # --- REGISTER ---------------------------------------------------------------------
 
@@ -1115,6 +1378,31 @@ def _rewrite_rack(message: SipMessage, invite_cseq: int) -> None:
         parts = value.split()
         if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
             message.headers[index] = (name, f"{parts[0]} {invite_cseq} {parts[2]}")
+
+
+def _strip_star_code(request: Request) -> bool | None:
+    """``*18`` + number: secure this call; ``*19`` + number: clear (profile §4).
+
+    The prefix is removed from the Request-URI and the To URI before routing, as the SPA
+    removes it before dialling. Returns True, False, or None when there is no prefix.
+    """
+    try:
+        uri = SipUri.parse(request.uri)
+    except SipHeaderError:
+        return None
+    user = uri.user or ""
+    if not user.startswith(("*18", "*19")) or len(user) == 3:
+        return None
+    forced = user.startswith("*18")
+    request.uri = str(dataclasses_replace(uri, user=user[3:]))
+    to = request.to
+    with contextlib.suppress(SipHeaderError):
+        to_uri = to.sip_uri()
+        if to_uri.user and to_uri.user.startswith(("*18", "*19")):
+            request.set(
+                "To", str(to.with_uri(str(dataclasses_replace(to_uri, user=to_uri.user[3:]))))
+            )
+    return forced
 
 
 def _supports(message: SipMessage) -> bool:

@@ -21,6 +21,7 @@ from proxy.sip.transaction import Address, ClientTransaction, ServerTransaction
 if TYPE_CHECKING:
     from proxy.b2bua.config import LineConfig
     from proxy.b2bua.media import MediaHandle
+    from proxy.b2bua.secure import CallSecurity
 
 
 def new_tag() -> str:
@@ -89,6 +90,16 @@ class Relay:
 
 
 @dataclass(eq=False, slots=True)
+class ProxyRequest:
+    """A request the proxy originates in a call's dialog for itself: an x-sipura INFO
+    on the outside leg, or the caller-ID refresh toward the phone."""
+
+    call: Call
+    leg: Leg
+    purpose: str
+
+
+@dataclass(eq=False, slots=True)
 class Call:
     a: Leg
     b: Leg
@@ -101,6 +112,10 @@ class Call:
     cancel_sent: bool = False
     got_provisional: bool = False
     created: float = 0.0
+    security: CallSecurity | None = None
+    """x-sipura on the outside leg (None: a plain call)."""
+    secure_ssrc: int = 0
+    """The SSRC the proxy announces and encrypts with toward the outside."""
     id: int = field(default_factory=lambda: next(_call_ids))
 
     def other(self, leg: Leg) -> Leg:

@@ -19,12 +19,15 @@ log = logging.getLogger("sipura.media")
 
 
 class MediaHandle:
-    __slots__ = ("_media_ip", "session", "streams")
+    __slots__ = ("_media_ip", "last_sent", "session", "streams")
 
     def __init__(self, session: MediaSession, streams: int, media_ip: dict[Side, str]) -> None:
         self.session = session
         self.streams = streams
         self._media_ip = media_ip
+        self.last_sent: dict[Side, bytes] = {}
+        """The last SDP handed to each side: a proxy-originated re-INVITE (caller-ID
+        refresh) offers it again unchanged, so the media stays where it is."""
 
     def relay_sdp(self, from_side: Side, body: bytes) -> bytes:
         """Learn the sender's endpoints and return the body for the other side.
@@ -41,7 +44,9 @@ class MediaHandle:
             ip, rtp_port, rtcp_port, rtcp_mux = connection_endpoint(sdp, index)
             self.session.set_remote(from_side, index, ip, rtp_port, rtcp_port, rtcp_mux)
             ports.append(None if rtp_port == 0 else self.session.local(to_side, index)[1])
-        return rewrite_sdp(body, self._media_ip[to_side], ports)
+        rewritten = rewrite_sdp(body, self._media_ip[to_side], ports)
+        self.last_sent[to_side] = rewritten
+        return rewritten
 
     def release(self) -> None:
         self.session.release()

@@ -94,11 +94,19 @@ class Secured:
 
 
 @dataclass(frozen=True, slots=True)
+class Cleared:
+    """Stage 2 ended in the clear (counted and shown per call)."""
+
+    reason: hs.ClearReason
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class HangUp:
     reason: str
 
 
-Action = SendInfo | RespondInfo | AcceptSrtp | SwitchSrtp | ClearSrtp | Secured | HangUp
+Action = SendInfo | RespondInfo | AcceptSrtp | SwitchSrtp | ClearSrtp | Secured | Cleared | HangUp
 
 
 class CallSecurity:
@@ -128,6 +136,7 @@ class CallSecurity:
         self._caller: hs.CallerHandshake | None = None
         self._callee: hs.CalleeHandshake | None = None
         self._start_at: float | None = None
+        self._accepted: tuple[int, SrtpContext] | None = None
 
     # --- caller role --------------------------------------------------------------------
 
@@ -227,7 +236,9 @@ class CallSecurity:
                          event.reason)  # fmt: skip
             elif isinstance(event, hs.AcceptSrtp):
                 keys, peer = event.session.keys, event.session.peer
-                actions.append(AcceptSrtp(SrtpContext(keys.master_key, keys.master_salt)))
+                context = SrtpContext(keys.master_key, keys.master_salt)
+                self._accepted = (event.session.generation, context)
+                actions.append(AcceptSrtp(context))
                 log.info(
                     "call %s: x-sipura step 2: Callee Hello from %s <%s> verified; "
                     "step 3: Caller Final sent",
@@ -253,7 +264,12 @@ class CallSecurity:
         log.info("call %s: x-sipura step 4: %s, peer %s <%s>, ssrc local %08x peer %08x%s",
                  self.label, "re-keyed" if rekey else "SECURE", session.peer.name,
                  session.peer.user_id, session.local_ssrc, session.peer_ssrc, warn)  # fmt: skip
-        context = SrtpContext(keys.master_key, keys.master_salt)
+        # The key accepted before the switch keeps its libsrtp state (replay window, ROC).
+        accepted, self._accepted = self._accepted, None
+        if accepted is not None and accepted[0] == session.generation:
+            context = accepted[1]
+        else:
+            context = SrtpContext(keys.master_key, keys.master_salt)
         return [
             SwitchSrtp(context, self.settings.grace_ms / 1000, self.settings.srtcp),
             Secured(session.peer, rekey),
@@ -266,7 +282,9 @@ class CallSecurity:
         self.detail = detail
         log.warning("call %s: x-sipura: call stays in the clear: %s (%s)", self.label,
                     reason.value, detail)  # fmt: skip
-        actions: list[Action] = [ClearSrtp()] if was_secure or self._caller else []
+        actions: list[Action] = [Cleared(reason, detail)]
+        if was_secure or self._caller:
+            actions.append(ClearSrtp())
         if self.require_secure:
             actions.append(HangUp(f"x-sipura: {reason.value}"))
         return actions

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.b2bua.config import Config, ConfigError
+from proxy.media.tones import SECURE_CALL_TONE, Tone
 from proxy.xsipura.keyfiles import KeyFileError, extract_param_text, load_trust_anchor
 from proxy.xsipura.mc import (
     MalformedCertificate,
@@ -33,18 +34,6 @@ CALLERID_REFRESH = ("update", "reinvite", "off")
 
 
 @dataclass(frozen=True, slots=True)
-class ToneConfig:
-    """The secure-call indication tone mixed into the audio sent to the phone."""
-
-    frequencies: tuple[float, ...] = (480.0, 620.0)
-    on_ms: int = 100
-    off_ms: int = 100
-    bursts: int = 2
-    level_dbm0: float = -16.0
-    enabled: bool = True
-
-
-@dataclass(frozen=True, slots=True)
 class XsipuraConfig:
     trusted_ca: tuple[PublicKey, ...] = ()
     grace_ms: int = 2000
@@ -55,7 +44,8 @@ class XsipuraConfig:
     start_delay_ms: int = 200
     """Stage 2 starts once the outside dialog is confirmed *and* media flows (profile
     §2); the proxy waits for the phone's first RTP packet, at least this long."""
-    tone: ToneConfig = field(default_factory=ToneConfig)
+    tone: Tone | None = field(default_factory=lambda: SECURE_CALL_TONE)
+    """The secure-call indication tone (an SPA ToneScript); None: no tone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +118,7 @@ def load_security(config: Config) -> Security:
     trusted = raw.get("trusted_ca", [])
     if isinstance(trusted, str):
         trusted = [trusted]
-    if not isinstance(trusted, list):
+    if not isinstance(trusted, list | tuple):
         raise ConfigError(source, "xsipura.trusted_ca", "expected a list of file paths")
     for index, item in enumerate(trusted):
         key = f"xsipura.trusted_ca[{index}]"
@@ -159,7 +149,7 @@ def load_security(config: Config) -> Security:
         raise ConfigError(
             source, "xsipura.callerid_refresh", f"expected one of {', '.join(CALLERID_REFRESH)}"
         )
-    tone = _tone(raw.get("tone", {}), source)
+    tone = _tone(raw.get("tone"), source)
     xsipura = XsipuraConfig(
         trusted_ca=tuple(anchors),
         grace_ms=grace,
@@ -185,39 +175,19 @@ def load_security(config: Config) -> Security:
     return Security(xsipura, lines, tuple(warnings))
 
 
-def _tone(raw: Any, source: str) -> ToneConfig:
-    if isinstance(raw, bool):
-        return ToneConfig(enabled=raw)
-    if not isinstance(raw, dict):
-        raise ConfigError(source, "xsipura.tone", "expected a table or true/false")
-    defaults = ToneConfig()
-    freqs = raw.get("frequencies", list(defaults.frequencies))
-    if (
-        not isinstance(freqs, list)
-        or not freqs
-        or not all(
-            isinstance(f, int | float) and not isinstance(f, bool) and 50 <= f <= 3800
-            for f in freqs
-        )
-    ):
-        raise ConfigError(
-            source, "xsipura.tone.frequencies", "expected 1+ frequencies in 50..3800 Hz"
-        )
-    values = {}
-    for name, low, high in (("on_ms", 20, 5000), ("off_ms", 0, 5000), ("bursts", 1, 10)):
-        value = _typed(raw, name, int, getattr(defaults, name), source, f"xsipura.tone.{name}")
-        if not low <= value <= high:
-            raise ConfigError(source, f"xsipura.tone.{name}", f"must be within {low}..{high}")
-        values[name] = value
-    level = raw.get("level_dbm0", defaults.level_dbm0)
-    if isinstance(level, bool) or not isinstance(level, int | float) or not -60 <= level <= 0:
-        raise ConfigError(source, "xsipura.tone.level_dbm0", "must be within -60..0")
-    for name in raw:
-        if name not in ("frequencies", "on_ms", "off_ms", "bursts", "level_dbm0", "enabled"):
-            raise ConfigError(source, f"xsipura.tone.{name}", "unknown key")
-    enabled = _typed(raw, "enabled", bool, True, source, "xsipura.tone.enabled")
-    return ToneConfig(tuple(float(f) for f in freqs), values["on_ms"], values["off_ms"],
-                      values["bursts"], float(level), enabled)  # fmt: skip
+def _tone(raw: Any, source: str) -> Tone | None:
+    """``tone = false`` disables it; a string is an SPA ToneScript (as on the device's
+    "Secure Call Indication Tone" setting); default: the SPA factory tone."""
+    if raw is None or raw is True:
+        return SECURE_CALL_TONE
+    if raw is False:
+        return None
+    if not isinstance(raw, str):
+        raise ConfigError(source, "xsipura.tone", "expected a ToneScript string or false")
+    try:
+        return Tone.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(source, "xsipura.tone", f"not a ToneScript: {exc}") from exc
 
 
 def _line(

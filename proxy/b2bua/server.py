@@ -18,6 +18,7 @@ from typing import Any
 
 from proxy.b2bua.config import Config
 from proxy.b2bua.core import B2BUA, Outbound
+from proxy.b2bua.security_config import load_security
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
 from proxy.sip.transaction import Address
@@ -35,7 +36,11 @@ class ProxyServer:
             inside_ip=config.inside.media_ip,
             outside_ip=config.outside.media_ip,
         )
-        self.core = B2BUA(config, self.media)
+        self.security = load_security(config)
+        for warning in self.security.warnings:
+            log.warning("%s: %s", config.source, warning)
+        self.core = B2BUA(config, self.media, self.security)
+        self.core.on_wakeup = self._wake
         self.transports = {
             side: SipTransport(
                 side.value,
@@ -104,9 +109,19 @@ class ProxyServer:
             self._timer = self._loop.call_at(deadline, self._fire)
             self._timer_at = deadline
 
+    def _wake(self) -> None:
+        """Media reported an event (SRTP authenticated): let the core act on it soon.
+
+        Called from inside a packet handler, so the core is not re-entered here."""
+        if self._loop is not None:
+            self._loop.call_soon(self._poll)
+
     def _fire(self) -> None:
-        assert self._loop is not None
         self._timer = None
+        self._poll()
+
+    def _poll(self) -> None:
+        assert self._loop is not None
         try:
             out = self.core.poll(self._loop.time())
         except Exception:
@@ -125,6 +140,8 @@ class ProxyServer:
                 "bad_messages": stats.bad_messages,
                 "registrations": stats.registrations,
                 "responses": stats.responses,
+                "secured": stats.secured,
+                "clear_reasons": stats.clear_reasons,
             },
             "bindings": {k: v.contact for k, v in self.core.bindings.items()},
         }

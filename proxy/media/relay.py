@@ -121,7 +121,6 @@ class _Leg:
         "rx",
         "rx_alt",
         "rx_first",
-        "tx_ssrc",
         "sdp_rtcp",
         "sdp_rtp",
         "send_error",
@@ -134,6 +133,7 @@ class _Leg:
         "tone_packets",
         "tone_skipped",
         "tx",
+        "tx_ssrc",
         "wrong_source",
     )
 

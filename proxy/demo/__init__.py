@@ -1,0 +1,327 @@
+"""``sipura-proxy demo``: two sites, two legacy phones, one call that becomes secure.
+
+Everything lives in a temporary directory and on 127.0.0.1: a CA, one Mini Certificate
+per line, site A's and site B's proxies (real ``sipura-proxy run`` processes), and two
+simulated plain-SIP phones. Phone A calls phone B's number through proxy A, which
+routes it to proxy B; the proxies run x-sipura between them, the phones never know.
+The demo prints the handshake as the proxies log it, both identities, live media
+counters, and a verdict; it exits 0 only if the call became secure and every audio
+packet arrived intact both ways (apart from the secure-call tone mixed toward the
+phones, which is counted separately).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from proxy.demo.phone import Phone
+from proxy.xsipura.keyfiles import CaKeyFormat, dump_ca_public, generate_ca_key
+from proxy.xsipura.mc import MiniCertificate, MiniCertificateParam, encode_private_key_param
+from proxy.xsipura.rsa import generate_subscriber_key
+
+LINE_A = ("14085551234", "Alice Smith")
+LINE_B = ("14085559876", "Bob Jones")
+
+
+def _free_udp_tcp_port() -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+
+
+def _free_range(pairs: int) -> tuple[int, int]:
+    """An even-aligned block of free UDP ports for one proxy's media."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            start = int(probe.getsockname()[1]) & ~1
+        if start < 20000 or start + 2 * pairs > 65000:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(start, start + 2 * pairs):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return start, start + 2 * pairs - 1
+    raise RuntimeError("no free block of UDP ports for media")
+
+
+def _issue(ca: Any, user_id: str, name: str, directory: Path) -> tuple[Path, Path]:
+    key = generate_subscriber_key()
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
+    certificate = MiniCertificate.issue(ca, name, user_id, expires, key.public)
+    mc_file = directory / f"{user_id}.mc"
+    key_file = directory / f"{user_id}.key"
+    mc_file.write_text(MiniCertificateParam(certificate, ca.public).to_base64() + "\n")
+    key_file.write_text(encode_private_key_param(key) + "\n")
+    key_file.chmod(0o600)
+    return mc_file, key_file
+
+
+def _config(
+    directory: Path, site: str, ports: dict[str, int], media: tuple[int, int],
+    upstream: int | None, line: tuple[str, str], phone_port: int, files: tuple[Path, Path],
+) -> Path:  # fmt: skip
+    lines = [
+        "[inside]",
+        f'listen = "127.0.0.1:{ports["inside"]}"',
+        'media_ip = "127.0.0.1"',
+        "[outside]",
+        f'listen = "127.0.0.1:{ports["outside"]}"',
+        'media_ip = "127.0.0.1"',
+    ]
+    if upstream is not None:
+        lines.append(f'upstream = "sip:127.0.0.1:{upstream}"')
+    lines += [
+        "[media]",
+        f"port_min = {media[0]}",
+        f"port_max = {media[1]}",
+        "[sip]",
+        'transports = ["udp"]',
+        "[admin]",
+        f'listen = "127.0.0.1:{ports["admin"]}"',
+        "[log]",
+        'level = "info"',
+        "[xsipura]",
+        f'trusted_ca = ["{directory / "ca.pub"}"]',
+        "grace_ms = 2000",
+        "handshake_timeout_ms = 5000",
+        "[[line]]",
+        f'user_id = "{line[0]}"',
+        f'contact = "sip:{line[0]}@127.0.0.1:{phone_port}"',
+        f'mini_certificate = "@{files[0]}"',
+        f'srtp_private_key = "@{files[1]}"',
+        "secure_by_default = true",
+    ]
+    path = directory / f"site-{site}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _admin(port: int, path: str = "/calls") -> Any:
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+        conn.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+@contextlib.contextmanager
+def _proxy(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+            stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+
+
+class _LogTail:
+    """Prints the proxies' x-sipura log lines as they are written."""
+
+    def __init__(self, logs: dict[str, Path]) -> None:
+        self.logs = logs
+        self.offsets = dict.fromkeys(logs, 0)
+
+    def show(self) -> None:
+        for site, path in self.logs.items():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            new, self.offsets[site] = data[self.offsets[site] :], len(data)
+            for line in new.decode("utf-8", "replace").splitlines():
+                if "x-sipura" in line or "ERROR" in line or "Traceback" in line:
+                    print(f"  [proxy {site}] {line.split(': ', 1)[-1]}")
+
+
+def _outside_stats(call: dict[str, Any]) -> dict[str, int]:
+    media = call.get("media") or {}
+    outside = (media.get("outside") or [{}])[0]
+    inside = (media.get("inside") or [{}])[0]
+    drops = outside.get("drops", {})
+    return {
+        "encrypted": int(outside.get("packets_encrypted", 0)),
+        "decrypted": int(outside.get("packets_decrypted", 0)),
+        "dropped": int(sum(drops.values())) if isinstance(drops, dict) else 0,
+        "tone": int(inside.get("tone_packets", 0)),
+    }
+
+
+async def _run(seconds: float, directory: Path) -> int:
+    print(f"sipura-proxy demo: everything in {directory}, on 127.0.0.1\n")
+    ca = generate_ca_key()
+    (directory / "ca.pub").write_bytes(dump_ca_public(ca.public, CaKeyFormat.LINKSYS))
+    files_a = _issue(ca, *LINE_A, directory)
+    files_b = _issue(ca, *LINE_B, directory)
+    print(f"  CA created; Mini Certificates issued for {LINE_A[1]} <{LINE_A[0]}> (site A)"
+          f" and {LINE_B[1]} <{LINE_B[0]}> (site B)")  # fmt: skip
+    ports = {site: {k: _free_udp_tcp_port() for k in ("inside", "outside", "admin")}
+             for site in "AB"}  # fmt: skip
+    phone_ports = {k: _free_udp_tcp_port() for k in ("a_sip", "b_sip")}
+    rtp_a, rtp_b = _free_range(1)[0], _free_range(1)[0]
+    config_a = _config(directory, "A", ports["A"], _free_range(8), ports["B"]["outside"],
+                       LINE_A, phone_ports["a_sip"], files_a)  # fmt: skip
+    config_b = _config(directory, "B", ports["B"], _free_range(8), None,
+                       LINE_B, phone_ports["b_sip"], files_b)  # fmt: skip
+    logs = {"A": directory / "site-A.log", "B": directory / "site-B.log"}
+    tail = _LogTail(logs)
+    phone_a = Phone(LINE_A[1], LINE_A[0], phone_ports["a_sip"], rtp_a, 0xA, 0xB)
+    phone_b = Phone(LINE_B[1], LINE_B[0], phone_ports["b_sip"], rtp_b, 0xB, 0xA)
+    with _proxy(config_a, logs["A"]) as proc_a, _proxy(config_b, logs["B"]) as proc_b:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                _admin(ports["A"]["admin"])
+                _admin(ports["B"]["admin"])
+                break
+            except (OSError, ValueError, IndexError):
+                if (
+                    time.monotonic() > deadline
+                    or proc_a.poll() is not None
+                    or (proc_b.poll() is not None)
+                ):
+                    tail.show()
+                    print("\nVERDICT: FAIL - the proxies did not start")
+                    return 1
+                await asyncio.sleep(0.1)
+        print("  proxies up: site A and site B\n")
+        await phone_a.start()
+        await phone_b.start()
+        try:
+            return await _call(seconds, ports, phone_a, phone_b, tail)
+        finally:
+            phone_a.close()
+            phone_b.close()
+            await asyncio.sleep(0.2)
+            tail.show()
+
+
+async def _call(
+    seconds: float, ports: dict[str, dict[str, int]], phone_a: Phone, phone_b: Phone,
+    tail: _LogTail,
+) -> int:  # fmt: skip
+    print(f"{LINE_A[1]} dials {LINE_B[0]} (plain SIP/RTP phone -> proxy A)")
+    phone_a.call(LINE_B[0], ("127.0.0.1", ports["A"]["inside"]))
+    try:
+        await asyncio.wait_for(phone_a.answered.wait(), 10)
+    except TimeoutError:
+        tail.show()
+        print("\nVERDICT: FAIL - the call was not answered")
+        return 1
+    print("call answered; handshake on the proxy-to-proxy leg:")
+    secure: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(secure) < 2:
+        tail.show()
+        for site in "AB":
+            calls = _admin(ports[site]["admin"])
+            if calls and (calls[0].get("secure") or {}).get("state") in ("secure", "clear"):
+                secure[site] = calls[0]
+        await asyncio.sleep(0.2)
+    tail.show()
+    states = {site: (call.get("secure") or {}) for site, call in secure.items()}
+    print()
+    for site, state in states.items():
+        print(f"  site {site}: {state.get('state', '?').upper()} as x-sipura {state.get('role')};"
+              f" peer MC: {state.get('peer_name')} <{state.get('peer_user_id')}>"
+              + (f"; reason {state['reason']}" if state.get("reason") else ""))  # fmt: skip
+    print(f"\nlive media counters (proxy-to-proxy leg), {seconds:.0f} s:")
+    print("   t   A encrypted  A decrypted  B encrypted  B decrypted  dropped")
+    last: dict[str, dict[str, int]] = {}
+    for tick in range(int(seconds)):
+        await asyncio.sleep(1)
+        for site in "AB":
+            calls = _admin(ports[site]["admin"])
+            if calls:
+                last[site] = _outside_stats(calls[0])
+        a, b = last.get("A", {}), last.get("B", {})
+        print(f"  {tick + 1:2d}s {a.get('encrypted', 0):11d} {a.get('decrypted', 0):12d}"
+              f" {b.get('encrypted', 0):12d} {b.get('decrypted', 0):12d}"
+              f" {a.get('dropped', 0) + b.get('dropped', 0):8d}")  # fmt: skip
+    for site in "AB":
+        calls = _admin(ports[site]["admin"])
+        if calls:
+            last[site] = _outside_stats(calls[0])
+    phone_a.hang_up()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(phone_b.ended.wait(), 5)
+    print(f"\n{LINE_A[1]} hangs up.")
+    print(f"  phone A: sent {phone_a.sent}, received {phone_a.rx.packets} "
+          f"({phone_a.rx.intact} intact, {phone_a.rx.altered} with the secure-call tone); "
+          f"caller ID shown: {phone_a.identities[-1] if phone_a.identities else '-'}")  # fmt: skip
+    print(f"  phone B: sent {phone_b.sent}, received {phone_b.rx.packets} "
+          f"({phone_b.rx.intact} intact, {phone_b.rx.altered} with the secure-call tone); "
+          f"caller ID shown: {phone_b.identities[-1] if phone_b.identities else '-'}")  # fmt: skip
+    tone = last.get("A", {}).get("tone", 0) + last.get("B", {}).get("tone", 0)
+    both_secure = all(states.get(site, {}).get("state") == "secure" for site in "AB")
+    crypto = all(last.get(s, {}).get("encrypted", 0) > 0 and last.get(s, {}).get("decrypted", 0) > 0
+                 for s in "AB")  # fmt: skip
+    audio = (
+        phone_a.rx.intact >= 0.8 * seconds * 50
+        and phone_b.rx.intact >= 0.8 * seconds * 50
+        and phone_a.rx.altered + phone_b.rx.altered <= tone + 2
+    )
+    print()
+    if both_secure and crypto and audio:
+        print("VERDICT: SECURE - both proxies switched the call to SRTP (x-sipura) and audio "
+              "passed intact both ways.")  # fmt: skip
+        return 0
+    problems = [
+        text
+        for ok, text in (
+            (both_secure, "the call did not become secure on both sites"),
+            (crypto, "no SRTP both ways on the proxy-to-proxy leg"),
+            (audio, "audio did not arrive intact both ways"),
+        )
+        if not ok
+    ]
+    print("VERDICT: FAIL - " + "; ".join(problems))
+    return 1
+
+
+def run_demo(seconds: float = 4.0, keep: bool = False) -> int:
+    directory = Path(tempfile.mkdtemp(prefix="sipura-demo-"))
+    try:
+        return asyncio.run(_run(seconds, directory))
+    finally:
+        if keep:
+            print(f"(files kept in {directory})")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
