@@ -10,6 +10,7 @@ behaviour (retransmissions, B/F/H/L) is exact and instant.
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from proxy.media.engine import Side, StreamStats
 from proxy.media.ports import PortsExhausted
 from proxy.media.srtp import SrtpContext
 from proxy.sip.headers import NameAddr
-from proxy.sip.message import Request, Response, parse_message
+from proxy.sip.message import Request, Response, SipParseError, parse_message
 from proxy.sip.transaction import Address
 
 # --- the network -------------------------------------------------------------------------
@@ -430,10 +431,28 @@ class Wire:
 
 
 def wires(out: Iterable[Outbound]) -> list[Wire]:
-    """Parse everything the proxy sent (it must always be well-formed SIP)."""
+    """Parse everything the proxy sent (it must always be well-formed SIP).
+
+    The one exception is the salvage reply to an unparsable request (RFC 4475): it
+    copies the sender's own Via/From/To/Call-ID/CSeq byte for byte, broken or not, and
+    goes back to the source address only; it must still be a single clean status line
+    plus those five headers."""
     result = []
     for item in out:
-        msg = parse_message(item.data, stream=item.dest.reliable)
+        try:
+            msg = parse_message(item.data, stream=item.dest.reliable)
+        except SipParseError:
+            head = item.data.split(b"\r\n")
+            assert re.match(rb"^SIP/2\.0 (400|505) [ -~]+$", head[0]), item.data[:80]
+            assert [h.split(b":", 1)[0] for h in head[1:7]] == [
+                b"Via",
+                b"From",
+                b"To",
+                b"Call-ID",
+                b"CSeq",
+                b"Content-Length",
+            ], item.data
+            continue
         result.append(Wire(item.side, item.dest, msg))
     return result
 
