@@ -229,6 +229,7 @@ class B2BUA:
             for event in events:
                 out.extend(self._on_event(side, event, now))
         out.extend(self._poll_security(now))
+        out.extend(self._poll_rtp_timeout(now))
         return out
 
     def next_deadline(self) -> float | None:
@@ -240,7 +241,34 @@ class B2BUA:
                 deadlines.append(d)
         if self._srtp_events:
             deadlines.append(0.0)
+        timeout = self.config.media.rtp_timeout_s
+        if timeout:
+            deadlines.extend(
+                c.media_seen_at + timeout
+                for c in self.calls.values()
+                if c.state is CallState.CONFIRMED and c.media is not None
+            )
         return min(deadlines) if deadlines else None
+
+    def _poll_rtp_timeout(self, now: float) -> list[Outbound]:
+        """Hang up confirmed calls whose media stopped (a phone that died mid-call)."""
+        timeout = self.config.media.rtp_timeout_s
+        out: list[Outbound] = []
+        if not timeout:
+            return out
+        for call in list(self.calls.values()):
+            if call.state is not CallState.CONFIRMED or call.media is None:
+                continue
+            stats = call.media.session.stats()
+            packets = sum(int(s["packets_in"]) for streams in stats.values() for s in streams)
+            if packets != call.media_packets:
+                call.media_packets = packets
+                call.media_seen_at = now
+            elif now >= call.media_seen_at + timeout:
+                log.warning("call %d: no RTP for %d s; hanging up", call.id, timeout)
+                out += self._send_bye(call, call.a, now, "RTP timeout")
+                out += self._send_bye(call, call.b, now, "RTP timeout")
+        return out
 
     def active_calls(self) -> list[dict[str, object]]:
         return [
@@ -393,7 +421,7 @@ class B2BUA:
                 raise _Reject(403, "Forbidden")
             upstream = self.config.outside.upstream
             if upstream:
-                return _Route(request.uri, self._resolve(upstream), line)
+                return _Route(self._retarget(request.uri, upstream), self._resolve(upstream), line)
             return _Route(request.uri, self._resolve(request.uri), line)
         try:
             user = SipUri.parse(request.uri).user
@@ -408,6 +436,22 @@ class B2BUA:
         if line.contact:
             return _Route(line.contact, self._resolve(line.contact), line)
         raise _Reject(480, "Temporarily Unavailable")
+
+    def _retarget(self, ruri: str, upstream: str) -> str:
+        """A phone that uses the proxy as its server dials ``user@<proxy inside>``: the
+        upstream would not recognise itself in that URI, so its host:port becomes the
+        upstream's. Any other Request-URI (``user@pbx.example``) passes unchanged, which
+        keeps the phone's digest credentials valid upstream."""
+        try:
+            uri = SipUri.parse(ruri)
+            target = SipUri.parse(upstream)
+        except SipHeaderError:
+            return ruri
+        ours = {self.config.inside.advertised, (self.config.inside.listen_host,
+                                                 self.config.inside.listen_port)}  # fmt: skip
+        if (bare_host(uri.host), uri.port or uri.default_port) not in ours:
+            return ruri
+        return str(dataclasses_replace(uri, host=target.host, port=target.port))
 
     def _caller_line(self, request: Request, source: Address) -> LineConfig | None:
         try:
@@ -730,6 +774,7 @@ class B2BUA:
         confirmed = call.state is CallState.ANSWERED
         if confirmed:
             call.state = CallState.CONFIRMED
+            call.media_seen_at = now
         body = request.body
         if body and request.content_type == "application/sdp":
             body = self._relay_sdp(call, side, body)

@@ -114,6 +114,9 @@ class Call:
     created: float = 0.0
     security: CallSecurity | None = None
     """x-sipura on the outside leg (None: a plain call)."""
+    media_seen_at: float = 0.0
+    """When the call's media counters last moved (``[media] rtp_timeout_s``)."""
+    media_packets: int = -1
     secure_ssrc: int = 0
     """The SSRC the proxy announces and encrypts with toward the outside."""
     id: int = field(default_factory=lambda: next(_call_ids))

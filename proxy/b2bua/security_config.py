@@ -68,8 +68,8 @@ class Security:
 
 def _resolve(path_text: str, base: Path) -> Path:
     path = Path(path_text).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
+    if path.is_absolute() or path.exists() or not (base / path).exists():
+        return path  # as given: an error then names the path the operator wrote
     return base / path
 
 

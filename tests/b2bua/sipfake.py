@@ -74,6 +74,7 @@ def make_config(
     unknown_users: str = "relay",
     max_calls: int = 0,
     sip_extra: str = "",
+    media_extra: str = "",
 ) -> Config:
     outside = []
     if upstream:
@@ -86,6 +87,8 @@ def make_config(
         max_calls=max_calls,
         sip_extra=sip_extra,
     )
+    if media_extra:
+        text = text.replace("port_max = 20999\n", f"port_max = 20999\n{media_extra}\n")
     return parse_config(text, "test.toml")
 
 
@@ -104,6 +107,8 @@ class FakeSession:
         self.remotes: dict[tuple[Side, int], tuple[str, int, int, bool]] = {}
         self.srtp: dict[Side, SrtpContext | None] = {}
         self.released = False
+        self.packets_in = 0
+        """What stats() reports as received from the phone (tests move it)."""
 
     @property
     def call_id(self) -> str:
@@ -165,7 +170,9 @@ class FakeSession:
             counters["drops"] = {}
             return cast(StreamStats, counters)
 
-        return {side: [zero() for _ in range(self._streams)] for side in Side}
+        stats = {side: [zero() for _ in range(self._streams)] for side in Side}
+        stats[Side.INSIDE][0]["packets_in"] = self.packets_in
+        return stats
 
     def release(self) -> None:
         self.calls.append(("release",))

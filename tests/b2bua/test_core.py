@@ -1545,3 +1545,28 @@ def check_settled(w: World) -> None:
     for call in list(w.core.calls.values()):
         assert call.state.value in ("inviting", "early", "confirmed", "answered")
     check_invariants(w)
+
+
+def test_rtp_timeout_hangs_up_a_silent_call() -> None:
+    w = World(make_config(media_extra="rtp_timeout_s = 10"))
+    outbound_call(w)
+    session = w.media.active[0]
+    session.packets_in = 50
+    assert not pick(w.advance(8), method="BYE")  # media flowing: counters moved
+    session.packets_in = 400
+    assert not pick(w.advance(8), method="BYE")
+    byes = pick(w.advance(11), method="BYE")  # silent for 10 s: both legs hung up
+    assert {b.side for b in byes} == {IN, OUT}
+    assert all("RTP timeout" in (b.request.get("reason") or "") for b in byes)
+
+
+def test_rtp_timeout_off_by_default(w: World) -> None:
+    outbound_call(w)
+    assert not pick(w.advance(600), method="BYE")
+
+
+def test_a_uri_naming_the_proxy_is_retargeted_to_the_upstream(w: World) -> None:
+    _, b = start_call(w, uri="sip:2002@10.0.0.1:5060;user=phone")
+    assert b.request.uri == "sip:2002@203.0.113.5:5060;user=phone"
+    _, b = start_call(w, uri="sip:2002@pbx.example.com")  # a real domain: untouched
+    assert b.request.uri == "sip:2002@pbx.example.com"
