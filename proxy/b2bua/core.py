@@ -237,7 +237,9 @@ class B2BUA:
             d for layer in self.layers.values() if (d := layer.next_deadline()) is not None
         ]
         for call in self.calls.values():
-            if call.security is not None and (d := call.security.next_deadline()) is not None:
+            if call.security is None or call.state is not CallState.CONFIRMED:
+                continue  # stage 2 runs in a confirmed dialog only (profile §2)
+            if (d := call.security.next_deadline()) is not None:
                 deadlines.append(d)
         if self._srtp_events:
             deadlines.append(0.0)
@@ -483,7 +485,10 @@ class B2BUA:
         limit = self.config.limits.max_calls
         if limit and len(self.calls) >= limit:
             raise _Reject(503, "Service Unavailable", [("Retry-After", "5")])
-        forced = _strip_star_code(request) if side is Side.INSIDE else None
+        original = request  # the A leg's identity: responses copy its To unchanged
+        forced: bool | None = None
+        if side is Side.INSIDE:
+            request, forced = _strip_star_code(original)
         route = self._route(side, request, tx.source, now)
         out_side = self._other(side)
         try:
@@ -495,7 +500,7 @@ class B2BUA:
             side=side,
             call_id=request.call_id,
             local_tag=new_tag(),
-            local=request.to,
+            local=original.to,
             remote=caller,
             uac=False,
             local_cseq=1,
@@ -779,8 +784,11 @@ class B2BUA:
         if body and request.content_type == "application/sdp":
             body = self._relay_sdp(call, side, body)
         out = self._ack(other, other.invite_cseq, body, request.get("content-type") or "", now)
-        if confirmed and call.security is not None and call.security.role is sec.Role.CALLER:
-            out += self._arm_security(call, now)
+        if confirmed and call.security is not None:
+            if call.security.role is sec.Role.CALLER:
+                out += self._arm_security(call, now)
+            else:
+                call.security.arm(now)
         return out
 
     def _ack(
@@ -1011,6 +1019,7 @@ class B2BUA:
         settings = self.security.xsipura
         if call.a.side is Side.INSIDE:  # the phone calls out: the proxy is the x-sipura caller
             wanted = line.secure_by_default if forced is None else forced
+            wanted = wanted or line.require_secure  # *19 cannot defeat a policy
             if not wanted:
                 log.info("call %d: secure call not requested (%s)", call.id,
                          "*19" if forced is False else "line not secure by default")  # fmt: skip
@@ -1055,9 +1064,11 @@ class B2BUA:
             if security is None or call.state is not CallState.CONFIRMED:
                 continue
             if security.ready_to_start(now):
-                if call.media is not None:
+                if not _phone_media_flows(call):
+                    security.postpone(now)  # profile §2: after the dialog *and* media
+                elif call.media is not None:
                     call.media.session.set_tx_ssrc(Side.OUTSIDE, call.secure_ssrc)
-                out += self._secure_actions(call, security.start(now, call.secure_ssrc), now)
+                    out += self._secure_actions(call, security.start(now, call.secure_ssrc), now)
             deadline = security.next_deadline()
             if deadline is not None and deadline <= now:
                 out += self._secure_actions(call, security.poll(now), now)
@@ -1425,20 +1436,30 @@ def _rewrite_rack(message: SipMessage, invite_cseq: int) -> None:
             message.headers[index] = (name, f"{parts[0]} {invite_cseq} {parts[2]}")
 
 
-def _strip_star_code(request: Request) -> bool | None:
+def _phone_media_flows(call: Call) -> bool:
+    if call.media is None:
+        return False
+    streams = call.media.session.stats().get(Side.INSIDE) or []
+    return bool(streams) and int(streams[0]["packets_in"]) > 0
+
+
+def _strip_star_code(original: Request) -> tuple[Request, bool | None]:
     """``*18`` + number: secure this call; ``*19`` + number: clear (profile §4).
 
-    The prefix is removed from the Request-URI and the To URI before routing, as the SPA
-    removes it before dialling. Returns True, False, or None when there is no prefix.
+    Returns the request to route and send on (a copy, with the prefix removed from the
+    Request-URI and the To URI, as the SPA removes it before dialling; the phone's own
+    request is untouched, its responses must echo its To) and True, False, or None when
+    there is no prefix.
     """
     try:
-        uri = SipUri.parse(request.uri)
+        uri = SipUri.parse(original.uri)
     except SipHeaderError:
-        return None
+        return original, None
     user = uri.user or ""
     if not user.startswith(("*18", "*19")) or len(user) == 3:
-        return None
+        return original, None
     forced = user.startswith("*18")
+    request = dataclasses_replace(original, headers=list(original.headers))
     request.uri = str(dataclasses_replace(uri, user=user[3:]))
     to = request.to
     with contextlib.suppress(SipHeaderError):
@@ -1447,7 +1468,7 @@ def _strip_star_code(request: Request) -> bool | None:
             request.set(
                 "To", str(to.with_uri(str(dataclasses_replace(to_uri, user=to_uri.user[3:]))))
             )
-    return forced
+    return request, forced
 
 
 def _supports(message: SipMessage) -> bool:

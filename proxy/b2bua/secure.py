@@ -25,6 +25,9 @@ from proxy.xsipura import handshake as hs
 
 log = logging.getLogger("sipura.secure")
 
+MEDIA_CHECK_INTERVAL = 0.1
+"""How often a waiting caller looks whether the phone's RTP flows yet (seconds)."""
+
 KNOWN_OTHER_INFO = frozenset(
     {"application/dtmf-relay", "application/dtmf", "application/media_control+xml"}
 )
@@ -137,14 +140,20 @@ class CallSecurity:
         self._callee: hs.CalleeHandshake | None = None
         self._start_at: float | None = None
         self._accepted: tuple[int, SrtpContext] | None = None
+        self._expect_by: float | None = None
 
     # --- caller role --------------------------------------------------------------------
 
     def arm(self, now: float) -> None:
-        """Caller: the outside dialog is confirmed; start once media flows (and not before
-        ``start_delay_ms``)."""
-        if self.role is Role.CALLER and self.state is SecureState.WAITING:
+        """The outside dialog is confirmed. Caller: start once media flows (and not
+        before ``start_delay_ms``). Callee with ``require_secure``: the peer must start
+        stage 2 within the handshake timeout, or the call is hung up."""
+        if self.state is not SecureState.WAITING:
+            return
+        if self.role is Role.CALLER:
             self._start_at = now + self.settings.start_delay_ms / 1000
+        elif self.require_secure:
+            self._expect_by = now + self.settings.handshake_timeout_ms / 1000
 
     def ready_to_start(self, now: float) -> bool:
         return (
@@ -153,6 +162,11 @@ class CallSecurity:
             and self._start_at is not None
             and now >= self._start_at
         )
+
+    def postpone(self, now: float) -> None:
+        """Caller: media does not flow yet; look again shortly."""
+        if self._start_at is not None:
+            self._start_at = now + MEDIA_CHECK_INTERVAL
 
     def start(self, now: float, local_ssrc: int) -> list[Action]:
         """Caller: send the Caller Hello, with the SSRC the proxy relays toward the peer."""
@@ -202,6 +216,7 @@ class CallSecurity:
             )
         if self.state is SecureState.WAITING:
             self.state = SecureState.HANDSHAKING
+        self._expect_by = None
         return self._translate(self._callee.receive_request(body, now, now_utc))
 
     # --- both ---------------------------------------------------------------------------
@@ -212,10 +227,17 @@ class CallSecurity:
 
     def next_deadline(self) -> float | None:
         machine = self._caller or self._callee
-        deadlines = [d for d in (self._start_at, machine.next_deadline() if machine else None) if d]
+        candidates = (self._start_at, self._expect_by, machine.next_deadline() if machine else None)
+        deadlines = [d for d in candidates if d is not None]
         return min(deadlines) if deadlines else None
 
     def poll(self, now: float) -> list[Action]:
+        if self._expect_by is not None and now >= self._expect_by:
+            self._expect_by = None
+            if self.state is SecureState.WAITING:
+                return self._clear(
+                    hs.ClearReason.PEER_UNSUPPORTED, "the peer did not start x-sipura"
+                )
         machine = self._caller or self._callee
         return [] if machine is None else self._translate(machine.handle_timer(now))
 

@@ -77,6 +77,12 @@ _SEND_FAILURES = (OSError, ValueError, RuntimeError)
 _BIND_TAKEN = frozenset({errno.EADDRINUSE, errno.EACCES})
 """Bind errors that mean "this port is not ours to take": try another one."""
 
+_REORDER_WINDOW = 100
+"""A sequence number at most this far behind the last one protected is a late packet of
+the same stream (libsrtp's replay window is 128); further behind: a new stream."""
+_MAX_SEQ_JUMP = 1000
+"""A jump ahead larger than this (20 s of 20 ms packets lost in a row) is a new stream."""
+
 
 def _refuse(data: bytes, addr: Address) -> None:
     """Stand-in ``sendto`` while a transport's buffer is over its high-water mark, so a
@@ -124,6 +130,9 @@ class _Leg:
         "sdp_rtcp",
         "sdp_rtp",
         "send_error",
+        "seq_last",
+        "seq_offset",
+        "seq_source",
         "side",
         "sockets",
         "srtp_auth",
@@ -168,6 +177,12 @@ class _Leg:
         self.tx_ssrc: bytes | None = None
         """SSRC written into RTP sent toward this side while it is SRTP (x-sipura
         announces the SSRC it encrypts with; the phone's own may change mid-call)."""
+        self.seq_source = b""
+        """The SSRC of the stream whose packets are numbered on with ``seq_offset``."""
+        self.seq_offset = 0
+        """Added to the sequence number of RTP protected toward this side (mod 2^16)."""
+        self.seq_last = -1
+        """Highest sequence number protected toward this side; -1: none yet."""
         """Protects RTP sent toward this side; None: plain."""
         self.rtcp_tx: SrtpContext | None = None
         """Protects RTCP sent toward this side (SRTCP on); None: plain."""
@@ -210,6 +225,37 @@ class _Leg:
         self.rtcp_peer = addr
         if not self.hold and self.sdp_rtcp is not None:
             self.rtcp_dest = addr
+
+    def number_on(self, data: bytes) -> bytes:
+        """RTP about to be protected toward this side: the announced SSRC, and sequence
+        numbers that carry on across the phone's streams.
+
+        One SRTP stream (one SSRC, one libsrtp index) toward the peer is fed by whatever
+        the phone sends, and a phone starts a new RTP stream when it likes (on resume
+        after hold, after a re-INVITE), with a new SSRC and a random sequence number
+        (RFC 3550). Passed on unchanged, a number behind the last one protected is
+        refused by libsrtp (index too old), and by the peer's replay window, until the
+        phone's numbers catch up, possibly minutes later: the call would go silent one
+        way. So a new stream from the phone (another SSRC, or a jump outside what loss or
+        reordering explains) continues at the last number + 1; within a stream the
+        numbers keep their gaps and their order."""
+        seq = (data[2] << 8) | data[3]
+        source = data[8:12]
+        last = self.seq_last
+        if last < 0:
+            self.seq_source = source
+        else:
+            delta = ((seq + self.seq_offset - last + 0x8000) & 0xFFFF) - 0x8000
+            if source != self.seq_source or not -_REORDER_WINDOW <= delta <= _MAX_SEQ_JUMP:
+                self.seq_offset = (last + 1 - seq) & 0xFFFF
+                self.seq_source = source
+        out = (seq + self.seq_offset) & 0xFFFF
+        if last < 0 or 0 < ((out - last) & 0xFFFF) < 0x8000:
+            self.seq_last = out
+        ssrc = self.tx_ssrc or source
+        if out == seq and ssrc == source:
+            return data
+        return data[:2] + out.to_bytes(2, "big") + data[4:8] + ssrc + data[12:]
 
     def stats(self) -> StreamStats:
         return StreamStats(
@@ -464,8 +510,8 @@ class _RtpSocket(_Socket):
             data = _mix_tone(b, data)
         tx = b.tx
         if tx is not None:
-            if b.tx_ssrc is not None and len(data) >= 12:
-                data = data[:8] + b.tx_ssrc + data[12:]
+            if len(data) >= 12:
+                data = b.number_on(data)
             try:
                 data = tx.protect(data)
             except SrtpError:

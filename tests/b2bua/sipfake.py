@@ -14,10 +14,12 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import cast
 
 from proxy.b2bua.config import Config, parse_config
 from proxy.b2bua.core import B2BUA, Outbound
+from proxy.b2bua.security_config import Security
 from proxy.media.engine import Side, StreamStats
 from proxy.media.ports import PortsExhausted
 from proxy.media.srtp import SrtpContext
@@ -109,6 +111,10 @@ class FakeSession:
         self.released = False
         self.packets_in = 0
         """What stats() reports as received from the phone (tests move it)."""
+        self.srtp_callbacks: dict[Side, Callable[[], object]] = {}
+        """The latest ``on_srtp_authenticated`` callback per side: a test fires it to
+        play "a packet from that side authenticated"."""
+        self.tx_ssrc: dict[Side, int | None] = {}
 
     @property
     def call_id(self) -> str:
@@ -155,6 +161,15 @@ class FakeSession:
 
     def on_srtp_authenticated(self, side: Side, callback: Callable[[], object]) -> None:
         self.calls.append(("on_srtp_authenticated", side))
+        self.srtp_callbacks[side] = callback
+
+    def set_tx_ssrc(self, side: Side, ssrc: int | None) -> None:
+        self.calls.append(("set_tx_ssrc", side, ssrc))
+        self.tx_ssrc[side] = ssrc
+
+    def recorded(self, name: str) -> list[tuple[object, ...]]:
+        """The recorded calls of one method, in order."""
+        return [c for c in self.calls if c[0] == name]
 
     def clear_srtp(self, side: Side) -> None:
         self.calls.append(("clear_srtp", side))
@@ -287,6 +302,7 @@ def build_response(
     headers: Iterable[tuple[str, str]] = (),
     body: bytes = b"",
     record_route: Sequence[str] | None = None,
+    content_type: str = "application/sdp",
 ) -> bytes:
     """A UAS response to ``request`` (Via, From, To + tag, Call-ID, CSeq copied)."""
     reason = reason or {100: "Trying", 180: "Ringing", 183: "Session Progress", 200: "OK"}.get(
@@ -309,7 +325,7 @@ def build_response(
         lines.append(f"Contact: {contact}")
     lines += [f"{n}: {v}" for n, v in headers]
     if body:
-        lines.append("Content-Type: application/sdp")
+        lines.append(f"Content-Type: {content_type}")
     lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
@@ -467,10 +483,20 @@ def wires(out: Iterable[Outbound]) -> list[Wire]:
 class World:
     """The core, a fake clock and a fake media engine; every message it sent is kept."""
 
-    def __init__(self, config: Config | None = None, media: FakeMedia | None = None) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        media: FakeMedia | None = None,
+        *,
+        security: Security | None = None,
+        utc_now: Callable[[], datetime] | None = None,
+    ) -> None:
         self.config = config or make_config()
         self.media = media or FakeMedia()
-        self.core = B2BUA(self.config, self.media)
+        if utc_now is None:
+            self.core = B2BUA(self.config, self.media, security)
+        else:
+            self.core = B2BUA(self.config, self.media, security, utc_now)
         self.now = 1000.0
         self.sent: list[Wire] = []
 
