@@ -560,6 +560,43 @@ def test_announced_ssrc_replaces_the_phones_on_the_srtp_side(run: Runner) -> Non
     run(test)
 
 
+def test_a_new_stream_from_the_phone_carries_on_the_srtp_numbering(run: Runner) -> None:
+    """A phone that starts a new RTP stream (new SSRC, sequence number far behind; e.g. on
+    resume after hold) must not be refused by libsrtp as "index too old": toward the SRTP
+    side its packets continue the numbering, under the announced SSRC."""
+
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        inside = session.local(INSIDE, 0)
+        far_end = SrtpContext(KEY, SALT)
+        session.set_tx_ssrc(OUTSIDE, 0xCAFEF00D)
+        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+
+        async def relayed(packet: bytes) -> bytes:
+            phone.send(packet, inside)
+            clear: bytes = far_end.unprotect((await pbx.recv())[0])
+            return clear
+
+        first = [await relayed(rtp(seq)) for seq in (40000, 40001, 40003)]  # a loss: kept
+        assert first == [rtp(s, ssrc=0xCAFEF00D) for s in (40000, 40001, 40003)]
+        assert await relayed(rtp(40002)) == rtp(40002, ssrc=0xCAFEF00D)  # late: kept
+        # A new stream from the phone: new SSRC, number far behind -> 40004, 40005.
+        renumbered = [await relayed(rtp(seq, ssrc=0x77)) for seq in (100, 101)]
+        assert [int.from_bytes(p[2:4], "big") for p in renumbered] == [40004, 40005]
+        assert all(p[4:] == rtp(s, ssrc=0xCAFEF00D)[4:] for p, s in zip(renumbered, (100, 101),
+                                                                       strict=True))  # fmt: skip
+        # The same SSRC restarting far behind (beyond reordering): carries on too.
+        assert (await relayed(rtp(60000, ssrc=0x77)))[2:4] == (40006).to_bytes(2, "big")
+        # ... and a jump far ahead.
+        assert (await relayed(rtp(30000, ssrc=0x77)))[2:4] == (40007).to_bytes(2, "big")
+        assert stat(session, OUTSIDE, "srtp_protect") == 0
+        assert stat(session, OUTSIDE, "packets_encrypted") == 8
+        await engine.close()
+
+    run(test)
+
+
 def test_srtp_first_packet_latches_only_once_authenticated(run: Runner) -> None:
     async def test() -> None:
         engine = make_engine()
