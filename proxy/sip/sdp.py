@@ -381,6 +381,10 @@ def rewrite_sdp(sdp_body: bytes, media_ip: str, ports: Sequence[int | None]) -> 
     out = [_rewrite_c(line, address) if line[0] == "c" else line for line in sdp.session_lines]
     for media, new_port in zip(sdp.media, ports, strict=True):
         out.append(media.lines[0] if new_port is None else _rewrite_m(media.lines[0], new_port))
+        if new_port and media.connection is None and sdp.connection is None:
+            # A stream revived from port 0 had no c= (RFC 4566 allows that for port 0):
+            # once it has a port it needs the address it is anchored on.
+            out.append(f"c={address}")
         for line in media.lines[1:]:
             if line[0] == "c":
                 out.append(_rewrite_c(line, address))

@@ -435,7 +435,9 @@ def test_fuzz_structured(
     again = parse_sdp(out)
     assert len(again.session_lines) == len(parsed.session_lines)
     for before, after, port in zip(parsed.media, again.media, ports, strict=True):
-        assert len(after.lines) == len(before.lines)
+        # a stream given a port where it had none and no c= gains the anchored address
+        added = 1 if port and before.connection is None and parsed.connection is None else 0
+        assert len(after.lines) == len(before.lines) + added
         assert after.port == (before.port if port is None else port)
         assert (after.formats, after.protocol, after.direction, after.rtcp_mux) == (
             before.formats,
@@ -449,3 +451,10 @@ def test_fuzz_structured(
         if before.rtcp is not None and port is not None:
             assert after.rtcp is not None
             assert after.rtcp.port in (port, port + 1)
+
+
+def test_a_revived_port_zero_stream_without_c_gets_the_anchor_address() -> None:
+    body = sdp("v=0", "o=- 1 1 IN IP4 10.0.0.1", "s=-", "t=0 0", "m=audio 0 RTP/AVP 0")
+    out = rewrite_sdp(body, "10.1.2.3", [4000])
+    assert b"m=audio 4000 RTP/AVP 0\r\nc=IN IP4 10.1.2.3\r\n" in out
+    assert connection_endpoint(parse_sdp(out), 0).ip == "10.1.2.3"
