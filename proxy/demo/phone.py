@@ -78,6 +78,7 @@ class Phone:
         self._proxy: tuple[str, int] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._cseq = 1
+        self._invite_branch = ""
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -108,24 +109,30 @@ class Phone:
 
     # --- calling ---------------------------------------------------------------------------
 
+    def _request(
+        self, method: str, uri: str, cseq: int, to: str | None = None, branch: str = ""
+    ) -> Request:
+        """A request in this phone's dialog (the INVITE, its ACK, BYE)."""
+        request = Request(method=method, uri=uri)
+        branch = branch or f"z9hG4bK{secrets.token_hex(6)}"
+        request.add("Via", f"SIP/2.0/UDP 127.0.0.1:{self.sip_port};branch={branch};rport")
+        request.add("Max-Forwards", "70")
+        request.add("From", self._dialog["from"])
+        request.add("To", to or self._dialog["to"])
+        request.add("Call-ID", self._dialog["call_id"])
+        request.add("CSeq", f"{cseq} {method}")
+        return request
+
     def call(self, target_user: str, proxy: tuple[str, int]) -> None:
         self._proxy = proxy
         host = f"{proxy[0]}:{proxy[1]}"
-        invite = Request(method="INVITE", uri=f"sip:{target_user}@{host}")
         self._dialog = {
             "call_id": f"{secrets.token_hex(8)}@demo",
             "from": f'"{self.name}" <sip:{self.user}@127.0.0.1>;tag={secrets.token_hex(4)}',
             "to": f"<sip:{target_user}@{host}>",
         }
-        invite.add(
-            "Via",
-            f"SIP/2.0/UDP 127.0.0.1:{self.sip_port};branch=z9hG4bK{secrets.token_hex(6)};rport",
-        )
-        invite.add("Max-Forwards", "70")
-        invite.add("From", self._dialog["from"])
-        invite.add("To", self._dialog["to"])
-        invite.add("Call-ID", self._dialog["call_id"])
-        invite.add("CSeq", "1 INVITE")
+        invite = self._request("INVITE", f"sip:{target_user}@{host}", 1)
+        self._invite_branch = invite.top_via.branch or ""
         invite.add("Contact", f"<sip:{self.user}@127.0.0.1:{self.sip_port}>")
         invite.add("Content-Type", "application/sdp")
         invite.body = self._sdp()
@@ -135,17 +142,7 @@ class Phone:
         if self._proxy is None or "remote_target" not in self._dialog:
             return
         self._cseq += 1
-        bye = Request(method="BYE", uri=self._dialog["remote_target"])
-        bye.add(
-            "Via",
-            f"SIP/2.0/UDP 127.0.0.1:{self.sip_port};branch=z9hG4bK{secrets.token_hex(6)};rport",
-        )
-        bye.add("Max-Forwards", "70")
-        bye.add("From", self._dialog["from"])
-        bye.add("To", self._dialog["to"])
-        bye.add("Call-ID", self._dialog["call_id"])
-        bye.add("CSeq", f"{self._cseq} BYE")
-        self._send(bye, self._proxy)
+        self._send(self._request("BYE", self._dialog["remote_target"], self._cseq), self._proxy)
         self._stop_media()
 
     # --- SIP input -------------------------------------------------------------------------
@@ -161,26 +158,18 @@ class Phone:
             if response.cseq.method == "BYE" and response.status >= 200:
                 self.ended.set()
             return
-        ack = Request(method="ACK", uri="")
         if 200 <= response.status < 300:
             contacts = response.get_all("contact")
             self._dialog["remote_target"] = NameAddr.parse(contacts[0]).uri if contacts else ""
             self._dialog["to"] = response.get("to") or self._dialog["to"]
-            ack.uri = self._dialog["remote_target"]
             self._learn_media(response.body)
             self.answered.set()
-        else:
-            ack.uri = f"sip:{source[0]}:{source[1]}"
+            ack = self._request("ACK", self._dialog["remote_target"], response.cseq.number)
+        else:  # the ACK for an error belongs to the INVITE transaction: same branch
             self.ended.set()
-        ack.add(
-            "Via",
-            f"SIP/2.0/UDP 127.0.0.1:{self.sip_port};branch=z9hG4bK{secrets.token_hex(6)};rport",
-        )
-        ack.add("Max-Forwards", "70")
-        ack.add("From", self._dialog["from"])
-        ack.add("To", response.get("to") or "")
-        ack.add("Call-ID", self._dialog["call_id"])
-        ack.add("CSeq", f"{response.cseq.number} ACK")
+            uri = f"sip:{source[0]}:{source[1]}"
+            ack = self._request("ACK", uri, response.cseq.number, response.get("to"),
+                                branch=self._invite_branch)  # fmt: skip
         self._send(ack, source)
         if 200 <= response.status < 300:
             self._start_media()
