@@ -236,7 +236,7 @@ class B2BUA:
         deadlines = [
             d for layer in self.layers.values() if (d := layer.next_deadline()) is not None
         ]
-        for call in self.calls.values():
+        for call in self.calls.values() if self.security is not None else ():
             if call.security is None or call.state is not CallState.CONFIRMED:
                 continue  # stage 2 runs in a confirmed dialog only (profile §2)
             if (d := call.security.next_deadline()) is not None:
@@ -1059,7 +1059,7 @@ class B2BUA:
             call = self.calls.get(call_id)
             if call is not None and call.security is not None:
                 out += self._secure_actions(call, call.security.srtp_authenticated(now), now)
-        for call in list(self.calls.values()):
+        for call in list(self.calls.values()) if self.security is not None else ():
             security = call.security
             if security is None or call.state is not CallState.CONFIRMED:
                 continue

@@ -19,9 +19,9 @@ Two pragmatic choices, both what production B2BUAs do:
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -125,8 +125,44 @@ def new_branch() -> str:
 _ids = itertools.count(1)
 
 
+class _Timed:
+    """Deadlines that announce themselves: setting one pushes it on the layer's heap.
+
+    A layer holds thousands of transactions (most just waiting out timers J/K/I/D), so
+    finding the next deadline must not scan them all: every assignment of a deadline
+    pushes ``(when, id, tx)`` on a heap shared with the layer, which skips entries that
+    no longer match when it pops them (lazy deletion).
+    """
+
+    __slots__ = ()
+    _heap: list[tuple[float, int, _Timed]] | None
+    _retransmit: float | None
+    _timeout: float | None
+    id: int
+
+    @property
+    def retransmit_at(self) -> float | None:
+        return self._retransmit
+
+    @retransmit_at.setter
+    def retransmit_at(self, when: float | None) -> None:
+        self._retransmit = when  # type: ignore[misc]  # the slot lives in the dataclass
+        if when is not None and self._heap is not None:
+            heapq.heappush(self._heap, (when, self.id, self))
+
+    @property
+    def timeout_at(self) -> float | None:
+        return self._timeout
+
+    @timeout_at.setter
+    def timeout_at(self, when: float | None) -> None:
+        self._timeout = when  # type: ignore[misc]  # the slot lives in the dataclass
+        if when is not None and self._heap is not None:
+            heapq.heappush(self._heap, (when, self.id, self))
+
+
 @dataclass(eq=False, slots=True)
-class ClientTransaction:
+class ClientTransaction(_Timed):
     request: Request
     dest: Address
     key: tuple[str, str]
@@ -134,18 +170,19 @@ class ClientTransaction:
     state: State
     data: bytes
     interval: float
-    retransmit_at: float | None
-    timeout_at: float | None
     context: object = None
     """Opaque to the layer: the transaction user's bookkeeping (which call, which leg)."""
     last_response: Response | None = None
     cancel_sent: bool = False
     """INVITE only: a CANCEL went out, so timer B guards the wait for the final (§9.1)."""
     id: int = field(default_factory=lambda: next(_ids))
+    _heap: list[tuple[float, int, _Timed]] | None = field(default=None, repr=False)
+    _retransmit: float | None = None
+    _timeout: float | None = None
 
 
 @dataclass(eq=False, slots=True)
-class ServerTransaction:
+class ServerTransaction(_Timed):
     request: Request
     source: Address
     key: tuple[str, str, str]
@@ -154,10 +191,11 @@ class ServerTransaction:
     last_response: bytes | None = None
     last_status: int = 0
     interval: float = 0.0
-    retransmit_at: float | None = None
-    timeout_at: float | None = None
     context: object = None
     id: int = field(default_factory=lambda: next(_ids))
+    _heap: list[tuple[float, int, _Timed]] | None = field(default=None, repr=False)
+    _retransmit: float | None = None
+    _timeout: float | None = None
 
 
 def _server_key(request: Request) -> tuple[str, str, str]:
@@ -214,6 +252,7 @@ class TransactionLayer:
         self._clients: dict[tuple[str, str], ClientTransaction] = {}
         self._servers: dict[tuple[str, str, str], ServerTransaction] = {}
         self._accepted: dict[tuple[str, int, str], ServerTransaction] = {}
+        self._heap: list[tuple[float, int, _Timed]] = []
 
     def __len__(self) -> int:
         return len(self._clients) + len(self._servers)
@@ -247,10 +286,11 @@ class TransactionLayer:
             state=State.CALLING if invite else State.TRYING,
             data=data,
             interval=t.t1,
-            retransmit_at=None if dest.reliable else now + t.t1,
-            timeout_at=now + t.timeout,
             context=context,
+            _heap=self._heap,
         )
+        tx.retransmit_at = None if dest.reliable else now + t.t1
+        tx.timeout_at = now + t.timeout
         self._clients[tx.key] = tx
         return tx, [Transmit(data, dest)]
 
@@ -342,6 +382,7 @@ class TransactionLayer:
             key=key,
             invite=invite,
             state=State.PROCEEDING if invite else State.TRYING,
+            _heap=self._heap,
         )
         self._servers[key] = tx
         out: list[Transmit] = []
@@ -401,50 +442,75 @@ class TransactionLayer:
         return self._servers.get((key[0], key[1], "INVITE"))
 
     def next_deadline(self) -> float | None:
-        deadlines = [
-            d for tx in self._iter_all() for d in (tx.retransmit_at, tx.timeout_at) if d is not None
-        ]
-        return min(deadlines) if deadlines else None
+        """The earliest pending timer (stale heap entries are dropped on the way)."""
+        heap = self._heap
+        while heap:
+            when, _, tx = heap[0]
+            if self._due(tx, when):
+                return when
+            heapq.heappop(heap)
+        return None
 
-    def _iter_all(self) -> Iterator[ClientTransaction | ServerTransaction]:
-        yield from self._clients.values()
-        yield from self._servers.values()
+    def _due(self, tx: _Timed, when: float) -> bool:
+        """Whether a heap entry still stands for a live transaction's deadline."""
+        if when != tx.retransmit_at and when != tx.timeout_at:
+            return False
+        if isinstance(tx, ClientTransaction):
+            return self._clients.get(tx.key) is tx
+        return isinstance(tx, ServerTransaction) and self._servers.get(tx.key) is tx
 
     def poll(self, now: float) -> tuple[list[TransactionEvent], list[Transmit]]:
-        """Fire every timer due at ``now``."""
+        """Fire every timer due at ``now`` (only the transactions with one due)."""
         events: list[TransactionEvent] = []
         out: list[Transmit] = []
-        t = self.timers
-        for ctx in list(self._clients.values()):
-            if ctx.timeout_at is not None and now >= ctx.timeout_at:
-                if ctx.state in (State.CALLING, State.TRYING, State.PROCEEDING):
-                    events.append(TransactionTimeout(ctx))  # timers B / F
-                ctx.state = State.TERMINATED
-                ctx.retransmit_at = None
-                del self._clients[ctx.key]
-                continue  # a timed-out request is not retransmitted one last time
-            if ctx.retransmit_at is not None and now >= ctx.retransmit_at:
-                out.append(Transmit(ctx.data, ctx.dest))  # timers A / E
-                ctx.interval = ctx.interval * 2 if ctx.invite else min(ctx.interval * 2, t.t2)
-                if not ctx.invite and ctx.state is State.PROCEEDING:
-                    ctx.interval = t.t2
-                ctx.retransmit_at = now + ctx.interval
-        for stx in list(self._servers.values()):
-            if stx.timeout_at is not None and now >= stx.timeout_at:
-                if stx.invite and stx.state in (State.COMPLETED, State.ACCEPTED):
-                    events.append(TransactionTimeout(stx))  # timer H / L: no ACK (J is not)
-                if stx.state is State.ACCEPTED:
-                    self._accepted.pop(self._ack_key(stx.request), None)
-                stx.state = State.TERMINATED
-                stx.retransmit_at = None
-                del self._servers[stx.key]
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, _, tx = heapq.heappop(heap)
+            if not self._due(tx, when):
                 continue
-            if stx.retransmit_at is not None and now >= stx.retransmit_at:
-                if stx.last_response is not None:
-                    out.append(Transmit(stx.last_response, stx.source))  # timer G / 2xx
-                stx.interval = min(stx.interval * 2, t.t2)
-                stx.retransmit_at = now + stx.interval
+            if isinstance(tx, ClientTransaction):
+                self._fire_client(tx, now, events, out)
+            elif isinstance(tx, ServerTransaction):
+                self._fire_server(tx, now, events, out)
         return events, out
+
+    def _fire_client(
+        self, ctx: ClientTransaction, now: float, events: list[TransactionEvent],
+        out: list[Transmit],
+    ) -> None:  # fmt: skip
+        t = self.timers
+        if ctx.timeout_at is not None and now >= ctx.timeout_at:
+            if ctx.state in (State.CALLING, State.TRYING, State.PROCEEDING):
+                events.append(TransactionTimeout(ctx))  # timers B / F
+            ctx.state = State.TERMINATED
+            ctx.retransmit_at = None
+            del self._clients[ctx.key]
+            return  # a timed-out request is not retransmitted one last time
+        if ctx.retransmit_at is not None and now >= ctx.retransmit_at:
+            out.append(Transmit(ctx.data, ctx.dest))  # timers A / E
+            ctx.interval = ctx.interval * 2 if ctx.invite else min(ctx.interval * 2, t.t2)
+            if not ctx.invite and ctx.state is State.PROCEEDING:
+                ctx.interval = t.t2
+            ctx.retransmit_at = now + ctx.interval
+
+    def _fire_server(
+        self, stx: ServerTransaction, now: float, events: list[TransactionEvent],
+        out: list[Transmit],
+    ) -> None:  # fmt: skip
+        if stx.timeout_at is not None and now >= stx.timeout_at:
+            if stx.invite and stx.state in (State.COMPLETED, State.ACCEPTED):
+                events.append(TransactionTimeout(stx))  # timer H / L: no ACK (J is not)
+            if stx.state is State.ACCEPTED:
+                self._accepted.pop(self._ack_key(stx.request), None)
+            stx.state = State.TERMINATED
+            stx.retransmit_at = None
+            del self._servers[stx.key]
+            return
+        if stx.retransmit_at is not None and now >= stx.retransmit_at:
+            if stx.last_response is not None:
+                out.append(Transmit(stx.last_response, stx.source))  # timer G / 2xx
+            stx.interval = min(stx.interval * 2, self.timers.t2)
+            stx.retransmit_at = now + stx.interval
 
 
 def stamp_via(request: Request, source: Address) -> None:
