@@ -563,15 +563,16 @@ class B2BUA:
         return self._wrap(out_side, transmits)
 
     def _allocate(self, call: Call, offer: bytes) -> MediaHandle:
+        streams = stream_count(offer)
         try:
-            session = self.media.allocate(call.a.call_id, stream_count(offer))
+            session = self.media.allocate(call.a.call_id, streams)
         except PortsExhausted as exc:
             raise _Reject(503, "Service Unavailable", [("Retry-After", "5")]) from exc
         media_ip = {
             Side.INSIDE: self.config.inside.media_ip,
             Side.OUTSIDE: self.config.outside.media_ip,
         }
-        return MediaHandle(session, stream_count(offer), media_ip)
+        return MediaHandle(session, streams, media_ip)
 
     def _index(self, call: Call) -> None:
         for leg in (call.a, call.b):

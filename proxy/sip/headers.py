@@ -14,6 +14,19 @@ from dataclasses import dataclass, field, replace
 MAGIC_COOKIE = "z9hG4bK"
 
 
+_PARSED: dict[tuple[type, str], object] = {}
+"""Parsed header values by (type, text). The values are immutable (frozen dataclasses,
+edited only through ``with_*`` copies), so one parse serves every message that repeats
+the text: From/To/CSeq/Via are otherwise parsed dozens of times per call."""
+_PARSED_MAX = 8192
+
+
+def _remember(kind: type, text: str, value: object) -> None:
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()  # cheap and bounded; the working set refills in a few messages
+    _PARSED[(kind, text)] = value
+
+
 class SipHeaderError(ValueError):
     """A header value we needed to understand is malformed."""
 
@@ -190,6 +203,16 @@ class SipUri:
 
     @classmethod
     def parse(cls, text: str) -> SipUri:
+        """Parse (memoised by text: a call's messages repeat the same values)."""
+        hit = _PARSED.get((cls, text))
+        if hit is None:
+            hit = cls._parse(text)
+            _remember(cls, text, hit)
+        assert isinstance(hit, cls)
+        return hit
+
+    @classmethod
+    def _parse(cls, text: str) -> SipUri:
         text = text.strip()
         scheme, colon, rest = text.partition(":")
         scheme = scheme.lower()
@@ -256,6 +279,16 @@ class NameAddr:
 
     @classmethod
     def parse(cls, text: str) -> NameAddr:
+        """Parse (memoised by text: a call's messages repeat the same values)."""
+        hit = _PARSED.get((cls, text))
+        if hit is None:
+            hit = cls._parse(text)
+            _remember(cls, text, hit)
+        assert isinstance(hit, cls)
+        return hit
+
+    @classmethod
+    def _parse(cls, text: str) -> NameAddr:
         text = text.strip()
         if not text:
             raise SipHeaderError("empty address")
@@ -355,6 +388,16 @@ class Via:
 
     @classmethod
     def parse(cls, text: str) -> Via:
+        """Parse (memoised by text: a call's messages repeat the same values)."""
+        hit = _PARSED.get((cls, text))
+        if hit is None:
+            hit = cls._parse(text)
+            _remember(cls, text, hit)
+        assert isinstance(hit, cls)
+        return hit
+
+    @classmethod
+    def _parse(cls, text: str) -> Via:
         match = _VIA.fullmatch(text.strip())
         if not match:
             raise SipHeaderError(f"bad Via {text[:60]!r}")
@@ -392,6 +435,16 @@ class CSeq:
 
     @classmethod
     def parse(cls, text: str) -> CSeq:
+        """Parse (memoised by text: a call's messages repeat the same values)."""
+        hit = _PARSED.get((cls, text))
+        if hit is None:
+            hit = cls._parse(text)
+            _remember(cls, text, hit)
+        assert isinstance(hit, cls)
+        return hit
+
+    @classmethod
+    def _parse(cls, text: str) -> CSeq:
         match = _CSEQ.fullmatch(text.strip())
         if not match:
             raise SipHeaderError(f"bad CSeq {text[:40]!r}")

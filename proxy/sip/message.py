@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from proxy.sip.headers import (
     CSeq,
@@ -95,7 +96,10 @@ class SipVersionError(SipParseError):
     status = 505
 
 
+@lru_cache(maxsize=2048)
 def canonical(name: str) -> str:
+    """Header name -> lookup form (compact forms expanded, case folded); cached: it runs
+    on every header of every lookup."""
     lowered = name.strip().lower()
     return COMPACT_FORMS.get(lowered, lowered)
 

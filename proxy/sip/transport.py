@@ -10,8 +10,10 @@ opening one. TLS is a later step: it plugs in as one more ``transport`` value he
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import socket
 from collections.abc import Callable
 from typing import cast
 
@@ -21,6 +23,8 @@ from proxy.sip.transaction import Address
 log = logging.getLogger("sipura.transport")
 
 OnMessage = Callable[[bytes, Address], None]
+SOCKET_BUFFER = 4 * 1024 * 1024
+"""UDP socket buffer asked for (the kernel caps it at net.core.rmem_max/wmem_max)."""
 MAX_PENDING_CONNECT = 64
 """Messages queued per TCP connection being opened; beyond that they are dropped."""
 
@@ -110,6 +114,13 @@ class SipTransport:
             self._udp, _ = await loop.create_datagram_endpoint(
                 lambda: _Udp(self.on_message), local_addr=(self.host, self.port)
             )
+            sock = self._udp.get_extra_info("socket")
+            if sock is not None:
+                # A burst of responses (or a pause of the process) must not overflow the
+                # kernel's default ~208 KiB buffer: a lost 200 costs a whole call.
+                for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
         if "tcp" in transports:
             self._server = await loop.create_server(
                 lambda: _Tcp(self), self.host, self.port, reuse_address=True
