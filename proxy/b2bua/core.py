@@ -324,18 +324,19 @@ class B2BUA:
         return Address(self._resolve_host(host), uri.port or uri.default_port, transport)
 
     def _resolve_host(self, host: str) -> str:
-        try:
-            return str(ipaddress.ip_address(host))
-        except ValueError:
-            pass
         cached = self._resolved.get(host)
-        if cached is None:
+        if cached is not None:
+            return cached
+        try:
+            cached = str(ipaddress.ip_address(host))
+        except ValueError:
             try:
                 cached = str(socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][4][0])
             except (OSError, IndexError) as exc:
                 raise _Reject(
                     502, "Bad Gateway", [("Warning", f'399 - "cannot resolve {host}"')]
                 ) from exc
+        if len(self._resolved) < 4096:  # literals and names both: checked once each
             self._resolved[host] = cached
         return cached
 

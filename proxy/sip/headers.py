@@ -33,6 +33,9 @@ class SipHeaderError(ValueError):
 
 def split_header_values(value: str) -> list[str]:
     """Split a comma-joined header into its values, respecting quotes and <...>."""
+    if "," not in value:  # the common case: one value, no scan needed
+        stripped = value.strip()
+        return [stripped] if stripped else []
     values: list[str] = []
     depth = 0
     quoted = False

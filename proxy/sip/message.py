@@ -97,6 +97,11 @@ class SipVersionError(SipParseError):
 
 
 @lru_cache(maxsize=2048)
+def _valid_name(name: str) -> bool:
+    return _TOKEN.fullmatch(name) is not None
+
+
+@lru_cache(maxsize=2048)
 def canonical(name: str) -> str:
     """Header name -> lookup form (compact forms expanded, case folded); cached: it runs
     on every header of every lookup."""
@@ -405,7 +410,7 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
     for line in header_lines:
         name, colon, value = line.partition(":")
         name = name.rstrip(" \t")
-        if not colon or not _TOKEN.fullmatch(name):
+        if not colon or not _valid_name(name):
             raise SipParseError(f"malformed header line {line[:40]!r}")
         headers.append((name, value.strip(" \t")))
     message.headers = headers
