@@ -9,6 +9,7 @@ remote target, so nothing of one dialog's identity leaks into the other.
 from __future__ import annotations
 
 import itertools
+import random
 import secrets
 from dataclasses import dataclass, field
 from enum import Enum
@@ -24,8 +25,12 @@ if TYPE_CHECKING:
     from proxy.b2bua.secure import CallSecurity
 
 
+_unique = random.Random(secrets.randbits(128))
+
+
 def new_tag() -> str:
-    return secrets.token_hex(6)
+    """Tags must be unique, not secret (RFC 3261 §19.3); Call-IDs stay cryptographic."""
+    return f"{_unique.getrandbits(48):012x}"
 
 
 def new_call_id(host: str) -> str:

@@ -238,10 +238,16 @@ class SipMessage:
 
     @property
     def top_via(self) -> Via:
-        vias = self.vias
-        if not vias:
-            raise SipParseError("missing Via")
-        return vias[0]
+        """The first Via value only: every transaction lookup needs it, none the rest."""
+        for hname, value in self.headers:
+            if canonical(hname) == "via":
+                values = split_header_values(value)
+                if values:
+                    try:
+                        return Via.parse(values[0])
+                    except SipHeaderError as exc:
+                        raise SipParseError(f"Via: {exc}") from exc
+        raise SipParseError("missing Via")
 
     @property
     def content_type(self) -> str:
