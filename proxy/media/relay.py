@@ -38,6 +38,20 @@ meanwhile waits in the socket's kernel buffer. Ports return to the allocator onl
 both sockets of a pair are really closed (the transports' ``connection_lost``, on the
 loop iteration after :meth:`RelaySession.release`), so a port is never handed out while
 an old socket still holds it.
+
+Creating, binding, attaching and closing four sockets is most of what a call's media
+costs to set up, so a released pair whose transports are attached is kept open in a
+bounded FIFO pool (``pool_pairs`` per side) and handed out again by a later
+:meth:`RelayEngine.allocate`, the pair released longest ago first. The pair gets a new
+:class:`_Leg`, built exactly as for a fresh pair (the released session keeps the old
+one, with its counters), so no peer, latch, key, tone or counter carries over. In the
+pool a pair relays nothing (no expected IP: every packet is ``wrong_source``); once
+reused, a packet from where the previous call's peer was (its latched and SDP
+addresses) cannot latch for ``quarantine_s`` after the release, even from the new
+peer's IP, unless the new SDP names that very address. Pooled ports stay out of the
+allocator until :meth:`RelayEngine.close_now` / :meth:`RelayEngine.close` (which pool
+nothing) close them, or until the allocator runs dry and pairs pooled for the other
+side's address are closed to make room.
 """
 
 from __future__ import annotations
@@ -49,8 +63,9 @@ import logging
 import math
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from proxy.media.engine import DROP_REASONS, MediaEngine, Side, SrtpCallback, StreamStats
 from proxy.media.ports import PortAllocator, PortsExhausted
@@ -82,6 +97,14 @@ _REORDER_WINDOW = 100
 the same stream (libsrtp's replay window is 128); further behind: a new stream."""
 _MAX_SEQ_JUMP = 1000
 """A jump ahead larger than this (20 s of 20 ms packets lost in a row) is a new stream."""
+
+
+class _Owner(Protocol):
+    """Whom a socket reports to: the session using its pair, or the pool keeping it."""
+
+    def _authenticated(self, side: Side) -> None: ...
+
+    def _pair_closed(self, leg: _Leg) -> None: ...
 
 
 def _refuse(data: bytes, addr: Address) -> None:
@@ -138,6 +161,8 @@ class _Leg:
         "srtp_auth",
         "srtp_protect",
         "srtp_replay",
+        "stale",
+        "stale_until",
         "tone",
         "tone_packets",
         "tone_skipped",
@@ -160,6 +185,10 @@ class _Leg:
         """Sockets of the pair still open: the port goes back to the pool at 0."""
         self.rtp_send: SendTo = _refuse
         self.rtcp_send: SendTo = _refuse
+        self.stale: tuple[tuple[Any, Any], ...] = ()
+        """(ip, port) where the previous call on this pair had its peer: no source to
+        latch before ``stale_until`` (a reused pair)."""
+        self.stale_until = -math.inf
         self.expected_ip: str | None = None
         """The SDP's IP: the only source allowed to latch. None: accept nothing yet."""
         self.rtp_peer: Address | None = None
@@ -215,6 +244,32 @@ class _Leg:
         self.plain_after_grace = 0
         self.tone_packets = 0
         self.tone_skipped = 0
+
+    def adopt(self, old: _Leg) -> None:
+        """Take over ``old``'s bound pair (sockets, port, transports, stale sources).
+        ``old`` keeps its call state and counters, and no longer sends or receives."""
+        self.port = old.port
+        self.sockets = old.sockets
+        self.alive = old.alive
+        self.rtp_send = old.rtp_send
+        self.rtcp_send = old.rtcp_send
+        self.stale = old.stale
+        self.stale_until = old.stale_until
+        old.sockets = ()
+        old.alive = 0
+        old.rtp_send = old.rtcp_send = _refuse
+        for sock in self.sockets:
+            sock.a = self
+
+    def stale_source(self, addr: Address) -> bool:
+        """``addr`` is where the previous call on this pair had its peer, and that call
+        ended too recently: its late packets must not latch into this one."""
+        if (addr[0], addr[1]) not in self.stale:
+            return False
+        if self.clock() < self.stale_until:
+            return True
+        self.stale = ()
+        return False
 
     def latch_rtp(self, addr: Address) -> None:
         self.rtp_peer = addr
@@ -351,7 +406,7 @@ def _mix_tone(b: _Leg, data: bytes) -> bytes:
     return mixed
 
 
-def _relay_rtcp(a: _Leg, b: _Leg, session: RelaySession, data: bytes) -> bool:
+def _relay_rtcp(a: _Leg, b: _Leg, session: _Owner, data: bytes) -> bool:
     """Relay one RTCP packet from side ``a`` to side ``b``. True if it came from a's peer
     for sure (it passed SRTCP authentication, or ``a`` sends plain): it may latch."""
     size = len(data)
@@ -410,7 +465,7 @@ class _Socket(asyncio.DatagramProtocol):
 
     __slots__ = ("a", "b", "handed", "is_open", "session", "sock", "transport")
 
-    def __init__(self, session: RelaySession, a: _Leg, b: _Leg, sock: socket.socket) -> None:
+    def __init__(self, session: _Owner, a: _Leg, b: _Leg, sock: socket.socket) -> None:
         self.session = session
         self.a = a
         self.b = b
@@ -475,7 +530,9 @@ class _RtpSocket(_Socket):
     def datagram_received(self, data: bytes, addr: Address) -> None:
         a = self.a
         latch = addr != a.rtp_peer
-        if latch and (a.rtp_peer is not None or addr[0] != a.expected_ip):
+        if latch and (
+            a.rtp_peer is not None or addr[0] != a.expected_ip or (a.stale and a.stale_source(addr))
+        ):
             a.wrong_source += 1
             return
         if a.mux and len(data) > 1 and 199 < data[1] < 205:  # RTCP PT 200..204 (RFC 5761)
@@ -536,7 +593,11 @@ class _RtcpSocket(_Socket):
     def datagram_received(self, data: bytes, addr: Address) -> None:
         a = self.a
         latch = addr != a.rtcp_peer
-        if latch and (a.rtcp_peer is not None or addr[0] != a.expected_ip):
+        if latch and (
+            a.rtcp_peer is not None
+            or addr[0] != a.expected_ip
+            or (a.stale and a.stale_source(addr))
+        ):
             a.wrong_source += 1
             return
         if _relay_rtcp(a, self.b, self.session, data) and latch:
@@ -628,6 +689,8 @@ class RelaySession:
             return
         sdp_rtp = (ip, rtp_port)
         sdp_rtcp = (ip, rtcp_port) if rtcp_port else None
+        if leg.stale:  # the new peer's own announced address is no stale source
+            leg.stale = tuple(a for a in leg.stale if a != sdp_rtp and a != sdp_rtcp)
         if ip != leg.expected_ip or sdp_rtp != leg.sdp_rtp or sdp_rtcp != leg.sdp_rtcp:
             leg.rtp_peer = leg.rtcp_peer = None  # re-arm latching
         leg.expected_ip = ip
@@ -746,17 +809,22 @@ class RelaySession:
         if self._released:
             return
         self._released = True
-        self._engine._released(self)
+        engine = self._engine
+        engine._released(self)
         for legs in self._legs.values():
             for leg in legs:
                 leg.rtp_dest = leg.rtcp_dest = None
+                if engine._pool.keep(leg):
+                    self._pairs -= 1
+                    continue
                 for sock in leg.sockets:
                     sock.close()
         if self._pairs == 0:
             self._set_closed()
 
     async def wait_closed(self) -> None:
-        """After :meth:`release`: wait until every socket is closed and its port is free."""
+        """After :meth:`release`: wait until every socket is closed and its port is free,
+        or its pair is in the engine's pool."""
         await self._closed.wait()
 
     async def _attach_all(self) -> None:
@@ -765,7 +833,7 @@ class RelaySession:
         for legs in self._legs.values():
             for leg in legs:
                 for proto in leg.sockets:
-                    if self._released or proto.sock is None:
+                    if self._released or proto.handed or proto.sock is None:
                         continue
                     proto.handed = True
                     try:
@@ -778,7 +846,7 @@ class RelaySession:
                             raise
                         log.error("%s: cannot attach %s:%d: %s", self, leg.ip, leg.port, exc)
                         continue
-                    if self._released:
+                    if self._released and proto.session is self:  # (else: pooled)
                         proto.close()
 
     def _pair_closed(self, leg: _Leg) -> None:
@@ -792,14 +860,114 @@ class RelaySession:
         self._engine._closing.discard(self)
 
 
+class _Pool:
+    """Released pairs kept open with their transports attached, for the next allocate: a
+    FIFO per local address (one for both sides when they share it), at most ``pairs``
+    per side. Owns the sockets of the pairs in it: each pair has a fresh leg that expects
+    no IP, so every packet is dropped (``wrong_source``) and nothing is relayed."""
+
+    __slots__ = ("_drained", "_engine", "closing", "free", "limits", "open")
+
+    def __init__(self, engine: RelayEngine, pairs: int, ips: list[str]) -> None:
+        self._engine = engine
+        self.free: dict[str, deque[_Leg]] = {}
+        self.limits: dict[str, int] = {}
+        for ip in ips:
+            self.free.setdefault(ip, deque())
+            self.limits[ip] = self.limits.get(ip, 0) + pairs
+        self.open = True
+        """False while :meth:`RelayEngine.close_now` releases sessions: pool nothing."""
+        self.closing = 0
+        """Pairs closed out of the pool whose sockets are not all gone yet."""
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    def __len__(self) -> int:
+        return sum(len(free) for free in self.free.values())
+
+    def keep(self, leg: _Leg) -> bool:
+        """Pool the pair of ``leg`` (its session is releasing it) if there is room and both
+        its transports are attached and open; False: the caller closes it."""
+        free = self.free[leg.ip]
+        if not self.open or leg.alive != 2 or len(free) >= self.limits[leg.ip]:
+            return False
+        for sock in leg.sockets:
+            transport = sock.transport
+            if transport is None or transport.is_closing():
+                return False
+        pooled = _Leg(leg.side, leg.index, leg.ip, leg.family, leg.clock)
+        pooled.adopt(leg)
+        peers = (leg.rtp_peer, leg.rtcp_peer, leg.sdp_rtp, leg.sdp_rtcp)
+        pooled.stale = tuple(dict.fromkeys((a[0], a[1]) for a in peers if a is not None))
+        if pooled.stale:
+            pooled.stale_until = self._engine.clock() + self._engine.quarantine_s
+        for sock in pooled.sockets:
+            sock.session = self
+            sock.b = pooled
+        free.append(pooled)
+        return True
+
+    def take(self, session: RelaySession, side: Side, index: int, ip: str) -> _Leg | None:
+        """A new leg for ``session`` on the pair pooled longest ago, None if none is."""
+        free = self.free[ip]
+        while free:
+            pooled = free.popleft()
+            if pooled.alive == 2 and all(
+                sock.transport is not None and not sock.transport.is_closing()
+                for sock in pooled.sockets
+            ):
+                leg = _Leg(side, index, ip, pooled.family, pooled.clock)
+                leg.adopt(pooled)
+                for sock in leg.sockets:
+                    sock.session = session
+                    sock.b = leg  # until the other side's leg is there
+                return leg
+            self._close(pooled)  # a socket of it failed while pooled
+        return None
+
+    def drain(self) -> None:
+        """Close every pooled pair (the ports are free on the next loop iterations)."""
+        for free in self.free.values():
+            while free:
+                self._close(free.popleft())
+
+    def _close(self, leg: _Leg) -> None:
+        if self.closing == 0:
+            self._drained.clear()
+        self.closing += 1
+        for sock in leg.sockets:
+            sock.close()
+
+    async def wait(self) -> None:
+        """Until every pair closed out of the pool is gone and its port free."""
+        while self.closing:
+            await self._drained.wait()
+
+    def _authenticated(self, side: Side) -> None:
+        """Never called: a pooled leg has no key."""
+
+    def _pair_closed(self, leg: _Leg) -> None:
+        self._engine.ports.release(leg.port)
+        free = self.free[leg.ip]
+        if leg in free:  # both sockets failed while pooled
+            free.remove(leg)
+            return
+        self.closing -= 1
+        if self.closing == 0:
+            self._drained.set()
+
+
 class RelayEngine:
     """The in-process engine (implements ``MediaEngine``): sockets on ``inside_ip`` for
     the phones, on ``outside_ip`` for the PBX/ITSP side, ports from ``port_min`` to
     ``port_max``.
 
     Inside and outside share one allocator (:attr:`ports`): a stream takes two RTP/RTCP
-    pairs. ``clock`` times the SRTP grace windows (tests pass a fake one). Must be used
-    from within a running event loop."""
+    pairs. ``clock`` times the SRTP grace windows (tests pass a fake one). Up to
+    ``pool_pairs`` released pairs per side are kept open for reuse (0: none), and a
+    reused pair refuses the previous call's peer addresses for ``quarantine_s`` after
+    its release (see the module docstring). Must be used from within a running event
+    loop."""
 
     def __init__(
         self,
@@ -808,9 +976,17 @@ class RelayEngine:
         port_min: int,
         port_max: int,
         clock: Clock = time.monotonic,
+        *,
+        pool_pairs: int = 256,
+        quarantine_s: float = 4.0,
     ) -> None:
+        if pool_pairs < 0:
+            raise ValueError(f"pool_pairs must be >= 0, not {pool_pairs}")
+        if not 0 <= quarantine_s < math.inf:
+            raise ValueError(f"quarantine_s must be a finite number >= 0, not {quarantine_s}")
         self.clock = clock
         """The scale of ``switch_srtp``'s ``now``; read on switch-overs and failed packets."""
+        self.quarantine_s = quarantine_s
         self._ips: dict[Side, tuple[str, socket.AddressFamily]] = {}
         for side, ip in ((Side.INSIDE, inside_ip), (Side.OUTSIDE, outside_ip)):
             address = ipaddress.ip_address(ip)
@@ -822,14 +998,20 @@ class RelayEngine:
         self._live: set[RelaySession] = set()
         self._closing: set[RelaySession] = set()
         """Released sessions whose sockets are not all closed yet."""
+        self._pool = _Pool(self, pool_pairs, [ip for ip, _ in self._ips.values()])
 
     def __repr__(self) -> str:
-        return f"RelayEngine({len(self._live)} sessions, {self.ports!r})"
+        return f"RelayEngine({len(self._live)} sessions, {self.pooled} pooled, {self.ports!r})"
 
     @property
     def sessions(self) -> int:
         """Sessions allocated and not released."""
         return len(self._live)
+
+    @property
+    def pooled(self) -> int:
+        """Released pairs kept open for reuse (their ports are not in :attr:`ports`)."""
+        return len(self._pool)
 
     def allocate(self, call_id: str, streams: int) -> RelaySession:
         if streams < 1:
@@ -837,41 +1019,64 @@ class RelayEngine:
         loop = asyncio.get_running_loop()
         session = RelaySession(call_id, self, loop)
         self._live.add(session)
+        pool = self._pool
+        bound = False
         try:
             for index in range(streams):
-                legs = {
-                    side: _Leg(side, index, ip, family, self.clock)
-                    for side, (ip, family) in self._ips.items()
-                }
-                for side, leg in legs.items():
+                legs: dict[Side, _Leg] = {}
+                for side, (ip, family) in self._ips.items():
+                    leg = pool.take(session, side, index, ip)
+                    if leg is None:
+                        leg = _Leg(side, index, ip, family, self.clock)
                     session._legs[side].append(leg)
-                    port, rtp, rtcp = self._bind_pair(leg.ip, leg.family)
-                    other = legs[side.other]
+                    legs[side] = leg
+                    if leg.alive:  # pooled: bound and attached
+                        session._pairs += 1
+                        continue
+                    try:
+                        port, rtp, rtcp = self._bind_pair(ip, family)
+                    except PortsExhausted:
+                        pool.drain()  # pairs pooled for the other address: free them
+                        raise
                     leg.port = port
                     leg.sockets = (
-                        _RtpSocket(session, leg, other, rtp),
-                        _RtcpSocket(session, leg, other, rtcp),
+                        _RtpSocket(session, leg, leg, rtp),
+                        _RtcpSocket(session, leg, leg, rtcp),
                     )
                     leg.alive = 2
                     # Until the transports are attached, send through the bare sockets.
                     leg.rtp_send = rtp.sendto
                     leg.rtcp_send = rtcp.sendto
                     session._pairs += 1
+                    bound = True
+                for side, leg in legs.items():
+                    other = legs[side.other]
+                    for sock in leg.sockets:
+                        sock.b = other
         except BaseException:
             session.release()
             raise
-        session._attach = loop.create_task(session._attach_all())
+        if bound:
+            session._attach = loop.create_task(session._attach_all())
         return session
 
     def close_now(self) -> None:
-        """Release every session; the sockets close on the next loop iterations."""
-        for session in list(self._live):
-            session.release()
+        """Release every session and close the pooled pairs; the sockets close on the
+        next loop iterations."""
+        pool = self._pool
+        pool.open = False
+        try:
+            for session in list(self._live):
+                session.release()
+        finally:
+            pool.open = True
+        pool.drain()
 
     async def close(self) -> None:
         self.close_now()
         for session in list(self._closing):
             await session.wait_closed()
+        await self._pool.wait()
 
     def _released(self, session: RelaySession) -> None:
         self._live.discard(session)

@@ -85,8 +85,16 @@ def free_range(pairs: int) -> tuple[int, int]:
     raise RuntimeError("no free port range")
 
 
-def make_engine(pairs: int = 8) -> RelayEngine:
-    return RelayEngine(HOST, HOST, *free_range(pairs))
+def make_engine(pairs: int = 8, pool: int = 256) -> RelayEngine:
+    return RelayEngine(HOST, HOST, *free_range(pairs), pool_pairs=pool)
+
+
+def free(engine: RelayEngine) -> int:
+    """Pairs an allocation can have: free in the allocator or pooled for reuse."""
+    return engine.ports.available + engine.pooled
+
+
+POOLS = pytest.mark.parametrize("pool", [0, 256], ids=["unpooled", "pooled"])
 
 
 class Peer(asyncio.DatagramProtocol):
@@ -397,9 +405,12 @@ def test_set_remote_validation(run: Runner) -> None:
 # --------------------------------------------------------------------------- ports
 
 
-def test_release_frees_ports_and_exhaustion(run: Runner) -> None:
+@POOLS
+def test_release_frees_ports_and_exhaustion(run: Runner, pool: int) -> None:
     async def test() -> None:
-        engine = make_engine(pairs=2)  # exactly one stream: an inside and an outside pair
+        engine = make_engine(
+            pairs=2, pool=pool
+        )  # exactly one stream: an inside and an outside pair
         first = engine.allocate("a", 1)
         with pytest.raises(PortsExhausted):
             engine.allocate("b", 1)
@@ -409,7 +420,7 @@ def test_release_frees_ports_and_exhaustion(run: Runner) -> None:
         first.release()
         first.release()  # idempotent
         await first.wait_closed()
-        assert engine.ports.available == 2
+        assert free(engine) == 2
         second = engine.allocate("a", 1)  # the same call id is free again too
         assert {second.local(INSIDE, 0), second.local(OUTSIDE, 0)} == ports_before
         second.release()
@@ -419,9 +430,10 @@ def test_release_frees_ports_and_exhaustion(run: Runner) -> None:
     run(test)
 
 
-def test_partial_allocation_gives_everything_back(run: Runner) -> None:
+@POOLS
+def test_partial_allocation_gives_everything_back(run: Runner, pool: int) -> None:
     async def test() -> None:
-        engine = make_engine(pairs=3)
+        engine = make_engine(pairs=3, pool=pool)
         with pytest.raises(PortsExhausted):
             engine.allocate("big", 2)  # needs 4 pairs
         for _ in range(5):
@@ -454,9 +466,10 @@ def test_ports_held_by_another_process_are_skipped(run: Runner) -> None:
     run(test)
 
 
-def test_sync_allocation_relays_before_attach_and_releases_at_once(run: Runner) -> None:
+@POOLS
+def test_sync_allocation_relays_before_attach_and_releases_at_once(run: Runner, pool: int) -> None:
     async def test() -> None:
-        engine = make_engine(pairs=2)
+        engine = make_engine(pairs=2, pool=pool)
         phone, pbx = await peer(), await peer()
         # Allocated, remotes set and a packet sent, all before the loop ran once: the
         # packet waits in the kernel buffer until the transports are attached.
@@ -468,20 +481,244 @@ def test_sync_allocation_relays_before_attach_and_releases_at_once(run: Runner) 
         session.release()
         await session.wait_closed()
 
-        # Released before the transports were ever attached: ports are back at once.
+        # Released before the transports were ever attached: ports are back at once
+        # (pooled pairs are attached already, and back in the pool at once).
         session = engine.allocate("d", 1)
-        assert engine.ports.available == 0
+        assert free(engine) == 0
         session.release()
-        assert engine.ports.available == 2
+        assert free(engine) == 2
         await asyncio.sleep(0.01)  # the attach task finds nothing to do
-        assert engine.ports.available == 2
+        assert free(engine) == 2
 
         session = engine.allocate("e", 1)
         await asyncio.sleep(0.01)
         engine.close_now()
         assert engine.sessions == 0
         await session.wait_closed()
-        assert engine.ports.available == 2
+        assert engine.ports.available == 2 and engine.pooled == 0  # close_now pools nothing
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- pool
+#
+# Released pairs whose transports are attached stay open in a FIFO pool and come back on
+# a later allocate, with a new leg: nothing of the previous call may carry over.
+
+
+def count_binds(engine: RelayEngine) -> list[int]:
+    """Counts the engine's ``_bind_pair`` calls (new sockets) from now on."""
+    calls: list[int] = []
+    bind = engine._bind_pair
+
+    def counting(ip: str, family: socket.AddressFamily) -> tuple[int, socket.socket, socket.socket]:
+        calls.append(1)
+        return bind(ip, family)
+
+    engine._bind_pair = counting  # type: ignore[method-assign]
+    return calls
+
+
+async def pooled_call(engine: RelayEngine) -> tuple[RelaySession, Peer, Peer]:
+    """A call whose both sides latched and relayed, released into the pool."""
+    session, phone, pbx = await live_call(engine)
+    pooled = engine.pooled
+    session.release()
+    await session.wait_closed()
+    assert engine.pooled == pooled + 2
+    return session, phone, pbx
+
+
+async def live_call(engine: RelayEngine) -> tuple[RelaySession, Peer, Peer]:
+    """A call whose both sides latched and relayed, its transports attached."""
+    session, phone, pbx = await call(engine)
+    inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+    phone.send(rtp(1), inside)
+    await expect(pbx, rtp(1))
+    pbx.send(rtp(2), outside)
+    await expect(phone, rtp(2))
+    phone.send(rtcp_sr(), (inside[0], inside[1] + 1))  # latches RTCP (relayed to pbx:port+1)
+    await settle()  # every transport attached
+    assert stat(session, INSIDE, "rtcp_packets_in") == 1
+    return session, phone, pbx
+
+
+def test_released_pairs_are_reused_first_in_first_out(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine(pairs=8)
+        first, _, _ = await live_call(engine)
+        second, _, _ = await live_call(engine)
+        first.release()
+        second.release()
+        assert (
+            engine.pooled == 4 and engine.ports.available == 4
+        )  # pooled ports stay out of the allocator
+        binds = count_binds(engine)
+        session, phone, pbx = await call(engine)
+        assert binds == [] and session._attach is None  # no socket made, none to attach
+        for side in (INSIDE, OUTSIDE):  # the pair released longest ago comes back first
+            assert session.local(side, 0) == first.local(side, 0)
+        assert engine.pooled == 2 and engine.ports.available == 4
+        assert first.stats() != session.stats()  # the released session kept its counters
+        assert stat(first, INSIDE, "packets_in") == 2  # RTP and RTCP
+
+        # The reused pair relays like a fresh one, counters from zero.
+        for side in (INSIDE, OUTSIDE):
+            counters = session.stats()[side][0]
+            assert counters["drops"] == dict.fromkeys(DROP_REASONS, 0)
+            assert all(value == 0 for key, value in counters.items() if key != "drops")
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        phone.send(rtp(5), inside)
+        assert await pbx.recv() == (rtp(5), outside)
+        pbx.send(rtp(6, ssrc=0x99), outside)
+        assert await phone.recv() == (rtp(6, ssrc=0x99), inside)
+        assert stat(session, INSIDE, "packets_in") == stat(session, OUTSIDE, "packets_in") == 1
+
+        # A third call takes the second pooled pair; a fourth needs new sockets.
+        third = engine.allocate("c", 1)
+        assert third.local(INSIDE, 0) == second.local(INSIDE, 0) and binds == []
+        fourth = engine.allocate("d", 1)
+        assert len(binds) == 2 and engine.pooled == 0
+        for s in (session, third, fourth):
+            s.release()
+        await engine.close()
+
+    run(test)
+
+
+def test_stale_packets_of_the_previous_call_are_dropped(run: Runner) -> None:
+    async def test() -> None:
+        clock = FakeClock()
+        engine = RelayEngine(HOST, HOST, *free_range(8), clock=clock, quarantine_s=4)
+        old, old_phone, old_pbx = await pooled_call(engine)
+        inside, outside = old.local(INSIDE, 0), old.local(OUTSIDE, 0)
+        old_phone.send(rtp(3), inside)  # into the pool: dropped, relayed nowhere
+        await settle()
+        old_phone.send(rtp(4), inside)  # still in the kernel buffer when the pair is reused
+        session = engine.allocate("new", 1)
+        assert session.local(INSIDE, 0) == inside and session.local(OUTSIDE, 0) == outside
+        await settle()
+        assert stat(session, INSIDE, "wrong_source") == 1  # no expected IP yet
+        assert stat(session, INSIDE, "packets_in") == 0
+
+        # The new peers are at the old ones' IP: the old addresses still cannot latch.
+        phone, pbx = await peer(), await peer()
+        session.set_remote(INSIDE, 0, HOST, phone.port, phone.port + 1)
+        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+        old_phone.send(rtp(7), inside)
+        old_phone.send(rtcp_sr(), (inside[0], inside[1] + 1))
+        old_pbx.send(rtp(8), outside)
+        phone.send(rtp(9), inside)
+        await expect(pbx, rtp(9))  # the old phone's packet before it was not relayed
+        pbx.send(rtp(10), outside)
+        await expect(phone, rtp(10))
+        assert stat(session, INSIDE, "wrong_source") == 3
+        assert stat(session, OUTSIDE, "wrong_source") == 1
+        assert stat(session, INSIDE, "packets_in") == 1
+        assert old_phone.queue.empty() and old_pbx.queue.empty()
+        assert stat(old, INSIDE, "wrong_source") == 0  # the old call's counters are its own
+
+        # After the quarantine the address is an ordinary one: a new SDP address latches.
+        clock.now += 5
+        session.set_remote(OUTSIDE, 0, HOST, 9, 10)  # re-arms latching
+        old_pbx.send(rtp(11), outside)
+        await expect(phone, rtp(11))
+        await engine.close()
+
+    run(test)
+
+
+def test_the_new_sdp_may_name_the_previous_peers_address(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        _, phone, pbx = await pooled_call(engine)  # a phone with a fixed RTP port calls again
+        session = engine.allocate("again", 1)
+        session.set_remote(INSIDE, 0, HOST, phone.port, phone.port + 1)
+        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+        phone.send(rtp(1), session.local(INSIDE, 0))
+        await expect(pbx, rtp(1))
+        await engine.close()
+
+    run(test)
+
+
+def test_a_reused_pair_starts_plain_with_nothing_of_the_previous_call(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        far_end = SrtpContext(KEY, SALT)
+        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        session.on_srtp_authenticated(OUTSIDE, lambda: None)
+        session.set_tx_ssrc(OUTSIDE, 0x5555)
+        session.play_tone(INSIDE, 0, Tone.parse("1000@-10;5(5/0/1)"))
+        session.set_remote(OUTSIDE, 0, HOST, pbx.port, 0, rtcp_mux=True)
+        phone.send(rtp(1), inside)
+        assert far_end.unprotect((await pbx.recv())[0])[8:12] == b"\x00\x00\x55\x55"
+        pbx.send(far_end.protect(rtp(2, FAR_SSRC)), outside)
+        await phone.recv()
+        await settle()
+        session.release()
+        assert engine.pooled == 2
+
+        reused = engine.allocate("next", 1)
+        fresh_engine = make_engine(pool=0)
+        fresh = fresh_engine.allocate("fresh", 1)
+        pair_state = {"port", "sockets", "alive", "rtp_send", "rtcp_send", "stale", "stale_until"}
+        for side in (INSIDE, OUTSIDE):
+            leg, new = reused._legs[side][0], fresh._legs[side][0]
+            for name in set(type(leg).__slots__) - pair_state:
+                assert getattr(leg, name) == getattr(new, name), (side, name)
+            assert all(sock.session is reused and sock.a is leg for sock in leg.sockets)
+        with pytest.raises(ValueError):
+            reused.on_srtp_authenticated(OUTSIDE, lambda: None)  # no key: plain
+
+        phone2, pbx2 = await peer(), await peer()
+        reused.set_remote(INSIDE, 0, HOST, phone2.port, phone2.port + 1)
+        reused.set_remote(OUTSIDE, 0, HOST, pbx2.port, pbx2.port + 1)
+        phone2.send(rtp(100, payload=b"\xff" * 160), inside)
+        await expect(pbx2, rtp(100, payload=b"\xff" * 160))  # plain, own SSRC and seq
+        pbx2.send(rtp(200), outside)
+        await expect(phone2, rtp(200))  # plain taken as is, no tone mixed in
+        phone2.send(rtcp_sr(), (inside[0], inside[1] + 1))  # to pbx2's RTCP port: no mux
+        await settle()
+        assert pbx2.queue.empty() and stat(reused, OUTSIDE, "rtcp_packets_out") == 1
+        for side in (INSIDE, OUTSIDE):
+            counters = reused.stats()[side][0]
+            assert counters["packets_encrypted"] == counters["packets_decrypted"] == 0
+            assert counters["tone_packets"] == 0 and counters["drops"]["srtp_auth"] == 0
+        await engine.close()
+        await fresh_engine.close()
+
+    run(test)
+
+
+def test_the_pool_is_bounded_and_close_empties_it(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine(pairs=6, pool=1)  # one pair per side: two, on a shared IP
+        sessions = [await call(engine) for _ in range(3)]
+        await settle()
+        pooled = [s.local(side, 0)[1] for s, _, _ in sessions[:1] for side in (INSIDE, OUTSIDE)]
+        for s, _, _ in sessions:
+            s.release()
+        await asyncio.sleep(0.01)
+        assert engine.pooled == 2 and engine.ports.available == 4  # the rest was closed
+        await engine.close()
+        assert engine.pooled == 0 and engine.ports.available == 6
+        for port in pooled:  # really closed: the ports can be bound again
+            for p in (port, port + 1):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.bind((HOST, p))
+
+        # close_now closes the pool too, and pools none of the sessions it releases.
+        await pooled_call(engine)
+        live = engine.allocate("live", 1)
+        await settle()
+        engine.close_now()
+        assert engine.pooled == 0
+        await live.wait_closed()
+        await engine.close()
+        assert engine.ports.available == 6
 
     run(test)
 
