@@ -194,7 +194,9 @@ class MediaSession(Protocol):
         ...
 
     def release(self) -> None:
-        """Close every socket and give the ports back. Idempotent."""
+        """End the session: its sockets are closed and their ports given back, or kept
+        open in the engine's pool for a later call (the in-process relay pools them to
+        spare call set-up; a pooled pair relays nothing until reallocated). Idempotent."""
         ...
 
 
