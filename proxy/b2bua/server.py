@@ -145,6 +145,11 @@ class ProxyServer:
                 "clear_reasons": stats.clear_reasons,
             },
             "bindings": {k: v.contact for k, v in self.core.bindings.items()},
+            "media": {
+                "sessions": self.media.sessions,
+                "pooled_pairs": self.media.pooled,
+                "pooled_rtp_ports": self.media.pooled_ports(),
+            },
         }
 
     async def _admin_client(

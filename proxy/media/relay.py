@@ -1013,6 +1013,10 @@ class RelayEngine:
         """Released pairs kept open for reuse (their ports are not in :attr:`ports`)."""
         return len(self._pool)
 
+    def pooled_ports(self) -> list[int]:
+        """The RTP ports of the pooled pairs (RTCP is each + 1): bound, but no call's."""
+        return sorted(leg.port for free in self._pool.free.values() for leg in free)
+
     def allocate(self, call_id: str, streams: int) -> RelaySession:
         if streams < 1:
             raise ValueError(f"a session needs at least one stream, not {streams}")

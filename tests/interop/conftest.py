@@ -182,9 +182,13 @@ class Proxy:
         assert calls == [], f"calls still active: {calls}"
         busy: list[int] = []
         while time.monotonic() < deadline:
+            media = self.status()["media"]
+            # Released pairs may stay open in the engine's pool for the next call; every
+            # other port must be free again, and no media session may be left.
+            pooled = {p + k for p in media["pooled_rtp_ports"] for k in (0, 1)}
             ports = range(self.media[0], self.media[1] + 1)
-            busy = [port for port in ports if not _bindable(port, socket.SOCK_DGRAM)]
-            if not busy:
+            busy = [p for p in ports if p not in pooled and not _bindable(p, socket.SOCK_DGRAM)]
+            if not busy and media["sessions"] == 0:
                 return
             time.sleep(0.05)
         raise AssertionError(f"media ports still bound after the calls ended: {busy}")
