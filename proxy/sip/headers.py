@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 MAGIC_COOKIE = "z9hG4bK"
 
 
+_T = TypeVar("_T")
 _PARSED: dict[tuple[type, str], object] = {}
 """Parsed header values by (type, text). The values are immutable (frozen dataclasses,
 edited only through ``with_*`` copies), so one parse serves every message that repeats
@@ -21,10 +24,15 @@ the text: From/To/CSeq/Via are otherwise parsed dozens of times per call."""
 _PARSED_MAX = 8192
 
 
-def _remember(kind: type, text: str, value: object) -> None:
-    if len(_PARSED) >= _PARSED_MAX:
-        _PARSED.clear()  # cheap and bounded; the working set refills in a few messages
-    _PARSED[(kind, text)] = value
+def _memoised(kind: type[_T], text: str, parse: Callable[[str], _T]) -> _T:
+    hit = _PARSED.get((kind, text))
+    if hit is None:
+        hit = parse(text)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()  # cheap and bounded; the working set refills in a few messages
+        _PARSED[(kind, text)] = hit
+    assert isinstance(hit, kind)
+    return hit
 
 
 class SipHeaderError(ValueError):
@@ -207,12 +215,7 @@ class SipUri:
     @classmethod
     def parse(cls, text: str) -> SipUri:
         """Parse (memoised by text: a call's messages repeat the same values)."""
-        hit = _PARSED.get((cls, text))
-        if hit is None:
-            hit = cls._parse(text)
-            _remember(cls, text, hit)
-        assert isinstance(hit, cls)
-        return hit
+        return _memoised(cls, text, cls._parse)
 
     @classmethod
     def _parse(cls, text: str) -> SipUri:
@@ -283,12 +286,7 @@ class NameAddr:
     @classmethod
     def parse(cls, text: str) -> NameAddr:
         """Parse (memoised by text: a call's messages repeat the same values)."""
-        hit = _PARSED.get((cls, text))
-        if hit is None:
-            hit = cls._parse(text)
-            _remember(cls, text, hit)
-        assert isinstance(hit, cls)
-        return hit
+        return _memoised(cls, text, cls._parse)
 
     @classmethod
     def _parse(cls, text: str) -> NameAddr:
@@ -392,12 +390,7 @@ class Via:
     @classmethod
     def parse(cls, text: str) -> Via:
         """Parse (memoised by text: a call's messages repeat the same values)."""
-        hit = _PARSED.get((cls, text))
-        if hit is None:
-            hit = cls._parse(text)
-            _remember(cls, text, hit)
-        assert isinstance(hit, cls)
-        return hit
+        return _memoised(cls, text, cls._parse)
 
     @classmethod
     def _parse(cls, text: str) -> Via:
@@ -439,12 +432,7 @@ class CSeq:
     @classmethod
     def parse(cls, text: str) -> CSeq:
         """Parse (memoised by text: a call's messages repeat the same values)."""
-        hit = _PARSED.get((cls, text))
-        if hit is None:
-            hit = cls._parse(text)
-            _remember(cls, text, hit)
-        assert isinstance(hit, cls)
-        return hit
+        return _memoised(cls, text, cls._parse)
 
     @classmethod
     def _parse(cls, text: str) -> CSeq:

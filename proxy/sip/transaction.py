@@ -153,8 +153,7 @@ class _Timed:
     @retransmit_at.setter
     def retransmit_at(self, when: float | None) -> None:
         self._retransmit = when  # type: ignore[misc]  # the slot lives in the dataclass
-        if when is not None and self._heap is not None:
-            heapq.heappush(self._heap, (when, self.id, self))
+        self._announce(when)
 
     @property
     def timeout_at(self) -> float | None:
@@ -163,6 +162,9 @@ class _Timed:
     @timeout_at.setter
     def timeout_at(self, when: float | None) -> None:
         self._timeout = when  # type: ignore[misc]  # the slot lives in the dataclass
+        self._announce(when)
+
+    def _announce(self, when: float | None) -> None:
         if when is not None and self._heap is not None:
             heapq.heappush(self._heap, (when, self.id, self))
 
