@@ -39,7 +39,6 @@ from proxy.sip.headers import (
     NameAddr,
     SipHeaderError,
     SipUri,
-    Via,
     bare_host,
     format_hostport,
     split_header_values,
@@ -1524,4 +1523,4 @@ def bad_request(data: bytes, reason: str, status: int = 400) -> bytes | None:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-__all__ = ["B2BUA", "Outbound", "Via", "bad_request", "copy_end_to_end"]
+__all__ = ["B2BUA", "Outbound", "bad_request", "copy_end_to_end"]
