@@ -9,9 +9,8 @@ strict and loud:
   socket, so a bad file fails at start-up, not on the first call;
 * unknown tables and keys are errors, because a typo (``lisen``) that is ignored turns
   into a proxy that runs with a default nobody asked for. The only exceptions are the
-  names a later issue gives meaning to (``[xsipura]``, ``[media]``/``[limits]``
-  ``workers`` and the per-line x-sipura keys): they are accepted and kept raw in
-  ``extra`` so files written for the next version already load;
+  names another module gives meaning to (``[xsipura]`` and the per-line x-sipura keys):
+  they are accepted and kept raw in ``extra``;
 * every failure is a :class:`ConfigError` whose text is one line,
   ``FILE: KEY: what is wrong``, so the CLI can print it and exit 2 (it is a
   :class:`~proxy.errors.UsageError`) and scripts can grep it.
@@ -26,10 +25,11 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import os
 import re
 import tomllib
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time
 from pathlib import Path
 from types import MappingProxyType
@@ -64,8 +64,8 @@ MEDIA_PORT_FLOOR: Final = 1024
 """Below this are the privileged / well-known ports: never an RTP allocation range."""
 
 _EXTRA_TABLES: Final = frozenset({"xsipura"})
-_EXTRA_MEDIA_KEYS: Final = frozenset({"workers"})
-_EXTRA_LIMITS_KEYS: Final = frozenset({"workers"})
+MIN_PAIRS_PER_WORKER: Final = 4
+"""RTP/RTCP pairs each media worker's slice of the port range must hold."""
 _EXTRA_LINE_KEYS: Final = frozenset(
     {"mini_certificate", "srtp_private_key", "secure_by_default", "require_secure"}
 )
@@ -139,11 +139,23 @@ class MediaConfig:
     port_max: int = 29999
     rtp_timeout_s: int = 0
     """Hang up a call whose media has been silent this long; 0 disables the check."""
+    workers: int | None = None
+    """Media worker processes, each with an even share of the ports; 0: relay in the
+    signalling process; None (``"auto"``): one per core (:meth:`worker_count`)."""
 
     @property
     def port_pairs(self) -> int:
         """How many RTP/RTCP pairs the inclusive range holds."""
         return (self.port_max - self.port_min + 1) // 2
+
+    def worker_count(self, cpus: int | None = None) -> int:
+        """The number of worker processes to run: ``workers``, or for ``"auto"`` one per
+        core (``cpus``, default ``os.cpu_count()``) as far as the port range gives each
+        at least :data:`MIN_PAIRS_PER_WORKER` pairs (0 when it cannot give even one)."""
+        if self.workers is not None:
+            return self.workers
+        cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+        return max(0, min(cpus, self.port_pairs // MIN_PAIRS_PER_WORKER))
 
 
 @dataclass(frozen=True)
@@ -209,7 +221,7 @@ class Config:
     Built by :func:`parse_config` / :func:`load_config`, which do all the checking;
     constructing one directly (as tests may) trusts the caller. ``extra`` mirrors the
     accepted-but-not-yet-meaningful TOML entries at their TOML paths, e.g.
-    ``extra["xsipura"]`` (the whole table) or ``extra["limits"]["workers"]``; it and
+    ``extra["xsipura"]`` (the whole table) or ``extra["line"]``; it and
     every mapping in it are read-only. ``source`` is the file name used in messages.
     """
 
@@ -295,7 +307,7 @@ def _build(source: str, data: Mapping[str, Any]) -> Config:
     inside = _side(root.table(name="inside", required=True), inside=True)
     outside = _side(root.table(name="outside", required=True), inside=False)
     _check_distinct_listen(source, inside, outside)
-    media = _media(root.table("media"), extra)
+    media = _media(root.table("media"), root.table("limits"))
     sip = _sip(root.table("sip"))
     lines = _lines(root)
     log = _log(root.table("log"))
@@ -356,9 +368,27 @@ def _same_socket(host: str, port: int, side: SideConfig) -> bool:
     return host == side.listen_host or host in wildcard or side.listen_host in wildcard
 
 
-def _media(t: _Table, extra: dict[str, Any]) -> MediaConfig:
-    t.check_keys(("port_min", "port_max", "rtp_timeout_s", *_EXTRA_MEDIA_KEYS))
-    t.keep_extra(_EXTRA_MEDIA_KEYS, extra)
+def _workers(t: _Table, media: MediaConfig) -> MediaConfig:
+    """``workers``: an integer >= 0 or ``"auto"``; each worker needs a slice of at least
+    :data:`MIN_PAIRS_PER_WORKER` port pairs."""
+    value = t.data["workers"]
+    if value == "auto":
+        return media
+    if isinstance(value, str):
+        raise t.error("workers", f'expected an integer >= 0 or "auto", got {_show(value)}')
+    workers = t.integer("workers", 0, minimum=0)
+    if workers and media.port_pairs // workers < MIN_PAIRS_PER_WORKER:
+        room = media.port_pairs // MIN_PAIRS_PER_WORKER
+        raise t.error(
+            "workers",
+            f"{workers} workers need {MIN_PAIRS_PER_WORKER} RTP/RTCP port pairs each; "
+            f"media.port_min..port_max holds {media.port_pairs} (room for {room})",
+        )
+    return replace(media, workers=workers)
+
+
+def _media(t: _Table, limits: _Table) -> MediaConfig:
+    t.check_keys(("port_min", "port_max", "rtp_timeout_s", "workers"))
     port_min = t.integer("port_min", 20000)
     if port_min < MEDIA_PORT_FLOOR or port_min % 2 or port_min > 65535:
         raise t.error("port_min", f"must be an even number >= {MEDIA_PORT_FLOOR}, got {port_min}")
@@ -375,6 +405,10 @@ def _media(t: _Table, extra: dict[str, Any]) -> MediaConfig:
             f"range {port_min}..{port_max} holds {media.port_pairs} RTP/RTCP port pair; "
             "at least 2 are needed",
         )
+    if t.has("workers"):
+        media = _workers(t, media)
+    elif limits.has("workers"):  # the key's first home, still accepted
+        media = _workers(limits, media)
     return media
 
 
@@ -468,8 +502,7 @@ def _lines(root: _Table) -> tuple[LineConfig, ...]:
 def _limits(
     t: _Table, extra: dict[str, Any], inside: SideConfig, outside: SideConfig, media: MediaConfig
 ) -> LimitsConfig:
-    t.check_keys(("max_calls", *_EXTRA_LIMITS_KEYS))
-    t.keep_extra(_EXTRA_LIMITS_KEYS, extra)
+    t.check_keys(("max_calls", "workers"))
     max_calls = t.integer("max_calls", 0, minimum=0)
     # Each call holds one port pair per leg; when both legs' media share an address the
     # two pairs come from the same range, so the limit can never be reached past this.

@@ -271,6 +271,29 @@ class B2BUA:
                 out += self._send_bye(call, call.b, now, "RTP timeout")
         return out
 
+    def media_lost(self, sessions: Iterable[MediaSession], now: float) -> list[Outbound]:
+        """The engine lost these sessions (a media worker process died): their calls
+        cannot carry audio any more, so they end cleanly instead of going silent. An
+        answered call gets a BYE with a Reason on both legs (it finishes when they are
+        answered or time out); one still ringing is cancelled toward the callee and
+        answered 487 toward the caller. Calls on other sessions are not touched."""
+        lost = {id(session) for session in sessions}
+        out: list[Outbound] = []
+        for call in list(self.calls.values()):
+            media = call.media
+            if media is None or id(media.session) not in lost:
+                continue
+            log.warning("call %d: its media relay process died; hanging up", call.id)
+            if call.state in (CallState.INVITING, CallState.EARLY):
+                out += self._cancel_call(call, now)
+            elif call.state in (CallState.ANSWERED, CallState.CONFIRMED):
+                byes = self._send_bye(call, call.a, now, "media relay failed")
+                byes += self._send_bye(call, call.b, now, "media relay failed")
+                if not byes:  # no dialog to send a BYE in
+                    self._finish(call)
+                out += byes
+        return out
+
     def active_calls(self) -> list[dict[str, object]]:
         return [
             {

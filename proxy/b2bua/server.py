@@ -20,8 +20,10 @@ from typing import Any
 from proxy.b2bua.config import Config
 from proxy.b2bua.core import B2BUA, Outbound
 from proxy.b2bua.security_config import load_security
+from proxy.logsetup import configure_logging
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
+from proxy.media.workers import WorkerEngine, WorkerSession
 from proxy.sip.transaction import Address
 from proxy.sip.transport import SipTransport
 
@@ -31,12 +33,27 @@ log = logging.getLogger("sipura.server")
 class ProxyServer:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.media = RelayEngine(
-            port_min=config.media.port_min,
-            port_max=config.media.port_max,
-            inside_ip=config.inside.media_ip,
-            outside_ip=config.outside.media_ip,
-        )
+        workers = config.media.worker_count()
+        self.media: RelayEngine | WorkerEngine
+        if workers:
+            self.media = WorkerEngine(
+                port_min=config.media.port_min,
+                port_max=config.media.port_max,
+                inside_ip=config.inside.media_ip,
+                outside_ip=config.outside.media_ip,
+                workers=workers,
+                log_level=config.log.level,
+                log_format=config.log.format,
+            )
+            self.media.on_lost = self._media_lost
+            self.media.on_wakeup = self._wake
+        else:
+            self.media = RelayEngine(
+                port_min=config.media.port_min,
+                port_max=config.media.port_max,
+                inside_ip=config.inside.media_ip,
+                outside_ip=config.outside.media_ip,
+            )
         self.security = load_security(config)
         for warning in self.security.warnings:
             log.warning("%s: %s", config.source, warning)
@@ -60,6 +77,8 @@ class ProxyServer:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if isinstance(self.media, WorkerEngine):
+            self.media.start()
         for transport in self.transports.values():
             await transport.start(self.config.sip.transports)
         if self.config.admin.enabled:
@@ -117,6 +136,17 @@ class ProxyServer:
         if self._loop is not None:
             self._loop.call_soon(self._poll)
 
+    def _media_lost(self, sessions: list[WorkerSession]) -> None:
+        """A media worker died: hang up the calls whose media it carried."""
+        if self._loop is None:
+            return
+        try:
+            out = self.core.media_lost(sessions, self._loop.time())
+        except Exception:
+            log.exception("internal error hanging up the calls of a lost media worker")
+            return
+        self._send(out)
+
     def _fire(self) -> None:
         self._timer = None
         self._poll()
@@ -149,6 +179,7 @@ class ProxyServer:
                 "sessions": self.media.sessions,
                 "pooled_pairs": self.media.pooled,
                 "pooled_rtp_ports": self.media.pooled_ports(),
+                "workers": self.media.workers() if isinstance(self.media, WorkerEngine) else [],
             },
         }
 
@@ -185,27 +216,7 @@ def install_fast_loop() -> str:
 
 
 def setup_logging(config: Config) -> None:
-    level = getattr(logging, config.log.level.upper(), logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    if config.log.format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "ts": self.formatTime(record),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "msg": record.getMessage(),
-            }
-        )
+    configure_logging(config.log.level, config.log.format)
 
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:

@@ -72,7 +72,7 @@ from proxy.media.ports import PortAllocator, PortsExhausted
 from proxy.media.srtp import SrtpContext, SrtpError, SrtpReplayError
 from proxy.media.tones import Tone, ToneMixer
 
-__all__ = ["PortsExhausted", "RelayEngine", "RelaySession"]
+__all__ = ["COUNTERS", "PortsExhausted", "RelayEngine", "RelaySession", "bind_pair", "stats_from"]
 
 log = logging.getLogger("sipura.media")
 
@@ -329,6 +329,10 @@ class _Leg:
             drops={reason: getattr(self, reason) for reason in DROP_REASONS},
         )
 
+    def counters(self) -> tuple[int, ...]:
+        """The counters in :data:`COUNTERS` order (what a worker process reports)."""
+        return tuple([getattr(self, name) for name in COUNTERS])
+
     def unauthenticated(
         self, data: bytes, error: SrtpError, rtcp: bool
     ) -> tuple[bytes, bool] | None:
@@ -364,6 +368,46 @@ class _Leg:
         if _plain_rtcp(data) if rtcp else _plain_rtp(data):
             self.plain_after_grace += 1
         return None
+
+
+COUNTERS: tuple[str, ...] = (
+    "packets_in",
+    "bytes_in",
+    "packets_out",
+    "bytes_out",
+    "rtcp_packets_in",
+    "rtcp_packets_out",
+    "packets_encrypted",
+    "packets_decrypted",
+    "plain_accepted",
+    "plain_after_grace",
+    "tone_packets",
+    "tone_skipped",
+    *DROP_REASONS,
+)
+"""A leg's counters as a flat tuple: :meth:`RelaySession.counters` per leg, in this order."""
+
+_PLAIN = len(COUNTERS) - len(DROP_REASONS)
+
+
+def stats_from(counters: tuple[int, ...], streams: int) -> dict[Side, list[StreamStats]]:
+    """:meth:`RelaySession.stats` rebuilt from :meth:`RelaySession.counters` (a worker's
+    report): ``streams`` inside legs, then as many outside legs."""
+    width = len(COUNTERS)
+    result: dict[Side, list[StreamStats]] = {}
+    pos = 0
+    for side in (Side.INSIDE, Side.OUTSIDE):
+        legs: list[StreamStats] = []
+        for _ in range(streams):
+            row = counters[pos : pos + width]
+            pos += width
+            if len(row) < width:
+                row = (0,) * width
+            stats = dict(zip(COUNTERS[:_PLAIN], row[:_PLAIN], strict=True))
+            stats["drops"] = dict(zip(DROP_REASONS, row[_PLAIN:], strict=True))  # type: ignore[assignment]
+            legs.append(cast(StreamStats, stats))
+        result[side] = legs
+    return result
 
 
 def _plain_rtp(data: bytes) -> bool:
@@ -805,6 +849,17 @@ class RelaySession:
     def stats(self) -> dict[Side, list[StreamStats]]:
         return {side: [leg.stats() for leg in legs] for side, legs in self._legs.items()}
 
+    def counters(self) -> tuple[int, ...]:
+        """Every leg's counters flat: inside legs then outside legs, each in
+        :data:`COUNTERS` order (:func:`stats_from` turns it back into :meth:`stats`)."""
+        return tuple(n for side in (Side.INSIDE, Side.OUTSIDE) for leg in self._legs[side]
+                     for n in leg.counters())  # fmt: skip
+
+    def inbound(self) -> tuple[int, int]:
+        """Packets accepted from the inside and from the outside peer of stream 0."""
+        legs = self._legs
+        return legs[Side.INSIDE][0].packets_in, legs[Side.OUTSIDE][0].packets_in
+
     def release(self) -> None:
         if self._released:
             return
@@ -857,7 +912,10 @@ class RelaySession:
 
     def _set_closed(self) -> None:
         self._closed.set()
-        self._engine._closing.discard(self)
+        engine = self._engine
+        engine._closing.discard(self)
+        if engine.on_closed is not None:
+            engine.on_closed(self)
 
 
 class _Pool:
@@ -999,6 +1057,8 @@ class RelayEngine:
         self._closing: set[RelaySession] = set()
         """Released sessions whose sockets are not all closed yet."""
         self._pool = _Pool(self, pool_pairs, [ip for ip, _ in self._ips.values()])
+        self.on_closed: Callable[[RelaySession], object] | None = None
+        """Called when a released session's sockets are all closed (or pooled)."""
 
     def __repr__(self) -> str:
         return f"RelayEngine({len(self._live)} sessions, {self.pooled} pooled, {self.ports!r})"
@@ -1017,9 +1077,21 @@ class RelayEngine:
         """The RTP ports of the pooled pairs (RTCP is each + 1): bound, but no call's."""
         return sorted(leg.port for free in self._pool.free.values() for leg in free)
 
-    def allocate(self, call_id: str, streams: int) -> RelaySession:
+    def allocate(
+        self,
+        call_id: str,
+        streams: int,
+        sockets: list[tuple[socket.socket, socket.socket]] | None = None,
+    ) -> RelaySession:
+        """See :meth:`MediaEngine.allocate`. ``sockets``: the session's RTP/RTCP pairs,
+        already bound by someone else (a media worker gets them from the signalling
+        process, which owns the port allocation): per stream the inside pair, then the
+        outside pair. The engine takes them over (they are closed on release or on
+        failure), and neither its allocator nor its pool is involved."""
         if streams < 1:
             raise ValueError(f"a session needs at least one stream, not {streams}")
+        if sockets is not None:
+            return self._adopt(call_id, streams, sockets)
         loop = asyncio.get_running_loop()
         session = RelaySession(call_id, self, loop)
         self._live.add(session)
@@ -1064,6 +1136,42 @@ class RelayEngine:
             session._attach = loop.create_task(session._attach_all())
         return session
 
+    def _adopt(
+        self, call_id: str, streams: int, pairs: list[tuple[socket.socket, socket.socket]]
+    ) -> RelaySession:
+        if len(pairs) != 2 * streams:
+            for pair in pairs:
+                for sock in pair:
+                    sock.close()
+            raise ValueError(f"{len(pairs)} socket pairs for {streams} streams")
+        loop = asyncio.get_running_loop()
+        session = RelaySession(call_id, self, loop)
+        self._live.add(session)
+        remaining = iter(pairs)
+        for _ in range(streams):
+            legs: dict[Side, _Leg] = {}
+            for side, (ip, family) in self._ips.items():
+                rtp, rtcp = next(remaining)
+                rtp.setblocking(False)
+                rtcp.setblocking(False)
+                leg = _Leg(side, len(session._legs[side]), ip, family, self.clock)
+                leg.port = int(rtp.getsockname()[1])
+                leg.sockets = (
+                    _RtpSocket(session, leg, leg, rtp),
+                    _RtcpSocket(session, leg, leg, rtcp),
+                )
+                leg.alive = 2
+                leg.rtp_send = rtp.sendto
+                leg.rtcp_send = rtcp.sendto
+                session._legs[side].append(leg)
+                session._pairs += 1
+                legs[side] = leg
+            for side, leg in legs.items():
+                for proto in leg.sockets:
+                    proto.b = legs[side.other]
+        session._attach = loop.create_task(session._attach_all())
+        return session
+
     def close_now(self) -> None:
         """Release every session and close the pooled pairs; the sockets close on the
         next loop iterations."""
@@ -1089,31 +1197,38 @@ class RelayEngine:
     def _bind_pair(
         self, ip: str, family: socket.AddressFamily
     ) -> tuple[int, socket.socket, socket.socket]:
-        """Bind RTP and RTCP sockets on the next free pair, skipping pairs that another
-        process holds. Those go back to the allocator afterwards, at the back of the queue."""
-        taken: list[int] = []
-        try:
-            while True:
-                port = self.ports.allocate()
-                sockets: list[socket.socket] = []
-                try:
-                    for p in (port, port + 1):
-                        sock = socket.socket(family, socket.SOCK_DGRAM)
-                        sockets.append(sock)
-                        sock.setblocking(False)
-                        sock.bind((ip, p))
-                except OSError as exc:
-                    for sock in sockets:
-                        sock.close()
-                    if exc.errno not in _BIND_TAKEN:
-                        self.ports.release(port)
-                        raise
-                    taken.append(port)
-                    continue
-                return port, sockets[0], sockets[1]
-        finally:
-            for port in taken:
-                self.ports.release(port)
+        return bind_pair(self.ports, ip, family)
+
+
+def bind_pair(
+    ports: PortAllocator, ip: str, family: socket.AddressFamily
+) -> tuple[int, socket.socket, socket.socket]:
+    """Bind RTP and RTCP sockets on the next free pair of ``ports``, skipping pairs that
+    another process holds. Those go back to the allocator afterwards, at the back of the
+    queue. Raises :class:`PortsExhausted` (or the OSError of a failed bind)."""
+    taken: list[int] = []
+    try:
+        while True:
+            port = ports.allocate()
+            sockets: list[socket.socket] = []
+            try:
+                for p in (port, port + 1):
+                    sock = socket.socket(family, socket.SOCK_DGRAM)
+                    sockets.append(sock)
+                    sock.setblocking(False)
+                    sock.bind((ip, p))
+            except OSError as exc:
+                for sock in sockets:
+                    sock.close()
+                if exc.errno not in _BIND_TAKEN:
+                    ports.release(port)
+                    raise
+                taken.append(port)
+                continue
+            return port, sockets[0], sockets[1]
+    finally:
+        for port in taken:
+            ports.release(port)
 
 
 if TYPE_CHECKING:  # the relay implements the interface the B2BUA programs against

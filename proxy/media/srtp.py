@@ -82,6 +82,7 @@ class SrtpContext:
     """Both directions of one leg under one master key."""
 
     __slots__ = (
+        "_master",
         "_protect",
         "_protect_rtcp",
         "_unprotect",
@@ -90,6 +91,7 @@ class SrtpContext:
 
     def __init__(self, master_key: bytes, master_salt: bytes) -> None:
         key = libsrtp_key(master_key, master_salt)
+        self._master = (master_key, master_salt)
         outbound = _session(key, pylibsrtp.Policy.SSRC_ANY_OUTBOUND)
         inbound = _session(key, pylibsrtp.Policy.SSRC_ANY_INBOUND)
         # Bound methods resolved once: the per-packet path is a single call.
@@ -100,6 +102,16 @@ class SrtpContext:
 
     def __repr__(self) -> str:
         return "SrtpContext(AES_CM_128_HMAC_SHA1_80)"  # never show key material
+
+    @property
+    def master_key(self) -> bytes:
+        """The master key it was made from: a media worker process builds its own
+        context from it (never log it)."""
+        return self._master[0]
+
+    @property
+    def master_salt(self) -> bytes:
+        return self._master[1]
 
     def protect(self, packet: bytes) -> bytes:
         """RTP -> SRTP. Raises :class:`SrtpProtectError` if libsrtp refuses."""

@@ -21,6 +21,7 @@ from proxy.b2bua.config import (
     Config,
     ConfigError,
     LineConfig,
+    MediaConfig,
     SideConfig,
     load_config,
     parse_config,
@@ -272,8 +273,8 @@ def test_extras_are_kept_raw_and_read_only() -> None:
     config = parse_config(emit(doc))
     assert config.extra["xsipura"]["ca"] == ("a.pub", "b.pub")
     assert config.extra["xsipura"]["nested"]["x"] == 1
-    assert config.extra["media"] == {"workers": 4}
-    assert config.extra["limits"] == {"workers": "auto"}
+    assert "media" not in config.extra and "limits" not in config.extra
+    assert config.media.workers == 4  # [limits] workers is only the fallback
     assert config.limits.max_calls == 10
     assert dict(config.lines[0].extra) == {
         "mini_certificate": "AAAA",
@@ -285,6 +286,48 @@ def test_extras_are_kept_raw_and_read_only() -> None:
         config.extra["xsipura"]["nested"]["x"] = 2
     with pytest.raises(TypeError):
         config.lines[0].extra["require_secure"] = True  # type: ignore[index]
+
+
+def test_media_workers() -> None:
+    doc = base()
+    assert parse_config(emit(doc)).media.workers is None  # absent: "auto"
+    for value, expected in (("auto", None), (0, 0), (3, 3)):
+        doc["media"]["workers"] = value
+        assert parse_config(emit(doc)).media.workers == expected
+    del doc["media"]["workers"]
+    doc["limits"] = {"workers": 2}  # the alias, used when [media] has none
+    assert parse_config(emit(doc)).media.workers == 2
+    doc["media"]["workers"] = "auto"
+    assert parse_config(emit(doc)).media.workers is None
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (-1, "media.workers: must be >= 0"),
+        ('"four"', 'media.workers: expected an integer >= 0 or "auto"'),
+        ("true", "media.workers: expected an integer"),
+        (3, "media.workers: 3 workers need 4 RTP/RTCP port pairs each; "
+            "media.port_min..port_max holds 8 (room for 2)"),
+    ],
+)  # fmt: skip
+def test_media_workers_errors(value: object, reason: str) -> None:
+    text = CONTRACT.replace("[media]", f"[media]\nworkers = {value}", 1)
+    text = re.sub(r"port_max = \d+", "port_max = 20015", text, count=1)
+    text = re.sub(r"port_min = \d+", "port_min = 20000", text, count=1)
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert str(info.value) == f"<string>: {reason}" or str(info.value).startswith(
+        f"<string>: {reason}"
+    ), str(info.value)
+
+
+def test_media_worker_count_auto_fits_the_range() -> None:
+    assert MediaConfig(20000, 29999).worker_count(cpus=8) == 8
+    assert MediaConfig(20000, 20015).worker_count(cpus=8) == 2  # 8 pairs, 4 each
+    assert MediaConfig(20000, 20005).worker_count(cpus=8) == 0  # 3 pairs: in-process
+    assert MediaConfig(20000, 29999, workers=0).worker_count(cpus=8) == 0
+    assert MediaConfig(20000, 29999, workers=3).worker_count(cpus=8) == 3
 
 
 def test_line_for_user_matches_on_user_key() -> None:

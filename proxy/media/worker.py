@@ -1,0 +1,337 @@
+"""A media worker process: the in-process relay (:mod:`proxy.media.relay`) driven over a
+channel (:mod:`proxy.media.channel`) by the signalling process.
+
+Started by :class:`proxy.media.workers.WorkerEngine` as
+``python -m proxy.media.worker --fd N ...`` with one end of a SOCK_SEQPACKET socketpair
+as fd N. It runs one :class:`RelayEngine` on uvloop (the stdlib loop with a warning when
+uvloop is missing), builds sessions from the sockets that arrive with ``Allocate``, and
+applies the other commands to them; the per-packet path is the relay's own, untouched.
+
+What goes back: ``Closed`` when a released session's sockets are all closed (its ports
+may be handed out again), ``Authenticated`` once per watched key, and ``Stats``:
+every :data:`FLUSH_S` the counters of the sessions whose counters changed, and, checked
+every :data:`FIRST_PACKET_S`, at once for a session whose stream 0 just received its
+first packet on a side, because the B2BUA starts x-sipura only after the phone's first
+RTP and call set-up must not wait for the next periodic flush. Watching for that on a
+short timer over the not-yet-flowing sessions only keeps it off the per-packet path.
+
+The worker exits when the channel reaches end-of-file (the signalling process is gone or
+let it go) and on a message it cannot decode (logged: it is then out of step with the
+signalling process, which sees the exit and tears its calls down). SIGINT is ignored: a
+Ctrl-C in the terminal reaches the whole process group, and the signalling process
+decides when its workers stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import Callable
+
+from proxy.logsetup import configure_logging
+from proxy.media import channel as ch
+from proxy.media.engine import Side
+from proxy.media.relay import RelayEngine, RelaySession
+from proxy.media.srtp import SrtpContext
+from proxy.media.tones import Tone
+
+log = logging.getLogger("sipura.media.worker")
+
+FLUSH_S = 0.2
+"""Period of the counter reports."""
+FIRST_PACKET_S = 0.01
+"""Period of the check for sessions whose first packet arrived (while there are any)."""
+STATS_BATCH = 100
+"""Sessions per Stats message (a session with one stream is ~300 bytes encoded)."""
+MAX_QUEUE = 100_000
+"""Messages waiting for the signalling process to read them: beyond, it is stuck."""
+
+
+class Worker:
+    def __init__(self, sock: socket.socket, engine: RelayEngine, index: int) -> None:
+        self.sock = sock
+        self.engine = engine
+        self.index = index
+        self.sessions: dict[int, RelaySession] = {}
+        self.sids: dict[RelaySession, int] = {}
+        self.keys: dict[int, dict[int, SrtpContext]] = {}
+        """Per session: key id -> the one context the relay sees for it."""
+        self.last: dict[int, tuple[int, ...]] = {}
+        """Per session: the counters last reported."""
+        self.fresh: dict[int, tuple[int, int]] = {}
+        """Sessions with a side of stream 0 that has not received yet: inbound counts
+        last seen."""
+        self.queue: deque[bytes] = deque()
+        self.writing = False
+        self.done: asyncio.Future[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        engine.on_closed = self._closed
+
+    async def run(self) -> None:
+        loop = self.loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+        loop.add_reader(self.sock.fileno(), self._readable)
+        flush = loop.create_task(self._flush_loop())
+        first = loop.create_task(self._first_packet_loop())
+        try:
+            await self.done
+        finally:
+            flush.cancel()
+            first.cancel()
+            loop.remove_reader(self.sock.fileno())
+            self.engine.close_now()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.engine.close(), 2)
+            if self.writing:
+                loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+
+    def stop(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    # --- receiving --------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        for _ in range(256):  # then let packets through
+            try:
+                data, fds, flags, _addr = socket.recv_fds(self.sock, ch.MAX_MESSAGE, ch.MAX_FDS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("worker %d: channel error: %s; exiting", self.index, exc)
+                self.stop()
+                return
+            if not data:
+                for fd in fds:
+                    socket.close(fd)
+                log.info("worker %d: the signalling process closed the channel", self.index)
+                self.stop()
+                return
+            try:
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    raise ch.ChannelError("truncated message")
+                message = ch.decode(data)
+            except ch.ChannelError as exc:
+                for fd in fds:
+                    socket.close(fd)
+                log.error("worker %d: bad message from the signalling process (%s); exiting",
+                          self.index, exc)  # fmt: skip
+                self.stop()
+                return
+            try:
+                self._apply(message, fds)
+            except (ValueError, IndexError, KeyError) as exc:
+                log.error("worker %d: cannot apply %s: %s", self.index, type(message).__name__,
+                          exc)  # fmt: skip
+
+    def _apply(self, message: ch.Message, fds: list[int]) -> None:
+        if isinstance(message, ch.Allocate):
+            self._allocate(message, fds)
+            return
+        for fd in fds:  # only Allocate carries sockets
+            socket.close(fd)
+        sid = getattr(message, "sid", None)
+        session = self.sessions.get(sid) if isinstance(sid, int) else None
+        if session is None:
+            return  # released meanwhile, or never allocated here
+        if isinstance(message, ch.SetRemote):
+            session.set_remote(Side(message.side), message.index, message.ip, message.rtp_port,
+                               message.rtcp_port, message.rtcp_mux)  # fmt: skip
+        elif isinstance(message, ch.SetSrtp):
+            key = self._key(message.sid, message.kid, message.master_key, message.master_salt)
+            session.set_srtp(Side(message.side), key, message.srtcp)
+        elif isinstance(message, ch.AcceptSrtp):
+            key = self._key(message.sid, message.kid, message.master_key, message.master_salt)
+            if key is not None:
+                session.accept_srtp(Side(message.side), key, message.srtcp)
+        elif isinstance(message, ch.SwitchSrtp):
+            key = self._key(message.sid, message.kid, message.master_key, message.master_salt)
+            if key is not None:
+                session.switch_srtp(Side(message.side), key, message.grace_s, message.now,
+                                    message.srtcp)  # fmt: skip
+        elif isinstance(message, ch.WatchAuth):
+            session.on_srtp_authenticated(
+                Side(message.side), self._reporter(message.sid, message.side, message.token)
+            )
+        elif isinstance(message, ch.ClearSrtp):
+            session.clear_srtp(Side(message.side))
+        elif isinstance(message, ch.SetTxSsrc):
+            session.set_tx_ssrc(Side(message.side), message.ssrc)
+        elif isinstance(message, ch.PlayTone):
+            tone = None if message.tone is None else Tone.parse(message.tone)
+            session.play_tone(Side(message.side), message.index, tone)
+        elif isinstance(message, ch.Release):
+            self._release(message.sid, session)
+
+    def _allocate(self, message: ch.Allocate, fds: list[int]) -> None:
+        sockets = [socket.socket(fileno=fd) for fd in fds]
+        if message.sid in self.sessions or len(sockets) != 4 * message.streams:
+            for sock in sockets:
+                sock.close()
+            raise ValueError(f"session {message.sid}: {len(fds)} sockets, or a duplicate")
+        pairs = [(sockets[i], sockets[i + 1]) for i in range(0, len(sockets), 2)]
+        session = self.engine.allocate(message.call_id, message.streams, sockets=pairs)
+        self.sessions[message.sid] = session
+        self.sids[session] = message.sid
+        self.fresh[message.sid] = (0, 0)
+
+    def _key(self, sid: int, kid: int, master_key: bytes, master_salt: bytes) -> SrtpContext | None:
+        if kid == 0:
+            return None
+        keys = self.keys.setdefault(sid, {})
+        key = keys.get(kid)
+        if key is None:
+            key = keys[kid] = SrtpContext(master_key, master_salt)
+        return key
+
+    def _reporter(self, sid: int, side: str, token: int) -> Callable[[], None]:
+        def report() -> None:  # runs in a packet handler, once per key at most
+            self._flush_one(sid)  # the counters that go with it first
+            self.send(ch.Authenticated(sid, side, token))
+
+        return report
+
+    def _release(self, sid: int, session: RelaySession) -> None:
+        del self.sessions[sid]
+        self.keys.pop(sid, None)
+        self.last.pop(sid, None)
+        self.fresh.pop(sid, None)
+        session.release()
+
+    def _closed(self, session: RelaySession) -> None:
+        sid = self.sids.pop(session, None)
+        if sid is not None:
+            self.send(ch.Closed(sid))
+
+    # --- sending ----------------------------------------------------------------------
+
+    def send(self, message: ch.Message) -> None:
+        data = ch.encode(message)
+        if not self.queue:
+            try:
+                self.sock.send(data)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                log.error("worker %d: cannot report: %s; exiting", self.index, exc)
+                self.stop()
+                return
+        if len(self.queue) >= MAX_QUEUE:
+            log.error("worker %d: the signalling process reads nothing; exiting", self.index)
+            self.stop()
+            return
+        self.queue.append(data)
+        if not self.writing and self.loop is not None:
+            self.writing = True
+            self.loop.add_writer(self.sock.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        queue = self.queue
+        while queue:
+            try:
+                self.sock.send(queue[0])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.stop()
+                return
+            queue.popleft()
+        if self.loop is not None:
+            self.loop.remove_writer(self.sock.fileno())
+        self.writing = False
+
+    def _flush_one(self, sid: int) -> None:
+        session = self.sessions.get(sid)
+        if session is None:
+            return
+        counters = session.counters()
+        if self.last.get(sid) != counters:
+            self.last[sid] = counters
+            self.send(ch.Stats(((sid, counters),)))
+
+    def flush(self) -> None:
+        batch: list[tuple[int, tuple[int, ...]]] = []
+        last = self.last
+        for sid, session in self.sessions.items():
+            counters = session.counters()
+            if last.get(sid) != counters:
+                last[sid] = counters
+                batch.append((sid, counters))
+                if len(batch) >= STATS_BATCH:
+                    self.send(ch.Stats(tuple(batch)))
+                    batch = []
+        if batch:
+            self.send(ch.Stats(tuple(batch)))
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            self.flush()
+
+    async def _first_packet_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FIRST_PACKET_S)
+            fresh = self.fresh
+            for sid, seen in list(fresh.items()):
+                session = self.sessions.get(sid)
+                if session is None:
+                    del fresh[sid]
+                    continue
+                now = session.inbound()
+                if now == seen:
+                    continue
+                if (now[0] > 0) != (seen[0] > 0) or (now[1] > 0) != (seen[1] > 0):
+                    self._flush_one(sid)
+                if now[0] and now[1]:
+                    del fresh[sid]
+                else:
+                    fresh[sid] = now
+
+
+def install_loop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("uvloop is not installed: media relay will cost ~6x more CPU per packet")
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxy.media.worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--inside-ip", required=True)
+    parser.add_argument("--outside-ip", required=True)
+    parser.add_argument("--port-min", type=int, required=True)
+    parser.add_argument("--port-max", type=int, required=True)
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-format", default="text")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(args.log_level, args.log_format)
+    sock = socket.socket(fileno=args.fd)
+    sock.setblocking(False)
+    loop_name = install_loop()
+
+    async def serve() -> None:
+        engine = RelayEngine(args.inside_ip, args.outside_ip, args.port_min, args.port_max,
+                             pool_pairs=0)  # fmt: skip
+        await Worker(sock, engine, args.index).run()
+
+    log.debug("media worker %d starting (%s event loop)", args.index, loop_name)
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
