@@ -73,6 +73,9 @@ PHONE_SSRC = 0x50000000
 BASE_PEER_SSRC = 0x60000000
 LOSS_LIMIT_PCT = 0.1
 P99_LIMIT_MS = 5.0
+FOREIGN_MAX = 0.35
+"""Cores of other load (besides proxy, generator, bench) above which a failed step is
+re-measured; loopback softirq work that is not charged to a process counts here too."""
 RTPE_SUITES_OFF = [
     "AEAD_AES_256_GCM",
     "AEAD_AES_128_GCM",
@@ -98,6 +101,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "base_duration": 1.0,
         "cps_calls": 60,
         "cps_window": 30,
+        "retries": 0,
         "quiet_wait": 2.0,
     },
     "full": {
@@ -111,6 +115,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "base_duration": 4.0,
         "cps_calls": 1500,
         "cps_window": 300,
+        "retries": 2,
         "quiet_wait": 20.0,
     },
 }
@@ -134,7 +139,26 @@ def proc_ticks(pid: int) -> int:
         return 0
 
 
+_CGROUP_USAGE = (
+    Path("/sys/fs/cgroup/cpuacct/cpuacct.usage"),  # cgroup v1: ns
+    Path("/sys/fs/cgroup/cpu.stat"),  # cgroup v2: usage_usec
+)
+
+
 def box_busy_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the machine, same unit. The cgroup counters are exact;
+    /proc/stat is tick-sampled and under-counts short bursts in a tickless VM (as
+    bench/sip_cps.sh notes)."""
+    now_ns = time.monotonic_ns()
+    try:
+        v1 = _CGROUP_USAGE[0]
+        if v1.exists():
+            return int(v1.read_text()), now_ns * NCPU
+        for line in _CGROUP_USAGE[1].read_text().splitlines():
+            if line.startswith("usage_usec"):
+                return int(line.split()[1]) * 1000, now_ns * NCPU
+    except (OSError, ValueError):
+        pass
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:9]]
     return sum(v) - v[3] - v[4], sum(v)
@@ -234,7 +258,7 @@ async def run_closed_loop(
     expect_len: int,
     warmup: float,
     duration: float,
-    sample: Callable[[], dict[str, Any]],
+    sample: Callable[[int], dict[str, Any]],
 ) -> dict[str, Any]:
     """rtpgen: closed loop (window 32) over ``ports``; ``sample`` is called at both quiet
     window edges. Returns packets relayed in the window and the two samples."""
@@ -266,9 +290,13 @@ async def run_closed_loop(
                 if not w:
                     continue
                 if w[0] == "READY0":
-                    out["s0"], out["r0"] = sample(), int(w[1])
+                    out["s0"], out["r0"] = sample(proc.pid), int(w[1])
                 elif w[0] == "READY1":
-                    out["s1"], out["r1"], out["gen_window_s"] = sample(), int(w[1]), float(w[2])
+                    out["s1"], out["r1"], out["gen_window_s"] = (
+                        sample(proc.pid),
+                        int(w[1]),
+                        float(w[2]),
+                    )
                 elif w[0] == "END":
                     out.update({k: int(v) for k, v in (kv.split("=") for kv in w[1:])})
                     break
@@ -288,6 +316,14 @@ async def run_closed_loop(
     return out
 
 
+def _generator_priority() -> None:
+    """The paced generator stands for phones on other machines: it must not wait behind
+    the proxy for a CPU, or its own scheduling delay shows up as latency. Raise its
+    priority when allowed (root); worst_send_lag_ms in each step shows what was left."""
+    with contextlib.suppress(OSError):
+        os.nice(-10)
+
+
 def parse_end(line: str) -> dict[str, float]:
     return {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
 
@@ -304,7 +340,7 @@ async def run_paced(
     duration: float,
     keymode: int,
     workdir: Path,
-    on_window: Callable[[str], None] | None = None,
+    on_window: Callable[[str, int], None] | None = None,
 ) -> dict[str, float]:
     callfile = workdir / "calls.txt"
     srtpfile = workdir / "peer.srtp"
@@ -324,7 +360,10 @@ async def run_paced(
         str(keymode),
     ]
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=subprocess.PIPE, pass_fds=(phone.fileno(), peer.fileno())
+        *cmd,
+        stdout=subprocess.PIPE,
+        pass_fds=(phone.fileno(), peer.fileno()),
+        preexec_fn=_generator_priority,
     )
     assert proc.stdout is not None
     end: dict[str, float] | None = None
@@ -334,7 +373,7 @@ async def run_paced(
             while line := await proc.stdout.readline():
                 text = line.decode().strip()
                 if text in ("WIN0", "WIN1") and on_window is not None:
-                    on_window(text)
+                    on_window(text, proc.pid)
                 elif text.startswith("END"):
                     end = parse_end(text)
             await proc.wait()
@@ -856,50 +895,24 @@ async def per_packet(
     try:
         for run in range(prof["pp_runs"]):
             for case in cases:  # interleaved
-                busy = wait_quiet(0.15, prof["quiet_wait"])
-                ports = case.ports()
-                pids = case.pids()
-                for pid in pids:
-                    pin(pid, relay_cpus)
-                drain(case.rx)
-
-                def sample(pids: list[int] = pids) -> dict[str, Any]:
-                    return {
-                        "t": time.perf_counter(),
-                        "ticks": sum(proc_ticks(p) for p in pids),
-                        "box": box_busy_jiffies(),
-                    }
-
-                out = await run_closed_loop(
-                    gens,
-                    case.tx,
-                    case.rx,
-                    ports,
-                    case.expect_len,
-                    prof["pp_warmup"],
-                    prof["pp_duration"],
-                    sample,
-                )
-                s0, s1 = out["s0"], out["s1"]
-                cpu_s = (s1["ticks"] - s0["ticks"]) / CLK_TCK
-                relayed = out["relayed"]
-                res = {
-                    "run": run + 1,
-                    "relayed": relayed,
-                    "pps": relayed / out["gen_window_s"],
-                    "cpu_us_per_packet": cpu_s * 1e6 / relayed if relayed else None,
-                    "relay_cores": cpu_s / out["gen_window_s"],
-                    "bad_len": out.get("badlen", 0),
-                    "stalls": out.get("stalls", 0),
-                    "busy_before": round(busy, 2),
-                    "pids": pids,
-                }
+                res = {}
+                for attempt in range(1, prof["retries"] + 2):
+                    res = await closed_loop_case(case, prof, gens, relay_cpus)
+                    res["run"], res["attempt"] = run + 1, attempt
+                    if res["foreign_cores"] <= FOREIGN_MAX or attempt > prof["retries"]:
+                        break
+                    log(
+                        f"per-packet {case.name}: {res['foreign_cores']:.2f} cores of other "
+                        "load, retrying"
+                    )
                 runs[case.name].append(res)
                 cpu = res["cpu_us_per_packet"]
+                relayed = res["relayed"]
                 log(
                     f"per-packet {case.name:<15} run {run + 1}: "
                     f"{cpu if cpu is None else round(cpu, 2)} us/pkt, {res['pps']:.0f} pps, "
-                    f"bad len {res['bad_len']}, pids {pids}"
+                    f"bad len {res['bad_len']}, other load {res['foreign_cores']:.2f} cores, "
+                    f"pids {res['pids']}"
                 )
                 if relayed <= 0 or res["bad_len"]:
                     raise BenchError(
@@ -925,6 +938,55 @@ async def per_packet(
         "relay_pinned": bool(relay_cpus),
         "calls": calls,
         "workers": proxy.worker_info(proxy.status()),
+    }
+
+
+async def closed_loop_case(
+    case: Case, prof: dict[str, Any], gens: Gens, relay_cpus: set[int] | None
+) -> dict[str, Any]:
+    busy = wait_quiet(0.15, prof["quiet_wait"])
+    ports = case.ports()
+    pids = case.pids()
+    for pid in pids:
+        pin(pid, relay_cpus)
+    drain(case.rx)
+
+    def sample(gen_pid: int) -> dict[str, Any]:
+        return {
+            "t": time.perf_counter(),
+            "ticks": sum(proc_ticks(p) for p in pids),
+            "gen": proc_ticks(gen_pid),
+            "me": proc_ticks(os.getpid()),
+            "box": box_busy_jiffies(),
+        }
+
+    out = await run_closed_loop(
+        gens,
+        case.tx,
+        case.rx,
+        ports,
+        case.expect_len,
+        prof["pp_warmup"],
+        prof["pp_duration"],
+        sample,
+    )
+    s0, s1 = out["s0"], out["s1"]
+    cpu_s = (s1["ticks"] - s0["ticks"]) / CLK_TCK
+    dt = s1["t"] - s0["t"]
+    others = (s1["gen"] - s0["gen"] + s1["me"] - s0["me"]) / CLK_TCK
+    box = (s1["box"][0] - s0["box"][0]) / max(1, s1["box"][1] - s0["box"][1]) * NCPU
+    relayed = out["relayed"]
+    return {
+        "relayed": relayed,
+        "pps": relayed / out["gen_window_s"],
+        "cpu_us_per_packet": cpu_s * 1e6 / relayed if relayed else None,
+        "relay_cores": cpu_s / out["gen_window_s"],
+        "generator_cores": others / dt,
+        "foreign_cores": round(max(0.0, box - (cpu_s + others) / dt), 2),
+        "bad_len": out.get("badlen", 0),
+        "stalls": out.get("stalls", 0),
+        "busy_before": round(busy, 2),
+        "pids": pids,
     }
 
 
@@ -1020,140 +1082,162 @@ async def capacity(
     steps = args.steps or prof["steps"]
     results: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
-    window = 200
     for n in steps:
-        wait_quiet(0.2, prof["quiet_wait"])
-        k = int((prof["cap_warmup"] + prof["cap_duration"] + 3) * 50)
-        phone_port = harness.phone_media.getsockname()[1]
-        peer_port = harness.peer_media.getsockname()[1]
-        # zero-proxy baseline: the same generator, sockets straight to each other
-        rows = [
-            (peer_port, phone_port, PHONE_SSRC + i, 0, BASE_PEER_SSRC + i, PHONE_SSRC + i)
-            for i in range(n)
-        ]
-        base_end = await run_paced(
-            gens,
-            harness.phone_media,
-            harness.peer_media,
-            rows,
-            fake_srtp(n, k),
-            k,
-            SRTP_LEN,
-            prof["cap_warmup"] / 2,
-            prof["base_duration"],
-            1,
-            workdir,
-        )
-        base = step_summary(base_end)
-        # N secured calls through SIP
-        t0 = time.monotonic()
-        seq0s = [random.randrange(1, 30000) for _ in range(n)]
-        pairs, failed = await harness.place_many(
-            n, True, window, PHONE_SSRC, lambda i, seqs=seq0s: seqs[i]
-        )
-        setup_s = time.monotonic() - t0
-        if failed:
-            log(f"capacity N={n}: {len(failed)} calls failed to set up: {failed[:3]}")
-        if not pairs:
-            await harness.hang_up_all(pairs)
-            results.append({"calls": n, "setup_failed": len(failed), "pass": False})
-            break
-        srtp, _ = peer_srtp(pairs, k)
-        await asyncio.sleep(0.3)
-        drain(harness.phone_media)
-        drain(harness.peer_media)
-        rows = [
-            (
-                p.phone.proxy_media_port,
-                p.peer.proxy_media_port,
-                p.phone.ssrc,
-                seq0s[p.phone.ssrc - PHONE_SSRC],
-                p.phone.proxy_media_port,
-                p.peer.proxy_media_port,
-            )
-            for p in pairs
-        ]
-        pids = proxy.all_pids()
-        samples: dict[str, tuple[float, int, tuple[int, int]]] = {}
-
-        def on_window(mark: str, pids: list[int] = pids, samples: dict[str, Any] = samples) -> None:
-            samples[mark] = (
-                time.perf_counter(),
-                sum(proc_ticks(p) for p in pids),
-                box_busy_jiffies(),
-            )
-
-        end = await run_paced(
-            gens,
-            harness.phone_media,
-            harness.peer_media,
-            rows,
-            srtp,
-            k,
-            SRTP_LEN,
-            prof["cap_warmup"],
-            prof["cap_duration"],
-            0,
-            workdir,
-            on_window,
-        )
-        status = proxy.status()
-        await harness.hang_up_all(pairs)
-        summary = step_summary(end)
-        wall = samples["WIN1"][0] - samples["WIN0"][0] if len(samples) == 2 else 0
-        proxy_cores = (samples["WIN1"][1] - samples["WIN0"][1]) / CLK_TCK / wall if wall else None
-        box = (
-            (
-                (samples["WIN1"][2][0] - samples["WIN0"][2][0])
-                / max(1, samples["WIN1"][2][1] - samples["WIN0"][2][1])
-                * NCPU
-            )
-            if wall
-            else None
-        )
-        added_p50 = max(0.0, summary["p50_ms"] - base["p50_ms"])
-        added_p99 = max(0.0, summary["p99_ms"] - base["p99_ms"])
-        loss = summary["loss_pct"] if summary["loss_pct"] is not None else 100.0
-        ok = not failed and loss <= LOSS_LIMIT_PCT and added_p99 <= P99_LIMIT_MS
-        pkts = summary["sent"]
-        row = {
-            "calls": n,
-            "calls_up": len(pairs),
-            "setup_failed": len(failed),
-            "setup_s": round(setup_s, 2),
-            "loss_pct": round(loss, 4),
-            "p50_ms": round(summary["p50_ms"], 3),
-            "p99_ms": round(summary["p99_ms"], 3),
-            "added_p50_ms": round(added_p50, 3),
-            "added_p99_ms": round(added_p99, 3),
-            "baseline_p50_ms": round(base["p50_ms"], 3),
-            "baseline_p99_ms": round(base["p99_ms"], 3),
-            "baseline_loss_pct": base["loss_pct"],
-            "proxy_cores": round(proxy_cores, 3) if proxy_cores is not None else None,
-            "proxy_cpu_us_per_packet": (
-                round(proxy_cores * wall * 1e6 / pkts, 2) if proxy_cores and pkts else None
-            ),
-            "box_busy_cores": round(box, 2) if box is not None else None,
-            "secured_by_proxy": (status.get("stats") or {}).get("secured"),
-            "workers": [
-                {k: w.get(k) for k in ("index", "pid", "sessions", "restarts")}
-                for w in proxy.worker_info(status)
-            ],
-            "pass": ok,
-            "detail": summary,
-        }
+        row: dict[str, Any] = {}
+        for attempt in range(1, prof["retries"] + 2):
+            row = await capacity_step(n, prof, gens, harness, proxy, workdir)
+            row["attempt"] = attempt
+            # another job on the box (foreign CPU) can fail a step: measure it again
+            foreign = row.get("foreign_cores") or 0.0
+            if row["pass"] or foreign <= FOREIGN_MAX or attempt > prof["retries"]:
+                break
+            log(f"capacity N={n}: {foreign:.2f} cores of other load during the window, retrying")
+            wait_quiet(0.2, prof["quiet_wait"] * 3)
         results.append(row)
-        log(
-            f"capacity N={n}: loss {loss:.4f}%, added p50 {added_p50:.2f} ms / p99 "
-            f"{added_p99:.2f} ms (baseline p99 {base['p99_ms']:.2f}), proxy "
-            f"{row['proxy_cores']} cores, box {row['box_busy_cores']}, setup {setup_s:.1f} s "
-            f"-> {'PASS' if ok else 'FAIL'}"
-        )
-        if ok:
+        if row["pass"]:
             best = row
         else:
             break
     return {"steps": results, "best": best}
+
+
+async def capacity_step(
+    n: int, prof: dict[str, Any], gens: Gens, harness: Harness, proxy: ProxyProc, workdir: Path
+) -> dict[str, Any]:
+    wait_quiet(0.2, prof["quiet_wait"])
+    k = int((prof["cap_warmup"] + prof["cap_duration"] + 3) * 50)
+    phone_port = harness.phone_media.getsockname()[1]
+    peer_port = harness.peer_media.getsockname()[1]
+    # zero-proxy baseline: the same generator and sockets, sent straight to each other
+    rows = [
+        (peer_port, phone_port, PHONE_SSRC + i, 0, BASE_PEER_SSRC + i, PHONE_SSRC + i)
+        for i in range(n)
+    ]
+    base_end = await run_paced(
+        gens,
+        harness.phone_media,
+        harness.peer_media,
+        rows,
+        fake_srtp(n, k),
+        k,
+        SRTP_LEN,
+        prof["cap_warmup"] / 2,
+        prof["base_duration"],
+        1,
+        workdir,
+    )
+    base = step_summary(base_end)
+    # N secured calls through SIP
+    t0 = time.monotonic()
+    seq0s = [random.randrange(1, 30000) for _ in range(n)]
+    pairs, failed = await harness.place_many(n, True, 200, PHONE_SSRC, lambda i: seq0s[i])
+    setup_s = time.monotonic() - t0
+    if failed:
+        log(f"capacity N={n}: {len(failed)} calls failed to set up: {failed[:3]}")
+    if not pairs:
+        return {"calls": n, "setup_failed": len(failed), "pass": False}
+    srtp, _ = peer_srtp(pairs, k)
+    await asyncio.sleep(0.3)
+    drain(harness.phone_media)
+    drain(harness.peer_media)
+    rows = [
+        (
+            p.phone.proxy_media_port,
+            p.peer.proxy_media_port,
+            p.phone.ssrc,
+            seq0s[p.phone.ssrc - PHONE_SSRC],
+            p.phone.proxy_media_port,
+            p.peer.proxy_media_port,
+        )
+        for p in pairs
+    ]
+    main_pid = proxy.all_pids()[0]
+    pids = proxy.all_pids()
+    samples: dict[str, dict[str, Any]] = {}
+
+    def on_window(mark: str, gen_pid: int) -> None:
+        samples[mark] = {
+            "t": time.perf_counter(),
+            "pids": {p: proc_ticks(p) for p in pids},
+            "gen": proc_ticks(gen_pid),
+            "me": proc_ticks(os.getpid()),
+            "box": box_busy_jiffies(),
+        }
+
+    end = await run_paced(
+        gens,
+        harness.phone_media,
+        harness.peer_media,
+        rows,
+        srtp,
+        k,
+        SRTP_LEN,
+        prof["cap_warmup"],
+        prof["cap_duration"],
+        0,
+        workdir,
+        on_window,
+    )
+    status = proxy.status()
+    await harness.hang_up_all(pairs)
+    summary = step_summary(end)
+    w0, w1 = samples.get("WIN0"), samples.get("WIN1")
+    wall = w1["t"] - w0["t"] if w0 and w1 else 0.0
+
+    def cores(ticks: int) -> float:
+        return ticks / CLK_TCK / wall if wall else 0.0
+
+    per_pid = {p: cores(w1["pids"][p] - w0["pids"][p]) for p in pids} if wall else {}
+    proxy_cores = sum(per_pid.values())
+    gen_cores = cores(w1["gen"] - w0["gen"]) if wall else 0.0
+    me_cores = cores(w1["me"] - w0["me"]) if wall else 0.0
+    box = (
+        (w1["box"][0] - w0["box"][0]) / max(1, w1["box"][1] - w0["box"][1]) * NCPU if wall else 0.0
+    )
+    # what the rest of the box did (kernel softirq for loopback included, so > 0 always)
+    foreign = max(0.0, box - proxy_cores - gen_cores - me_cores)
+    added_p50 = max(0.0, summary["p50_ms"] - base["p50_ms"])
+    added_p99 = max(0.0, summary["p99_ms"] - base["p99_ms"])
+    loss = summary["loss_pct"] if summary["loss_pct"] is not None else 100.0
+    ok = not failed and loss <= LOSS_LIMIT_PCT and added_p99 <= P99_LIMIT_MS
+    pkts = summary["sent"]
+    row = {
+        "calls": n,
+        "calls_up": len(pairs),
+        "setup_failed": len(failed),
+        "setup_s": round(setup_s, 2),
+        "loss_pct": round(loss, 4),
+        "p50_ms": round(summary["p50_ms"], 3),
+        "p99_ms": round(summary["p99_ms"], 3),
+        "added_p50_ms": round(added_p50, 3),
+        "added_p99_ms": round(added_p99, 3),
+        "baseline_p50_ms": round(base["p50_ms"], 3),
+        "baseline_p99_ms": round(base["p99_ms"], 3),
+        "baseline_loss_pct": base["loss_pct"],
+        "proxy_cores": round(proxy_cores, 3),
+        "proxy_main_cores": round(per_pid.get(main_pid, 0.0), 3),
+        "proxy_worker_cores": [round(c, 3) for p, c in per_pid.items() if p != main_pid],
+        "proxy_cpu_us_per_packet": round(proxy_cores * wall * 1e6 / pkts, 2) if pkts else None,
+        "generator_cores": round(gen_cores, 3),
+        "bench_cores": round(me_cores, 3),
+        "box_busy_cores": round(box, 2),
+        "foreign_cores": round(foreign, 2),
+        "secured_by_proxy": (status.get("stats") or {}).get("secured"),
+        "workers": [
+            {k: w.get(k) for k in ("index", "pid", "sessions", "restarts")}
+            for w in proxy.worker_info(status)
+        ],
+        "pass": ok,
+        "detail": summary,
+    }
+    log(
+        f"capacity N={n}: loss {loss:.4f}%, added p50 {added_p50:.2f} ms / p99 "
+        f"{added_p99:.2f} ms (baseline p99 {base['p99_ms']:.2f}), proxy {proxy_cores:.2f} "
+        f"cores (main {row['proxy_main_cores']}, workers {row['proxy_worker_cores']}), "
+        f"generator {gen_cores:.2f}, box {box:.2f}, other {foreign:.2f}, "
+        f"setup {setup_s:.1f} s -> {'PASS' if ok else 'FAIL'}"
+    )
+    return row
 
 
 # --------------------------------------------------------------------------- 3. call set-up
