@@ -8,18 +8,19 @@ is gone. File descriptors travel with a message as SCM_RIGHTS ancillary data
 sockets it bound.
 
 Messages are typed frozen dataclasses of plain values (str, int, float, bytes, bool,
-None, tuples of those), encoded with :mod:`marshal` as ``(tag, *fields)``. marshal is
-the fastest encoder in the standard library for such values and, unlike pickle, never
-calls into arbitrary classes; the decoder checks the tag, the arity and every field's
-type, so a damaged message raises :class:`ChannelError` and never reaches the engine as
-a wrong value. (Both ends are our own processes on a private socketpair: marshal is not
-meant to face an attacker, and here it does not.) Keys (SRTP master key and salt) are message
-fields: a message's ``repr`` hides them, and nothing here logs a message body.
+None, tuples of ints), encoded as a JSON array ``[tag, *fields]`` (bytes as hex). JSON,
+not marshal or pickle: decoding it costs time and memory in proportion to the message
+and never constructs anything but plain values, whereas marshal allocates whatever
+container length a damaged message claims (a 50-byte message took 25 s) and pickle
+can grow its memo the same way. The decoder checks the tag, the arity and every
+field's type, so a damaged message raises :class:`ChannelError` and never reaches the
+engine as a wrong value. Keys (SRTP master key and salt) are message fields: a
+message's ``repr`` hides them, and nothing here logs a message body.
 """
 
 from __future__ import annotations
 
-import marshal
+import json
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final
 
@@ -65,7 +66,6 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "str | None": (str, type(None)),
     "int | None": (int, type(None)),
     "bytes | None": (bytes, type(None)),
-    "tuple[int, ...]": (tuple,),
     "tuple[tuple[int, tuple[int, ...]], ...]": (tuple,),
 }
 
@@ -228,20 +228,25 @@ _NAMES: dict[type[Message], tuple[str, ...]] = {
 }
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_DECODE = json.JSONDecoder().decode
+
+
 def encode(message: Message) -> bytes:
-    names = _NAMES[type(message)]
-    return marshal.dumps((message.TAG, *(getattr(message, name) for name in names)))
+    values: list[Any] = [message.TAG]
+    for name in _NAMES[type(message)]:
+        value = getattr(message, name)
+        values.append(value.hex() if isinstance(value, bytes) else value)
+    return _ENCODE(values).encode()
 
 
 def decode(data: bytes) -> Message:
     """The message in ``data``; :class:`ChannelError` for anything else."""
     try:
-        # Only ever from the other end of a private socketpair with our own child
-        # process; the checks below guard against its bugs, not an outside attacker.
-        raw: Any = marshal.loads(data)  # noqa: S302
-    except (EOFError, ValueError, TypeError) as exc:
+        raw: Any = _DECODE(data.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ChannelError(f"undecodable message ({len(data)} bytes): {exc}") from None
-    if not isinstance(raw, tuple) or not raw or type(raw[0]) is not int:
+    if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
         raise ChannelError(f"not a message: {type(raw).__name__}")
     entry = _CLASSES.get(raw[0])
     if entry is None:
@@ -250,21 +255,33 @@ def decode(data: bytes) -> Message:
     values = raw[1:]
     if len(values) != len(types):
         raise ChannelError(f"{cls.__name__}: {len(values)} fields, expected {len(types)}")
-    for value, kinds in zip(values, types, strict=True):
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+    for position, (value, kinds) in enumerate(zip(values, types, strict=True)):
+        if kinds[0] is bytes:
+            if not isinstance(value, str):
+                raise ChannelError(f"{cls.__name__}: bytes not as hex")
+            try:
+                values[position] = bytes.fromhex(value)
+            except ValueError:
+                raise ChannelError(f"{cls.__name__}: bad hex") from None
+        elif kinds[0] is tuple:
+            values[position] = _stats(value)
+        elif not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise ChannelError(f"{cls.__name__}: a field of type {type(value).__name__}")
-    if cls is Stats:
-        _check_stats(values[0])
     return cls(*values)
 
 
-def _check_stats(sessions: tuple[Any, ...]) -> None:
+def _stats(sessions: Any) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    if not isinstance(sessions, list):
+        raise ChannelError("Stats: not a list")
+    result = []
     for entry in sessions:
         if (
-            not isinstance(entry, tuple)
+            not isinstance(entry, list)
             or len(entry) != 2
             or type(entry[0]) is not int
-            or not isinstance(entry[1], tuple)
+            or not isinstance(entry[1], list)
             or not all(type(n) is int for n in entry[1])
         ):
             raise ChannelError("Stats: malformed session entry")
+        result.append((entry[0], tuple(entry[1])))
+    return tuple(result)

@@ -43,7 +43,7 @@ from proxy.media.tones import Tone
 
 log = logging.getLogger("sipura.media.worker")
 
-FLUSH_S = 0.2
+FLUSH_S = 0.1
 """Period of the counter reports."""
 FIRST_PACKET_S = 0.01
 """Period of the check for sessions whose first packet arrived (while there are any)."""
@@ -71,6 +71,8 @@ class Worker:
         self.writing = False
         self.done: asyncio.Future[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.status = 0
+        """Exit status: 1 when the channel failed or carried something undecodable."""
         engine.on_closed = self._closed
 
     async def run(self) -> None:
@@ -92,7 +94,8 @@ class Worker:
                 loop.remove_writer(self.sock.fileno())
             self.sock.close()
 
-    def stop(self) -> None:
+    def stop(self, status: int = 0) -> None:
+        self.status = self.status or status
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
 
@@ -106,7 +109,7 @@ class Worker:
                 return
             except OSError as exc:
                 log.error("worker %d: channel error: %s; exiting", self.index, exc)
-                self.stop()
+                self.stop(1)
                 return
             if not data:
                 for fd in fds:
@@ -123,7 +126,7 @@ class Worker:
                     socket.close(fd)
                 log.error("worker %d: bad message from the signalling process (%s); exiting",
                           self.index, exc)  # fmt: skip
-                self.stop()
+                self.stop(1)
                 return
             try:
                 self._apply(message, fds)
@@ -213,6 +216,8 @@ class Worker:
     # --- sending ----------------------------------------------------------------------
 
     def send(self, message: ch.Message) -> None:
+        if self.done is None or self.done.done():
+            return  # stopping: nobody is listening any more
         data = ch.encode(message)
         if not self.queue:
             try:
@@ -323,14 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     sock.setblocking(False)
     loop_name = install_loop()
 
-    async def serve() -> None:
+    async def serve() -> int:
         engine = RelayEngine(args.inside_ip, args.outside_ip, args.port_min, args.port_max,
                              pool_pairs=0)  # fmt: skip
-        await Worker(sock, engine, args.index).run()
+        worker = Worker(sock, engine, args.index)
+        await worker.run()
+        return worker.status
 
     log.debug("media worker %d starting (%s event loop)", args.index, loop_name)
-    asyncio.run(serve())
-    return 0
+    return asyncio.run(serve())
 
 
 if __name__ == "__main__":

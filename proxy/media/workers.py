@@ -20,7 +20,7 @@ already pay for several times over.
 Every other session method is a fire-and-forget message to the owning worker (keys
 as key material plus an id that keeps identity, addresses, tones as ToneScript,
 ``now`` on the system-wide monotonic clock). ``stats()`` answers from the latest
-counters the worker pushed (every 200 ms for sessions that changed, at once on a
+counters the worker pushed (every 100 ms for sessions that changed, at once on a
 session's first inbound packet per side); ``on_srtp_authenticated`` keeps the callback
 here and the worker reports the event once. :attr:`WorkerEngine.on_wakeup` is called
 when a report may let the B2BUA act (first packets), like the SRTP callback does.

@@ -1,0 +1,356 @@
+"""The multi-process media engine with real worker processes, on 127.0.0.1.
+
+Every wait is a bounded poll for a condition (never an assertion on elapsed time); the
+engine is closed in ``finally`` so no worker outlives its test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from proxy.media import channel as ch
+from proxy.media.engine import Side
+from proxy.media.ports import PortsExhausted
+from proxy.media.relay import RelayEngine, stats_from
+from proxy.media.srtp import SrtpContext
+from proxy.media.workers import WorkerEngine, WorkerSession, _Worker
+
+HOST = "127.0.0.1"
+
+
+def free_range(count: int) -> tuple[int, int]:
+    for _ in range(500):
+        base = random.randrange(33000, 40000, 2)
+        ok = True
+        for port in range(base, base + count):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                try:
+                    sock.bind((HOST, port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base, base + count - 1
+    raise RuntimeError("no free port range")
+
+
+def rtp(seq: int, ssrc: int = 0x1234, payload: bytes = b"\xd5" * 160) -> bytes:
+    return (
+        bytes([0x80, 0])
+        + seq.to_bytes(2, "big")
+        + (seq * 160).to_bytes(4, "big")
+        + (ssrc.to_bytes(4, "big") + payload)
+    )
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.01)
+
+
+class Peer:
+    """A UDP endpoint (a phone or the PBX) with an asyncio receive queue."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.sock.setblocking(False)
+        self.port = int(self.sock.getsockname()[1])
+
+    async def recv(self, timeout: float = 5.0) -> bytes:
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.sock_recv(self.sock, 4096), timeout)
+
+    def send(self, data: bytes, dest: tuple[str, int]) -> None:
+        self.sock.sendto(data, dest)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(asyncio.wait_for(scenario(), 60))
+
+
+def connect(session: WorkerSession, phone: Peer, pbx: Peer) -> None:
+    session.set_remote(Side.INSIDE, 0, HOST, phone.port, phone.port + 1)
+    session.set_remote(Side.OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+
+
+def test_worker_engine_relays_plain_and_srtp_and_reports_counters() -> None:
+    lo, hi = free_range(32)
+
+    async def scenario() -> None:
+        engine = WorkerEngine(HOST, HOST, lo, hi, 2)
+        wakeups: list[int] = []
+        engine.on_wakeup = lambda: wakeups.append(1)
+        engine.start()
+        phone, pbx = Peer(), Peer()
+        try:
+            assert [w["port_min"] for w in engine.workers()] == [lo, lo + 16]
+            session = engine.allocate("call-1", 1)
+            other = engine.allocate("call-2", 1)  # least loaded: the other worker
+            assert {session.worker_index, other.worker_index} == {0, 1}
+            assert engine.sessions == 2
+            inside, outside = session.local(Side.INSIDE, 0), session.local(Side.OUTSIDE, 0)
+            slice_lo = lo + 16 * session.worker_index
+            assert slice_lo <= inside[1] < slice_lo + 16 and slice_lo <= outside[1] < slice_lo + 16
+            connect(session, phone, pbx)
+
+            # Plain RTP both ways through the worker.
+            phone.send(rtp(1), inside)
+            assert await pbx.recv() == rtp(1)
+            pbx.send(rtp(7, 0x99), outside)
+            assert await phone.recv() == rtp(7, 0x99)
+            # The first packet per side is reported at once, and wakes the B2BUA.
+            await until(lambda: session.stats()[Side.OUTSIDE][0]["packets_in"] == 1, "stats")
+            assert wakeups
+            stats = session.stats()
+            assert stats[Side.INSIDE][0]["packets_in"] == 1
+            assert stats[Side.INSIDE][0]["bytes_in"] == 172
+            assert stats[Side.OUTSIDE][0]["packets_out"] == 1
+
+            # RTP -> SRTP toward the outside; SRTP from the outside -> RTP to the phone.
+            key, salt = os.urandom(16), os.urandom(16)
+            authenticated: list[int] = []
+            session.switch_srtp(Side.OUTSIDE, SrtpContext(key, salt), 2.0)
+            session.on_srtp_authenticated(Side.OUTSIDE, lambda: authenticated.append(1))
+            far_tx, far_rx = SrtpContext(key, salt), SrtpContext(key, salt)
+            for seq in range(2, 12):
+                phone.send(rtp(seq), inside)
+                protected = await pbx.recv()
+                assert protected != rtp(seq) and len(protected) == 172 + 10
+                assert far_rx.unprotect(protected) == rtp(seq)
+            for seq in range(8, 13):
+                pbx.send(far_tx.protect(rtp(seq, 0x99)), outside)
+                assert await phone.recv() == rtp(seq, 0x99)
+            await until(lambda: authenticated == [1], "the SRTP-authenticated callback")
+
+            def counted() -> bool:
+                out = session.stats()[Side.OUTSIDE][0]
+                return out["packets_encrypted"] == 10 and out["packets_decrypted"] == 5
+
+            await until(counted, "SRTP counters")
+            assert session.stats()[Side.OUTSIDE][0]["packets_in"] == 6
+            assert session.stats()[Side.INSIDE][0]["packets_in"] == 11
+
+            # Release: the ports come back once the worker has closed the sockets.
+            owner = engine._workers[session.worker_index]
+            capacity = owner.ports.capacity
+            assert owner.ports.available == capacity - 2
+            session.release()
+            session.release()  # idempotent
+            assert engine.sessions == 1
+            await until(lambda: owner.ports.available == capacity, "ports released")
+            for port in (inside[1], inside[1] + 1, outside[1], outside[1] + 1):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                    probe.bind((HOST, port))  # really free
+            other.release()
+        finally:
+            phone.close()
+            pbx.close()
+            await engine.close()
+        assert all(not w["alive"] for w in engine.workers())
+        for w in engine._workers:
+            assert w.proc is not None and w.proc.poll() is not None
+
+    run(scenario)
+
+
+def test_worker_death_loses_only_its_sessions_and_a_replacement_starts() -> None:
+    lo, hi = free_range(16)
+
+    async def scenario() -> None:
+        engine = WorkerEngine(HOST, HOST, lo, hi, 2)
+        lost: list[list[WorkerSession]] = []
+        engine.on_lost = lost.append
+        engine.start()
+        peers = [Peer() for _ in range(4)]
+        try:
+            doomed = engine.allocate("doomed", 1)
+            survivor = engine.allocate("survivor", 1)
+            connect(doomed, peers[0], peers[1])
+            connect(survivor, peers[2], peers[3])
+            victim = engine._workers[doomed.worker_index]
+            assert victim.proc is not None
+            old_pid = victim.proc.pid
+            os.kill(old_pid, signal.SIGKILL)
+            await until(lambda: lost, "the lost sessions reported")
+            assert lost == [[doomed]]
+            # The other worker's call goes on.
+            peers[2].send(rtp(1), survivor.local(Side.INSIDE, 0))
+            assert await peers[3].recv() == rtp(1)
+            # A replacement takes the slice; the dead session's commands go nowhere.
+            doomed.set_remote(Side.INSIDE, 0, HOST, 9, 9)
+            doomed.release()
+            described = engine.workers()[victim.index]
+            await until(lambda: engine.workers()[victim.index]["alive"], "a replacement")
+            described = engine.workers()[victim.index]
+            assert described["pid"] != old_pid and described["restarts"] == 1
+            assert described["sessions"] == 0
+            fresh = engine.allocate("fresh", 1)
+            assert fresh.worker_index == victim.index  # the least loaded again
+            connect(fresh, peers[0], peers[1])
+            peers[0].send(rtp(5), fresh.local(Side.INSIDE, 0))
+            assert await peers[1].recv() == rtp(5)
+        finally:
+            for peer in peers:
+                peer.close()
+            await engine.close()
+
+    run(scenario)
+
+
+def test_no_live_worker_means_ports_exhausted() -> None:
+    lo, hi = free_range(8)
+
+    async def scenario() -> None:
+        engine = WorkerEngine(HOST, HOST, lo, hi, 1)
+        with pytest.raises(PortsExhausted):
+            engine.allocate("before start", 1)
+        engine.start()
+        try:
+            first = engine.allocate("a", 1)
+            second = engine.allocate("b", 1)  # 4 pairs: full now
+            with pytest.raises(PortsExhausted):
+                engine.allocate("c", 1)
+            first.release()
+            second.release()
+            await until(lambda: engine._workers[0].ports.available == 4, "ports back")
+            engine.allocate("d", 1).release()
+        finally:
+            await engine.close()
+
+    run(scenario)
+
+
+def test_a_malformed_report_marks_the_worker_broken() -> None:
+    """The signalling side logs it, kills the worker and reports its sessions."""
+    lo, hi = free_range(8)
+
+    async def scenario() -> None:
+        engine = WorkerEngine(HOST, HOST, lo, hi, 1)
+        engine._closing = True  # no replacement in this test
+        engine._loop = asyncio.get_running_loop()
+        lost: list[list[WorkerSession]] = []
+        engine.on_lost = lost.append
+        w: _Worker = engine._workers[0]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        theirs.setblocking(False)
+        w.sock, w.alive = theirs, True
+        w.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        session = WorkerSession(engine, w, 1, "x", 1, {Side.INSIDE: [], Side.OUTSIDE: []})
+        w.sessions[1] = session
+        ours.send(b"\xff garbage")
+        engine._readable(w)
+        await until(lambda: lost, "the session reported lost")
+        assert lost == [[session]] and not w.alive
+        assert w.proc.poll() is not None  # killed and reaped
+        ours.close()
+
+    run(scenario)
+
+
+def test_a_worker_exits_on_a_malformed_command_and_on_end_of_file() -> None:
+    for payload in (b"not json", None):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy.media.worker", "--fd", str(theirs.fileno()),
+             "--inside-ip", HOST, "--outside-ip", HOST, "--port-min", "40000",
+             "--port-max", "40007"],
+            pass_fds=(theirs.fileno(),), stderr=subprocess.PIPE,
+        )  # fmt: skip
+        theirs.close()
+        if payload is not None:
+            ours.send(payload)
+        else:
+            ours.close()
+        try:
+            _, err = process.communicate(timeout=20)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            ours.close()
+        if payload is not None:
+            assert process.returncode == 1 and b"bad message" in err, err
+        else:
+            assert process.returncode == 0 and b"closed the channel" in err, err
+
+
+def test_relay_engine_adopts_prebound_sockets() -> None:
+    lo, _hi = free_range(8)
+
+    async def scenario() -> None:
+        engine = RelayEngine(HOST, HOST, 45000, 45007, pool_pairs=0)
+        closed: list[object] = []
+        engine.on_closed = closed.append
+        pairs = []
+        for port in range(lo, lo + 8, 2):
+            pair = []
+            for p in (port, port + 1):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind((HOST, p))
+                pair.append(sock)
+            pairs.append((pair[0], pair[1]))
+        with pytest.raises(ValueError, match="socket pairs"):
+            engine.allocate("bad", 1, sockets=pairs[:1])
+        assert pairs[0][0].fileno() == -1  # refused sockets are closed, not leaked
+        session = engine.allocate("c", 1, sockets=pairs[2:])
+        assert session.local(Side.INSIDE, 0) == (HOST, lo + 4)
+        assert session.local(Side.OUTSIDE, 0) == (HOST, lo + 6)
+        phone, pbx = Peer(), Peer()
+        try:
+            session.set_remote(Side.INSIDE, 0, HOST, phone.port, phone.port + 1)
+            session.set_remote(Side.OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+            phone.send(rtp(3), (HOST, lo + 4))
+            assert await pbx.recv() == rtp(3)
+            flat = session.counters()
+            assert stats_from(flat, 1) == session.stats()
+            session.release()
+            await session.wait_closed()
+            assert closed == [session]
+            for port in range(lo + 4, lo + 8):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                    probe.bind((HOST, port))
+        finally:
+            phone.close()
+            pbx.close()
+            await engine.close()
+
+    run(scenario)
+
+
+def test_stats_from_short_counters_is_all_zero() -> None:
+    stats = stats_from((), 2)
+    assert len(stats[Side.INSIDE]) == len(stats[Side.OUTSIDE]) == 2
+    assert stats[Side.OUTSIDE][1]["packets_in"] == 0
+    assert stats[Side.OUTSIDE][1]["drops"]["send_error"] == 0
+
+
+def test_channel_message_sizes_fit() -> None:
+    """A full stats batch of single-stream sessions stays under the message limit."""
+    from proxy.media.worker import STATS_BATCH
+
+    counters = tuple(2**40 for _ in range(36))
+    batch = ch.Stats(tuple((2**40 + i, counters) for i in range(STATS_BATCH)))
+    assert len(ch.encode(batch)) < ch.MAX_MESSAGE
