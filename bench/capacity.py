@@ -109,7 +109,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "pp_warmup": 1.0,
         "pp_duration": 6.0,
         "pp_calls": 16,
-        "steps": [100, 250, 500, 750, 1000, 1250, 1500, 2000],
+        "steps": [100, 250, 400, 500, 600, 700, 800, 1000, 1250, 1500],
         "cap_warmup": 2.0,
         "cap_duration": 10.0,
         "base_duration": 4.0,
@@ -1266,11 +1266,13 @@ async def call_rate(
 
     wait_quiet(0.2, prof["quiet_wait"])
     ticks0 = sum(proc_ticks(p) for p in pids)
+    main0 = proc_ticks(pids[0])
     me0 = time.process_time()
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(total)))
     wall = time.perf_counter() - t0
     proxy_s = (sum(proc_ticks(p) for p in pids) - ticks0) / CLK_TCK
+    main_s = (proc_ticks(pids[0]) - main0) / CLK_TCK
     bench_s = time.process_time() - me0
     drain(harness.phone_media)
     drain(harness.peer_media)
@@ -1283,12 +1285,15 @@ async def call_rate(
         "wall_s": round(wall, 2),
         "calls_per_s": round(done / wall, 1),
         "proxy_cores": round(proxy_s / wall, 2),
+        "proxy_sip_process_cores": round(main_s / wall, 2),
         "proxy_ms_per_call": round(proxy_s * 1e3 / max(1, done), 3),
         "bench_ua_cores": round(bench_s / wall, 2),
     }
     out["limit"] = (
         "bench UA (its process is CPU-bound)"
         if out["bench_ua_cores"] > 0.9
+        else "proxy SIP process (one event loop, CPU-bound)"
+        if out["proxy_sip_process_cores"] > 0.85
         else "proxy"
         if out["proxy_cores"] > 0.9
         else "latency-bound (window)"
@@ -1388,6 +1393,9 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     report["capacity_p50_added_ms"] = best.get("added_p50_ms")
     report["capacity_p99_added_ms"] = best.get("added_p99_ms")
     report["capacity_proxy_cores"] = best.get("proxy_cores")
+    report["capacity_calls_per_proxy_core"] = (
+        round(best["calls"] / best["proxy_cores"]) if best.get("proxy_cores") else None
+    )
     setup = report.get("call_setup") or {}
     report["secured_calls_per_s"] = (setup.get("secured") or {}).get("calls_per_s")
     report["plain_calls_per_s"] = (setup.get("plain") or {}).get("calls_per_s")
@@ -1454,7 +1462,8 @@ def print_table(report: dict[str, Any]) -> None:
                 f"{kind:<8} {s.get('calls_per_s')} calls/s ({s.get('completed')}/"
                 f"{s.get('calls')} completed, {s.get('failed')} failed, window "
                 f"{s.get('window')}), proxy {s.get('proxy_cores')} cores = "
-                f"{s.get('proxy_ms_per_call')} ms CPU/call, bench UA "
+                f"{s.get('proxy_ms_per_call')} ms CPU/call (SIP process "
+                f"{s.get('proxy_sip_process_cores')} cores), bench UA "
                 f"{s.get('bench_ua_cores')} cores; limit: {s.get('limit')}"
             )
     print(
