@@ -46,6 +46,16 @@ static double now(void) {
 	return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* Latency uses CLOCK_REALTIME on both ends: send time just before sendmmsg, receive time
+ * from the kernel (SO_TIMESTAMPNS: when the packet reached our socket), so that this
+ * process's own scheduling delays are not counted as the relay's latency. */
+static double now_rt(void) {
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+static int kernel_ts = 1;
+
 struct leg {                 /* one direction */
 	double *sent_at;         /* [call * RING + seq % RING], <0: nothing outstanding */
 	uint16_t *sent_seq;
@@ -121,16 +131,34 @@ static unsigned char rxbuf[MAXB][2048];
 static struct mmsghdr rxm[MAXB];
 static struct iovec rxv[MAXB];
 static struct sockaddr_in rxa[MAXB];
+static char rxc[MAXB][CMSG_SPACE(sizeof(struct timespec)) + 64];
+unsigned long long no_kernel_ts;
+
+static double rx_time(struct msghdr *h, double fallback) {
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c))
+		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
+			struct timespec ts;
+			memcpy(&ts, CMSG_DATA(c), sizeof(ts));
+			return ts.tv_sec + ts.tv_nsec * 1e-9;
+		}
+	no_kernel_ts++;
+	return fallback;
+}
 
 static int drain(int fd, struct leg *l) {
 	int total = 0;
 	for (;;) {
-		for (int k = 0; k < MAXB; k++) rxm[k].msg_hdr.msg_namelen = sizeof(rxa[k]);
+		for (int k = 0; k < MAXB; k++) {
+			rxm[k].msg_hdr.msg_namelen = sizeof(rxa[k]);
+			rxm[k].msg_hdr.msg_control = rxc[k];
+			rxm[k].msg_hdr.msg_controllen = kernel_ts ? sizeof(rxc[k]) : 0;
+		}
 		int r = recvmmsg(fd, rxm, MAXB, MSG_DONTWAIT, NULL);
 		if (r <= 0) break;
-		double t = now();
+		double t = now_rt();
 		for (int k = 0; k < r; k++)
-			note_recv(l, rxbuf[k], rxm[k].msg_len, ntohs(rxa[k].sin_port), t);
+			note_recv(l, rxbuf[k], rxm[k].msg_len, ntohs(rxa[k].sin_port),
+			          kernel_ts ? rx_time(&rxm[k].msg_hdr, t) : t);
 		total += r;
 		if (r < MAXB) break;
 	}
@@ -153,6 +181,12 @@ int main(int argc, char **argv) {
 	int phone_fd = atoi(argv[1]), peer_fd = atoi(argv[2]);
 	double warmup = atof(argv[5]), duration = atof(argv[6]), rate = atof(argv[7]);
 	keymode = atoi(argv[8]);
+	const char *kts = getenv("CAPGEN_KERNEL_TS");
+	if (kts && *kts == '0') kernel_ts = 0;
+	int one = 1;
+	if (kernel_ts && (setsockopt(phone_fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof(one)) ||
+	                  setsockopt(peer_fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof(one))))
+		kernel_ts = 0;
 	FILE *cf = fopen(argv[3], "r");
 	if (!cf) { perror("callfile"); return 2; }
 	long k_per_call; int srtp_len;
@@ -229,6 +263,7 @@ int main(int argc, char **argv) {
 		}
 		while (due > slot) {
 			int nb = 0, ne = 0;
+			double ts_send = now_rt();
 			while (due > slot && nb < MAXB) {
 				int i = slot % ncalls;
 				long k = slot / ncalls;
@@ -241,13 +276,13 @@ int main(int argc, char **argv) {
 				memcpy(b + 4, &ts, 4);
 				memcpy(b + 8, &ss, 4);
 				ptx[nb].msg_hdr.msg_name = &phone_dst[i];
-				note_sent(&up, i, s, tn);
+				note_sent(&up, i, s, ts_send);
 				nb++;
 				if (k < k_per_call) {
 					unsigned char *e = srtp + ((size_t)i * k_per_call + k) * srtp_len;
 					etv[ne].iov_base = e;
 					etx[ne].msg_hdr.msg_name = &peer_dst[i];
-					note_sent(&down, i, (e[2] << 8) | e[3], tn);
+					note_sent(&down, i, (e[2] << 8) | e[3], ts_send);
 					ne++;
 				}
 				slot++;
@@ -283,8 +318,9 @@ int main(int argc, char **argv) {
 		drain(phone_fd, &down);
 		drain(peer_fd, &up);
 	}
-	printf("END calls=%d window_s=%.3f senderr=%llu late_sends=%llu worst_lag_ms=%.3f",
-	       ncalls, win1 - win0, senderr, late_sends, worst_lag * 1e3);
+	printf("END calls=%d window_s=%.3f senderr=%llu late_sends=%llu worst_lag_ms=%.3f"
+	       " kernel_ts=%d no_kernel_ts=%llu",
+	       ncalls, win1 - win0, senderr, late_sends, worst_lag * 1e3, kernel_ts, no_kernel_ts);
 	print_leg("up", &up);
 	print_leg("down", &down);
 	/* both directions together */
