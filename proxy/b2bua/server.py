@@ -112,6 +112,8 @@ class ProxyServer:
         self._send(out)
 
     def _send(self, out: list[Outbound]) -> None:
+        if out and isinstance(self.media, WorkerEngine):
+            self.media.flush()  # media commands first: see WorkerEngine.flush
         for item in out:
             self.transports[item.side].send(item.data, item.dest)
         self._arm()

@@ -42,7 +42,9 @@ __all__ = [
     "Stats",
     "SwitchSrtp",
     "WatchAuth",
+    "batch",
     "decode",
+    "decode_all",
     "encode",
 ]
 
@@ -240,12 +242,38 @@ def encode(message: Message) -> bytes:
     return _ENCODE(values).encode()
 
 
+BATCH_TAG: Final = 0
+"""A batch: ``[0, message, message, ...]``, the messages of one loop iteration in one
+datagram (one wake-up of the other process instead of one per message); the file
+descriptors of its ``Allocate`` messages travel with it, in order."""
+
+
+def batch(encoded: list[bytes]) -> bytes:
+    """One datagram carrying the already :func:`encode`-d messages, in order."""
+    return b"[0," + b",".join(encoded) + b"]"
+
+
 def decode(data: bytes) -> Message:
     """The message in ``data``; :class:`ChannelError` for anything else."""
+    return _message(_load(data))
+
+
+def decode_all(data: bytes) -> list[Message]:
+    """The messages in ``data``: a batch or a single message."""
+    raw = _load(data)
+    if isinstance(raw, list) and raw and type(raw[0]) is int and raw[0] == BATCH_TAG:
+        return [_message(item) for item in raw[1:]]
+    return [_message(raw)]
+
+
+def _load(data: bytes) -> Any:
     try:
-        raw: Any = _DECODE(data.decode())
+        return _DECODE(data.decode())
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ChannelError(f"undecodable message ({len(data)} bytes): {exc}") from None
+
+
+def _message(raw: Any) -> Message:
     if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
         raise ChannelError(f"not a message: {type(raw).__name__}")
     entry = _CLASSES.get(raw[0])

@@ -49,6 +49,8 @@ FIRST_PACKET_S = 0.01
 """Period of the check for sessions whose first packet arrived (while there are any)."""
 STATS_BATCH = 100
 """Sessions per Stats message (a session with one stream is ~300 bytes encoded)."""
+BATCH = 32
+"""Reports per batch at most; a batch also stays under :data:`channel.MAX_MESSAGE`."""
 MAX_QUEUE = 100_000
 """Messages waiting for the signalling process to read them: beyond, it is stuck."""
 
@@ -69,6 +71,9 @@ class Worker:
         last seen."""
         self.queue: deque[bytes] = deque()
         self.writing = False
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.flushing = False
         self.done: asyncio.Future[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.status = 0
@@ -120,7 +125,10 @@ class Worker:
             try:
                 if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                     raise ch.ChannelError("truncated message")
-                message = ch.decode(data)
+                messages = ch.decode_all(data)
+                wanted = sum(4 * m.streams for m in messages if isinstance(m, ch.Allocate))
+                if wanted != len(fds):
+                    raise ch.ChannelError(f"{len(fds)} sockets for {wanted}")
             except ch.ChannelError as exc:
                 for fd in fds:
                     socket.close(fd)
@@ -128,18 +136,20 @@ class Worker:
                           self.index, exc)  # fmt: skip
                 self.stop(1)
                 return
-            try:
-                self._apply(message, fds)
-            except (ValueError, IndexError, KeyError) as exc:
-                log.error("worker %d: cannot apply %s: %s", self.index, type(message).__name__,
-                          exc)  # fmt: skip
+            for message in messages:
+                mine: list[int] = []
+                if isinstance(message, ch.Allocate):
+                    mine, fds = fds[: 4 * message.streams], fds[4 * message.streams :]
+                try:
+                    self._apply(message, mine)
+                except (ValueError, IndexError, KeyError) as exc:
+                    log.error("worker %d: cannot apply %s: %s", self.index,
+                              type(message).__name__, exc)  # fmt: skip
 
     def _apply(self, message: ch.Message, fds: list[int]) -> None:
         if isinstance(message, ch.Allocate):
             self._allocate(message, fds)
             return
-        for fd in fds:  # only Allocate carries sockets
-            socket.close(fd)
         sid = getattr(message, "sid", None)
         session = self.sessions.get(sid) if isinstance(sid, int) else None
         if session is None:
@@ -216,9 +226,26 @@ class Worker:
     # --- sending ----------------------------------------------------------------------
 
     def send(self, message: ch.Message) -> None:
+        """Queue a report: the reports of one loop iteration leave as one batch."""
         if self.done is None or self.done.done():
             return  # stopping: nobody is listening any more
         data = ch.encode(message)
+        if self.pending_size + len(data) > ch.MAX_MESSAGE - 64:
+            self._flush_pending()  # what is pending goes first, as one datagram
+        self.pending.append(data)
+        self.pending_size += len(data) + 1
+        if len(self.pending) >= BATCH:
+            self._flush_pending()
+        elif not self.flushing and self.loop is not None:
+            self.flushing = True
+            self.loop.call_soon(self._flush_pending)
+
+    def _flush_pending(self) -> None:
+        self.flushing = False
+        if not self.pending or self.done is None or self.done.done():
+            return
+        pending, self.pending, self.pending_size = self.pending, [], 0
+        data = ch.batch(pending) if len(pending) > 1 else pending[0]
         if not self.queue:
             try:
                 self.sock.send(data)

@@ -103,3 +103,13 @@ def test_split_range() -> None:
     assert all(hi + 1 == lo for (_, hi), (lo, _) in itertools.pairwise(slices))
     with pytest.raises(ValueError, match="cannot be split"):
         split_range(20000, 20003, 3)
+
+
+def test_batches_keep_order_and_single_messages_still_decode() -> None:
+    data = ch.batch([ch.encode(m) for m in MESSAGES])
+    assert ch.decode_all(data) == MESSAGES
+    assert ch.decode_all(ch.encode(MESSAGES[0])) == [MESSAGES[0]]
+    with pytest.raises(ch.ChannelError):
+        ch.decode_all(b"[0,[10,1],[99]]")  # one bad message spoils the batch
+    with pytest.raises(ch.ChannelError):
+        ch.decode(data)  # a batch is not a single message
