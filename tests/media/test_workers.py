@@ -7,6 +7,7 @@ engine is closed in ``finally`` so no worker outlives its test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -228,6 +230,47 @@ def test_worker_death_loses_only_its_sessions_and_a_replacement_starts() -> None
             for peer in peers:
                 peer.close()
             await engine.close()
+
+    run(scenario)
+
+
+def test_a_worker_that_stops_reading_is_killed_not_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGSTOP: the channel fills, commands queue up to the bound, then the worker is
+    treated as dead; nothing blocks and the queue does not grow past the bound."""
+    monkeypatch.setattr("proxy.media.workers.MAX_QUEUE", 20)
+    lo, hi = free_range(8)
+
+    async def scenario() -> None:
+        engine = WorkerEngine(HOST, HOST, lo, hi, 1)
+        lost: list[list[WorkerSession]] = []
+        engine.on_lost = lost.append
+        engine.start()
+        w = engine._workers[0]
+        assert w.proc is not None
+        stopped = w.proc.pid
+        try:
+            session = engine.allocate("stuck", 1)
+            engine.flush()
+            os.kill(stopped, signal.SIGSTOP)
+            for round_ in range(100_000):
+                if not w.alive:
+                    break
+                for _ in range(64):
+                    session.set_remote(Side.INSIDE, 0, HOST, 1000 + round_ % 1000, 0)
+                engine.flush()
+                assert len(w.queue) <= 20
+            assert not w.alive, "never declared stuck"
+            await until(lambda: lost, "the lost session reported")
+            assert lost == [[session]]
+            await until(lambda: engine.workers()[0]["alive"], "a replacement")
+            assert engine.workers()[0]["pid"] != stopped
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGKILL)
+            await engine.close()
+        assert not Path(f"/proc/{stopped}").exists()
 
     run(scenario)
 
