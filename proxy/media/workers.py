@@ -25,6 +25,11 @@ session's first inbound packet per side); ``on_srtp_authenticated`` keeps the ca
 here and the worker reports the event once. :attr:`WorkerEngine.on_wakeup` is called
 when a report may let the B2BUA act (first packets), like the SRTP callback does.
 
+The messages of one loop iteration go as one datagram (one wake-up of the worker per
+SIP message handled, not one per command), and :meth:`WorkerEngine.flush` sends them
+before the server transmits the SIP they belong to: a worker learns a peer's address
+before that peer can have been told where to send.
+
 Assignment: the live worker with the fewest sessions (then the most free ports); a
 worker whose slice cannot hold the session is skipped. Sends never block: the channel
 is non-blocking with a bounded queue, and a worker whose queue overflows is stuck and
