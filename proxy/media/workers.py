@@ -83,16 +83,21 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def split_range(port_min: int, port_max: int, workers: int) -> list[tuple[int, int]]:
-    """``workers`` slices of consecutive even-aligned pairs covering the range, sizes
-    differing by one pair at most: ``(first RTP port, last RTCP port)`` each."""
+    """``workers`` slices of consecutive even-aligned pairs covering the range:
+    ``(first RTP port, last RTCP port)`` each. Slices are cut in units of two pairs (a
+    single-stream call when both legs share an address), as evenly as possible, and an
+    odd pair goes to the last slice, so splitting wastes no call's worth of ports."""
     first = port_min + (port_min & 1)
     pairs = len(range(first, port_max, 2))
-    if workers < 1 or pairs < workers:
+    units = pairs // 2
+    if workers < 1 or units < workers:
         raise ValueError(f"{pairs} port pairs cannot be split among {workers} workers")
     slices = []
     start = 0
     for index in range(workers):
-        count = pairs // workers + (1 if index < pairs % workers else 0)
+        count = 2 * (units // workers + (1 if index < units % workers else 0))
+        if index == workers - 1:
+            count = pairs - start
         slices.append((first + 2 * start, first + 2 * (start + count) - 1))
         start += count
     return slices

@@ -96,13 +96,15 @@ def test_damaged_messages_raise_only_channel_error(
 
 def test_split_range() -> None:
     assert split_range(20000, 20015, 2) == [(20000, 20007), (20008, 20015)]
-    # 9 pairs over 2 workers: the first gets the odd one; an odd port_min rounds up.
-    assert split_range(20001, 20019, 2) == [(20002, 20011), (20012, 20019)]
+    # 9 pairs over 2 workers: cut in twos, the odd pair to the last; port_min rounds up.
+    assert split_range(20001, 20019, 2) == [(20002, 20009), (20010, 20019)]
+    # 14 pairs = 7 calls over 2: 4 + 3 calls, every pair used.
+    assert split_range(20000, 20027, 2) == [(20000, 20015), (20016, 20027)]
     slices = split_range(20000, 29999, 3)
     assert slices[0][0] == 20000 and slices[-1][1] == 29999
     assert all(hi + 1 == lo for (_, hi), (lo, _) in itertools.pairwise(slices))
     with pytest.raises(ValueError, match="cannot be split"):
-        split_range(20000, 20003, 3)
+        split_range(20000, 20009, 3)  # 5 pairs: 2 calls, not 3
 
 
 def test_batches_keep_order_and_single_messages_still_decode() -> None:
