@@ -907,11 +907,13 @@ async def per_packet(
     try:
         for run in range(prof["pp_runs"]):
             for case in cases:  # interleaved
-                res = {}
+                res: dict[str, Any] = {}
                 for attempt in range(1, prof["retries"] + 2):
-                    res = await closed_loop_case(case, prof, gens, relay_cpus)
-                    res["run"], res["attempt"] = run + 1, attempt
-                    if res["foreign_cores"] <= FOREIGN_MAX or attempt > prof["retries"]:
+                    got = await closed_loop_case(case, prof, gens, relay_cpus)
+                    got["run"], got["attempt"] = run + 1, attempt
+                    if not res or got["foreign_cores"] < res["foreign_cores"]:
+                        res = got  # the least disturbed attempt
+                    if got["foreign_cores"] <= FOREIGN_MAX or attempt > prof["retries"]:
                         break
                     log(
                         f"per-packet {case.name}: {res['foreign_cores']:.2f} cores of other "
@@ -1097,11 +1099,13 @@ async def capacity(
     for n in steps:
         row: dict[str, Any] = {}
         for attempt in range(1, prof["retries"] + 2):
-            row = await capacity_step(n, prof, gens, harness, proxy, workdir)
-            row["attempt"] = attempt
+            got = await capacity_step(n, prof, gens, harness, proxy, workdir)
+            got["attempt"] = attempt
+            if not row or got["pass"] or got.get("foreign_cores", 9) < row.get("foreign_cores", 9):
+                row = got  # a passing attempt, else the least disturbed one
             # another job on the box (foreign CPU) can fail a step: measure it again
-            foreign = row.get("foreign_cores") or 0.0
-            if row["pass"] or foreign <= FOREIGN_MAX or attempt > prof["retries"]:
+            foreign = got.get("foreign_cores") or 0.0
+            if got["pass"] or foreign <= FOREIGN_MAX or attempt > prof["retries"]:
                 break
             log(f"capacity N={n}: {foreign:.2f} cores of other load during the window, retrying")
             wait_quiet(0.2, prof["quiet_wait"] * 3)
@@ -1515,8 +1519,14 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
     ax2.plot(n, [s["loss_pct"] for s in steps], "^-", color="tab:red", label="loss %")
     ax2.axhline(LOSS_LIMIT_PCT, color="tab:red", linestyle=":", linewidth=1)
     ax2.set_ylabel("loss, %")
+    ax2.set_ylim(0, max(2 * LOSS_LIMIT_PCT, 1.2 * max(s["loss_pct"] for s in steps)))
+    ax1.set_ylim(0, max(2 * P99_LIMIT_MS, 1.1 * max(s["added_p99_ms"] for s in steps)))
     m = report["machine"]
-    ax1.set_title(f"sipura-proxy capacity ({m['cpu_count']} x {m['cpu_model']})", fontsize=9)
+    ax1.set_title(
+        f"sipura-proxy: secured calls on {m['cpu_count']} x {m['cpu_model']} (generator on the "
+        f"same box); limits: loss {LOSS_LIMIT_PCT} %, added p99 {P99_LIMIT_MS:g} ms (dotted)",
+        fontsize=8,
+    )
     lines = ax1.get_legend_handles_labels()
     more = ax2.get_legend_handles_labels()
     ax1.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
