@@ -258,7 +258,7 @@ def generators(cache: Path, force_py: bool) -> Gens:
         rtpgen, capgen = build("rtpgen", cache), build("capgen", cache)
         if rtpgen and capgen:
             return Gens([str(rtpgen)], [str(capgen)], "C (gcc)")
-    return Gens([*py, "rtpgen"], [*py, "capgen"], "Python uvloop fallback (no gcc)")
+    return Gens([*py, "rtpgen"], [*py, "capgen"], "Python fallback (pygen.py: no gcc, or --gen py)")
 
 
 async def run_closed_loop(
@@ -1341,7 +1341,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "notes": [],
     }
     if "fallback" in gens.kind:
-        report["notes"].append("no C compiler: Python generator, figures are not comparable")
+        report["notes"].append(
+            "Python load generator (no C compiler, or --gen py): figures are not comparable"
+        )
     workdir = Path(tempfile.mkdtemp(prefix="sipura-capacity-"))
     pki = ua.BenchPki(workdir)
     harness = Harness(pki)
