@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import signal
@@ -24,6 +23,7 @@ from proxy.logsetup import configure_logging
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
 from proxy.media.workers import WorkerEngine, WorkerSession
+from proxy.runtime import install_fast_loop, tune_gc
 from proxy.sip.transaction import Address
 from proxy.sip.transport import SipTransport
 
@@ -206,17 +206,6 @@ class ProxyServer:
             writer.close()
 
 
-def install_fast_loop() -> str:
-    """uvloop when installed (see docs/decisions.md §1), else the stdlib loop, with a warning."""
-    try:
-        import uvloop
-    except ImportError:
-        log.warning("uvloop is not installed: media relay will cost ~6x more CPU per packet")
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
-
-
 def setup_logging(config: Config) -> None:
     configure_logging(config.log.level, config.log.format)
 
@@ -240,15 +229,6 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     finally:
         log.info("shutting down")
         server.close()
-
-
-def tune_gc() -> None:
-    """Fewer, shorter collections: at hundreds of calls/s a full collection of a large
-    heap paused the process for 170-280 ms, long enough for UDP buffers to overflow
-    (bench/sip_cps.sh). Objects alive at start-up are moved out of the collector's way."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20000, 20, 100)
 
 
 def run(config: Config) -> int:

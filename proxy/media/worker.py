@@ -40,6 +40,7 @@ from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine, RelaySession
 from proxy.media.srtp import SrtpContext
 from proxy.media.tones import Tone
+from proxy.runtime import install_fast_loop, tune_gc
 
 log = logging.getLogger("sipura.media.worker")
 
@@ -328,16 +329,6 @@ class Worker:
                     fresh[sid] = now
 
 
-def install_loop() -> str:
-    try:
-        import uvloop
-    except ImportError:
-        log.warning("uvloop is not installed: media relay will cost ~6x more CPU per packet")
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proxy.media.worker")
     parser.add_argument("--fd", type=int, required=True)
@@ -353,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(False)
-    loop_name = install_loop()
+    tune_gc()
+    loop_name = install_fast_loop()
 
     async def serve() -> int:
         engine = RelayEngine(args.inside_ip, args.outside_ip, args.port_min, args.port_max,
