@@ -435,7 +435,7 @@ class WorkerEngine:
                     self._fail(w, f"channel error: {exc}")
                     return
                 if not data:
-                    self._fail(w, "channel closed", grace_s=1.0)
+                    self._fail(w, "channel closed", grace_s=0.1)
                     return
                 try:
                     messages = ch.decode_all(data)
