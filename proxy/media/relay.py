@@ -263,6 +263,20 @@ class _Leg:
         for sock in self.sockets:
             sock.a = self
 
+    def take_pair(
+        self, session: RelaySession, port: int, rtp: socket.socket, rtcp: socket.socket
+    ) -> None:
+        """Own a freshly bound RTP/RTCP pair for ``session``. Until the transports are
+        attached, packets are sent through the bare sockets."""
+        self.port = port
+        self.sockets = (
+            _RtpSocket(session, self, self, rtp),
+            _RtcpSocket(session, self, self, rtcp),
+        )
+        self.alive = 2
+        self.rtp_send = rtp.sendto
+        self.rtcp_send = rtcp.sendto
+
     def stale_source(self, addr: Address) -> bool:
         """``addr`` is where the previous call on this pair had its peer, and that call
         ended too recently: its late packets must not latch into this one."""
@@ -1114,15 +1128,7 @@ class RelayEngine:
                     except PortsExhausted:
                         pool.drain()  # pairs pooled for the other address: free them
                         raise
-                    leg.port = port
-                    leg.sockets = (
-                        _RtpSocket(session, leg, leg, rtp),
-                        _RtcpSocket(session, leg, leg, rtcp),
-                    )
-                    leg.alive = 2
-                    # Until the transports are attached, send through the bare sockets.
-                    leg.rtp_send = rtp.sendto
-                    leg.rtcp_send = rtcp.sendto
+                    leg.take_pair(session, port, rtp, rtcp)
                     session._pairs += 1
                     bound = True
                 for side, leg in legs.items():
@@ -1155,14 +1161,7 @@ class RelayEngine:
                 rtp.setblocking(False)
                 rtcp.setblocking(False)
                 leg = _Leg(side, len(session._legs[side]), ip, family, self.clock)
-                leg.port = int(rtp.getsockname()[1])
-                leg.sockets = (
-                    _RtpSocket(session, leg, leg, rtp),
-                    _RtcpSocket(session, leg, leg, rtcp),
-                )
-                leg.alive = 2
-                leg.rtp_send = rtp.sendto
-                leg.rtcp_send = rtcp.sendto
+                leg.take_pair(session, int(rtp.getsockname()[1]), rtp, rtcp)
                 session._legs[side].append(leg)
                 session._pairs += 1
                 legs[side] = leg
