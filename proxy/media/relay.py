@@ -662,9 +662,18 @@ class _RtcpSocket(_Socket):
             a.latch_rtcp(addr)
 
 
-def _check_port(port: int, what: str) -> None:
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{what} out of range: {port}")
+def check_remote(
+    local_ip: str, ip: str, rtp_port: int, rtcp_port: int
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A peer's media address as SDP gave it, checked against the local address it is to
+    be reached from: ports in range, same address family. Raises ``ValueError``."""
+    for port, what in ((rtp_port, "rtp_port"), (rtcp_port, "rtcp_port")):
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{what} out of range: {port}")
+    address = ipaddress.ip_address(ip)
+    if address.version != ipaddress.ip_address(local_ip).version:
+        raise ValueError(f"{ip} is not of the address family of {local_ip}")
+    return address
 
 
 class RelaySession:
@@ -729,11 +738,7 @@ class RelaySession:
         rtcp_mux: bool = False,
     ) -> None:
         leg = self._leg(side, index)
-        _check_port(rtp_port, "rtp_port")
-        _check_port(rtcp_port, "rtcp_port")
-        address = ipaddress.ip_address(ip)
-        if (address.version == 6) != (leg.family == socket.AF_INET6):
-            raise ValueError(f"{ip} is not of the address family of {leg.ip}")
+        address = check_remote(leg.ip, ip, rtp_port, rtcp_port)
         ip = str(address)
         leg.mux = rtcp_mux
         if address.is_unspecified or rtp_port == 0:

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.media import channel as ch
 from proxy.media.engine import MediaEngine, Side, SrtpCallback, StreamStats
 from proxy.media.ports import PortAllocator, PortsExhausted
-from proxy.media.relay import COUNTERS, bind_pair, stats_from
+from proxy.media.relay import COUNTERS, bind_pair, check_remote, stats_from
 from proxy.media.srtp import SrtpContext
 from proxy.media.tones import Tone
 
@@ -545,11 +545,6 @@ def _reap(proc: subprocess.Popen[bytes] | None, *, grace_s: float) -> str:
     return f"killed by signal {-code}" if code < 0 else str(code)
 
 
-def _check_port(port: int, what: str) -> None:
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{what} out of range: {port}")
-
-
 _INSIDE_PACKETS = COUNTERS.index("packets_in")
 
 
@@ -635,12 +630,7 @@ class WorkerSession:
         rtcp_port: int,
         rtcp_mux: bool = False,
     ) -> None:
-        local_ip, _ = self.local(side, index)
-        _check_port(rtp_port, "rtp_port")
-        _check_port(rtcp_port, "rtcp_port")
-        address = ipaddress.ip_address(ip)
-        if address.version != ipaddress.ip_address(local_ip).version:
-            raise ValueError(f"{ip} is not of the address family of {local_ip}")
+        address = check_remote(self.local(side, index)[0], ip, rtp_port, rtcp_port)
         self._send(ch.SetRemote(self._sid, Side(side).value, index, str(address), rtp_port,
                                 rtcp_port, bool(rtcp_mux)))  # fmt: skip
 
