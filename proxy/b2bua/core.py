@@ -26,14 +26,25 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any
 
 from proxy.b2bua import secure as sec
 from proxy.b2bua.config import Config, LineConfig, SideConfig
 from proxy.b2bua.legs import Call, CallState, Leg, ProxyRequest, Relay, new_call_id, new_tag
 from proxy.b2bua.media import MediaHandle, stream_count
 from proxy.b2bua.security_config import Security
-from proxy.media.engine import MediaSession, Side
+from proxy.media.commands import (
+    AcceptSrtp,
+    ClearSrtp,
+    MediaEvent,
+    PlayTone,
+    SessionsLost,
+    SetTxSsrc,
+    SrtpAuthenticated,
+    SwitchSrtp,
+    WatchSrtp,
+)
+from proxy.media.engine import MediaEngine, Side
 from proxy.media.ports import PortsExhausted
 from proxy.sip.headers import (
     NameAddr,
@@ -83,10 +94,6 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, PRACK, REFER, NOTIFY, 
 ONE_SHOT_METHODS = frozenset({"MESSAGE", "NOTIFY", "PUBLISH", "INFO"})
 """Out-of-dialog requests relayed as a single transaction (no dialog to keep)."""
 XSIPURA = "x-sipura"
-
-
-class MediaEngine(Protocol):
-    def allocate(self, call_id: str, streams: int) -> MediaSession: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,10 +182,6 @@ class B2BUA:
         self.security = security
         self.utc_now = utc_now
         """Wall clock for MC expiry only (injected: the core reads no clock itself)."""
-        self.on_wakeup: Callable[[], None] | None = None
-        """Set by the IO edge: called when media reports an event (SRTP authenticated),
-        so that :meth:`poll` runs soon."""
-        self._srtp_events: list[int] = []
         timers = Timers(config.sip.t1_ms / 1000, config.sip.t2_ms / 1000, config.sip.t4_ms / 1000)
         self.layers = {
             Side.INSIDE: TransactionLayer(timers),
@@ -240,8 +243,6 @@ class B2BUA:
                 continue  # stage 2 runs in a confirmed dialog only (profile §2)
             if (d := call.security.next_deadline()) is not None:
                 deadlines.append(d)
-        if self._srtp_events:
-            deadlines.append(0.0)
         timeout = self.config.media.rtp_timeout_s
         if timeout:
             deadlines.extend(
@@ -271,17 +272,31 @@ class B2BUA:
                 out += self._send_bye(call, call.b, now, "RTP timeout")
         return out
 
-    def media_lost(self, sessions: Iterable[MediaSession], now: float) -> list[Outbound]:
+    def on_media_event(self, event: MediaEvent, now: float) -> list[Outbound]:
+        """What the media engine reported (the I/O edge hands it over on a loop
+        iteration of its own, never from inside a call into the engine)."""
+        return _MEDIA_EVENTS[type(event)](self, event, now)
+
+    def _srtp_authenticated(self, event: SrtpAuthenticated, now: float) -> list[Outbound]:
+        """A watched key authenticated: the handshake may switch over (profile §3)."""
+        for call in self.calls.values():
+            if call.media is not None and call.media.session.id == event.session:
+                if call.security is None:
+                    return []
+                return self._secure_actions(call, call.security.srtp_authenticated(now), now)
+        return []
+
+    def _sessions_lost(self, event: SessionsLost, now: float) -> list[Outbound]:
         """The engine lost these sessions (a media worker process died): their calls
         cannot carry audio any more, so they end cleanly instead of going silent. An
         answered call gets a BYE with a Reason on both legs (it finishes when they are
         answered or time out); one still ringing is cancelled toward the callee and
         answered 487 toward the caller. Calls on other sessions are not touched."""
-        lost = {id(session) for session in sessions}
+        lost = set(event.sessions)
         out: list[Outbound] = []
         for call in list(self.calls.values()):
             media = call.media
-            if media is None or id(media.session) not in lost:
+            if media is None or media.session.id not in lost:
                 continue
             log.warning("call %d: its media relay process died; hanging up", call.id)
             if call.state in (CallState.INVITING, CallState.EARLY):
@@ -595,7 +610,7 @@ class B2BUA:
             Side.INSIDE: self.config.inside.media_ip,
             Side.OUTSIDE: self.config.outside.media_ip,
         }
-        return MediaHandle(session, streams, media_ip)
+        return MediaHandle(self.media, session, streams, media_ip)
 
     def _index(self, call: Call) -> None:
         for leg in (call.a, call.b):
@@ -1078,11 +1093,6 @@ class B2BUA:
 
     def _poll_security(self, now: float) -> list[Outbound]:
         out: list[Outbound] = []
-        pending, self._srtp_events = self._srtp_events, []
-        for call_id in pending:
-            call = self.calls.get(call_id)
-            if call is not None and call.security is not None:
-                out += self._secure_actions(call, call.security.srtp_authenticated(now), now)
         for call in list(self.calls.values()) if self.security is not None else ():
             security = call.security
             if security is None or call.state is not CallState.CONFIRMED:
@@ -1091,7 +1101,8 @@ class B2BUA:
                 if not _phone_media_flows(call):
                     security.postpone(now)  # profile §2: after the dialog *and* media
                 elif call.media is not None:
-                    call.media.session.set_tx_ssrc(Side.OUTSIDE, call.secure_ssrc)
+                    self.media.apply(SetTxSsrc(call.media.session.id, Side.OUTSIDE,
+                                               call.secure_ssrc))  # fmt: skip
                     out += self._secure_actions(call, security.start(now, call.secure_ssrc), now)
             deadline = security.next_deadline()
             if deadline is not None and deadline <= now:
@@ -1109,7 +1120,7 @@ class B2BUA:
             warning = [("Warning", '399 - "x-sipura: only the caller starts stage 2"')]
             return self._respond(Side.OUTSIDE, tx, 400, "Bad Request", now, extra=warning)
         if call.media is not None:
-            call.media.session.set_tx_ssrc(Side.OUTSIDE, call.secure_ssrc)
+            self.media.apply(SetTxSsrc(call.media.session.id, Side.OUTSIDE, call.secure_ssrc))
         actions = security.on_info(request.body, now, self.utc_now(), call.secure_ssrc)
         out: list[Outbound] = []
         for action in actions:
@@ -1130,23 +1141,23 @@ class B2BUA:
 
     def _secure_actions(self, call: Call, actions: list[sec.Action], now: float) -> list[Outbound]:
         out: list[Outbound] = []
-        session = call.media.session if call.media is not None else None
+        sid = call.media.session.id if call.media is not None else None
         settings = call.security.settings if call.security else None
+        apply = self.media.apply
         for action in actions:
             if isinstance(action, sec.SendInfo):
                 leg = call.leg_on(Side.OUTSIDE)
                 out += self._send_proxy_request(call, leg, "INFO", now, "x-sipura",
                     body=action.body.encode("ascii"), content_type=action.content_type)  # fmt: skip
-            elif isinstance(action, sec.AcceptSrtp) and session is not None and settings:
-                session.accept_srtp(Side.OUTSIDE, action.context, settings.srtcp)
-                session.on_srtp_authenticated(Side.OUTSIDE, self._srtp_callback(call))
-            elif isinstance(action, sec.SwitchSrtp) and session is not None:
-                session.switch_srtp(Side.OUTSIDE, action.context, action.grace_s,
-                                    srtcp=action.srtcp)  # fmt: skip
-                session.on_srtp_authenticated(Side.OUTSIDE, self._srtp_callback(call))
-            elif isinstance(action, sec.ClearSrtp) and session is not None:
-                session.clear_srtp(Side.OUTSIDE)
-                session.set_tx_ssrc(Side.OUTSIDE, None)
+            elif isinstance(action, sec.AcceptSrtp) and sid is not None and settings:
+                apply(AcceptSrtp(sid, Side.OUTSIDE, action.keys, settings.srtcp))
+                apply(WatchSrtp(sid, Side.OUTSIDE))
+            elif isinstance(action, sec.SwitchSrtp) and sid is not None:
+                apply(SwitchSrtp(sid, Side.OUTSIDE, action.keys, action.grace_s, action.srtcp))
+                apply(WatchSrtp(sid, Side.OUTSIDE))
+            elif isinstance(action, sec.ClearSrtp) and sid is not None:
+                apply(ClearSrtp(sid, Side.OUTSIDE))
+                apply(SetTxSsrc(sid, Side.OUTSIDE, None))
             elif isinstance(action, sec.Secured):
                 if not action.rekey:
                     self.stats.secured += 1
@@ -1160,23 +1171,13 @@ class B2BUA:
                 out += self._send_bye(call, call.b, now, action.reason)
         return out
 
-    def _srtp_callback(self, call: Call) -> Callable[[], None]:
-        call_id = call.id
-
-        def authenticated() -> None:  # runs inside the relay's packet handler
-            self._srtp_events.append(call_id)
-            if self.on_wakeup is not None:
-                self.on_wakeup()
-
-        return authenticated
-
     def _user_indication(self, call: Call, peer: PeerIdentity, now: float) -> list[Outbound]:
         """What an SPA user perceives: the secure-call tone and ``$`` + the peer's name."""
         settings = call.security.settings if call.security else None
         if settings is None:
             return []
         if call.media is not None and settings.tone is not None:
-            call.media.session.play_tone(Side.INSIDE, 0, settings.tone)
+            self.media.apply(PlayTone(call.media.session.id, Side.INSIDE, 0, settings.tone))
         mode = settings.callerid_refresh
         if mode == "off":
             return []
@@ -1458,6 +1459,13 @@ def _rewrite_rack(message: SipMessage, invite_cseq: int) -> None:
         parts = value.split()
         if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
             message.headers[index] = (name, f"{parts[0]} {invite_cseq} {parts[2]}")
+
+
+_MEDIA_EVENTS: dict[type, Callable[[B2BUA, Any, float], list[Outbound]]] = {
+    SrtpAuthenticated: B2BUA._srtp_authenticated,
+    SessionsLost: B2BUA._sessions_lost,
+}
+"""What :meth:`B2BUA.on_media_event` does with each media event type."""
 
 
 def _phone_media_flows(call: Call) -> bool:
