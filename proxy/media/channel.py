@@ -281,6 +281,17 @@ def _dataclass(cls: type) -> tuple[_Convert, _Convert]:
     return encode, decode
 
 
+_SIMPLE: Final[dict[Any, tuple[_Convert, _Convert]]] = {
+    str: _exact(str),
+    int: _exact(int),
+    bool: _exact(bool),
+    float: (_float, _float),
+    bytes: (_hex, _unhex),
+    Tone: _tone(),
+}
+"""The codecs of the field types that are not built from other types."""
+
+
 def _codec(hint: Any) -> tuple[_Convert, _Convert]:
     """The encoder and decoder of a field annotated ``hint``; ``TypeError`` for a type
     the channel does not carry (caught when this module is imported)."""
@@ -294,14 +305,9 @@ def _codec(hint: Any) -> tuple[_Convert, _Convert]:
         if len(args) == 2 and args[1] is Ellipsis:
             return (_ints, _ints) if args[0] is int else _sequence(_codec(args[0]))
         return _record("tuple", [_codec(arg) for arg in args], lambda *items: tuple(items))
-    if hint in (str, int, bool):
-        return _exact(hint)
-    if hint is float:
-        return _float, _float
-    if hint is bytes:
-        return _hex, _unhex
-    if hint is Tone:
-        return _tone()
+    simple = _SIMPLE.get(hint)
+    if simple is not None:
+        return simple
     if isinstance(hint, type) and issubclass(hint, Enum):
         return _enum(hint)
     if isinstance(hint, type) and is_dataclass(hint):

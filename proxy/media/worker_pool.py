@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import os
 import socket
 import subprocess
@@ -58,27 +57,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from proxy.media import channel as ch
-from proxy.media.commands import (
-    AcceptSrtp,
-    ClearSrtp,
-    MediaCommand,
-    MediaEvent,
-    PlayTone,
-    Release,
-    SessionsLost,
-    SetRemote,
-    SetSrtp,
-    SetTxSsrc,
-    SrtpAuthenticated,
-    SrtpKeys,
-    SwitchSrtp,
-    WatchSrtp,
-)
-from proxy.media.counters import COUNTERS, stats_from
-from proxy.media.engine import MediaEngine, Side, StreamStats, check_remote
+from proxy.media.commands import MediaCommand, MediaEvent, Release, SessionsLost, SrtpAuthenticated
+from proxy.media.engine import MediaEngine, Side
 from proxy.media.ports import PortAllocator, PortsExhausted
 from proxy.media.relay_pool import bind_pair, media_addresses
 from proxy.media.worker_link import WorkerSlot, reap
+from proxy.media.worker_session import CHECKS, WorkerSession
 
 __all__ = ["MIN_PAIRS_PER_WORKER", "WorkerPool", "WorkerSession", "split_range"]
 
@@ -387,163 +371,18 @@ class WorkerPool:
         return held, ports, local
 
     def apply(self, command: MediaCommand) -> None:
-        """See :meth:`MediaEngine.apply`: checked here by the table :data:`_CHECKS` (the
-        relay's own refusals, at once), then sent to the session's worker as it is."""
+        """See :meth:`MediaEngine.apply`: checked here by the table
+        :data:`~proxy.media.worker_session.CHECKS` (the relay's own refusals, at once),
+        then sent to the session's worker as it is."""
         session = self._live.get(command.session)
         if session is None:
             return  # released, lost with its worker, or never allocated
-        _CHECKS[type(command)](session, command)
+        CHECKS[type(command)](session, command)
         if type(command) is Release:
             self._live.pop(session.id, None)
             session.worker.sessions.pop(session.id, None)
         session.worker.send(command)
 
-
-class WorkerSession:
-    """One call's media in a worker process (implements ``MediaSession``): what this
-    process knows of it (ports, latest counters, keys and watches per side)."""
-
-    __slots__ = (
-        "_call_id",
-        "_counters",
-        "_local",
-        "_rx",
-        "_streams",
-        "_watch",
-        "dead",
-        "id",
-        "worker",
-    )
-
-    def __init__(
-        self,
-        worker: WorkerSlot,
-        sid: int,
-        call_id: str,
-        streams: int,
-        local: dict[Side, list[tuple[str, int]]],
-    ) -> None:
-        self.worker = worker
-        self.id = sid
-        self._call_id = call_id
-        self._streams = streams
-        self._local = local
-        self._counters: tuple[int, ...] = ()
-        self._rx: dict[Side, SrtpKeys | None] = {Side.INSIDE: None, Side.OUTSIDE: None}
-        """The keys each side's packets are tried with first (None: plain)."""
-        self._watch: dict[Side, tuple[int, bool]] = {
-            Side.INSIDE: (0, False),
-            Side.OUTSIDE: (0, False),
-        }
-        """Per side: WatchSrtp commands sent so far, and whether the last one may still
-        fire (no key change since)."""
-        self.dead = False
-        """Its worker died: commands go nowhere, counters stay as last reported."""
-
-    def __repr__(self) -> str:
-        state = "dead" if self.dead else "live"
-        return (
-            f"WorkerSession({self.id}, {self._call_id!r}, streams={self._streams}, "
-            f"worker {self.worker.index}, {state})"
-        )
-
-    @property
-    def call_id(self) -> str:
-        return self._call_id
-
-    @property
-    def streams(self) -> int:
-        return self._streams
-
-    @property
-    def worker_index(self) -> int:
-        return self.worker.index
-
-    def local(self, side: Side, index: int) -> tuple[str, int]:
-        if index < 0:
-            raise IndexError(f"no stream {index}")
-        return self._local[Side(side)][index]
-
-    def stats(self) -> dict[Side, list[StreamStats]]:
-        return stats_from(self._counters, self._streams)
-
-    def update(self, counters: tuple[int, ...]) -> bool:
-        """New counters from the worker; True if a side of stream 0 saw its first packet."""
-        old = self._counters
-        self._counters = counters
-        width = len(COUNTERS)
-        for base in (0, self._streams * width):
-            at = base + _INSIDE_PACKETS
-            before = old[at] if len(old) > at else 0
-            after = counters[at] if len(counters) > at else 0
-            if before == 0 and after > 0:
-                return True
-        return False
-
-    def fired(self, side: Side, watch: int) -> bool:
-        """The worker reports that watch number ``watch`` of ``side`` fired: True if it
-        is the watch still armed here (no later watch, no key change since)."""
-        count, armed = self._watch[side]
-        if not armed or watch != count:
-            return False
-        self._watch[side] = (count, False)
-        return True
-
-    # --- the checks of _CHECKS: what the relay would refuse, and the key bookkeeping --
-
-    def _keys(self, side: Side, keys: SrtpKeys | None) -> None:
-        """Mirror of the relay's rule: other keys than now on ``side`` forget its watch."""
-        if self._rx[side] != keys:
-            self._rx[side] = keys
-            count, _ = self._watch[side]
-            self._watch[side] = (count, False)
-
-    def check_set_remote(self, command: SetRemote) -> None:
-        check_remote(self.local(command.side, command.index)[0], command.ip,
-                     command.rtp_port, command.rtcp_port)  # fmt: skip
-
-    def check_set_srtp(self, command: SetSrtp) -> None:
-        self._keys(Side(command.side), command.keys)
-
-    def check_accept_srtp(self, command: AcceptSrtp) -> None:
-        self._keys(Side(command.side), command.keys)
-
-    def check_switch_srtp(self, command: SwitchSrtp) -> None:
-        if not 0 <= command.grace_s < math.inf:
-            raise ValueError(f"grace_s must be a finite number >= 0, not {command.grace_s}")
-        self._keys(Side(command.side), command.keys)
-
-    def check_clear_srtp(self, command: ClearSrtp) -> None:
-        self._keys(Side(command.side), None)
-
-    def check_play_tone(self, command: PlayTone) -> None:
-        self.local(command.side, command.index)  # IndexError for a stream that does not exist
-
-    def check_watch_srtp(self, command: WatchSrtp) -> None:
-        side = Side(command.side)
-        if self._rx[side] is None:
-            raise ValueError(f"no SRTP key to authenticate on the {side} side")
-        count, _ = self._watch[side]
-        self._watch[side] = (count + 1, True)
-
-    def check_nothing(self, command: MediaCommand) -> None:
-        """Nothing this process could refuse (``SetTxSsrc``, ``Release``)."""
-
-
-_INSIDE_PACKETS = COUNTERS.index("packets_in")
-
-_CHECKS: Final[dict[type[MediaCommand], Callable[[WorkerSession, Any], None]]] = {
-    SetRemote: WorkerSession.check_set_remote,
-    SetSrtp: WorkerSession.check_set_srtp,
-    AcceptSrtp: WorkerSession.check_accept_srtp,
-    SwitchSrtp: WorkerSession.check_switch_srtp,
-    ClearSrtp: WorkerSession.check_clear_srtp,
-    SetTxSsrc: WorkerSession.check_nothing,
-    PlayTone: WorkerSession.check_play_tone,
-    WatchSrtp: WorkerSession.check_watch_srtp,
-    Release: WorkerSession.check_nothing,
-}
-"""What :meth:`WorkerPool.apply` checks of each command type before sending it."""
 
 _REPORTS: Final[dict[type, Callable[[WorkerPool, WorkerSlot, Any], bool]]] = {
     ch.Stats: WorkerPool._stats,
