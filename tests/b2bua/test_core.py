@@ -7,12 +7,10 @@ clock (:meth:`World.advance`), so retransmissions and timeouts are exact and ins
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from unittest import mock
 
 import pytest
@@ -21,6 +19,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import sipfake
 from sipfake import (
     LINE1,
     LINE2,
@@ -77,14 +76,8 @@ NAMES = {
 
 @pytest.fixture(autouse=True, scope="module")
 def fake_dns() -> Iterator[None]:
-    """The core resolves names with the system resolver: keep the tests off the network."""
-
-    def getaddrinfo(host: str, port: object, *args: Any, **kwargs: Any) -> list[Any]:
-        if host in NAMES:
-            return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", (NAMES[host], 0))]
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    with mock.patch("proxy.b2bua.core.socket.getaddrinfo", getaddrinfo):
+    """The edge resolves names for the core: the fake edge knows these."""
+    with mock.patch.dict(sipfake.NAMES, NAMES):
         yield
 
 
@@ -92,7 +85,7 @@ def check_invariants(w: World) -> None:
     """Media is held exactly by live calls, and every indexed leg belongs to one."""
     live = [c for c in w.core.calls.values() if c.media is not None]
     assert len(w.media.active) == len(live), (w.media.active, live)
-    for call, _leg in w.core._legs.values():
+    for call, _leg in w.core.table.indexed():
         assert call.id in w.core.calls
     if not w.core.calls:
         assert w.media.all_returned()

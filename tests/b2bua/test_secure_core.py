@@ -9,7 +9,6 @@ reasons); interop with an independent implementation is covered by tests/interop
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import sipfake
 from sipfake import (
     LINE1,
     LINE2,
@@ -135,12 +135,7 @@ def pki() -> Pki:
 
 @pytest.fixture(autouse=True, scope="module")
 def fake_dns() -> Iterator[None]:
-    def getaddrinfo(host: str, port: object, *args: Any, **kwargs: Any) -> list[Any]:
-        if host == "itsp.example.net":
-            return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("203.0.113.5", 0))]
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    with mock.patch("proxy.b2bua.core.socket.getaddrinfo", getaddrinfo):
+    with mock.patch.dict(sipfake.NAMES, {"itsp.example.net": "203.0.113.5"}):
         yield
 
 
