@@ -34,6 +34,7 @@ from proxy.b2bua.config import Config
 from proxy.b2bua.dialogs import Dialogs
 from proxy.b2bua.invite import CallSetup
 from proxy.b2bua.legs import Call, OwnRequest, RelayedRequest, new_tag
+from proxy.b2bua.line_keys import Security
 from proxy.b2bua.media_watch import MediaWatch
 from proxy.b2bua.messages import (
     ALLOW,
@@ -47,7 +48,6 @@ from proxy.b2bua.out_of_dialog import OneShot, OutOfDialog
 from proxy.b2bua.registrar import Binding, RegisterRelay, Registrar
 from proxy.b2bua.routing import Lookups, ResolveQuery, Resolver, Router, Unresolved
 from proxy.b2bua.secure_leg import SecureLegs
-from proxy.b2bua.security_config import Security
 from proxy.b2bua.sides import Outbound, SipSides, Stats
 from proxy.b2bua.teardown import Teardown
 from proxy.media.engine import MediaEngine, MediaSession, Side

@@ -22,8 +22,8 @@ from typing import Any
 from proxy.b2bua import secure as sec
 from proxy.b2bua.calls import CallTable, CallTimer
 from proxy.b2bua.legs import Call, CallState, Leg, OwnRequest
+from proxy.b2bua.line_keys import Security
 from proxy.b2bua.messages import TARGET_REFRESH
-from proxy.b2bua.security_config import Security
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.teardown import Teardown
 from proxy.media.engine import Side

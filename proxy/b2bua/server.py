@@ -18,9 +18,9 @@ from typing import Any
 
 from proxy.b2bua.config import Config
 from proxy.b2bua.core import B2BUA, Outbound
+from proxy.b2bua.line_keys import load_security
 from proxy.b2bua.resolver import SystemResolver
 from proxy.b2bua.routing import ResolveQuery
-from proxy.b2bua.security_config import load_security
 from proxy.logsetup import configure_logging
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine

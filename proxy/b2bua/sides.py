@@ -66,7 +66,7 @@ class SipSides:
     def __init__(self, config: Config, stats: Stats) -> None:
         self.config = config
         self.stats = stats
-        timers = Timers(config.sip.t1_ms / 1000, config.sip.t2_ms / 1000, config.sip.t4_ms / 1000)
+        timers = Timers(config.sip.t1_s, config.sip.t2_s, config.sip.t4_s)
         self.layers = {
             Side.INSIDE: TransactionLayer(timers),
             Side.OUTSIDE: TransactionLayer(timers),
