@@ -5,7 +5,7 @@ in a worker (:mod:`proxy.media.worker_pool`): its ports (bound here, so known at
 allocation), the latest counters the worker reported, and per side the keys and the
 ``WatchSrtp`` count that let the pool check a command as the relay would (at once, in
 this process) and tell a stale "authenticated" report from a current one.
-:data:`CHECKS` is the pool's dispatch table: one check per command type.
+:data:`CHECKS` is the pool's dispatch table: a check per command type.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from proxy.media.commands import (
+    COMMAND_TYPES,
     AcceptSrtp,
     ClearSrtp,
     MediaCommand,
     PlayTone,
-    Release,
     SetRemote,
     SetSrtp,
-    SetTxSsrc,
     SrtpKeys,
     SwitchSrtp,
     WatchSrtp,
@@ -164,21 +163,23 @@ class WorkerSession:
         self._watch[side] = (count + 1, True)
 
     def check_nothing(self, command: MediaCommand) -> None:
-        """Nothing this process could refuse (``SetTxSsrc``, ``Release``)."""
+        """Nothing this process could refuse or must note: the worker's relay decides."""
 
 
 _INSIDE_PACKETS = COUNTERS.index("packets_in")
 
 CHECKS: Final[dict[type[MediaCommand], Callable[[WorkerSession, Any], None]]] = {
+    **dict.fromkeys(COMMAND_TYPES, WorkerSession.check_nothing),
     SetRemote: WorkerSession.check_set_remote,
     SetSrtp: WorkerSession.check_set_srtp,
     AcceptSrtp: WorkerSession.check_accept_srtp,
     SwitchSrtp: WorkerSession.check_switch_srtp,
     ClearSrtp: WorkerSession.check_clear_srtp,
-    SetTxSsrc: WorkerSession.check_nothing,
     PlayTone: WorkerSession.check_play_tone,
     WatchSrtp: WorkerSession.check_watch_srtp,
-    Release: WorkerSession.check_nothing,
 }
 """What :meth:`WorkerPool.apply <proxy.media.worker_pool.WorkerPool.apply>` checks of
-each command type (and notes) before sending it."""
+each command type (and notes) before sending it. A command with nothing to check here
+(``SetTxSsrc``, ``Release``, a new one) is sent as it is: adding a media operation
+needs a dataclass in :mod:`proxy.media.commands` and a handler in the relay, nothing
+in the pool unless the pool must refuse or remember something of it."""

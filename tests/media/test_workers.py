@@ -21,10 +21,17 @@ import pytest
 
 from proxy.media import channel as ch
 from proxy.media.commands import (
+    COMMAND_TYPES,
+    AcceptSrtp,
+    ClearSrtp,
+    MediaCommand,
     MediaEvent,
+    PlayTone,
     Release,
     SessionsLost,
     SetRemote,
+    SetSrtp,
+    SetTxSsrc,
     SrtpAuthenticated,
     SrtpKeys,
     SwitchSrtp,
@@ -35,6 +42,7 @@ from proxy.media.engine import MediaEngine, Side
 from proxy.media.ports import PortsExhausted
 from proxy.media.relay import RelayEngine
 from proxy.media.srtp import SrtpContext
+from proxy.media.tones import SECURE_CALL_TONE
 from proxy.media.worker_link import WorkerSlot
 from proxy.media.worker_pool import WorkerPool, WorkerSession
 
@@ -294,6 +302,56 @@ def test_a_worker_that_stops_reading_is_killed_not_waited_for(
         assert not Path(f"/proc/{stopped}").exists()
 
     run(scenario)
+
+
+def test_every_command_type_reaches_the_worker_and_applies(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """One of each command, as the pool sends it (sent as-is, whatever its table
+    checks): the worker's relay applies them all (no "cannot apply" in its log), keeps
+    relaying, and the final Release gives the ports back."""
+    lo, hi = free_range(8)
+
+    async def scenario() -> None:
+        engine = WorkerPool(HOST, HOST, lo, hi, 1)
+        engine.start()
+        phone, pbx = Peer(), Peer()
+        try:
+            session = engine.allocate("every", 1)
+            sid, out = session.id, Side.OUTSIDE
+            keys = SrtpKeys(os.urandom(16), os.urandom(16))
+            commands: list[MediaCommand] = [
+                SetRemote(sid, Side.INSIDE, 0, HOST, phone.port, phone.port + 1),
+                SetRemote(sid, out, 0, HOST, pbx.port, pbx.port + 1),
+                SetSrtp(sid, out, keys),
+                AcceptSrtp(sid, out, keys),
+                SwitchSrtp(sid, out, keys, 2.0),
+                WatchSrtp(sid, out),
+                SetTxSsrc(sid, out, 0x5555),
+                PlayTone(sid, Side.INSIDE, 0, SECURE_CALL_TONE),
+                PlayTone(sid, Side.INSIDE, 0, None),
+                ClearSrtp(sid, out),
+            ]
+            assert {type(c) for c in commands} | {Release} == set(COMMAND_TYPES)
+            for command in commands:
+                engine.apply(command)
+            inside = session.local(Side.INSIDE, 0)
+            seq = 1
+            while (relayed := await pbx.recv_after(phone, rtp(seq), inside)) != rtp(seq):
+                seq += 1  # a packet may overtake the last commands (then it is SRTP)
+                assert seq < 100, "the worker never applied ClearSrtp"
+            owner = engine._workers[session.worker_index]
+            engine.apply(Release(sid))
+            await until(lambda: owner.ports.available == owner.ports.capacity, "ports back")
+            assert relayed == rtp(seq) and engine.workers()[0]["alive"]
+        finally:
+            phone.close()
+            pbx.close()
+            await engine.close()
+
+    run(scenario)
+    err = capfd.readouterr().err
+    assert "cannot apply" not in err and "unexpected" not in err, err
 
 
 def test_no_live_worker_means_ports_exhausted() -> None:
