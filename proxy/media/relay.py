@@ -92,7 +92,7 @@ class RelayEngine:
         if not 0 <= quarantine_s < math.inf:
             raise ValueError(f"quarantine_s must be a finite number >= 0, not {quarantine_s}")
         self.clock = clock
-        """"Now" for a switch-over's grace window; read on switch-overs and failed packets."""
+        """The clock of the SRTP grace windows: read on switch-overs and failed packets."""
         self._ips = media_addresses(inside_ip, outside_ip)
         self.ports = PortAllocator(port_min, port_max)
         self._live: dict[int, RelaySession] = {}
@@ -129,10 +129,6 @@ class RelayEngine:
     def workers(self) -> list[dict[str, Any]]:
         """No worker processes: the relay runs here."""
         return []
-
-    def session(self, session_id: int) -> RelaySession | None:
-        """The live session with this id, if any."""
-        return self._live.get(session_id)
 
     # --- commands and events ----------------------------------------------------------
 

@@ -102,10 +102,6 @@ class RelaySession:
     def streams(self) -> int:
         return len(self._legs[Side.INSIDE])
 
-    @property
-    def released(self) -> bool:
-        return self._released
-
     def legs(self, side: Side) -> list[RelayLeg]:
         """The legs of ``side``, one per stream (the engine builds them)."""
         return self._legs[side]
