@@ -16,10 +16,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from proxy.b2bua.config import Config, ConfigError
+from proxy.keyperms import holds_private_ca_key, too_open
 from proxy.media.tones import SECURE_CALL_TONE, Tone
 from proxy.xsipura.keyfiles import KeyFileError, extract_param_text, load_trust_anchor
 from proxy.xsipura.mc import (
@@ -62,8 +64,20 @@ class LineSecurity:
 class Security:
     xsipura: XsipuraConfig
     lines: Mapping[str, LineSecurity]
-    """By line ``user_key``; a line without a Mini Certificate is not here."""
+    """By line ``user_key``; a line without a Mini Certificate is not here, nor one whose
+    Mini Certificate has expired (see ``expired``)."""
     warnings: tuple[str, ...] = ()
+    expired: Mapping[str, LineSecurity] = field(default_factory=dict)
+    """Lines whose own Mini Certificate has expired, by ``user_key``: ``run`` keeps their
+    calls in the clear (``local_mc_expired``) so one line cannot take a site down;
+    ``run --check`` refuses them (:attr:`errors`)."""
+    errors: tuple[str, ...] = ()
+    """What ``run --check`` refuses but ``run`` starts with (logged as warnings)."""
+
+    def mc_expiry(self) -> dict[str, datetime]:
+        """When each line's Mini Certificate expires, by the line's ``user_id``."""
+        both = {**self.lines, **self.expired}
+        return {key: line.param.certificate.expires for key, line in both.items()}
 
 
 def _resolve(path_text: str, base: Path) -> Path:
@@ -73,8 +87,10 @@ def _resolve(path_text: str, base: Path) -> Path:
     return base / path
 
 
-def _read(path_text: str, base: Path, source: str, key: str) -> str:
+def _read(path_text: str, base: Path, source: str, key: str, *, private: bool = False) -> str:
     path = _resolve(path_text, base)
+    if private and (reason := too_open(path)) is not None:
+        raise ConfigError(source, key, reason)
     try:
         return path.read_text(encoding="ascii", errors="strict")
     except (OSError, UnicodeDecodeError) as exc:
@@ -82,11 +98,16 @@ def _read(path_text: str, base: Path, source: str, key: str) -> str:
         raise ConfigError(source, key, f"cannot read {path}: {reason}") from exc
 
 
-def _inline_or_file(value: Any, base: Path, source: str, key: str) -> str:
+def _inline_or_file(value: Any, base: Path, source: str, key: str, *, private: bool = False) -> str:
+    """The value, or the text of the file ``@path`` names. A private value is refused
+    from a file that group or others can access, including the configuration file
+    itself when the value is written inline."""
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(source, key, "expected a base64 string or @path")
     if value.startswith("@"):
-        return _read(value[1:], base, source, key)
+        return _read(value[1:], base, source, key, private=private)
+    if private and not source.startswith("<") and (reason := too_open(source)) is not None:
+        raise ConfigError(source, key, f"inline private key, but {reason}")
     return value
 
 
@@ -104,7 +125,13 @@ def _typed(
     return value
 
 
-def load_security(config: Config) -> Security:
+EXPIRY_WARNING_DAYS = 30
+"""A line's Mini Certificate expiring sooner than this is a start-up warning."""
+
+
+def load_security(config: Config, now: datetime | None = None) -> Security:
+    """``now`` (UTC wall clock, default the current time) judges the lines' MC expiry."""
+    now = now or datetime.now(UTC)
     source = config.source
     base = Path(source).parent if source and not source.startswith("<") else Path()
     raw = dict(config.extra.get("xsipura", {}))
@@ -126,7 +153,10 @@ def load_security(config: Config) -> Security:
             raise ConfigError(source, key, "expected a file path")
         path = _resolve(item, base)
         try:
-            anchor = load_trust_anchor(path.read_bytes())
+            data = path.read_bytes()
+            if holds_private_ca_key(data) and (reason := too_open(path)) is not None:
+                raise ConfigError(source, key, f"a CA private key, and {reason}")
+            anchor = load_trust_anchor(data)
         except OSError as exc:
             raise ConfigError(source, key, f"cannot read {path}: {exc.strerror}") from exc
         except KeyFileError as exc:
@@ -163,6 +193,8 @@ def load_security(config: Config) -> Security:
         tone=tone,
     )
     lines: dict[str, LineSecurity] = {}
+    expired: dict[str, LineSecurity] = {}
+    errors: list[str] = []
     for index, line in enumerate(config.lines):
         extra = line.extra
         prefix = f"line[{index}]"
@@ -171,8 +203,19 @@ def load_security(config: Config) -> Security:
                 if name in extra:
                     raise ConfigError(source, f"{prefix}.{name}", "needs mini_certificate too")
             continue
-        lines[line.user_key] = _line(extra, prefix, line.user_key, anchors, base, source, warnings)
-    return Security(xsipura, lines, tuple(warnings))
+        secured = _line(extra, prefix, line.user_key, anchors, base, source, warnings)
+        expires = secured.param.certificate.expires
+        when = expires.strftime("%Y-%m-%dT%H:%M:%SZ")
+        if expires <= now:
+            expired[line.user_key] = secured
+            errors.append(f"{source}: {prefix}.mini_certificate: expired on {when}: calls on "
+                          f"line {line.user_id} stay in the clear (local_mc_expired)")  # fmt: skip
+            continue
+        if expires - now < timedelta(days=EXPIRY_WARNING_DAYS):
+            days = (expires - now).days
+            warnings.append(f"{prefix}.mini_certificate: expires on {when}, in {days} days")
+        lines[line.user_key] = secured
+    return Security(xsipura, lines, tuple(warnings), expired, tuple(errors))
 
 
 def _tone(raw: Any, source: str) -> Tone | None:
@@ -206,7 +249,7 @@ def _line(
     key_name = f"{prefix}.srtp_private_key"
     if "srtp_private_key" not in extra:
         raise ConfigError(source, key_name, "required with mini_certificate")
-    key_text = _inline_or_file(extra["srtp_private_key"], base, source, key_name)
+    key_text = _inline_or_file(extra["srtp_private_key"], base, source, key_name, private=True)
     tagged = _PRIVATE_TAG.search(key_text)
     try:
         private = decode_private_key_param(
