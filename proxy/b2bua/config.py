@@ -46,6 +46,7 @@ __all__ = [
     "LineConfig",
     "LogConfig",
     "MediaConfig",
+    "RunConfig",
     "SideConfig",
     "SipConfig",
     "load_config",
@@ -203,11 +204,21 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    """Process lifecycle: ``drain_s`` is how long SIGTERM waits for calls to end."""
+
+    drain_s: int = 30
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     """The optional status endpoint; disabled when ``listen_host`` is ``None``."""
 
     listen_host: str | None = None
     listen_port: int | None = None
+    token: str | None = None
+    """``"@path"`` of a file (mode 0600) holding the bearer token, as written; read and
+    checked by :func:`proxy.admin.routes.load_token`."""
 
     @property
     def enabled(self) -> bool:
@@ -233,6 +244,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     extra: Mapping[str, Any] = field(default_factory=_empty_mapping)
     source: str = "<string>"
     _by_key: Mapping[str, LineConfig] = field(init=False, repr=False, compare=False)
@@ -297,7 +309,18 @@ def _syntax_error(text: str, source: str, exc: tomllib.TOMLDecodeError) -> Confi
 def _build(source: str, data: Mapping[str, Any]) -> Config:
     root = _Table(source, "", data)
     root.check_keys(
-        ("inside", "outside", "media", "sip", "line", "log", "limits", "admin", *_EXTRA_TABLES)
+        (
+            "inside",
+            "outside",
+            "media",
+            "sip",
+            "line",
+            "log",
+            "limits",
+            "admin",
+            "run",
+            *_EXTRA_TABLES,
+        )
     )
     extra: dict[str, Any] = {}
     for name in sorted(_EXTRA_TABLES):
@@ -313,6 +336,9 @@ def _build(source: str, data: Mapping[str, Any]) -> Config:
     log = _log(root.table("log"))
     limits = _limits(root.table("limits"), extra, inside, outside, media)
     admin = _admin(root.table("admin"), inside, outside)
+    run_table = root.table("run")
+    run_table.check_keys(("drain_s",))
+    run = RunConfig(drain_s=run_table.integer("drain_s", 30, minimum=0, maximum=3600))
     return Config(
         inside=inside,
         outside=outside,
@@ -322,6 +348,7 @@ def _build(source: str, data: Mapping[str, Any]) -> Config:
         log=log,
         limits=limits,
         admin=admin,
+        run=run,
         extra=_freeze(extra),
         source=source,
     )
@@ -517,14 +544,18 @@ def _limits(
 
 
 def _admin(t: _Table, inside: SideConfig, outside: SideConfig) -> AdminConfig:
-    t.check_keys(("listen",))
+    t.check_keys(("listen", "token"))
+    token = t.string("token", "") or None
+    if token is not None and (not token.startswith("@") or len(token) < 2):
+        # A secret written into the config file would be readable wherever the config is.
+        raise t.error("token", 'expected "@path" of a file holding the token')
     if not t.has("listen"):
-        return AdminConfig()
+        return AdminConfig(token=token)
     host, port = t.parse("listen", _host_port_required)
     for name, side in (("inside", inside), ("outside", outside)):
         if _same_socket(host, port, side):
             raise t.error("listen", f"same address and port as {name}.listen")
-    return AdminConfig(listen_host=host, listen_port=port)
+    return AdminConfig(listen_host=host, listen_port=port, token=token)
 
 
 # --------------------------------------------------------------------------- table access
