@@ -75,7 +75,10 @@ class Histogram:
 class MediaTotals:
     """Packets relayed by ``(side, direction)`` and drops by reason, summed over sessions."""
 
-    packets: dict[tuple[str, str], int] = field(default_factory=dict)
+    packets: dict[tuple[str, str], int] = field(
+        default_factory=lambda: {(s, d): 0 for s in ("inside", "outside") for d in ("in", "out")}
+    )
+    """Every series exists from the start, at 0: a rate() over a new series needs it."""
     drops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
 
     def add(self, stats: Mapping[Side, Iterable[StreamStats]]) -> None:
