@@ -76,7 +76,7 @@ def _admin_arguments(command: argparse.ArgumentParser) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from proxy.admin.routes import load_token
     from proxy.b2bua.config import load_config
-    from proxy.b2bua.security_config import load_security
+    from proxy.b2bua.line_keys import load_security
     from proxy.b2bua.server import run
 
     config = load_config(args.config)  # ConfigError is a UsageError: one line, exit 2

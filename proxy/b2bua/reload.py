@@ -67,7 +67,7 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
     )
     changed = tuple(
         name
-        for name in ("inside", "outside", "lines", "log", "limits", "admin", "run", "extra")
+        for name in ("inside", "outside", "lines", "log", "limits", "admin", "run", "xsipura")
         if getattr(old, name) != getattr(merged, name)
     )
     return ReloadPlan(merged, tuple(restart), changed)

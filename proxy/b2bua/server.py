@@ -19,9 +19,9 @@ from proxy.admin.routes import build_routes, load_token, warn_if_exposed
 from proxy.b2bua.config import Config, load_config
 from proxy.b2bua.core import B2BUA, Outbound
 from proxy.b2bua.lifecycle import Lifecycle
+from proxy.b2bua.line_keys import Security, load_security
 from proxy.b2bua.reload import plan_reload
 from proxy.b2bua.secure import SecureState
-from proxy.b2bua.security_config import Security, load_security
 from proxy.errors import UsageError
 from proxy.logsetup import configure_logging, set_level
 from proxy.media.engine import Side
