@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -275,7 +276,7 @@ class ProxyFactory:
             process = proxy.process
             if process is None or process.poll() is not None:
                 continue
-            process.terminate()
+            process.send_signal(signal.SIGINT)  # SIGTERM would drain: up to drain_s
             try:
                 process.wait(timeout=5)
             except subprocess.TimeoutExpired:
