@@ -82,6 +82,7 @@ class WorkerSlot:
             "port_min": self.port_min,
             "port_max": self.port_max,
             "restarts": self.restarts,
+            "ports_free": self.ports.available,
         }
 
     def connect(

@@ -155,7 +155,8 @@ class WorkerPool:
         return []
 
     def workers(self) -> list[dict[str, Any]]:
-        """Per worker: index, pid, alive, sessions, port_min, port_max, restarts."""
+        """Per worker: index, pid, alive, sessions, port_min, port_max, restarts,
+        ports_free (RTP/RTCP pairs of its slice not in use)."""
         return [w.describe() for w in self._workers]
 
     # --- processes --------------------------------------------------------------------
