@@ -621,7 +621,7 @@ def run_peer_caller(
     first = send_info(w, call, send.body)
     hello_ok = only(pick(first, OUT, status=200), "Callee Hello")
     events = caller.receive_response(200, hello_ok.response.body, w.now, NOW_UTC)
-    assert [type(e) for e in events] == [hs.AcceptSrtp, hs.SendInfo], events
+    assert [type(e) for e in events] == [hs.ExpectSrtp, hs.SendInfo], events
     final = events[1]
     assert isinstance(final, hs.SendInfo)
     second = send_info(w, call, final.body)
