@@ -43,11 +43,11 @@ from proxy.xsipura.mc import (
     MiniCertificate,
     MiniCertificateParam,
     as_utc,
-    encode_private_key_param,
     iso_z,
     strict_b64decode,
 )
-from proxy.xsipura.rsa import PrivateKey, PublicKey, generate_subscriber_key, verify_raw
+from proxy.xsipura.provision import issue_line, write_private_file
+from proxy.xsipura.rsa import PrivateKey, PublicKey, verify_raw
 from proxy.xsipura.trust import (
     SAMPLE_CA_MODULUS,
     McStatus,
@@ -240,17 +240,12 @@ def _expiry(args: argparse.Namespace, now: datetime) -> datetime:
 def cmd_ca_new(args: argparse.Namespace) -> int:
     fmt = CaKeyFormat(args.format)
     key = generate_ca_key()
-    data = dump_ca_key(key, fmt)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
     try:
-        fd = os.open(args.out, flags, 0o600)
+        write_private_file(Path(args.out), dump_ca_key(key, fmt), exclusive=not args.force)
     except FileExistsError as exc:
         raise UsageError(f"{args.out!r} exists; use --force to overwrite it") from exc
     except OSError as exc:
         raise UsageError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
-    with os.fdopen(fd, "wb") as handle:
-        os.fchmod(handle.fileno(), 0o600)  # also when --force reuses a laxer file
-        handle.write(data)
     print(f"wrote RSA-1024 CA key ({fmt.value}) to {args.out}")
     print(f"CA SHA-256: {ca_fingerprint(key.public)}")
     return 0
@@ -271,28 +266,24 @@ def cmd_issue(args: argparse.Namespace) -> int:
     ca_key = _load_ca_private(args.ca)
     if is_sample_ca(ca_key.public):
         _warn(SAMPLE_CA_WARNING)
-    subscriber = generate_subscriber_key()
-    certificate = MiniCertificate.issue(ca_key, name, user_id, expires, subscriber.public)
-    param = MiniCertificateParam(certificate, ca_key.public)
-    private_param = encode_private_key_param(subscriber)
+    line = issue_line(ca_key, name, user_id, expires)
     if args.json:
+        certificate = line.certificate
         print(
             json.dumps(
                 {
-                    "mini_certificate": param.to_base64(),
-                    "srtp_private_key": private_param,
+                    "mini_certificate": line.mini_certificate,
+                    "srtp_private_key": line.srtp_private_key,
                     "name": certificate.name,
                     "user_id": certificate.user_id,
                     "expires": iso_z(certificate.expires),
                     "key_sha256": certificate.key_sha256,
-                    "ca_sha256": param.ca_sha256,
+                    "ca_sha256": line.param.ca_sha256,
                 }
             )
         )
     else:
-        # Byte for byte what gen_mc prints (the Sipura admin manual's format).
-        sys.stdout.write(f"\n<Mini Certificate>\n{param.to_base64()}\n")
-        sys.stdout.write(f"\n<SRTP Private Key>\n{private_param}\n\n")
+        sys.stdout.write(line.gen_mc_text())  # byte for byte what gen_mc prints
     return 0
 
 
