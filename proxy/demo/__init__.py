@@ -62,7 +62,7 @@ def _config(
         "admin": {"listen": f"{LOOPBACK}:{ports['admin']}"},
         "log": {"level": "info"},
         "xsipura": {
-            "trusted_ca": [str(directory / "ca.pub")],
+            "trusted_ca": ["ca.pub"],  # relative: resolved against this file's directory
             "grace_ms": 2000,
             "handshake_timeout_ms": 5000,
         },
@@ -70,8 +70,8 @@ def _config(
     lines = [{
         "user_id": line[0],
         "contact": f"sip:{line[0]}@{LOOPBACK}:{phone_port}",
-        "mini_certificate": f"@{files.mini_certificate}",
-        "srtp_private_key": f"@{files.srtp_private_key}",
+        "mini_certificate": f"@{files.mini_certificate.relative_to(directory)}",
+        "srtp_private_key": f"@{files.srtp_private_key.relative_to(directory)}",
         "secure_by_default": True,
     }]  # fmt: skip
     path = directory / f"site-{site}.toml"
