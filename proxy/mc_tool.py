@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.errors import UsageError
+from proxy.keyperms import write_private
 from proxy.xsipura.keyfiles import (
     CaKeyFormat,
     KeyFileError,
@@ -46,7 +47,7 @@ from proxy.xsipura.mc import (
     iso_z,
     strict_b64decode,
 )
-from proxy.xsipura.provision import issue_line, write_private_file
+from proxy.xsipura.provision import issue_line
 from proxy.xsipura.rsa import PrivateKey, PublicKey, verify_raw
 from proxy.xsipura.trust import (
     SAMPLE_CA_MODULUS,
@@ -100,6 +101,10 @@ def add_mc_commands(commands: Any) -> None:
     expiry.add_argument("--expires", metavar="YYYY-MM-DD[THH:MM:SS]", help="expiry, UTC")
     expiry.add_argument("--days", type=int, metavar="N", help="expire N days from now")
     issue.add_argument("--json", action="store_true", help="print one JSON object")
+    issue.add_argument(
+        "--out", metavar="FILE", help="write to FILE, mode 0600 (it holds the private key)"
+    )
+    issue.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
     issue.set_defaults(handler=cmd_issue)
 
     show = sub.add_parser("show", help="decode a Mini Certificate and print its fields")
@@ -240,12 +245,7 @@ def _expiry(args: argparse.Namespace, now: datetime) -> datetime:
 def cmd_ca_new(args: argparse.Namespace) -> int:
     fmt = CaKeyFormat(args.format)
     key = generate_ca_key()
-    try:
-        write_private_file(Path(args.out), dump_ca_key(key, fmt), exclusive=not args.force)
-    except FileExistsError as exc:
-        raise UsageError(f"{args.out!r} exists; use --force to overwrite it") from exc
-    except OSError as exc:
-        raise UsageError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
+    write_private(args.out, dump_ca_key(key, fmt), force=args.force)
     print(f"wrote RSA-1024 CA key ({fmt.value}) to {args.out}")
     print(f"CA SHA-256: {ca_fingerprint(key.public)}")
     return 0
@@ -269,7 +269,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
     line = issue_line(ca_key, name, user_id, expires)
     if args.json:
         certificate = line.certificate
-        print(
+        output = (
             json.dumps(
                 {
                     "mini_certificate": line.mini_certificate,
@@ -281,9 +281,15 @@ def cmd_issue(args: argparse.Namespace) -> int:
                     "ca_sha256": line.param.ca_sha256,
                 }
             )
+            + "\n"
         )
     else:
-        sys.stdout.write(line.gen_mc_text())  # byte for byte what gen_mc prints
+        output = line.gen_mc_text()  # byte for byte what gen_mc prints
+    if args.out:
+        write_private(args.out, output.encode("ascii"), force=args.force)
+        print(f"wrote the Mini Certificate and its private key to {args.out} (mode 0600)")
+    else:
+        sys.stdout.write(output)
     return 0
 
 

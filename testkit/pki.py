@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from proxy.keyperms import write_private
 from proxy.xsipura.keyfiles import (
     CaKeyFormat,
     dump_ca_key,
@@ -18,7 +19,7 @@ from proxy.xsipura.keyfiles import (
     generate_ca_key,
     load_ca_private_key,
 )
-from proxy.xsipura.provision import LineCredentials, issue_line, write_private_file
+from proxy.xsipura.provision import LineCredentials, issue_line
 from proxy.xsipura.rsa import PrivateKey
 from proxy.xsipura.trust import TrustStore
 
@@ -55,7 +56,7 @@ class TestCa:
 
     def write_key(self, path: Path, fmt: CaKeyFormat = CaKeyFormat.LINKSYS) -> Path:
         """The CA private key file (mode 0600), as ``mc ca-new`` writes it."""
-        write_private_file(path, dump_ca_key(self.key, fmt))
+        write_private(path, dump_ca_key(self.key, fmt), force=True)
         return path
 
     def write_public(self, path: Path, fmt: CaKeyFormat = CaKeyFormat.LINKSYS) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,9 +35,9 @@ def child_env(**extra: str) -> dict[str, str]:
 @dataclass
 class Processes:
     """Every subprocess of a test (or module): started with output to a log file,
-    stopped (in reverse order) by :meth:`stop_all`."""
+    stopped (in reverse order) by :meth:`stop_all`, each with its own stop signal."""
 
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    procs: list[tuple[subprocess.Popen[bytes], int]] = field(default_factory=list)
 
     def start(self, argv: Sequence[str], log: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
         kwargs.setdefault("cwd", ROOT)
@@ -46,12 +47,13 @@ class Processes:
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, **kwargs,
             )  # fmt: skip
-        self.procs.append(proc)
+        self.procs.append((proc, signal.SIGTERM))
         return proc
 
-    def adopt(self, proc: subprocess.Popen[bytes]) -> None:
-        """Stop ``proc`` with the others (one started elsewhere, e.g. a proxy)."""
-        self.procs.append(proc)
+    def adopt(self, proc: subprocess.Popen[bytes], stop_signal: int = signal.SIGTERM) -> None:
+        """Stop ``proc`` with the others (one started elsewhere, e.g. a proxy, which
+        wants SIGINT: SIGTERM makes it drain its calls first)."""
+        self.procs.append((proc, stop_signal))
 
     @staticmethod
     def stop(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> int:
@@ -59,8 +61,8 @@ class Processes:
         return stop_process(proc, timeout)
 
     def stop_all(self, timeout: float = STOP_TIMEOUT) -> None:
-        for proc in reversed(self.procs):
-            stop_process(proc, timeout)
+        for proc, stop_signal in reversed(self.procs):
+            stop_process(proc, timeout, stop_signal)
 
 
 @contextlib.contextmanager

@@ -4,18 +4,22 @@
 range) unless given, writes its config from parameters (every table can be extended or
 overridden per test), starts the real process (``python -m proxy run`` from this
 checkout), waits until ``/status`` answers (plus any readiness the test needs), and stops
-it with SIGTERM, then SIGKILL to its process group (it and its media workers).
+it with SIGINT (hang up every call and exit; SIGTERM would drain them first), then
+SIGKILL to its process group (it and its media workers). The config is written mode 0600:
+it may hold a line's private key inline, which the proxy refuses from a readable file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from proxy.demo.loopback import ProxyProcess, config_text
+from proxy.keyperms import write_private
 from testkit import ROOT
 from testkit.ports import HOST, free_port, media_range
 from testkit.processes import Processes, child_env
@@ -37,6 +41,8 @@ class LocalProxy:
     outside: int = field(default_factory=free_port)
     admin: int = field(default_factory=free_port)
     media: tuple[int, int] = field(default_factory=lambda: media_range(32))
+    token: str | None = None
+    """The admin bearer token, when the config sets one (``[admin] token``)."""
     process: ProxyProcess | None = None
 
     @property
@@ -76,16 +82,17 @@ class LocalProxy:
         merged = self.config_tables(upstream=upstream, log_level=log_level)
         for name, keys in tables.items():
             merged.setdefault(name, {}).update(keys)
-        self.config_path.write_text(config_text(merged, lines))
+        write_private(self.config_path, config_text(merged, lines).encode(), force=True)
         return self.config_path
 
     def start(self, procs: Processes | None = None) -> None:
         """Start the process (see :meth:`wait_up`); ``procs`` stops it with the rest."""
         self.process = ProxyProcess.start(
-            self.config_path, self.log_path, self.admin, cwd=ROOT, env=child_env()
-        )
+            self.config_path, self.log_path, self.admin, cwd=ROOT, env=child_env(),
+            token=self.token,
+        )  # fmt: skip
         if procs is not None:
-            procs.adopt(self.process.proc)
+            procs.adopt(self.process.proc, signal.SIGINT)
 
     def wait_up(
         self, timeout: float = 15.0, ready: Callable[[Status], object] | None = None
@@ -125,8 +132,8 @@ class LocalProxy:
         return result
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM (the proxy stops its workers and exits), SIGKILL after ``timeout``;
-        its exit status, None if it never started."""
+        """SIGINT (the proxy hangs up its calls, stops its workers and exits), SIGKILL
+        after ``timeout``; its exit status, None if it never started."""
         return None if self.process is None else self.process.stop(timeout)
 
     def log_text(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +20,11 @@ from proxy.xsipura import keyfiles, rsa  # noqa: E402
 from proxy.xsipura.mc import MiniCertificateParam  # noqa: E402
 from proxy.xsipura.provision import LineCredentials, issue_line  # noqa: E402
 from proxy.xsipura.trust import TrustStore  # noqa: E402
+
+# Files the tests write (keys, configs holding inline keys) are private, as an operator's
+# are: `run` refuses a private key that group or others can read (proxy/keyperms.py).
+# The tests of that refusal loosen the mode explicitly.
+os.umask(0o077)
 
 VECTORS_PATH = ROOT / "tests" / "data" / "xsipura_vectors.json"
 

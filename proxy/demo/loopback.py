@@ -17,6 +17,7 @@ with a proxy someone runs on the same machine.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import random
@@ -28,6 +29,8 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from proxy.admin.client import fetch
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORTS = frozenset({5060, 5070, 5080, 5090, 5099})
@@ -125,13 +128,15 @@ def config_text(
 # --- processes ------------------------------------------------------------------------------
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
-    """SIGTERM, then after ``timeout`` SIGKILL to its process group when it leads one
+def stop_process(
+    proc: subprocess.Popen[bytes], timeout: float = 5.0, sig: int = signal.SIGTERM
+) -> int:
+    """``sig``, then after ``timeout`` SIGKILL to its process group when it leads one
     (``start_new_session``: it and its children, e.g. media workers), else to it alone.
     Returns its exit status."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -144,35 +149,48 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
     return proc.returncode
 
 
-def admin_get(port: int, path: str = "/status", *, host: str = LOOPBACK, timeout: float = 5.0
-              ) -> Any:  # fmt: skip
-    """``GET path`` from a proxy's admin endpoint; the decoded JSON body.
+class AdminError(ValueError):
+    """The admin endpoint answered, but not 200 with a body (a 401 without the token...)."""
 
-    Raises OSError when nothing answers, ValueError/IndexError for a reply that is not
-    HTTP with a JSON body (e.g. a proxy still starting)."""
-    with socket.create_connection((host, port), timeout=timeout) as conn:
-        conn.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-        data = b""
-        while chunk := conn.recv(1 << 16):
-            data += chunk
-    return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+def admin_get(
+    port: int, path: str = "/status", *, host: str = LOOPBACK, timeout: float = 5.0,
+    token: str | None = None,
+) -> Any:  # fmt: skip
+    """``GET path`` from a proxy's admin endpoint (with its bearer ``token``, if it has
+    one); the decoded JSON body.
+
+    Raises OSError when nothing answers, ValueError (:class:`AdminError`, a JSON error)
+    for an answer that is not 200 with JSON (e.g. a proxy still starting)."""
+    try:
+        status, body = fetch(host, port, "GET", path, token=token, timeout=timeout)
+    except http.client.HTTPException as exc:
+        raise AdminError(f"GET {path}: {exc!r}") from exc
+    if status != 200:
+        raise AdminError(f"GET {path}: status {status}")
+    return json.loads(body)
 
 
 class ProxyProcess:
     """One ``python -m proxy run --config FILE``, its output in a log file, in its own
-    session so that a stop can always take its media workers down with it."""
+    session so that a stop can always take its media workers down with it.
+
+    :meth:`stop` sends SIGINT (hang up every call, exit), not SIGTERM, which makes the
+    proxy drain its calls first for up to ``[run] drain_s``."""
 
     def __init__(self, proc: subprocess.Popen[bytes], admin_port: int, log: Path,
-                 host: str = LOOPBACK) -> None:  # fmt: skip
+                 host: str = LOOPBACK, token: str | None = None) -> None:  # fmt: skip
         self.proc = proc
         self.admin_port = admin_port
         self.log = log
         self.host = host
+        self.token = token
+        """The admin endpoint's bearer token, when the config sets one."""
 
     @classmethod
     def start(
         cls, config: Path, log: Path, admin_port: int, *, cwd: Path | None = None,
-        env: Mapping[str, str] | None = None, host: str = LOOPBACK,
+        env: Mapping[str, str] | None = None, host: str = LOOPBACK, token: str | None = None,
     ) -> ProxyProcess:  # fmt: skip
         """Start it (the admin endpoint must be ``[admin] listen`` = host:admin_port)."""
         with log.open("wb") as out:
@@ -182,7 +200,7 @@ class ProxyProcess:
                 env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
             )  # fmt: skip
-        return cls(proc, admin_port, log, host)
+        return cls(proc, admin_port, log, host, token)
 
     @property
     def pid(self) -> int:
@@ -191,8 +209,15 @@ class ProxyProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def send_signal(self, sig: int) -> None:
+        """SIGHUP reloads the config, SIGTERM drains, SIGINT stops at once."""
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
     def get(self, path: str, timeout: float = 5.0) -> Any:
-        return admin_get(self.admin_port, path, host=self.host, timeout=timeout)
+        return admin_get(self.admin_port, path, host=self.host, timeout=timeout, token=self.token)
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self.get("/status")
@@ -222,7 +247,7 @@ class ProxyProcess:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> int:
-        return stop_process(self.proc, timeout)
+        return stop_process(self.proc, timeout, signal.SIGINT)
 
     def log_text(self) -> str:
         try:

@@ -4,19 +4,20 @@ Every producer of line credentials goes through :func:`issue_line`: ``mc issue``
 demo's two sites, the tests' and the bench's PKIs. What comes out is what an SPA's web
 page and the proxy's ``[[line]]`` take: the ``Mini Certificate`` param (the MC followed
 by the CA modulus, the line's trust anchor) and the ``SRTP Private Key`` param. The key
-file writer creates the file with mode 0600 from the start (never world-readable, not
-even between a create and a chmod), because it holds the line's private exponent.
+file is written by :func:`proxy.keyperms.write_private`: mode 0600 from its creation on
+(never readable by others, not even between a create and a chmod), because it holds the
+line's private exponent.
 
 No clock is read here: the caller passes the expiry, so tests can pin it.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from proxy.keyperms import write_private
 from proxy.xsipura.mc import (
     MiniCertificate,
     MiniCertificateParam,
@@ -24,8 +25,6 @@ from proxy.xsipura.mc import (
     encode_private_key_param,
 )
 from proxy.xsipura.rsa import PrivateKey, generate_subscriber_key
-
-PRIVATE_FILE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class LineCredentials:
         stem = stem or self.certificate.user_id
         files = LineFiles(directory / f"{stem}.mc", directory / f"{stem}.key")
         files.mini_certificate.write_text(self.mini_certificate + "\n", encoding="ascii")
-        write_private_file(files.srtp_private_key, (self.srtp_private_key + "\n").encode())
+        write_private(files.srtp_private_key, (self.srtp_private_key + "\n").encode(), force=True)
         return files
 
 
@@ -96,16 +95,3 @@ def issue_line(
     key = key or generate_subscriber_key()
     certificate = MiniCertificate.issue(ca, name, user_id, expires, key.public)
     return LineCredentials(MiniCertificateParam(certificate, ca.public), key)
-
-
-def write_private_file(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Write secret ``data`` to ``path`` with mode 0600 from creation on.
-
-    A file that already exists is truncated and narrowed to 0600 as well, so rewriting a
-    key file never keeps a laxer mode; ``exclusive`` refuses to replace one instead
-    (``FileExistsError``)."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, PRIVATE_FILE_MODE)
-    with os.fdopen(fd, "wb") as handle:
-        os.fchmod(handle.fileno(), PRIVATE_FILE_MODE)
-        handle.write(data)

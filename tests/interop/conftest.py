@@ -114,9 +114,15 @@ class ProxyFactory:
         self.tmp_path = tmp_path
         self.started: list[Proxy] = []
 
-    def __call__(self, upstream: str, *, media_pairs: int = 8) -> Proxy:
-        proxy = Proxy(f"proxy{len(self.started)}", self.tmp_path, media=media_range(media_pairs))
-        proxy.write_config(upstream=upstream)
+    def __call__(
+        self, upstream: str, *, media_pairs: int = 8, token: str | None = None,
+        **tables: dict[str, Any],
+    ) -> Proxy:  # fmt: skip
+        """``tables``: more config keys per table (``admin={"token": "@admin.token"}``,
+        ``run={"drain_s": 20}``); ``token``: the admin token the tests send."""
+        proxy = Proxy(f"proxy{len(self.started)}", self.tmp_path, media=media_range(media_pairs),
+                      token=token)  # fmt: skip
+        proxy.write_config(upstream=upstream, **tables)
         self.started.append(proxy)
         proxy.run(ready=lambda _: proxy.options("inside", 0.5) and proxy.options("outside", 0.5))
         return proxy

@@ -114,7 +114,8 @@ class Proxy(LocalProxy):
         self.run(ready=lambda status: all(w["alive"] for w in status["media"]["workers"]))
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM: the proxy stops its workers and exits cleanly."""
+        """SIGINT (SIGTERM would drain calls first): the proxy stops its workers and
+        exits cleanly."""
         pids = []
         with contextlib.suppress(OSError, ValueError, IndexError):
             pids = [w["pid"] for w in self.status()["media"]["workers"]]

@@ -15,7 +15,7 @@ from proxy.xsipura.mc import (
     MiniCertificateParam,
     decode_private_key_param,
 )
-from proxy.xsipura.provision import LineCredentials, issue_line, write_private_file
+from proxy.xsipura.provision import LineCredentials, issue_line
 from proxy.xsipura.rsa import PrivateKey
 from proxy.xsipura.trust import McStatus, TrustStore
 
@@ -103,17 +103,11 @@ def test_write_files_key_is_0600_and_both_read_back(line: LineCredentials, tmp_p
     assert named.srtp_private_key.name == "joe.key" and mode(named.srtp_private_key) == 0o600
 
 
-def test_rewriting_a_lax_key_file_narrows_it_to_0600(tmp_path: Path) -> None:
-    path = tmp_path / "lax.key"
-    path.write_text("old and longer than the new content\n")
+def test_rewriting_a_lax_key_file_narrows_it_to_0600(line: LineCredentials, tmp_path: Path
+                                                     ) -> None:  # fmt: skip
+    path = tmp_path / "14085551234.key"
+    path.write_text("old and longer than the new content\n" * 4)
     path.chmod(0o644)
-    write_private_file(path, b"new\n")
-    assert mode(path) == 0o600 and path.read_bytes() == b"new\n"
-
-
-def test_exclusive_write_keeps_an_existing_file(tmp_path: Path) -> None:
-    path = tmp_path / "ca.key"
-    write_private_file(path, b"first\n", exclusive=True)
-    with pytest.raises(FileExistsError):
-        write_private_file(path, b"second\n", exclusive=True)
-    assert path.read_bytes() == b"first\n" and mode(path) == 0o600
+    files = line.write_files(tmp_path)
+    assert files.srtp_private_key == path
+    assert mode(path) == 0o600 and path.read_text() == line.srtp_private_key + "\n"
