@@ -15,6 +15,7 @@ import pytest
 from proxy.demo.loopback import (
     DEFAULT_PORTS,
     LOOPBACK,
+    AdminError,
     ProxyProcess,
     ProxyStartError,
     admin_get,
@@ -110,6 +111,12 @@ def test_admin_get_decodes_the_json_body() -> None:
 def test_admin_get_raises_for_a_reply_that_is_not_json() -> None:
     port = _serve_once(b"HTTP/1.0 200 OK\r\n\r\nnot json")
     with pytest.raises(ValueError):
+        admin_get(port, timeout=5)
+
+
+def test_admin_get_raises_for_a_refusal() -> None:
+    port = _serve_once(b"HTTP/1.0 401 Unauthorized\r\n\r\n{}")
+    with pytest.raises(AdminError, match="401"):
         admin_get(port, timeout=5)
 
 

@@ -1,4 +1,4 @@
-"""Helpers for ``test_secure_calls.py``: real proxies, plain phones and the independent x-sipura UA.
+"""Helpers for ``test_secure.py``: real proxies, plain phones and the independent x-sipura UA.
 
 Everything runs on 127.0.0.1, on ports from :mod:`testkit.ports` (free, never handed
 out twice in a session); the phones' and the UA's ports stay bound (reserved) from the
