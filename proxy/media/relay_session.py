@@ -123,6 +123,8 @@ class RelaySession:
         address = check_remote(leg.ip, command.ip, rtp_port, rtcp_port)
         ip = str(address)
         leg.mux = command.rtcp_mux
+        leg.latch_any = command.latch == "any"
+        leg.rtp = command.kind == "rtp"
         if address.is_unspecified or rtp_port == 0:
             # Hold: send nothing. The peer keeps its latch (a sendonly phone still sends
             # music on hold from where it was) unless it announced a new address.
@@ -152,7 +154,7 @@ class RelaySession:
             return
         context = self._context(side, command.keys)
         self._new_key(side, context)
-        for leg in self._legs[side]:
+        for leg in self._rtp_legs(side):
             leg.tx = leg.rx = context
             leg.rtcp_tx = leg.rtcp_rx = context if command.srtcp else None
             leg.rx_alt = None
@@ -162,7 +164,7 @@ class RelaySession:
         side = Side(command.side)
         context = self._context(side, command.keys)
         self._new_key(side, context)
-        for leg in self._legs[side]:
+        for leg in self._rtp_legs(side):
             current = leg.tx
             leg.rx = context
             leg.rtcp_rx = context if command.srtcp else None
@@ -180,7 +182,7 @@ class RelaySession:
         side = Side(command.side)
         context = self._context(side, command.keys)
         self._new_key(side, context)
-        for leg in self._legs[side]:
+        for leg in self._rtp_legs(side):
             previous = leg.tx
             leg.tx = leg.rx = context
             leg.rtcp_tx = leg.rtcp_rx = context if command.srtcp else None
@@ -200,6 +202,8 @@ class RelaySession:
 
     def play_tone(self, command: PlayTone) -> None:
         leg = self._leg(command.side, command.index)
+        if not leg.rtp:
+            return  # UDPTL or other non-RTP data: never mixed into
         mixer = None if command.tone is None else ToneMixer(command.tone)
         leg.tone = None if mixer is None or mixer.done else mixer
 
@@ -234,6 +238,10 @@ class RelaySession:
             self._set_closed()
 
     # --- keys -------------------------------------------------------------------------
+
+    def _rtp_legs(self, side: Side) -> list[RelayLeg]:
+        """The side's RTP streams: SRTP never touches a non-RTP one (T.38 UDPTL)."""
+        return [leg for leg in self._legs[side] if leg.rtp]
 
     def _context(self, side: Side, keys: SrtpKeys) -> SrtpContext:
         """The libsrtp context for ``keys`` on ``side``: the one the side already uses if
