@@ -73,9 +73,8 @@ DROP_REASONS = (
   side that authenticated under no key while plain was still allowed (accepting before
   the switch-over, or the grace window after it), and that is not the peer's plain
   stream going on: not shaped like RTP (or, for RTCP, not a valid compound packet),
-  another SSRC than the peer's last plain packet before the window opened (or no such
-  packet), or a sequence number that does not continue the peer's (see
-  :mod:`proxy.media.grace`);
+  another SSRC than the peer's last plain packet before the window opened, or a
+  sequence number that does not continue the peer's (see :mod:`proxy.media.grace`);
 * ``rtcp_invalid``: a datagram on an RTCP port (or RTCP on a muxed RTP port) that is not
   a valid compound RTCP packet (RFC 3550 §6.1, appendix A.2; :mod:`proxy.media.rtcp`);
 * ``rtcp_stripped``: per RTCP packet of a compound (or the profile extension or padding
@@ -115,8 +114,8 @@ class StreamStats(TypedDict):
     another source (another port of the same IP, or any address with ``latch="any"``)."""
     grace_ssrc: int
     """The SSRC plain RTP from this side must carry while plain is allowed on an SRTP
-    side (the peer's last plain packet before the window opened); -1: none known, so no
-    plain packet is taken."""
+    side (the peer's last plain packet before the window opened); -1: none known yet
+    (the first plain packet in the window will set it)."""
     grace_seq: int
     """The sequence number of the last plain packet from this side in that window (or
     before it opened): the next one must follow it closely; -1: none."""

@@ -12,11 +12,17 @@ order, the first rule broken names the drop):
 * P1 ``grace_not_rtp``: it is shaped like RTP (:func:`rtp_shaped`); for RTCP (SRTCP on),
   it is a valid compound packet (:func:`proxy.media.rtcp.valid_compound`);
 * P2 ``grace_wrong_ssrc``: it carries the SSRC of the peer's last plain RTP packet
-  relayed before the window opened (RTCP: as its first packet's sender SSRC); a peer
-  that sent no plain RTP before has no SSRC to continue, and nothing is taken;
+  relayed before the window opened (RTCP: as its first packet's sender SSRC);
 * P3 ``grace_bad_sequence`` (RTP only): its sequence number is 1 to
   :data:`SEQ_AHEAD` ahead of the last plain packet taken from the peer (mod 2^16);
   each packet taken moves that mark on. Duplicates and late packets are dropped.
+
+When the relay had taken no plain RTP from the peer before the window opened (the peer
+started sending late, or its first packets were still queued behind the switch-over
+command in a busy worker), there is nothing to continue: P2 and P3 are skipped for the
+first RTP packet in the window that passes P1, and it becomes the reference (RTCP then
+passes on P1 alone). An attacker gains nothing more from that than from the limit below:
+it would have to send before the peer does.
 
 The window itself closes at its deadline, or as soon as a packet from that side
 authenticates under its current key: the peer has switched, so nothing it sends in the
@@ -71,10 +77,13 @@ def plain_reference(packet: bytes | None) -> tuple[int, int]:
 
 
 def refuse_plain_rtp(data: bytes, ssrc: int, seq: int) -> str | None:
-    """Rules P1-P3 for RTP against the reference (``ssrc``, ``seq``): the drop reason,
-    or None when the packet is the peer's plain stream going on."""
+    """Rules P1-P3 for RTP against the reference (``ssrc``, ``seq``; -1: none, only P1
+    applies): the drop reason, or None when the packet is the peer's plain stream going
+    on (then it is the new reference: :func:`plain_reference`)."""
     if not rtp_shaped(data):
         return "grace_not_rtp"
+    if ssrc < 0:
+        return None
     if int.from_bytes(data[8:12], "big") != ssrc:
         return "grace_wrong_ssrc"
     if not 1 <= (((data[2] << 8) | data[3]) - seq) & 0xFFFF <= SEQ_AHEAD:
@@ -83,9 +92,9 @@ def refuse_plain_rtp(data: bytes, ssrc: int, seq: int) -> str | None:
 
 
 def refuse_plain_rtcp(data: bytes, ssrc: int) -> str | None:
-    """Rules P1-P2 for RTCP (SRTCP on): the drop reason, or None."""
+    """Rules P1-P2 for RTCP (SRTCP on; ``ssrc`` -1: only P1): the drop reason, or None."""
     if not valid_compound(data):
         return "grace_not_rtp"
-    if int.from_bytes(data[4:8], "big") != ssrc:
+    if ssrc >= 0 and int.from_bytes(data[4:8], "big") != ssrc:
         return "grace_wrong_ssrc"
     return None

@@ -356,8 +356,8 @@ class RelayLeg:
             if refusal is not None:
                 setattr(self, refusal, getattr(self, refusal) + 1)
                 return None
-            if not rtcp:
-                self.grace_seq = (data[2] << 8) | data[3]
+            if not rtcp:  # the reference moves on (or is set, if there was none)
+                self.grace_ssrc, self.grace_seq = plain_reference(data)
             self.plain_accepted += 1
             return data, False
         self.srtp_auth += 1

@@ -199,7 +199,9 @@ def test_plain_rtp_must_continue_the_peers_stream() -> None:
     assert refuse_plain_rtp(rtp(99), SSRC, 100) == "grace_bad_sequence"  # late
     assert refuse_plain_rtp(rtp(3), SSRC, 0xFFFE) is None  # across the wrap
     assert refuse_plain_rtp(rtp(101, ssrc=SSRC + 1), SSRC, 100) == "grace_wrong_ssrc"
-    assert refuse_plain_rtp(rtp(101), -1, -1) == "grace_wrong_ssrc"  # no reference
+    # No reference (no plain packet taken before the window opened): P1 alone.
+    assert refuse_plain_rtp(rtp(7, ssrc=9), -1, -1) is None
+    assert refuse_plain_rtp(b"\x00" * 40, -1, -1) == "grace_not_rtp"
     assert refuse_plain_rtp(b"\x00" * 40, SSRC, 100) == "grace_not_rtp"
     # Shape first, then SSRC, then sequence: the first rule broken names the drop.
     assert refuse_plain_rtp(rtp(500, ssrc=7, first=0x40), SSRC, 100) == "grace_not_rtp"
@@ -209,7 +211,8 @@ def test_plain_rtp_must_continue_the_peers_stream() -> None:
 def test_plain_rtcp_must_be_valid_and_the_peers() -> None:
     assert refuse_plain_rtcp(sr() + sdes(), SSRC) is None
     assert refuse_plain_rtcp(sr(), SSRC + 1) == "grace_wrong_ssrc"
-    assert refuse_plain_rtcp(sr(), -1) == "grace_wrong_ssrc"
+    assert refuse_plain_rtcp(sr(), -1) is None  # no reference: P1 alone
+    assert refuse_plain_rtcp(rtp(1), -1) == "grace_not_rtp"
     assert refuse_plain_rtcp(rtp(1), SSRC) == "grace_not_rtp"
     assert refuse_plain_rtcp(sr() + b"\x80\x00\x00\x01" + bytes(10), SSRC) == "grace_not_rtp"
 
@@ -217,7 +220,7 @@ def test_plain_rtcp_must_be_valid_and_the_peers() -> None:
 @given(st.binary(max_size=200), st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFF))
 def test_what_passes_the_grace_rules_is_the_stream_going_on(data: bytes, ssrc: int, seq: int
                                                               ) -> None:  # fmt: skip
-    if refuse_plain_rtp(data, ssrc, seq) is None:
+    if refuse_plain_rtp(data, ssrc, seq) is None:  # (with a reference)
         assert rtp_shaped(data)
         assert int.from_bytes(data[8:12], "big") == ssrc
         assert 1 <= (int.from_bytes(data[2:4], "big") - seq) % 65536 <= SEQ_AHEAD
