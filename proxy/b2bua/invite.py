@@ -17,7 +17,15 @@ import logging
 from proxy.b2bua.calls import CallTable
 from proxy.b2bua.config import Config
 from proxy.b2bua.dialogs import Dialogs
-from proxy.b2bua.legs import Call, CallState, Leg, RelayedRequest, new_call_id, new_tag
+from proxy.b2bua.legs import (
+    PARTIES,
+    Call,
+    CallState,
+    Leg,
+    RelayedRequest,
+    new_call_id,
+    new_tag,
+)
 from proxy.b2bua.media import MediaHandle
 from proxy.b2bua.messages import (
     Reject,
@@ -82,7 +90,7 @@ class CallSetup:
                     488, "Not Acceptable Here", [("Warning", f'399 - "bad SDP: {exc}"')]
                 ) from exc
         self.calls.add(call)
-        self.sides.stats.calls_total += 1
+        self.sides.stats.call_started(call.direction)
         return self._send_invite(call, request, route, body, tx, now)
 
     @staticmethod
@@ -161,7 +169,7 @@ class CallSetup:
         call.invite_client = ctx
         log.info("call %d %s: INVITE %s from %s -> %s (%s), line %s", call.id, call.direction,
                  request.uri, a.remote.uri, route.ruri, a.call_id,
-                 route.line.user_id if route.line else "-")  # fmt: skip
+                 route.line.user_id if route.line else "-", extra=call.fields())  # fmt: skip
         return out
 
     def _allocate(self, call: Call, streams: int) -> MediaHandle:
@@ -220,10 +228,12 @@ class CallSetup:
                 if call.answered:
                     return []  # a retransmitted 2xx; the tx layer resends our answer
                 call.state = CallState.ANSWERED
+                call.answered_at = now
                 self.sides.stats.calls_answered += 1
                 log.info("call %d answered: %d %s", call.id, status, response.reason)
         elif initial:
             self.sides.stats.calls_failed += 1
+            call.end(PARTIES[leg.side], f"{status} {response.reason}")
             log.info("call %d failed: %d %s", call.id, status, response.reason)
         if stx is None:
             return []

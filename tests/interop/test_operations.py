@@ -167,12 +167,50 @@ def test_sigterm_drains_calls_then_exits_zero(
     time.sleep(0.3)
     assert proxy.alive()  # calls in progress keep it up
     assert request(proxy, "GET", "/health")[:2] == (503, b"draining\n")
+    # new work is refused, so a dispatcher in front fails over: OPTIONS and INVITE 503
+    for side in ("inside", "outside"):
+        probe = proxy.options(side)
+        assert probe is not None and probe.startswith(b"SIP/2.0 503 "), probe
+        assert b"\r\nRetry-After: " in probe
+    refused = sipp.uac("uac_draining.xml", proxy.inside, "udp", calls=1)
+    sipp.check(refused)
+    drain = proxy.status()["drain"]
+    assert drain["active"] and drain["calls_left"] == 2 and drain["calls_at_start"] == 2
+    assert drain["refused"] == {"OPTIONS": 2, "INVITE": 1}
     sipp.check(caller, callee)  # both calls completed normally
     code = proxy.process.wait(timeout=10)
     drained = time.monotonic() - sent
     assert code == 0
     assert drained < 5, drained
     assert "drained in" in proxy.log()
+    print(f"SIGTERM with 2 calls ending on their own: exit 0 after {drained:.2f} s")
+
+
+def test_drain_timeout_hangs_up_with_a_reason_and_exits_zero(
+    start_proxy: ProxyFactory, sipp: Sipp, new_port: Callable[[], int], tmp_path: Path
+) -> None:
+    """Calls outliving ``drain_s`` get a BYE on both legs with the shutdown Reason (the
+    SIPp peers check the header), and the process exits 0 once those are answered."""
+    proxy, uas_port = token_proxy(start_proxy, new_port, tmp_path, "[run]\ndrain_s = 1\n")
+    assert proxy.process is not None
+    callee = sipp.uas("uas_hung_up.xml", uas_port, "udp", calls=3)
+    caller = sipp.uac("uac_hung_up.xml", proxy.inside, "udp", calls=3,
+                      extra=["-l", "3", "-r", "10"])  # fmt: skip
+    deadline = time.monotonic() + 10
+    while len(proxy.status()["calls"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [c["state"] for c in proxy.status()["calls"]] == ["confirmed"] * 3
+    sent = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    code = proxy.process.wait(timeout=10)
+    took = time.monotonic() - sent
+    assert code == 0
+    sipp.check(caller, callee)  # every BYE carried the Reason, both sides answered it
+    assert 1.0 <= took < 3.0, took
+    log = proxy.log()
+    assert "hung up 3 calls (proxy shutting down)" in log
+    assert log.count("ended by proxy (proxy shutting down)") == 3
+    print(f"SIGTERM with 3 calls up, drain_s = 1: exit 0 after {took:.2f} s")
 
 
 def _wait_for_log(proxy: Proxy, text: str, timeout: float = 5.0) -> None:
