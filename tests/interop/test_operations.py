@@ -108,6 +108,40 @@ def test_admin_endpoint_and_metrics_with_calls(
     assert after["sipura_handshake_seconds_count"] == 0
 
 
+def test_metrics_fed_by_the_core_survive_the_calls(
+    start_proxy: ProxyFactory, sipp: Sipp, new_port: Callable[[], int], tmp_path: Path
+) -> None:
+    """Calls by direction and the media counters: after the calls ended, the packets
+    they relayed are still counted (a session's last counters join the totals)."""
+    proxy, uas_port = token_proxy(start_proxy, new_port, tmp_path)
+    (tmp_path / "tone.ulaw").write_bytes(bytes(range(256)) * 31 + bytes(64))  # 1 s, 8 kHz
+    before = scrape(proxy)
+    assert before['sipura_calls_total{direction="outbound"}'] == 0
+    echo = ["-rtp_echo", "-mp", str(new_port())]
+    callee = sipp.uas("uas_call.xml", uas_port, "udp", calls=2, extra=echo)
+    stream = ["-cid_str", "caller-cid-%u-%p@%s", "-mp", str(new_port())]
+    caller = sipp.uac("uac_rtp.xml", proxy.inside, "udp", calls=2, extra=stream)
+    sipp.check(caller, callee)
+    proxy.wait_idle()
+    after = scrape(proxy)
+    assert after['sipura_calls_total{direction="outbound"}'] == 2
+    assert after['sipura_calls_total{direction="inbound"}'] == 0
+    assert after['sipura_calls_active{secure="no"}'] == 0
+    packets = {
+        (side, direction): after[
+            f'sipura_media_packets_total{{direction="{direction}",side="{side}"}}'
+        ]
+        for side in ("inside", "outside")
+        for direction in ("in", "out")
+    }
+    # 2 calls x 50 packets from the phone, relayed out and echoed back by the uas
+    assert packets[("inside", "in")] >= 90 and packets[("outside", "out")] >= 90, packets
+    assert packets[("outside", "in")] >= 90 and packets[("inside", "out")] >= 90, packets
+    ended = [line for line in proxy.log().splitlines() if " ended: outbound" in line]
+    assert len(ended) == 2 and all("ended by phone (BYE)" in line for line in ended), ended
+    assert all("inside in " in line and "drops 0" in line for line in ended)
+
+
 def test_sighup_reload_applies_and_rejects(
     start_proxy: ProxyFactory, new_port: Callable[[], int], tmp_path: Path
 ) -> None:
