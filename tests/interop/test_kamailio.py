@@ -122,7 +122,7 @@ def test_dispatcher_spreads_calls_and_fails_over_on_drain(
     held, stream = 16, 30
     uas_port = new_port()
     callee = sipp.uas("uas_call.xml", uas_port, "udp", calls=held + stream)
-    a = start_proxy(f"sip:{HOST}:{uas_port}", media_pairs=24, extra="[run]\ndrain_s = 20\n")
+    a = start_proxy(f"sip:{HOST}:{uas_port}", media_pairs=24, run={"drain_s": 20})
     b = start_proxy(f"sip:{HOST}:{uas_port}", media_pairs=48)
     phones, trunk = new_port(), new_port()
     ds_list = tmp_path / "dispatcher.list"
