@@ -17,33 +17,23 @@ import argparse
 import http.client
 import os
 import platform
-import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ROOT / "tests" / "interop" / "scenarios"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's proxy and testkit (tests' and benches')
+
+from testkit.ports import free_port, media_range  # noqa: E402
+from testkit.processes import processes, wait_for  # noqa: E402
+from testkit.proxy import LocalProxy  # noqa: E402
+
+SCENARIOS = REPO_ROOT / "tests" / "interop" / "scenarios"
 HOST = "127.0.0.1"
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = int(tcp.getsockname()[1])
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            try:
-                udp.bind((HOST, port))
-            except OSError:
-                continue
-        return port
 
 
 def cpu_s(pid: int) -> float:
@@ -63,12 +53,6 @@ def get(port: int, path: str) -> bytes:
         conn.close()
 
 
-def calls_up(admin: int) -> int:
-    import json
-
-    return len(json.loads(get(admin, "/calls")))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=500)
@@ -82,65 +66,47 @@ def main() -> int:
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}, "
           f"Python {platform.python_version()}")  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="scrape-cost-"))
-    inside, outside, admin, uas_port = free_port(), free_port(), free_port(), free_port()
-    base = random.randrange(40000, 50000 - 4 * args.calls - 64, 2)
-    config = work / "proxy.toml"
-    config.write_text(
-        f'[inside]\nlisten = "{HOST}:{inside}"\nmedia_ip = "{HOST}"\n'
-        f'[outside]\nlisten = "{HOST}:{outside}"\nmedia_ip = "{HOST}"\n'
-        f'upstream = "sip:{HOST}:{uas_port}"\n'
-        f"[media]\nport_min = {base}\nport_max = {base + 4 * args.calls + 63}\n"
-        f"[limits]\nmax_calls = {args.calls + 10}\n"
-        f'[run]\ndrain_s = {args.drain_s}\n[log]\nlevel = "warning"\n'
-        f'[admin]\nlisten = "{HOST}:{admin}"\n'
-    )
-    log = (work / "proxy.log").open("wb")
-    proxy = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(config)],
-                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    common = ["-i", HOST, "-nostdin", "-buff_size", "4194304", "-timeout", "300s"]
-    uas = subprocess.Popen(
-        [sipp, "-sf", str(SCENARIOS / "uas_hung_up.xml"), "-p", str(uas_port),
-         "-m", str(args.calls), *common],
-        cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    uas_port = free_port()
+    proxy = LocalProxy("proxy", work, media=media_range(2 * args.calls + 64))
+    proxy.write_config(
+        upstream=uas_port, log_level="warning", limits={"max_calls": args.calls + 10},
+        run={"drain_s": args.drain_s},
     )  # fmt: skip
-    uac = None
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                get(admin, "/health")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the proxy did not start"
-                time.sleep(0.1)
-        uac = subprocess.Popen(
-            [sipp, f"{HOST}:{inside}", "-sf", str(SCENARIOS / "uac_hung_up.xml"),
+    common = ["-i", HOST, "-nostdin", "-buff_size", "4194304", "-timeout", "300s"]
+    with processes() as procs:
+        proxy.run(procs)
+        uas = procs.start(
+            [sipp, "-sf", str(SCENARIOS / "uas_hung_up.xml"), "-p", str(uas_port),
+             "-m", str(args.calls), *common],
+            work / "uas.log", cwd=work,
+        )  # fmt: skip
+        uac = procs.start(
+            [sipp, f"{HOST}:{proxy.inside}", "-sf", str(SCENARIOS / "uac_hung_up.xml"),
              "-p", str(free_port()), "-m", str(args.calls), "-l", str(args.calls),
              "-r", "200", *common],
-            cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            work / "uac.log", cwd=work,
         )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while calls_up(admin) < args.calls:
-            assert time.monotonic() < deadline, f"only {calls_up(admin)} calls came up"
-            time.sleep(0.2)
+        wait_for(lambda: len(proxy.calls()) >= args.calls, 60, f"{args.calls} calls up")
         time.sleep(1.0)
-        idle0, t0 = cpu_s(proxy.pid), time.monotonic()
+        pid = proxy.pid
+        idle0, t0 = cpu_s(pid), time.monotonic()
         time.sleep(2.0)
-        idle_rate = (cpu_s(proxy.pid) - idle0) / (time.monotonic() - t0)
+        idle_rate = (cpu_s(pid) - idle0) / (time.monotonic() - t0)
         print(f"{args.calls} calls up; SIP process idle CPU {idle_rate * 100:.1f} %")
         for path in ("/metrics", "/status"):
-            get(admin, path)  # warm
-            c0, w0 = cpu_s(proxy.pid), time.perf_counter()
+            get(proxy.admin, path)  # warm
+            c0, w0 = cpu_s(pid), time.perf_counter()
             size = 0
             for _ in range(args.scrapes):
-                size = len(get(admin, path))
+                size = len(get(proxy.admin, path))
             wall = (time.perf_counter() - w0) / args.scrapes
-            cpu = (cpu_s(proxy.pid) - c0 - idle_rate * wall * args.scrapes) / args.scrapes
+            cpu = (cpu_s(pid) - c0 - idle_rate * wall * args.scrapes) / args.scrapes
             print(f"GET {path}: {wall * 1000:.1f} ms per scrape (wall), {cpu * 1000:.1f} ms "
                   f"SIP-process CPU, {size / 1024:.0f} KiB")  # fmt: skip
+        assert proxy.process is not None
         sent = time.monotonic()
-        proxy.send_signal(signal.SIGTERM)
-        code = proxy.wait(timeout=args.drain_s + 60)
+        proxy.process.send_signal(signal.SIGTERM)
+        code = proxy.process.wait(timeout=args.drain_s + 60)
         took = time.monotonic() - sent
         print(f"SIGTERM with {args.calls} calls up, drain_s = {args.drain_s}: exit {code} after "
               f"{took:.2f} s ({took - args.drain_s:.2f} s after the drain ran out: BYEs to "
@@ -148,12 +114,6 @@ def main() -> int:
         for name, process in (("uac", uac), ("uas", uas)):
             rc = process.wait(timeout=30)
             print(f"SIPp {name} (checks the Reason of every BYE): exit {rc}")
-    finally:
-        for process in (uac, uas, proxy):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
-        log.close()
     return 0
 
 
