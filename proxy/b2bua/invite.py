@@ -39,6 +39,7 @@ from proxy.b2bua.routing import Route, Router
 from proxy.b2bua.secure_leg import SecureLegs
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.teardown import Teardown
+from proxy.logsetup import bind_call
 from proxy.media.engine import MediaEngine, Side
 from proxy.media.ports import PortsExhausted
 from proxy.sip.headers import SipHeaderError
@@ -78,7 +79,8 @@ class CallSetup:
         route = self.router.route(side, request, tx.source, now)
         offer = self._offer(request)
         call = self._new_call(side, tx, original, request, route, now)
-        call.security = self.secure.for_new_call(call, request, forced)
+        with bind_call(call.fields()):
+            call.security = self.secure.for_new_call(call, request, forced)
         body = request.body
         if offer is not None:
             call.media = self._allocate(call, len(offer.media))
