@@ -40,6 +40,32 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         handle.write(data)
 
 
+CA_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
+CA_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 class TestCa:
     """A root CA in ``directory``: ``ca.pem`` is its certificate (the trust store)."""
 
@@ -58,14 +84,7 @@ class TestCa:
             .not_valid_before(now - timedelta(days=1))
             .not_valid_after(now + timedelta(days=365))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )  # fmt: skip
+            .add_extension(CA_USAGE, critical=True)
             .sign(self.key, hashes.SHA256())
         )
         self.pem = directory / "ca.pem"

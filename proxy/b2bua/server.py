@@ -19,7 +19,7 @@ from typing import Any
 from proxy.b2bua.config import Config
 from proxy.b2bua.core import B2BUA, Outbound
 from proxy.b2bua.line_keys import load_security
-from proxy.b2bua.resolver import SystemResolver
+from proxy.b2bua.resolver import DnsResolver, families_for
 from proxy.b2bua.routing import ResolveQuery
 from proxy.logsetup import configure_logging
 from proxy.media.engine import Side
@@ -59,7 +59,10 @@ class ProxyServer:
         self.security = load_security(config)
         for warning in self.security.warnings:
             log.warning("%s: %s", config.source, warning)
-        self.resolver = SystemResolver(self._resolved)
+        self.resolver = DnsResolver(
+            self._resolved, config.dns, config.sip.transports,
+            families_for(config.outside.listen_host),
+        )  # fmt: skip
         self.core = B2BUA(config, self.media, self.security, resolver=self.resolver)
         self.core.on_wakeup = self._wake
         self.transports = {

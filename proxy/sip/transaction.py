@@ -46,12 +46,15 @@ class Timers:
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """Where a message came from or goes to. ``conn`` identifies a TCP connection."""
+    """Where a message came from or goes to. ``conn`` identifies a TCP (or TLS)
+    connection; ``name``, for TLS, is the host name the server's certificate must match
+    (the URI's host, RFC 5922 §4: not an SRV target; None: ``host`` itself)."""
 
     host: str
     port: int
     transport: str = "udp"
     conn: int | None = None
+    name: str | None = None
 
     @property
     def reliable(self) -> bool:
