@@ -172,6 +172,23 @@ class B2BUA:
             for call in self.calls.values()
         ]
 
+    def reload(self, config: Config, security: Security | None) -> None:
+        """A new configuration for new calls; calls up keep the line and legs they have.
+
+        Transaction timers and listen addresses are the edge's to restart; everything a
+        new request reads (lines, routes, limits, x-sipura settings and keys) switches now.
+        """
+        self.config = config
+        self.security = security
+        self.sides.config = config
+        self.sides.configs = {Side.INSIDE: config.inside, Side.OUTSIDE: config.outside}
+        self.registrar.config = config
+        self.router.config = config
+        self.router.transports = tuple(config.sip.transports)
+        self.setup.config = config
+        self.watch.config = config
+        self.secure.security = security
+
     # --- input ------------------------------------------------------------------------
 
     def receive(self, side: Side, data: bytes, source: Address, now: float) -> list[Outbound]:
