@@ -101,6 +101,7 @@ class B2BUA:
         self.setup = CallSetup(config, self.sides, self.table, self.router, media,
                                self.teardown, self.dialogs, self.secure)  # fmt: skip
         self.dialogs.setup = self.setup
+        self.registrar.failovers = self.setup.failovers
         self.out_of_dialog = OutOfDialog(self.sides, self.router)
         self._events: dict[type, Handler] = {
             RequestReceived: self._on_request_event,

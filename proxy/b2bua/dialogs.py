@@ -221,12 +221,17 @@ class Dialogs:
         the call."""
         call = context.call
         method = tx.request.method
+        initial = method == "INVITE" and context.server_tx is call.invite_server
+        if initial and self.setup is not None:
+            retried = self.setup.failovers.invite_failed(call, tx, "timeout", now)
+            if retried is not None:
+                return retried
         out: list[Outbound] = []
         if context.server_tx is not None and method != "ACK":
             origin = context.origin
             out = self.sides.respond(origin.side, context.server_tx, 408, "Request Timeout", now,
                                      to_tag=origin.local_tag)  # fmt: skip
-        if method == "INVITE" and context.server_tx is call.invite_server:
+        if initial:
             log.info("call %d: no answer from the %s side (timeout)", call.id,
                      call.other(context.origin).side.value)  # fmt: skip
             self.sides.stats.calls_failed += 1

@@ -17,6 +17,7 @@ import logging
 from proxy.b2bua.calls import CallTable
 from proxy.b2bua.config import Config
 from proxy.b2bua.dialogs import Dialogs
+from proxy.b2bua.failover import FAILOVER_STATUSES, Failovers
 from proxy.b2bua.legs import Call, CallState, Leg, RelayedRequest, new_call_id, new_tag
 from proxy.b2bua.media import MediaHandle
 from proxy.b2bua.messages import (
@@ -54,6 +55,7 @@ class CallSetup:
         self.teardown = teardown
         self.dialogs = dialogs
         self.secure = secure
+        self.failovers = Failovers(sides, router)
 
     # --- the INVITE that creates a call -----------------------------------------------
 
@@ -139,7 +141,8 @@ class CallSetup:
         if out_side is Side.INSIDE:
             b.flow = route.dest  # the registered flow (NAT, TCP connection) stays the path
         a.dest = self.router.leg_dest(a, now)
-        call = Call(a=a, b=b, line=route.line, invite_server=tx, created=now)
+        call = Call(a=a, b=b, line=route.line, invite_server=tx, created=now,
+                    failover=route.failover)  # fmt: skip
         tx.context = call
         return call
 
@@ -223,6 +226,11 @@ class CallSetup:
                 self.sides.stats.calls_answered += 1
                 log.info("call %d answered: %d %s", call.id, status, response.reason)
         elif initial:
+            if status in FAILOVER_STATUSES:
+                why = f"{status} {response.reason}"
+                retried = self.failovers.invite_failed(call, tx, why, now)
+                if retried is not None:
+                    return retried
             self.sides.stats.calls_failed += 1
             log.info("call %d failed: %d %s", call.id, status, response.reason)
         if stx is None:

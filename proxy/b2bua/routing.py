@@ -159,7 +159,6 @@ class Failover:
 
     uris: tuple[str, ...]
     ruris: tuple[str, ...]
-    index: int = 0
     tried: list[Address] = field(default_factory=list)
 
 
@@ -266,23 +265,22 @@ class Router:
         return Route(found[0], found[1], line, failover)
 
     def next_target(self, failover: Failover, now: float) -> tuple[str, Address] | None:
-        """The next target to try (Request-URI, address) and marks it tried; None when
-        every URI's targets are used up. Targets held down come last within a URI.
-        Raises :class:`Unresolved` when the next URI's name is not known yet."""
-        while failover.index < len(failover.uris):
-            uri = failover.uris[failover.index]
-            try:
-                targets = self.targets(uri, None, now)
-            except Reject:
-                if failover.index == len(failover.uris) - 1 and not failover.tried:
-                    raise
-                targets = ()
-            fresh = [t for t in targets if t not in failover.tried]
-            if fresh:
-                fresh.sort(key=lambda t: self.held_down(t, now))  # stable: order kept
-                failover.tried.append(fresh[0])
-                return failover.ruris[failover.index], fresh[0]
-            failover.index += 1
+        """The next target to try (Request-URI, address), marked tried; None when every
+        URI's targets are used up. URIs in order, each one's targets in RFC 3263 order,
+        but targets held down only once no other is left. Raises :class:`Unresolved`
+        when a URI's name is not known yet."""
+        for allow_held in (False, True):
+            for index, uri in enumerate(failover.uris):
+                try:
+                    targets = self.targets(uri, None, now)
+                except Reject:
+                    continue  # a name that failed: the next URI
+                for target in targets:
+                    if target in failover.tried:
+                        continue
+                    if allow_held or not self.held_down(target, now):
+                        failover.tried.append(target)
+                        return failover.ruris[index], target
         return None
 
     def failed(self, target: Address, now: float) -> None:
