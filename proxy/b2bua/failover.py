@@ -21,6 +21,7 @@ from collections.abc import Callable
 from proxy.b2bua.legs import Call, CallState, RelayedRequest
 from proxy.b2bua.messages import Reject
 from proxy.b2bua.routing import Failover, Router, Unresolved
+from proxy.b2bua.sdes_leg import SdesLegs
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.sip.message import Request, canonical
 from proxy.sip.transaction import Address, ClientTransaction
@@ -56,9 +57,10 @@ def retargeted(previous: Request, ruri: str, via: str, cseq: int, contact: str |
 class Failovers:
     """Re-sends failed initial INVITEs (and relayed REGISTERs) to the next target."""
 
-    def __init__(self, sides: SipSides, router: Router) -> None:
+    def __init__(self, sides: SipSides, router: Router, sdes: SdesLegs | None = None) -> None:
         self.sides = sides
         self.router = router
+        self.sdes = sdes
 
     def next(
         self, plan: Failover | None, failed: Address, why: str, now: float, resend: Resend,
@@ -114,6 +116,8 @@ class Failovers:
         via = self.sides.via(b.side, target.transport)
         contact = self.sides.contact(b.side, target.transport)
         request = retargeted(previous, ruri, via, b.invite_cseq, contact)
+        if self.sdes is not None:
+            request.body = self.sdes.retarget(call, target, request.body)
         call.got_provisional = False  # a CANCEL waits for the new target's first answer
         context = RelayedRequest(call, call.a, call.invite_server)
         tx, out = self.sides.send_request(b.side, request, target, now, context)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from proxy.b2bua.config import LineConfig
     from proxy.b2bua.media import MediaHandle
     from proxy.b2bua.routing import Failover
+    from proxy.b2bua.sdes import SdesCall
     from proxy.b2bua.secure import CallSecurity
 
 
@@ -130,6 +131,8 @@ class Call:
     """The SSRC the proxy announces and encrypts with toward the outside."""
     failover: Failover | None = None
     """Where the initial INVITE may go next if its target fails (RFC 3263 §4.3)."""
+    sdes: SdesCall | None = None
+    """SDES-SRTP on the outside leg (None: not considered for this call)."""
     id: int = field(default_factory=lambda: next(_call_ids))
 
     def other(self, leg: Leg) -> Leg:

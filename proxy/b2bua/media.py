@@ -11,15 +11,19 @@ reach the far end as the near end wrote them.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from proxy.media.engine import MediaSession, Side
+
+if TYPE_CHECKING:
+    from proxy.b2bua.sdes import StreamKeys
 from proxy.sip.sdp import Sdp, connection_endpoint, parse_sdp, rewrite_sdp
 
 log = logging.getLogger("sipura.media")
 
 
 class MediaHandle:
-    __slots__ = ("_media_ip", "last_sent", "session", "streams")
+    __slots__ = ("_media_ip", "last_sent", "sdes_keys", "session", "streams")
 
     def __init__(self, session: MediaSession, streams: int, media_ip: dict[Side, str]) -> None:
         self.session = session
@@ -28,6 +32,8 @@ class MediaHandle:
         self.last_sent: dict[Side, bytes] = {}
         """The last SDP handed to each side: a proxy-originated re-INVITE (caller-ID
         refresh) offers it again unchanged, so the media stays where it is."""
+        self.sdes_keys: dict[int, StreamKeys] = {}
+        """The SDES keys of each outside stream, as last agreed."""
 
     def relay_sdp(self, from_side: Side, body: bytes, parsed: Sdp | None = None) -> bytes:
         """Learn the sender's endpoints and return the body for the other side.
