@@ -263,6 +263,14 @@ class B2BUA:
             out += work(now)
         return out
 
+    def transport_failed(self, side: Side, dest: Address, now: float) -> list[Outbound]:
+        """The edge could not connect to ``dest`` (TCP refused, TLS handshake or
+        certificate check failed): what waited on it times out now (and fails over)."""
+        out: list[Outbound] = []
+        for event in self.sides.layers[side].fail_transport(dest, now):
+            out += self._events[type(event)](side, event, now)
+        return out
+
     def media_lost(self, sessions: Iterable[MediaSession], now: float) -> list[Outbound]:
         """The media engine lost these sessions (a worker process died)."""
         return self.watch.media_lost(sessions, now)

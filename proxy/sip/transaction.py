@@ -447,6 +447,22 @@ class TransactionLayer:
         stamp_via(message, source)
         return self._on_request(message, source, now)
 
+    def fail_transport(self, dest: Address, now: float) -> list[TransactionEvent]:
+        """No connection to ``dest`` could be made (RFC 3261 §8.1.3.1: a transport error
+        counts as a timeout, so the user may fail over): every client transaction still
+        waiting on it times out now. Rare, so a scan is fine."""
+        events: list[TransactionEvent] = []
+        where = (dest.host, dest.port, dest.transport)
+        for key, tx in list(self._clients.items()):
+            if (tx.dest.host, tx.dest.port, tx.dest.transport) != where:
+                continue
+            if tx.state in (State.CALLING, State.TRYING, State.PROCEEDING):
+                events.append(TransactionTimeout(tx))
+            tx.state = State.TERMINATED
+            tx.retransmit_at = None
+            del self._clients[key]
+        return events
+
     def find_invite_server(self, cancel: Request) -> ServerTransaction | None:
         """The INVITE server transaction a CANCEL targets (§9.2: same branch)."""
         key = _server_key(cancel)
