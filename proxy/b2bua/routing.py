@@ -223,7 +223,9 @@ class Router:
         ours = {inside.advertised, (inside.listen_host, inside.listen_port)}
         if (bare_host(uri.host), uri.port or uri.default_port) not in ours:
             return ruri
-        return str(dataclasses_replace(uri, host=target.host, port=target.port))
+        return str(
+            dataclasses_replace(uri, scheme=target.scheme, host=target.host, port=target.port)
+        )
 
     def caller_line(self, request: Request, source: Address) -> LineConfig | None:
         """The line a request from the inside claims (From), else the line whose phone
