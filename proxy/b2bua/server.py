@@ -27,9 +27,10 @@ from proxy.b2bua.secure import SecureState
 from proxy.b2bua.tls_keys import load_tls
 from proxy.errors import UsageError
 from proxy.logsetup import configure_logging, set_level
+from proxy.media.commands import MediaEvent
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
-from proxy.media.workers import WorkerEngine, WorkerSession
+from proxy.media.worker_pool import WorkerPool
 from proxy.metrics import CallMetrics, MediaTotals
 from proxy.runtime import install_fast_loop, tune_gc
 from proxy.sip.transaction import Address
@@ -42,9 +43,9 @@ class ProxyServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         workers = config.media.worker_count()
-        self.media: RelayEngine | WorkerEngine
+        self.media: RelayEngine | WorkerPool
         if workers:
-            self.media = WorkerEngine(
+            self.media = WorkerPool(
                 port_min=config.media.port_min,
                 port_max=config.media.port_max,
                 inside_ip=config.inside.media_ip,
@@ -53,7 +54,6 @@ class ProxyServer:
                 log_level=config.log.level,
                 log_format=config.log.format,
             )
-            self.media.on_lost = self._media_lost
             self.media.on_wakeup = self._wake
         else:
             self.media = RelayEngine(
@@ -75,7 +75,7 @@ class ProxyServer:
         self.core = B2BUA(config, self.media, self.security, resolver=self.resolver)
         self.metrics = CallMetrics()
         self.draining = False
-        self.core.on_wakeup = self._wake
+        self.media.on_event = self._media_event_soon
         self.transports = {
             side: SipTransport(
                 side.value,
@@ -99,7 +99,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if isinstance(self.media, WorkerEngine):
+        if isinstance(self.media, WorkerPool):
             self.media.start()
         for transport in self.transports.values():
             await transport.start(self.config.sip.transports)
@@ -158,8 +158,8 @@ class ProxyServer:
         self._send(out)
 
     def _send(self, out: list[Outbound]) -> None:
-        if out and isinstance(self.media, WorkerEngine):
-            self.media.flush()  # media commands first: see WorkerEngine.flush
+        if out and isinstance(self.media, WorkerPool):
+            self.media.flush()  # media commands first: see WorkerPool.flush
         for item in out:
             self.transports[item.side].send(item.data, item.dest)
         self._arm()
@@ -178,20 +178,23 @@ class ProxyServer:
             self._timer_at = deadline
 
     def _wake(self) -> None:
-        """Media reported an event (SRTP authenticated): let the core act on it soon.
-
-        Called from inside a packet handler, so the core is not re-entered here."""
+        """Media counters arrived that may let the core act (a first packet): poll soon."""
         if self._loop is not None:
             self._loop.call_soon(self._poll)
 
-    def _media_lost(self, sessions: list[WorkerSession]) -> None:
-        """A media worker died: hang up the calls whose media it carried."""
-        if self._loop is None:
-            return
+    def _media_event_soon(self, event: MediaEvent) -> None:
+        """The media engine reports an event (SRTP authenticated, sessions lost). Called
+        from inside a packet handler or a channel reader: the core gets it on the next
+        loop iteration, not from in there."""
+        if self._loop is not None:
+            self._loop.call_soon(self._media_event, event)
+
+    def _media_event(self, event: MediaEvent) -> None:
+        assert self._loop is not None
         try:
-            out = self.core.media_lost(sessions, self._loop.time())
+            out = self.core.on_media_event(event, self._loop.time())
         except Exception:
-            log.exception("internal error hanging up the calls of a lost media worker")
+            log.exception("internal error handling a media event (%s)", type(event).__name__)
             return
         self._send(out)
 
@@ -228,7 +231,7 @@ class ProxyServer:
                 "sessions": self.media.sessions,
                 "pooled_pairs": self.media.pooled,
                 "pooled_rtp_ports": self.media.pooled_ports(),
-                "workers": self.media.workers() if isinstance(self.media, WorkerEngine) else [],
+                "workers": self.media.workers(),
             },
             "lines_mc_expired": sorted(self.security.expired),
         }
@@ -248,9 +251,7 @@ class ProxyServer:
     def health(self) -> str | None:
         if self.draining:
             return "draining"
-        if isinstance(self.media, WorkerEngine) and not any(
-            w["alive"] for w in self.media.workers()
-        ):
+        if isinstance(self.media, WorkerPool) and not any(w["alive"] for w in self.media.workers()):
             return "no live media worker"
         return None
 
@@ -263,7 +264,7 @@ class ProxyServer:
             active["yes" if secure else "no"] += 1
             if call.media is not None:
                 live.add(call.media.session.stats())
-        if isinstance(self.media, WorkerEngine):
+        if isinstance(self.media, WorkerPool):
             workers = self.media.workers()
             ports_free = sum(int(w["ports_free"]) for w in workers)
             alive = sum(1 for w in workers if w["alive"])
