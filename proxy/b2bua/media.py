@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from proxy.media.commands import Release, SetRemote
+from proxy.media.commands import Release, SetRemote, SetSrtp, SrtpKeys
 from proxy.media.engine import MediaEngine, MediaSession, Side
 
 if TYPE_CHECKING:
@@ -66,6 +66,21 @@ class MediaHandle:
         rewritten = rewrite_sdp(body, self._media_ip[to_side], ports)
         self.last_sent[to_side] = rewritten
         return rewritten
+
+    def set_sdes_keys(self, keys: list[StreamKeys]) -> None:
+        """SRTP on the outside leg from now on, per stream, with the SDES keys: ours to
+        send with, the peer's to check what it sends (SRTCP as well, as SDES peers do)."""
+        for stream in keys:
+            self.sdes_keys[stream.index] = stream
+            send, receive = stream.send, stream.receive
+            self._engine.apply(
+                SetSrtp(
+                    self.session.id, Side.OUTSIDE,
+                    SrtpKeys(send.key, send.salt, send.suite), srtcp=True,
+                    remote_keys=SrtpKeys(receive.key, receive.salt, receive.suite),
+                    index=stream.index,
+                )
+            )  # fmt: skip
 
     def release(self) -> None:
         self._engine.apply(Release(self.session.id))

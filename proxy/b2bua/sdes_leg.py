@@ -108,5 +108,7 @@ class SdesLegs:
 def apply_keys(call: Call, keys: list[StreamKeys]) -> None:
     """Hand SDES keys to the media engine (send and receive keys differ in SDES)."""
     assert call.media is not None
-    for stream in keys:
-        call.media.sdes_keys[stream.index] = stream
+    try:
+        call.media.set_sdes_keys(keys)
+    except (ValueError, IndexError) as exc:  # a stream beyond the anchored ones
+        log.warning("call %d: SDES keys not applied: %s", call.id, exc)
