@@ -237,23 +237,29 @@ class CallSetup:
                 call.state = CallState.ANSWERED
                 self.sides.stats.calls_answered += 1
                 log.info("call %d answered: %d %s", call.id, status, response.reason)
-        elif initial:
-            if status in FAILOVER_STATUSES:
-                why = f"{status} {response.reason}"
-                retried = self.failovers.invite_failed(call, tx, why, now)
-                if retried is not None:
-                    return retried
-            self.sides.stats.calls_failed += 1
-            log.info("call %d failed: %d %s", call.id, status, response.reason)
+        elif initial and (retried := self._failed(call, tx, response, now)) is not None:
+            return retried
         if stx is None:
             return []
-        try:
-            out = self.dialogs.relay_response(context.origin, stx, response, call, now)
-        except SdesRefused as refused:
-            return self._refused(call, leg, tx, stx, str(refused), now)
+        out = self._relay(call, leg, tx, stx, response, now, context)
         if initial and status >= 300:
             self.calls.finish(call)
         return out
+
+    def _failed(
+        self, call: Call, tx: ClientTransaction, response: Response, now: float
+    ) -> list[Outbound] | None:
+        """A final failure of the initial INVITE: failover (what was sent instead), or
+        None when it stands and is relayed to the caller."""
+        status = response.status
+        if status in FAILOVER_STATUSES:
+            why = f"{status} {response.reason}"
+            retried = self.failovers.invite_failed(call, tx, why, now)
+            if retried is not None:
+                return retried
+        self.sides.stats.calls_failed += 1
+        log.info("call %d failed: %d %s", call.id, status, response.reason)
+        return None
 
     def _ack_again(self, leg: Leg, tx: ClientTransaction) -> list[Outbound]:
         cseq = tx.request.cseq.number
@@ -294,6 +300,16 @@ class CallSetup:
             out += self.sides.respond(origin.side, stx, 503, "Service Unavailable", now,
                                       to_tag=origin.local_tag, extra=retry)  # fmt: skip
         return out
+
+    def _relay(
+        self, call: Call, leg: Leg, tx: ClientTransaction, stx: ServerTransaction,
+        response: Response, now: float, context: RelayedRequest,
+    ) -> list[Outbound]:  # fmt: skip
+        """The response on to the caller; an answer SDES must refuse ends the call."""
+        try:
+            return self.dialogs.relay_response(context.origin, stx, response, call, now)
+        except SdesRefused as refused:
+            return self._refused(call, leg, tx, stx, str(refused), now)
 
     def _refused(
         self, call: Call, leg: Leg, tx: ClientTransaction, stx: ServerTransaction, why: str,

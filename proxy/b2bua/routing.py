@@ -329,20 +329,13 @@ class Router:
             raise Reject(416, "Unsupported URI Scheme") from exc
         host = bare_host(uri.param("maddr") or uri.host)
         secure = uri.scheme.lower() == "sips"
-        named = uri.param("transport") or transport_hint
-        transport = named.lower() if named else ("tls" if secure else None)
-        if secure and transport == "tcp":
-            transport = "tls"  # RFC 5630 §3.1.3: sips over TCP means TLS
-        if transport is not None and transport not in self.transports:
-            raise Reject(503, "Service Unavailable", [("Warning", f'399 - "no {transport}"')])
+        transport = self._transport(uri, transport_hint, secure)
         try:
             literal = str(ipaddress.ip_address(host))
         except ValueError:
             literal = None
         if literal is not None:
-            chosen = transport or ("tls" if secure else "udp")
-            if chosen not in self.transports:
-                raise Reject(503, "Service Unavailable", [("Warning", f'399 - "no {chosen}"')])
+            chosen = self._supported(transport or ("tls" if secure else "udp"))
             port = uri.port or (5061 if chosen == "tls" else 5060)
             name = literal if chosen == "tls" else None
             return (Address(literal, port, chosen, name=name),)
@@ -358,6 +351,19 @@ class Router:
         if not usable:
             raise Reject(502, "Bad Gateway", [("Warning", f'399 - "cannot resolve {host}"')])
         return usable
+
+    def _transport(self, uri: SipUri, hint: str | None, secure: bool) -> str | None:
+        """The transport a URI asks for (None: RFC 3263 decides); sips means TLS."""
+        named = uri.param("transport") or hint
+        transport = named.lower() if named else ("tls" if secure else None)
+        if secure and transport == "tcp":
+            transport = "tls"  # RFC 5630 §3.1.3: sips over TCP means TLS
+        return None if transport is None else self._supported(transport)
+
+    def _supported(self, transport: str) -> str:
+        if transport not in self.transports:
+            raise Reject(503, "Service Unavailable", [("Warning", f'399 - "no {transport}"')])
+        return transport
 
     def leg_dest(self, leg: Leg, now: float) -> Address | None:
         """Where requests on ``leg`` go now: the phone's flow on the inside (NAT, TCP
