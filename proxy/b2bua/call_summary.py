@@ -1,13 +1,14 @@
 """One line per call when it ends: what an operator greps for first.
 
-Duration and talk time, whether the outside leg was secured (method, role, or why it
-stayed clear), the media counters of each leg (packets each way and drops by reason,
-summed over the call's streams) and who ended it: the ``phone`` (inside), the ``far
-end`` (outside) or the ``proxy`` itself, with how or why (``BYE``, ``CANCEL``, ``486
-Busy Here``, ``RTP timeout``, ``proxy shutting down``...). The text line reads on its
-own; in JSON the same facts are the ``summary`` object beside the call's ``call``,
-``call_id`` and ``line`` fields (:mod:`proxy.logsetup`), so a log pipeline needs no
-parsing of the message.
+The first words, ``call N ended (METHOD)``, say how the outside leg was secured
+(``x-sipura``, ``sdes`` or ``clear``). Then duration and talk time, the secure state
+(method, role, or why it stayed clear), the media counters of each leg (packets each
+way and drops by reason, summed over the call's streams) and who ended it: the
+``phone`` (inside), the ``far end`` (outside) or the ``proxy`` itself, with how or why
+(``BYE``, ``CANCEL``, ``486 Busy Here``, ``RTP timeout``, ``proxy shutting down``...).
+The text line reads on its own; in JSON the same facts are the ``summary`` object
+beside the call's ``call``, ``call_id`` and ``line`` fields (:mod:`proxy.logsetup`), so
+a log pipeline needs no parsing of the message.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from proxy.b2bua.legs import Call
+from proxy.b2bua.sdes_leg import CLEAR, SDES, method_of
 from proxy.b2bua.secure import SecureState
 from proxy.media.engine import Side, StreamStats
 from proxy.metrics import direction_label
@@ -27,19 +29,19 @@ log = logging.getLogger("sipura.calls")
 
 
 def secure_summary(call: Call) -> dict[str, Any]:
-    """``method`` (``x-sipura`` or ``clear``), ``state`` and ``reason`` of the outside
-    leg's security; ``role`` when the proxy played one."""
+    """``method`` (``x-sipura``, ``sdes`` or ``clear``, as
+    :func:`~proxy.b2bua.sdes_leg.method_of` says), ``state`` and ``reason`` of the
+    outside leg's security; ``role`` when the proxy played an x-sipura one."""
+    method = method_of(call)
+    if method == SDES:
+        return {"method": SDES, "state": "secure", "reason": None}
     security = call.security
     if security is None:
-        return {"method": "clear", "state": "clear", "reason": "not requested"}
+        return {"method": CLEAR, "state": "clear", "reason": "not requested"}
     state = security.state
     reason = security.reason.value if security.reason is not None else None
-    if state is SecureState.SECURE:
-        method = "x-sipura"
-    else:
-        method = "clear"
-        if state is not SecureState.CLEAR:
-            reason = f"not secured ({state.value})"
+    if method == CLEAR and state is not SecureState.CLEAR:
+        reason = f"not secured ({state.value})"
     return {"method": method, "state": state.value, "reason": reason,
             "role": security.role.value}  # fmt: skip
 
@@ -79,10 +81,12 @@ def summarize(call: Call, now: float) -> dict[str, Any]:
 
 def _text(summary: Mapping[str, Any]) -> str:
     secure = summary["secure"]
-    if secure["method"] == "clear":
+    if secure["method"] == CLEAR:
         security = f"clear ({secure['reason']})"
+    elif "role" in secure:
+        security = f"secure {secure['method']} ({secure['role']})"
     else:
-        security = f"secure {secure['method']} ({secure.get('role', '-')})"
+        security = f"secure {secure['method']}"
     media = []
     for side, leg in summary["media"].items():
         drops = ",".join(f"{k}={v}" for k, v in sorted(leg["drops"].items())) or "0"
@@ -100,5 +104,5 @@ def log_ended(calls: Iterable[Call], now: float) -> None:
         return
     for call in calls:
         summary = summarize(call, now)
-        log.info("call %d ended: %s", call.id, _text(summary),
+        log.info("call %d ended (%s): %s", call.id, summary["secure"]["method"], _text(summary),
                  extra={**call.fields(), "summary": summary})  # fmt: skip

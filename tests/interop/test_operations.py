@@ -139,7 +139,7 @@ def test_metrics_fed_by_the_core_survive_the_calls(
     # 2 calls x 50 packets from the phone, relayed out and echoed back by the uas
     assert packets[("inside", "in")] >= 90 and packets[("outside", "out")] >= 90, packets
     assert packets[("outside", "in")] >= 90 and packets[("inside", "out")] >= 90, packets
-    ended = [line for line in proxy.log_text().splitlines() if " ended: outbound" in line]
+    ended = [line for line in proxy.log_text().splitlines() if " ended (clear): outbound" in line]
     assert len(ended) == 2 and all("ended by phone (BYE)" in line for line in ended), ended
     assert all("inside in " in line and "drops 0" in line for line in ended)
 
