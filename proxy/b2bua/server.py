@@ -21,19 +21,20 @@ from proxy.b2bua.core import B2BUA, Outbound
 from proxy.b2bua.lifecycle import Lifecycle
 from proxy.b2bua.line_keys import Security, load_security
 from proxy.b2bua.reload import plan_reload
-from proxy.b2bua.resolver import SystemResolver
+from proxy.b2bua.resolver import DnsResolver, families_for
 from proxy.b2bua.routing import ResolveQuery
 from proxy.b2bua.secure import SecureState
+from proxy.b2bua.tls_keys import load_tls
 from proxy.errors import UsageError
 from proxy.logsetup import configure_logging, set_level
 from proxy.media.commands import MediaEvent
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
 from proxy.media.worker_pool import WorkerPool
-from proxy.metrics import CallMetrics, MediaTotals
+from proxy.metrics import MediaTotals
 from proxy.runtime import install_fast_loop, tune_gc
 from proxy.sip.transaction import Address
-from proxy.sip.transport import SipTransport
+from proxy.sip.transport import SipTransport, TlsSettings
 
 log = logging.getLogger("sipura.server")
 
@@ -64,10 +65,14 @@ class ProxyServer:
         self.security = load_security(config)
         _log_security(config, self.security)
         self.admin_token = load_token(config)
-        self.resolver = SystemResolver(self._resolved)
+        self.tls = load_tls(config)
+        for warning in self.tls.warnings:
+            log.warning("%s: %s", config.source, warning)
+        self.resolver = DnsResolver(
+            self._resolved, config.dns, config.sip.transports,
+            families_for(config.outside.listen_host),
+        )  # fmt: skip
         self.core = B2BUA(config, self.media, self.security, resolver=self.resolver)
-        self.metrics = CallMetrics()
-        self.draining = False
         self.media.on_event = self._media_event_soon
         self.transports = {
             side: SipTransport(
@@ -75,6 +80,10 @@ class ProxyServer:
                 cfg.listen_host,
                 cfg.listen_port,
                 lambda data, source, side=side: self._on_message(side, data, source),  # type: ignore[misc]
+                TlsSettings(
+                    cfg.tls_listen, self.tls.server, self.tls.client, config.tls.handshake_timeout_s
+                ),
+                lambda dest, side=side: self._transport_failed(side, dest),  # type: ignore[misc]
             )
             for side, cfg in ((Side.INSIDE, config.inside), (Side.OUTSIDE, config.outside))
         }
@@ -98,10 +107,12 @@ class ProxyServer:
             self.admin_address = await self._admin.start(admin.listen_host, admin.listen_port)
             warn_if_exposed(self.config, self.admin_token)
         log.info(
-            "listening: inside %s:%s, outside %s:%s (%s); media ports %d-%d",
+            "listening: inside %s:%s, outside %s:%s (%s); TLS inside %s, outside %s; "
+            "media ports %d-%d",
             self.config.inside.listen_host, self.config.inside.listen_port,
             self.config.outside.listen_host, self.config.outside.listen_port,
-            "+".join(self.config.sip.transports), self.config.media.port_min,
+            "+".join(self.config.sip.transports), self.config.inside.tls_listen or "-",
+            self.config.outside.tls_listen or "-", self.config.media.port_min,
             self.config.media.port_max,
         )  # fmt: skip
 
@@ -121,6 +132,16 @@ class ProxyServer:
             out = self.core.receive(side, data, source, self._loop.time())
         except Exception:  # a bug must cost one message, never the process
             log.exception("%s: internal error handling a message from %s", side.value, source)
+            return
+        self._send(out)
+
+    def _transport_failed(self, side: Side, dest: Address) -> None:
+        """No connection to ``dest``: the transactions waiting on it fail (over) now."""
+        assert self._loop is not None
+        try:
+            out = self.core.transport_failed(side, dest, self._loop.time())
+        except Exception:
+            log.exception("internal error handling a transport failure toward %s", dest)
             return
         self._send(out)
 
@@ -192,7 +213,8 @@ class ProxyServer:
         stats = self.core.stats
         return {
             "calls": self.core.active_calls(),
-            "draining": self.draining,
+            "draining": self.core.draining,
+            "drain": self.core.drain.describe(self._now()),
             "stats": {
                 "calls_total": stats.calls_total,
                 "calls_answered": stats.calls_answered,
@@ -215,18 +237,30 @@ class ProxyServer:
 
     # --- lifecycle ------------------------------------------------------------------------
 
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
+
     def begin_drain(self) -> None:
-        """Stop taking calls: ``/health`` turns 503 so a dispatcher in front fails over."""
-        self.draining = True
+        """Stop taking calls: new INVITEs, OPTIONS and REGISTERs get 503 (a dispatcher in
+        front fails over) and ``/health`` turns 503; calls in progress go on."""
+        self.core.start_drain(self._now())
 
     def hang_up_all(self) -> None:
-        """End every call now (the end of a drain)."""
-        log.warning("exiting with %d calls up", len(self.core.calls))
+        """End every call now (the end of a drain): BYE on both legs with
+        ``Reason: SIP;cause=503;text="proxy shutting down"``, ringing calls cancelled."""
+        if self._loop is None:
+            return
+        try:
+            out = self.core.hang_up_all(self._loop.time())
+        except Exception:
+            log.exception("internal error hanging up the calls left")
+            return
+        self._send(out)
 
     # --- admin endpoint -----------------------------------------------------------------
 
     def health(self) -> str | None:
-        if self.draining:
+        if self.core.draining:
             return "draining"
         if isinstance(self.media, WorkerPool) and not any(w["alive"] for w in self.media.workers()):
             return "no live media worker"
@@ -249,7 +283,7 @@ class ProxyServer:
         else:
             ports_free, alive, restarts = self.media.ports.available + self.media.pooled, 0, 0
         user_ids = {line.user_key: line.user_id for line in self.config.lines}
-        m = self.metrics
+        m = core.stats.metrics
         return Snapshot(
             calls_active=active,
             calls_total=m.calls_by_direction,
