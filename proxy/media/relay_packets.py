@@ -123,6 +123,8 @@ def relay_rtcp(a: RelayLeg, b: RelayLeg, session: Owner, data: bytes) -> bool:
     elif b.tx is not None:  # SRTP, with RTCP in the clear: SR/RR/SDES/BYE only
         data, stripped = clear_compound(data)
         b.rtcp_stripped += stripped
+        if not data:
+            return authentic
     try:
         send(data, dest)
     except SEND_FAILURES:

@@ -12,7 +12,10 @@ SRTCP is on: :func:`valid_compound`. Anything else is dropped (``rtcp_invalid``)
 
 * every packet of the compound has version 2 and a payload type in the RTCP range
   192-223 (RFC 5761 §4);
-* the first packet is an SR (200) or an RR (201), with its padding bit clear;
+* the first packet, with its padding bit clear, is an SR (200) or an RR (201), as
+  RFC 3550 wants, or another of the types 202-207 (SDES, BYE, APP, RTPFB, PSFB, XR):
+  reduced-size RTCP (RFC 5506) starts with whatever it carries, and real stacks send
+  an APP keep-alive alone or a BYE first (baresip does both);
 * only the last packet may be padded, and its padding count (the last octet) is a
   non-zero multiple of 4 (RFC 3550 §6.4.1) that fits in the packet;
 * each packet's length field fits in the datagram, and the lengths add up to exactly
@@ -21,12 +24,17 @@ SRTCP is on: :func:`valid_compound`. Anything else is dropped (``rtcp_invalid``)
   after the header, RR 1 + 6·RC, SDES 2·SC (a chunk is at least its SSRC and one
   terminating word), BYE SC, APP 2 (SSRC and name).
 
+The first-packet rule and the exact framing are what tell RTP apart: an RTP packet's
+second byte is its payload type (200-207 only with the marker bit and a type 72-79,
+from the range 64-95 that RFC 5761 §4 tells RTP to avoid), and its sequence number
+would have to be the length of a packet whose framing ends exactly at the datagram's
+end.
+
 Rule C2, toward a side whose RTP is SRTP while its RTCP is in the clear (SRTCP off):
-:func:`clear_compound`. Only SR, RR, SDES and BYE leave, in a valid compound: APP and
-every other type (feedback, XR, unknown) are left out, SR and RR lose their
-profile-specific extensions, and padding is removed; each removal is counted
-(``rtcp_stripped``). The first packet is an SR or RR (rule C1), so what remains is
-still a valid compound.
+:func:`clear_compound`. Only SR, RR, SDES and BYE leave: APP and every other type
+(feedback, XR, unknown) are left out, SR and RR lose their profile-specific extensions,
+and padding is removed; each removal is counted (``rtcp_stripped``), and a datagram with
+nothing left is not sent.
 """
 
 from __future__ import annotations
@@ -34,7 +42,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["APP", "BYE", "CLEAR_TYPES", "RR", "SDES", "SR", "clear_compound", "valid_compound"]
+__all__ = [
+    "APP",
+    "BYE",
+    "CLEAR_TYPES",
+    "FIRST_TYPES",
+    "RR",
+    "SDES",
+    "SR",
+    "clear_compound",
+    "valid_compound",
+]
 
 SR: Final = 200
 RR: Final = 201
@@ -44,6 +62,9 @@ APP: Final = 204
 
 CLEAR_TYPES: Final = frozenset((SR, RR, SDES, BYE))
 """What goes in the clear toward a side whose RTP is SRTP (rule C2)."""
+FIRST_TYPES: Final = frozenset(range(SR, 208))
+"""What the first packet of a datagram may be (rule C1): SR, RR, SDES, BYE, APP, RTPFB,
+PSFB, XR."""
 
 _MIN_WORDS: Final[dict[int, Callable[[int], int]]] = {
     SR: lambda count: 6 + 6 * count,
@@ -59,7 +80,7 @@ from its count field (RC / SC / subtype)."""
 def valid_compound(data: bytes) -> bool:
     """Rule C1 (see the module docstring): a valid compound RTCP packet."""
     size = len(data)
-    if size < 8 or data[0] & 0xE0 != 0x80 or data[1] not in (SR, RR):
+    if size < 4 or data[0] & 0xE0 != 0x80 or data[1] not in FIRST_TYPES:
         return False
     pos = 0
     while pos < size:
@@ -85,7 +106,7 @@ def valid_compound(data: bytes) -> bool:
 def clear_compound(data: bytes) -> tuple[bytes, int]:
     """Rule C2 on a valid compound (rule C1 already passed): (what may leave in the
     clear, how many packets or parts of packets were left out). The packet itself when
-    nothing is left out."""
+    nothing is left out; empty when nothing is left."""
     parts: list[bytes] = []
     stripped = 0
     pos, size = 0, len(data)

@@ -1785,6 +1785,11 @@ def test_rtcp_toward_a_secured_side_in_the_clear_is_sr_rr_sdes_bye_only(run: Run
         await expect(pbx_rtcp, rtcp_sr() + sdes_app()[:16])  # the APP packet left out
         assert stat(session, INSIDE, "rtcp_invalid") == 20
         assert stat(session, OUTSIDE, "rtcp_stripped") == 1
+        phone_rtcp.send(sdes_app()[16:], inside_rtcp)  # an APP alone: nothing left to send
+        phone_rtcp.send(rtcp_sr(), inside_rtcp)
+        await expect(pbx_rtcp, rtcp_sr())
+        assert stat(session, OUTSIDE, "rtcp_stripped") == 2
+        assert stat(session, INSIDE, "rtcp_invalid") == 20
         # Toward the phone (plain) nothing is stripped.
         pbx_rtcp.send(rtcp_sr(FAR_SSRC) + sdes_app(FAR_SSRC), outside_rtcp)
         await expect(phone_rtcp, rtcp_sr(FAR_SSRC) + sdes_app(FAR_SSRC))
@@ -1793,7 +1798,7 @@ def test_rtcp_toward_a_secured_side_in_the_clear_is_sr_rr_sdes_bye_only(run: Run
         phone_rtcp.send(rtcp_sr() + sdes_app(), inside_rtcp)
         wire, _ = await pbx_rtcp.recv()
         assert SrtpContext(KEY, SALT).unprotect_rtcp(wire) == rtcp_sr() + sdes_app()
-        assert stat(session, OUTSIDE, "rtcp_stripped") == 1
+        assert stat(session, OUTSIDE, "rtcp_stripped") == 2
         await engine.close()
 
     run(test)
