@@ -159,7 +159,7 @@ class RelaySession:
         remote = context if remote_keys is None else self._context(side, remote_keys)
         legs = self._rtp_legs(side)
         if command.index is not None:
-            legs = [self._leg(side, command.index)]
+            legs = [leg for leg in (self._leg(side, command.index),) if leg.rtp]
         if command.index in (None, 0):
             self._new_key(side, remote)
         for leg in legs:
