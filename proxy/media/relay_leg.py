@@ -44,6 +44,16 @@ _noise = LogLimiter(log)
 a spoofing flood costs a few lines (bounded keys, :mod:`proxy.ratelimit`)."""
 
 
+_WHY: dict[str, str] = {
+    "grace_not_rtp": "not shaped like RTP/RTCP, in the window for the peer's plain packets",
+    "grace_wrong_ssrc": "not the peer's SSRC, in the window for its plain packets",
+    "grace_bad_sequence": "not the peer's next sequence numbers, in the window for its "
+    "plain packets",
+    "rtcp_invalid": "not a valid compound RTCP packet",
+}
+"""The log text of each refusal :meth:`RelayLeg.refused` counts."""
+
+
 def flush_noise(now: float) -> None:
     """Log the counts of wrong-source windows that closed with nothing after them (the
     worker process calls it from its flush timer)."""
@@ -280,6 +290,15 @@ class RelayLeg:
                    addr[0], addr[1], self.side, self.port,
                    f"latched {peer[0]}:{peer[1]}" if peer else f"expected {expected}")  # fmt: skip
 
+    def refused(self, reason: str) -> None:
+        """A packet from this side was dropped for ``reason`` (a plain-window rule,
+        invalid RTCP): counted, and logged, rate-limited per reason and peer IP."""
+        setattr(self, reason, getattr(self, reason) + 1)
+        peer = str(self.expected_ip)
+        _noise.log(logging.INFO, reason, peer, self.clock(),
+                   "media: packet from the %s peer %s dropped on port %d: %s (%s)",
+                   self.side, peer, self.port, _WHY[reason], reason)  # fmt: skip
+
     def stale_source(self, addr: SockAddr) -> bool:
         """``addr`` is where the previous call on this pair had its peer, and that call
         ended too recently: its late packets must not latch into this one."""
@@ -393,7 +412,7 @@ class RelayLeg:
             else:
                 refusal = refuse_plain_rtp(data, self.grace_ssrc, self.grace_seq)
             if refusal is not None:
-                setattr(self, refusal, getattr(self, refusal) + 1)
+                self.refused(refusal)
                 return None
             if not rtcp:  # the reference moves on (or is set, if there was none)
                 self.grace_ssrc, self.grace_seq = plain_reference(data)

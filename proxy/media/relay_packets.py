@@ -100,7 +100,7 @@ def relay_rtcp(a: RelayLeg, b: RelayLeg, session: Owner, data: bytes) -> bool:
             if a.rx_first:
                 session.authenticated(a.side)
     if not valid_compound(data):
-        a.rtcp_invalid += 1
+        a.refused("rtcp_invalid")
         return False
     a.packets_in += 1
     a.bytes_in += size

@@ -1879,3 +1879,30 @@ def test_with_latch_any_the_exact_sdp_source_still_takes_over(run: Runner) -> No
         await engine.close()
 
     run(test)
+
+
+def test_refusals_are_logged_rate_limited_with_their_reason(
+    run: Runner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from proxy.media import relay_leg
+    from proxy.ratelimit import LogLimiter
+
+    monkeypatch.setattr(relay_leg, "_noise", LogLimiter(relay_leg.log))  # nothing held yet
+
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, _pbx = await call(engine)
+        inside_rtcp = (HOST, session.local(INSIDE, 0)[1] + 1)
+        for seq in range(5):
+            phone.send(rtp(seq), inside_rtcp)
+        await settle()
+        assert stat(session, INSIDE, "rtcp_invalid") == 5
+        await engine.close()
+
+    with caplog.at_level(logging.INFO, logger="sipura.media"):
+        run(test)
+    lines = [r.getMessage() for r in caplog.records if "rtcp_invalid" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "inside peer 127.0.0.1" in lines[0] and "not a valid compound RTCP" in lines[0]
