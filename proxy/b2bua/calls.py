@@ -9,11 +9,10 @@ message must not grow with the number of calls, so nothing here ever scans them 
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 from enum import Enum
 
+from proxy.b2bua.deadlines import Deadlines
 from proxy.b2bua.legs import Call, CallState, Leg
 from proxy.media.engine import Side
 
@@ -27,6 +26,10 @@ class CallTimer(Enum):
     """The x-sipura machine's own deadline (start delay, media check, timeouts, grace)."""
     RTP_TIMEOUT = "rtp_timeout"
     """Look whether the call's media counters moved (``[media] rtp_timeout_s``)."""
+    TIMER_C = "timer_c"
+    """RFC 3261 §16.6 Timer C: the INVITE got no final answer in ``[sip] timer_c_s``."""
+    SESSION_EXPIRES = "session_expires"
+    """RFC 4028: the negotiated session interval ran out without a refresh."""
 
 
 class CallTable:
@@ -35,9 +38,7 @@ class CallTable:
     def __init__(self) -> None:
         self.calls: dict[int, Call] = {}
         self._legs: dict[tuple[Side, str, str], tuple[Call, Leg]] = {}
-        self._heap: list[tuple[float, int, int, CallTimer]] = []
-        self._armed: dict[tuple[int, CallTimer], float] = {}
-        self._seq = itertools.count()
+        self._deadlines: Deadlines[tuple[int, CallTimer]] = Deadlines()
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -46,8 +47,15 @@ class CallTable:
 
     def add(self, call: Call) -> None:
         self.calls[call.id] = call
-        for leg in (call.a, call.b):
-            self._legs[(leg.side, leg.call_id, leg.local_tag)] = (call, leg)
+        for leg in call.all_legs():
+            self.index(call, leg)
+
+    def index(self, call: Call, leg: Leg) -> None:
+        """Make ``leg`` findable by the messages of its dialog (a fork's branch too)."""
+        self._legs[(leg.side, leg.call_id, leg.local_tag)] = (call, leg)
+
+    def unindex(self, leg: Leg) -> None:
+        self._legs.pop((leg.side, leg.call_id, leg.local_tag), None)
 
     def find(self, side: Side, call_id: str, local_tag: str) -> tuple[Call, Leg] | None:
         return self._legs.get((side, call_id, local_tag))
@@ -58,11 +66,11 @@ class CallTable:
 
     def drop(self, call: Call) -> None:
         """Forget ``call`` and give its media back (idempotent)."""
-        for leg in (call.a, call.b):
-            self._legs.pop((leg.side, leg.call_id, leg.local_tag), None)
+        for leg in call.all_legs():
+            self.unindex(leg)
         self.calls.pop(call.id, None)
         for kind in CallTimer:
-            self._armed.pop((call.id, kind), None)
+            self._deadlines.arm((call.id, kind), None)
         if call.media is not None:
             call.media.release()
             call.media = None
@@ -79,33 +87,18 @@ class CallTable:
 
     def arm(self, call: Call, kind: CallTimer, when: float | None) -> None:
         """Set (or with None, clear) ``call``'s deadline of ``kind``."""
-        key = (call.id, kind)
-        if when is None:
-            self._armed.pop(key, None)
-            return
-        if self._armed.get(key) == when:
-            return
-        self._armed[key] = when
-        heapq.heappush(self._heap, (when, next(self._seq), call.id, kind))
+        self._deadlines.arm((call.id, kind), when)
+
+    def deadline(self, call: Call, kind: CallTimer) -> float | None:
+        return self._deadlines.get((call.id, kind))
 
     def next_deadline(self) -> float | None:
-        heap = self._heap
-        while heap:
-            when, _, call_id, kind = heap[0]
-            if self._armed.get((call_id, kind)) == when:
-                return when
-            heapq.heappop(heap)  # stale: re-armed, cleared or the call ended
-        return None
+        return self._deadlines.next_deadline()
 
     def due(self, now: float) -> list[tuple[Call, CallTimer]]:
         """Pop every deadline at or before ``now`` (each disarmed as it is returned)."""
         fired: list[tuple[Call, CallTimer]] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            when, _, call_id, kind = heapq.heappop(heap)
-            if self._armed.get((call_id, kind)) != when:
-                continue
-            del self._armed[(call_id, kind)]
+        for call_id, kind in self._deadlines.due(now):
             call = self.calls.get(call_id)
             if call is not None:
                 fired.append((call, kind))

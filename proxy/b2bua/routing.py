@@ -11,6 +11,7 @@ when :meth:`Lookups.answer` delivers the targets (or the failure).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace
 from typing import TYPE_CHECKING, Protocol
 
+from proxy.b2bua.bindings import BINDING_PARAM
 from proxy.b2bua.config import Config, LineConfig
 from proxy.b2bua.legs import Leg
 from proxy.b2bua.messages import Reject, digits
@@ -139,12 +141,22 @@ class Lookups:
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    """One place a request goes: its Request-URI and the address it is sent to."""
+
+    ruri: str
+    dest: Address
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
-    """Where a new call or out-of-dialog request goes, and for which line."""
+    """Where a new call or out-of-dialog request goes, and for which line. ``forks``:
+    further targets an INVITE goes to in parallel (the other registered devices)."""
 
     ruri: str
     dest: Address
     line: LineConfig | None
+    forks: tuple[Target, ...] = ()
 
 
 class Router:
@@ -155,13 +167,15 @@ class Router:
     ) -> None:
         self.config = config
         self.registrar = registrar
+        self.identity = registrar.identity
+        self.identity.resolve = lambda uri, now: self.resolve(uri, None, now)
         self.lookups = lookups
         self.transports = tuple(transports)
 
     def route(self, side: Side, request: Request, source: Address, now: float) -> Route:
         """A new request from ``side``: where it goes. Raises :class:`Reject`."""
         if side is Side.INSIDE:
-            line = self.caller_line(request, source)
+            line = self.caller_line(request, source, now)
             if line is None and self.config.inside.unknown_users == "reject":
                 raise Reject(403, "Forbidden")
             upstream = self.config.outside.upstream
@@ -170,18 +184,27 @@ class Router:
                 return Route(self.retarget(request.uri, upstream), dest, line)
             return Route(request.uri, self.resolve(request.uri, None, now), line)
         try:
-            user = SipUri.parse(request.uri).user
+            uri = SipUri.parse(request.uri)
         except SipHeaderError as exc:
             raise Reject(416, "Unsupported URI Scheme") from exc
-        line = self.config.line_for_user(digits(user)) if user else None
-        if line is None:
+        aor = digits(uri.user) if uri.user else ""
+        line = self.config.line_for_user(aor) if aor else None
+        if line is None and (not aor or self.config.inside.unknown_users == "reject"):
             raise Reject(404, "Not Found")
-        binding = self.registrar.binding(line, now)
-        if binding is not None:
-            return Route(binding.contact, binding.flow, line)
-        if line.contact:
-            return Route(line.contact, self.resolve(line.contact, None, now), line)
-        raise Reject(480, "Temporarily Unavailable")
+        bindings = self.registrar.targets(aor, now)
+        token = uri.param(BINDING_PARAM)
+        chosen = [b for b in bindings if b.token == token] if token else []
+        targets = [Target(b.contact, b.flow) for b in chosen or bindings]
+        if not targets and line is not None and line.contact:
+            targets = [Target(line.contact, self.resolve(line.contact, None, now))]
+        if not targets:
+            raise Reject(
+                480 if line is not None else 404,
+                "Temporarily Unavailable" if line is not None else "Not Found",
+            )
+        first = targets[-1]  # the most recent registration leads
+        forks = tuple(reversed(targets[:-1]))
+        return Route(first.ruri, first.dest, line, forks)
 
     def retarget(self, ruri: str, upstream: str) -> str:
         """A phone that uses the proxy as its server dials ``user@<proxy inside>``: the
@@ -199,9 +222,11 @@ class Router:
             return ruri
         return str(dataclasses_replace(uri, host=target.host, port=target.port))
 
-    def caller_line(self, request: Request, source: Address) -> LineConfig | None:
-        """The line a request from the inside claims (From), else the line whose phone
-        it came from (registered flow or static contact)."""
+    def caller_line(self, request: Request, source: Address, now: float) -> LineConfig | None:
+        """The line a request from the inside claims (From), when it comes from that
+        line's phone (:mod:`proxy.b2bua.identity`; any other source gets 403); else the
+        line whose phone it came from (a registered flow, static contact or allowed
+        source), else None (an unknown user)."""
         try:
             user = request.from_.sip_uri().user
         except SipHeaderError:
@@ -209,18 +234,18 @@ class Router:
         if user and digits(user).isdigit():
             line = self.config.line_for_user(digits(user))
             if line is not None:
+                if not self.identity.is_phone(line, source, now):
+                    raise self.identity.refuse(line, source, request.method, now)
+                return line
+        for binding in self.registrar.bindings.at_flow(source.host, source.port):
+            line = self.config.line_for_user(binding.aor)
+            if line is not None and binding.expires_at > now:
                 return line
         for line in self.config.lines:
-            binding = self.registrar.bindings.get(line.user_key)
-            if binding and (binding.flow.host, binding.flow.port) == (source.host, source.port):
-                return line
-            if line.contact:
-                try:
-                    uri = SipUri.parse(line.contact)
-                except SipHeaderError:
-                    continue
-                if (bare_host(uri.host), uri.port or 5060) == (source.host, source.port):
-                    return line
+            if line.allowed_sources or line.contact:
+                with contextlib.suppress(Unresolved):
+                    if self.identity.configured(line, source, now):
+                        return line
         return None
 
     def resolve(self, uri_text: str, transport_hint: str | None, now: float) -> Address:

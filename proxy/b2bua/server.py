@@ -178,8 +178,10 @@ class ProxyServer:
 
     def status(self) -> dict[str, Any]:
         stats = self.core.stats
+        now = self._loop.time() if self._loop is not None else 0.0
+        registrations = self.core.registrations(now)
         return {
-            "calls": self.core.active_calls(),
+            "calls": self.core.active_calls(now),
             "stats": {
                 "calls_total": stats.calls_total,
                 "calls_answered": stats.calls_answered,
@@ -189,8 +191,10 @@ class ProxyServer:
                 "responses": stats.responses,
                 "secured": stats.secured,
                 "clear_reasons": stats.clear_reasons,
+                **self.core.features(),
             },
-            "bindings": {k: v.contact for k, v in self.core.bindings.items()},
+            "bindings": registrations.pop("bindings"),
+            "registrations": registrations,
             "media": {
                 "sessions": self.media.sessions,
                 "pooled_pairs": self.media.pooled,
