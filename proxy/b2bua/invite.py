@@ -70,8 +70,8 @@ class CallSetup:
         forced: bool | None = None
         if side is Side.INSIDE:
             request, forced = strip_star_code(original)
-        route = self.router.route(side, request, tx.source, now)
         replacing = self.transfers.replacing(side, request)
+        route = self.router.route(side, request, tx.source, now)
         if replacing is not None:
             route = self.transfers.route(replacing[0], side.other, route)
         offer = self._offer(request)

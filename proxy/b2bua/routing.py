@@ -175,14 +175,23 @@ class Router:
     def route(self, side: Side, request: Request, source: Address, now: float) -> Route:
         """A new request from ``side``: where it goes. Raises :class:`Reject`."""
         if side is Side.INSIDE:
-            line = self.caller_line(request, source, now)
-            if line is None and self.config.inside.unknown_users == "reject":
-                raise Reject(403, "Forbidden")
-            upstream = self.config.outside.upstream
-            if upstream:
-                dest = self.resolve(upstream, None, now)
-                return Route(self.retarget(request.uri, upstream), dest, line)
-            return Route(request.uri, self.resolve(request.uri, None, now), line)
+            return self._outbound(request, source, now)
+        return self._inbound(request, now)
+
+    def _outbound(self, request: Request, source: Address, now: float) -> Route:
+        """From a phone: to ``[outside] upstream``, else to its own Request-URI."""
+        line = self.caller_line(request, source, now)
+        if line is None and self.config.inside.unknown_users == "reject":
+            raise Reject(403, "Forbidden")
+        upstream = self.config.outside.upstream
+        if upstream:
+            dest = self.resolve(upstream, None, now)
+            return Route(self.retarget(request.uri, upstream), dest, line)
+        return Route(request.uri, self.resolve(request.uri, None, now), line)
+
+    def _inbound(self, request: Request, now: float) -> Route:
+        """From outside: to every registered device of the user (the one a ``;bnd=``
+        Request-URI names, if any), else to the line's static contact."""
         try:
             uri = SipUri.parse(request.uri)
         except SipHeaderError as exc:
@@ -198,13 +207,11 @@ class Router:
         if not targets and line is not None and line.contact:
             targets = [Target(line.contact, self.resolve(line.contact, None, now))]
         if not targets:
-            raise Reject(
-                480 if line is not None else 404,
-                "Temporarily Unavailable" if line is not None else "Not Found",
-            )
+            if line is None:
+                raise Reject(404, "Not Found")
+            raise Reject(480, "Temporarily Unavailable")
         first = targets[-1]  # the most recent registration leads
-        forks = tuple(reversed(targets[:-1]))
-        return Route(first.ruri, first.dest, line, forks)
+        return Route(first.ruri, first.dest, line, tuple(reversed(targets[:-1])))
 
     def retarget(self, ruri: str, upstream: str) -> str:
         """A phone that uses the proxy as its server dials ``user@<proxy inside>``: the

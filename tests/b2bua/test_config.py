@@ -144,7 +144,9 @@ def assert_one_line(error: ConfigError, source: str = SOURCE) -> None:
 def test_example_file_loads() -> None:
     config = load_config(EXAMPLE)
     assert config.source == str(EXAMPLE)
-    assert config.inside == SideConfig("127.0.0.1", 5070, "127.0.0.1", unknown_users="relay", keepalive_s=30.0)
+    assert config.inside == SideConfig(
+        "127.0.0.1", 5070, "127.0.0.1", unknown_users="relay", keepalive_s=30.0
+    )
     assert config.outside.upstream == "sip:127.0.0.1:5090"
     assert config.outside.registrar == "sip:127.0.0.1:5090"
     assert (config.media.port_min, config.media.port_max) == (20000, 29999)

@@ -116,6 +116,10 @@ def issue(
 
 @pytest.fixture(scope="module")
 def pki() -> Pki:
+    return make_pki()
+
+
+def make_pki() -> Pki:
     ca = generate_ca_key()
     other = generate_ca_key()
     return Pki(
