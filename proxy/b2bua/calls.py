@@ -39,6 +39,8 @@ class CallTable:
         self.calls: dict[int, Call] = {}
         self._legs: dict[tuple[Side, str, str], tuple[Call, Leg]] = {}
         self._deadlines: Deadlines[tuple[int, CallTimer]] = Deadlines()
+        self._media: dict[int, Call] = {}
+        """Calls by the id of their media sessions: what media events name."""
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -60,6 +62,14 @@ class CallTable:
     def find(self, side: Side, call_id: str, local_tag: str) -> tuple[Call, Leg] | None:
         return self._legs.get((side, call_id, local_tag))
 
+    def media_allocated(self, call: Call, session_id: int) -> None:
+        """One of ``call``'s media sessions is ``session_id`` (:meth:`by_media`)."""
+        self._media[session_id] = call
+
+    def by_media(self, session_id: int) -> Call | None:
+        """The live call one of whose media sessions is ``session_id``, if any."""
+        return self._media.get(session_id)
+
     def indexed(self) -> list[tuple[Call, Leg]]:
         """Every (call, leg) pair in the index (for invariant checks)."""
         return list(self._legs.values())
@@ -72,6 +82,8 @@ class CallTable:
         for kind in CallTimer:
             self._deadlines.arm((call.id, kind), None)
         if call.media is not None:
+            for session in call.media.sessions:
+                self._media.pop(session.id, None)
             call.media.release()
             call.media = None
 

@@ -28,7 +28,7 @@ What passes through unchanged is everything the B2BUA does not own
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,7 +62,8 @@ from proxy.b2bua.sides import Outbound, SipSides, Stats
 from proxy.b2bua.status import describe_bindings, describe_call
 from proxy.b2bua.teardown import Teardown
 from proxy.b2bua.transfer import Transfers
-from proxy.media.engine import MediaEngine, MediaSession, Side
+from proxy.media.commands import MediaEvent, SessionsLost, SrtpAuthenticated
+from proxy.media.engine import MediaEngine, Side
 from proxy.sip.headers import SipHeaderError
 from proxy.sip.message import Request, SipParseError, parse_message
 from proxy.sip.transaction import (
@@ -110,7 +111,7 @@ class B2BUA:
         self.keepalive = Keepalive(self.sides, self.registrar, config.inside.keepalive_s)
         self.registrar.keepalive = self.keepalive
         self.teardown = Teardown(self.sides, self.table)
-        self.secure = SecureLegs(self.sides, self.table, self.teardown, security, utc_now)
+        self.secure = SecureLegs(self.sides, self.table, self.teardown, security, utc_now, media)
         self.watch = MediaWatch(config, self.table, self.teardown)
         self.forking = Forking(self.sides, self.table, self.router, self.teardown)
         self.transfers = Transfers(self.sides, self.table)
@@ -166,6 +167,10 @@ class B2BUA:
             CallTimer.TIMER_C: self.timers.on_timer_c,
             CallTimer.SESSION_EXPIRES: self.timers.on_session_expired,
         }
+        self._media_events: dict[type[MediaEvent], Handler] = {
+            SrtpAuthenticated: self.secure.on_srtp_authenticated,
+            SessionsLost: self.watch.on_sessions_lost,
+        }
 
     # --- state the edge and the operator read -----------------------------------------
 
@@ -180,16 +185,6 @@ class B2BUA:
     @property
     def layers(self) -> dict[Side, TransactionLayer]:
         return self.sides.layers
-
-    @property
-    def on_wakeup(self) -> Callable[[], None] | None:
-        """Set by the I/O edge: called when media reports an event (SRTP authenticated),
-        so that :meth:`poll` runs soon."""
-        return self.secure.on_wakeup
-
-    @on_wakeup.setter
-    def on_wakeup(self, callback: Callable[[], None] | None) -> None:
-        self.secure.on_wakeup = callback
 
     def active_calls(self, now: float | None = None) -> list[dict[str, object]]:
         """Every call as ``calls`` and ``/status`` show it (``now``: the core's clock,
@@ -216,6 +211,28 @@ class B2BUA:
             "fax_refused": self.stats.fax_refused,
         }
 
+    def reload(self, config: Config, security: Security | None) -> None:
+        """A new configuration for new calls; calls up keep the line and legs they have.
+
+        Transaction timers and listen addresses are the edge's to restart; everything a
+        new request reads (lines, routes, limits, x-sipura settings and keys) switches now.
+        """
+        self.config = config
+        self.security = security
+        self.sides.config = config
+        self.sides.configs = {Side.INSIDE: config.inside, Side.OUTSIDE: config.outside}
+        self.registrar.config = config
+        self.router.config = config
+        self.router.transports = tuple(config.sip.transports)
+        self.setup.config = config
+        self.watch.config = config
+        self.secure.security = security
+        self.timers.config = config
+        self.fax.settings = config.xsipura
+        self.keepalive.interval_s = config.inside.keepalive_s
+        self.bindings.max_per_aor = config.limits.max_bindings_per_aor
+        self.bindings.max_aors = config.limits.max_aors
+
     # --- input ------------------------------------------------------------------------
 
     def receive(self, side: Side, data: bytes, source: Address, now: float) -> list[Outbound]:
@@ -241,16 +258,14 @@ class B2BUA:
         return out
 
     def poll(self, now: float) -> list[Outbound]:
-        """Run everything due at ``now``: transaction timers, call deadlines, media
-        reports, lookups the edge never answered."""
+        """Run everything due at ``now``: transaction timers, call deadlines, lookups
+        the edge never answered."""
         out: list[Outbound] = []
         for side, layer in self.sides.layers.items():
             events, transmits = layer.poll(now)
             out += self.sides.wrap(side, transmits)
             for event in events:
                 out += self._events[type(event)](side, event, now)
-        if self.secure.authenticated_pending():
-            out += self.secure.on_authenticated(now)
         for call, kind in self.table.due(now):
             out += self._call_timers[kind](call, now)
         for work in self.lookups.expire(now):
@@ -263,8 +278,6 @@ class B2BUA:
     def next_deadline(self) -> float | None:
         """When :meth:`poll` must run next (None: only on input). Cost independent of
         the number of calls: every source keeps its deadlines on a heap."""
-        if self.secure.authenticated_pending():
-            return 0.0
         deadlines = [
             d
             for d in (
@@ -289,9 +302,11 @@ class B2BUA:
             out += work(now)
         return out
 
-    def media_lost(self, sessions: Iterable[MediaSession], now: float) -> list[Outbound]:
-        """The media engine lost these sessions (a worker process died)."""
-        return self.watch.media_lost(sessions, now)
+    def on_media_event(self, event: MediaEvent, now: float) -> list[Outbound]:
+        """What the media engine reported (SRTP authenticated, sessions lost), handed
+        over by the I/O edge on a loop iteration of its own, never from inside a call
+        into the engine."""
+        return self._media_events[type(event)](event, now)
 
     # --- dispatch ---------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from proxy.b2bua.secure_leg import SecureLegs
 from proxy.b2bua.session_timer import CallTimers
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.transfer import Transfers
-from proxy.media.engine import MediaEngine, Side
+from proxy.media.engine import MediaEngine, MediaSession, Side
 from proxy.media.ports import PortsExhausted
 from proxy.sip.headers import NameAddr, SipHeaderError
 from proxy.sip.message import Request
@@ -198,9 +198,17 @@ class CallSetup:
             Side.INSIDE: self.config.inside.media_ip,
             Side.OUTSIDE: self.config.outside.media_ip,
         }
-        call_id = call.a.call_id
-        return MediaHandle(session, max(1, streams), media_ip, self.config.media.latch,
-                           lambda more: self.media.allocate(call_id, more))  # fmt: skip
+        self.calls.media_allocated(call, session.id)
+        latch = self.config.media.latch
+        return MediaHandle(self.media, session, max(1, streams), media_ip, latch,
+                           lambda more: self._more(call, more))  # fmt: skip
+
+    def _more(self, call: Call, streams: int) -> MediaSession:
+        """A further session for streams an offer adds beyond the call's (raises
+        PortsExhausted)."""
+        session = self.media.allocate(call.a.call_id, streams)
+        self.calls.media_allocated(call, session.id)
+        return session
 
     def allocate_quietly(self, call: Call, offer: bytes) -> MediaHandle | None:
         """Media for an offer that arrives after the INVITE (late offer): None when no

@@ -3,9 +3,10 @@
 Every SDP body that crosses the B2BUA, in either direction and in any message (INVITE,
 18x, 2xx, ACK, UPDATE, re-INVITE), goes through :meth:`MediaHandle.relay_sdp`: the
 sender's media addresses become the engine's expected peers on the sender's side, and
-the body handed to the other side advertises the proxy's ports on that side. Nothing
-else in the SDP changes, so codecs, ptime, telephone-event and direction attributes
-reach the far end as the near end wrote them.
+the body handed to the other side advertises the proxy's ports on that side (one
+:class:`~proxy.media.commands.SetRemote` per stream). Nothing else in the SDP changes,
+so codecs, ptime, telephone-event and direction attributes reach the far end as the near
+end wrote them.
 
 Three things are decided here per stream, from the SDP and the SIP it came in:
 
@@ -29,7 +30,8 @@ import logging
 from collections.abc import Callable
 
 from proxy.b2bua.fax import stream_kind
-from proxy.media.engine import MediaSession, Side
+from proxy.media.commands import Release, SetRemote
+from proxy.media.engine import MediaEngine, MediaSession, Side
 from proxy.sip.sdp import (
     NULL_ADDRESSES,
     Direction,
@@ -72,6 +74,7 @@ def on_hold(sdp: Sdp) -> bool:
 class MediaHandle:
     __slots__ = (
         "_allocate",
+        "_engine",
         "_held",
         "_kinds",
         "_latch",
@@ -84,9 +87,10 @@ class MediaHandle:
     )
 
     def __init__(
-        self, session: MediaSession, streams: int, media_ip: dict[Side, str],
-        latch_setting: str = "auto", allocate: Allocate | None = None,
+        self, engine: MediaEngine, session: MediaSession, streams: int,
+        media_ip: dict[Side, str], latch_setting: str = "auto", allocate: Allocate | None = None,
     ) -> None:  # fmt: skip
+        self._engine = engine
         self.session = session
         """The call's first session: stream 0 (the audio x-sipura secures) is on it."""
         self.streams = streams
@@ -170,10 +174,23 @@ class MediaHandle:
                 continue
             self._kinds[index] = stream_kind(media.protocol)
             ip, rtp_port, rtcp_port, rtcp_mux = connection_endpoint(sdp, index)
+            latch = latch_mode(self.latch_setting, ip, signal_host)
             if rtp_port and ip not in NULL_ADDRESSES:
-                self._latch[(from_side, index)] = latch_mode(self.latch_setting, ip, signal_host)
+                self._latch[(from_side, index)] = latch
             session, local_index = self._where(index)
-            session.set_remote(from_side, local_index, ip, rtp_port, rtcp_port, rtcp_mux)
+            self._engine.apply(
+                SetRemote(
+                    session.id,
+                    from_side,
+                    local_index,
+                    ip,
+                    rtp_port,
+                    rtcp_port,
+                    rtcp_mux,
+                    latch=latch,
+                    kind=self._kinds[index],
+                )
+            )
             ports.append(None if rtp_port == 0 else session.local(to_side, local_index)[1])
         self._held[from_side] = on_hold(sdp)
         rewritten = rewrite_sdp(body, self._media_ip[to_side], ports)
@@ -203,4 +220,4 @@ class MediaHandle:
 
     def release(self) -> None:
         for session in self._sessions:
-            session.release()
+            self._engine.apply(Release(session.id))

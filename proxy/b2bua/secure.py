@@ -21,7 +21,7 @@ from enum import Enum
 
 from proxy.b2bua.config import XsipuraConfig
 from proxy.b2bua.line_keys import LineSecurity
-from proxy.media.srtp import SrtpContext
+from proxy.media.commands import SrtpKeys
 from proxy.xsipura import handshake as hs
 
 log = logging.getLogger("sipura.secure")
@@ -74,12 +74,15 @@ class RespondInfo:
 
 @dataclass(frozen=True, slots=True)
 class AcceptSrtp:
-    context: SrtpContext
+    keys: SrtpKeys
 
 
 @dataclass(frozen=True, slots=True)
 class SwitchSrtp:
-    context: SrtpContext
+    """Switch to ``keys``. Equal to the keys accepted before, the relay keeps the context
+    it accepted with (its libsrtp replay window and ROC)."""
+
+    keys: SrtpKeys
     grace_s: float
     srtcp: bool
 
@@ -140,7 +143,6 @@ class CallSecurity:
         self._caller: hs.CallerHandshake | None = None
         self._callee: hs.CalleeHandshake | None = None
         self._start_at: float | None = None
-        self._accepted: tuple[int, SrtpContext] | None = None
         self._expect_by: float | None = None
 
     # --- caller role --------------------------------------------------------------------
@@ -258,10 +260,8 @@ class CallSecurity:
                 log.info("call %s: x-sipura callee answers %d %s", self.label, event.status,
                          event.reason)  # fmt: skip
             elif isinstance(event, hs.AcceptSrtp):
-                keys, peer = event.session.keys, event.session.peer
-                context = SrtpContext(keys.master_key, keys.master_salt)
-                self._accepted = (event.session.generation, context)
-                actions.append(AcceptSrtp(context))
+                peer = event.session.peer
+                actions.append(AcceptSrtp(_media_keys(event.session.keys)))
                 log.info(
                     "call %s: x-sipura step 2: Callee Hello from %s <%s> verified; "
                     "step 3: Caller Final sent",
@@ -282,19 +282,12 @@ class CallSecurity:
         self.peer = session.peer
         self.generation = session.generation
         self.reason = None
-        keys = session.keys
         warn = " (peer MC under the PUBLIC SAMPLE CA: not secure)" if session.peer.sample_ca else ""
         log.info("call %s: x-sipura step 4: %s, peer %s <%s>, ssrc local %08x peer %08x%s",
                  self.label, "re-keyed" if rekey else "SECURE", session.peer.name,
                  session.peer.user_id, session.local_ssrc, session.peer_ssrc, warn)  # fmt: skip
-        # The key accepted before the switch keeps its libsrtp state (replay window, ROC).
-        accepted, self._accepted = self._accepted, None
-        if accepted is not None and accepted[0] == session.generation:
-            context = accepted[1]
-        else:
-            context = SrtpContext(keys.master_key, keys.master_salt)
         return [
-            SwitchSrtp(context, self.settings.grace_s, self.settings.srtcp),
+            SwitchSrtp(_media_keys(session.keys), self.settings.grace_s, self.settings.srtcp),
             Secured(session.peer, rekey),
         ]
 
@@ -322,3 +315,8 @@ class CallSecurity:
             "peer_sample_ca": self.peer.sample_ca if self.peer else None,
             "generation": self.generation,
         }
+
+
+def _media_keys(keys: hs.SrtpKeys) -> SrtpKeys:
+    """The agreed x-sipura keys as media key material (AES_CM_128_HMAC_SHA1_80, §3)."""
+    return SrtpKeys(keys.master_key, keys.master_salt)

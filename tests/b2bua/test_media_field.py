@@ -19,6 +19,7 @@ from test_secure_core import Pki, make_pki, make_world, secure_outbound
 
 from proxy.b2bua.fax import stream_kind, t38_offer
 from proxy.b2bua.media import latch_mode
+from proxy.media.commands import SetRemote
 from proxy.sip.sdp import parse_sdp
 
 
@@ -54,6 +55,11 @@ def test_nat_detected_per_leg() -> None:
     (state,) = w.core.active_calls()
     assert state["nat"] == ["inside"]
     assert state["latch"] == {"inside": ["any"], "outside": ["sdp"]}
+    # ... and the media engine is told so, with the address the SDP gave.
+    remotes = [c for c in w.media.sessions[0].calls if isinstance(c, SetRemote)]
+    assert [(c.side, c.ip, c.latch, c.kind) for c in remotes] == [
+        (IN, "10.0.0.77", "any", "rtp"), (OUT, "203.0.113.5", "sdp", "rtp"),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("setting", ["sdp", "any"])
@@ -103,6 +109,8 @@ def test_t38_reinvite_on_a_plain_call_anchors_every_m_line() -> None:
     assert sessions[1].remotes[(OUT, 0)][:2] == ("203.0.113.5", 9002)
     handle = w.core.calls[max(w.core.calls)].media
     assert handle is not None and handle.kind(1) == "udptl" and handle.kind(0) == "rtp"
+    fax = [c for c in sessions[1].calls if isinstance(c, SetRemote)]
+    assert {c.kind for c in fax} == {"udptl"}
     w.phone(call.phone.request("BYE"))
     w.settle()
     assert w.media.all_returned()  # both sessions released
