@@ -447,6 +447,7 @@ class ProxyProc:
             "tone = false",
             "[[line]]",
             f'user_id = "{ua.LINE_USER}"',
+            f'allowed_sources = ["{HOST}"]',  # the bench's phones call from any port
             f'mini_certificate = "@{self.pki.line_mc}"',
             f'srtp_private_key = "@{self.pki.line_key}"',
             "secure_by_default = true",

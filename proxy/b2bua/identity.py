@@ -61,13 +61,17 @@ class LineIdentity:
         """``source`` is the line's static contact or one of its ``allowed_sources``."""
         if any(allowed.matches(source.host, source.port) for allowed in line.allowed_sources):
             return True
-        if line.contact and self.resolve is not None:
-            try:
-                contact = self.resolve(line.contact, now)
-            except Reject:
-                return False
-            return (contact.host, contact.port) == (source.host, source.port)
-        return False
+        return self.static_contact(line, source, now)
+
+    def static_contact(self, line: LineConfig, source: Address, now: float) -> bool:
+        """``source`` is the line's static contact (address and port)."""
+        if not line.contact or self.resolve is None:
+            return False
+        try:
+            contact = self.resolve(line.contact, now)
+        except Reject:
+            return False
+        return (contact.host, contact.port) == (source.host, source.port)
 
     def may_register(self, line: LineConfig, source: Address, now: float) -> bool:
         """A REGISTER for ``line`` the proxy answers itself: only from the configured

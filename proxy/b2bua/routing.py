@@ -232,8 +232,9 @@ class Router:
     def caller_line(self, request: Request, source: Address, now: float) -> LineConfig | None:
         """The line a request from the inside claims (From), when it comes from that
         line's phone (:mod:`proxy.b2bua.identity`; any other source gets 403); else the
-        line whose phone it came from (a registered flow, static contact or allowed
-        source), else None (an unknown user)."""
+        line whose phone it came from (a registered flow or the static contact: an
+        ``allowed_sources`` entry may use a line, it does not make every request from
+        there the line's), else None (an unknown user)."""
         try:
             user = request.from_.sip_uri().user
         except SipHeaderError:
@@ -249,9 +250,9 @@ class Router:
             if line is not None and binding.expires_at > now:
                 return line
         for line in self.config.lines:
-            if line.allowed_sources or line.contact:
+            if line.contact:
                 with contextlib.suppress(Unresolved):
-                    if self.identity.configured(line, source, now):
+                    if self.identity.static_contact(line, source, now):
                         return line
         return None
 

@@ -357,3 +357,13 @@ def test_an_unknown_user_from_an_unknown_source_is_relayed() -> None:
     out = w.phone(phone_invite(source=ATTACKER, from_user="somebody"), ATTACKER)
     assert only(pick(out, OUT, method="INVITE")).dest == UPSTREAM
     assert w.core.active_calls()[0]["line"] is None
+
+
+def test_an_allowed_source_may_use_a_line_but_is_not_the_lines_phone() -> None:
+    """allowed_sources lets a source claim the line; it does not make every request
+    from there the line's (an unknown user stays unknown, in the clear)."""
+    w = World()
+    allowed = Address("10.0.0.10", 7000)  # LINE1's allowed_sources is 10.0.0.10
+    out = w.phone(phone_invite(source=allowed, from_user="somebody"), allowed)
+    assert pick(out, OUT, method="INVITE")
+    assert w.core.active_calls()[0]["line"] is None

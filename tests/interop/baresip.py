@@ -279,9 +279,11 @@ class Proxy:
     proc: subprocess.Popen[bytes] | None = None
 
     def write_config(
-        self, *, upstream: str | None, lines: Sequence[tuple[str, str | None]]
-    ) -> Path:
-        """``lines``: (user_id, static contact or None) per ``[[line]]``."""
+        self, *, upstream: str | None, lines: Sequence[tuple[str, str | None]],
+        allowed: Sequence[str] = (),
+    ) -> Path:  # fmt: skip
+        """``lines``: (user_id, static contact or None) per ``[[line]]``; ``allowed``:
+        the ``allowed_sources`` of every line (a phone that calls without registering)."""
         text = [
             "[inside]",
             f'listen = "{LOOPBACK}:{self.inside_port}"',
@@ -307,6 +309,8 @@ class Proxy:
             text += ["[[line]]", f'user_id = "{user_id}"']
             if contact:
                 text.append(f'contact = "{contact}"')
+            if allowed:
+                text.append("allowed_sources = [" + ", ".join(f'"{a}"' for a in allowed) + "]")
         path = self.dir / "proxy.toml"
         path.write_text("\n".join(text) + "\n")
         return path
