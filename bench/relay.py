@@ -49,7 +49,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import random
 import socket
 import struct
 import subprocess
@@ -62,14 +61,14 @@ from typing import Any
 import loop_forward as lf  # bench/ is sys.path[0] when this file runs as a script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if importlib.util.find_spec("proxy") is None:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's proxy and testkit (tests' and benches')
 
 from proxy.media.commands import SetRemote, SrtpKeys, SwitchSrtp  # noqa: E402
 from proxy.media.engine import Side  # noqa: E402
 from proxy.media.relay import RelayEngine  # noqa: E402
 from proxy.media.srtp import SrtpContext  # noqa: E402
 from proxy.media.tones import PCMU, Tone, ToneMixer  # noqa: E402
+from testkit.ports import free_port_range  # noqa: E402
 
 HOST = lf.HOST
 VARIANTS = ("engine", "secure-out", "secure-in", "minimal", "minimal-sendto")
@@ -125,8 +124,7 @@ def run_engine(args: argparse.Namespace) -> None:
     )
 
     async def main() -> dict[str, Any]:
-        base = random.randrange(30000, 60000, 2)  # taken ports are skipped by the engine
-        engine = RelayEngine(HOST, HOST, base, base + 199)
+        engine = RelayEngine(HOST, HOST, *free_port_range(200))
         session = engine.allocate("bench", 1)
         sid = session.id
         engine.apply(SetRemote(sid, src, 0, HOST, 9, 10))  # latches on the generator's port

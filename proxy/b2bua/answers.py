@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from proxy.b2bua.calls import CallTable
 from proxy.b2bua.dialogs import Dialogs
+from proxy.b2bua.failover import FAILOVER_STATUSES
 from proxy.b2bua.forking import Forking
 from proxy.b2bua.legs import (
     MAX_EARLY_DIALOGS,
@@ -33,6 +34,7 @@ from proxy.b2bua.legs import (
 )
 from proxy.b2bua.messages import contact_target, supports_xsipura
 from proxy.b2bua.routing import Router
+from proxy.b2bua.sdes import SdesRefused
 from proxy.b2bua.session_timer import CallTimers
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.teardown import Teardown
@@ -90,7 +92,7 @@ class InviteAnswers:
             return self._provisional(call, branch, response, now, context)
         if status < 300:
             return self._answered(call, branch, tx, response, now, context)
-        return self._failed(call, branch, response, now, context)
+        return self._failed(call, branch, tx, response, now, context)
 
     def _ack_again(self, leg: Leg, tx: ClientTransaction) -> list[Outbound]:
         cseq = tx.request.cseq.number
@@ -111,8 +113,12 @@ class InviteAnswers:
             call.state = CallState.EARLY
         self.timers.ringing(call, now)
         assert context.server_tx is not None
-        return self.dialogs.relay_response(call.a, context.server_tx, response, call, now,
-                                           branch.leg)  # fmt: skip
+        try:
+            return self.dialogs.relay_response(call.a, context.server_tx, response, call, now,
+                                               branch.leg)  # fmt: skip
+        except SdesRefused as refused:  # an early answer without the keys required
+            log.info("call %d: %s in a provisional answer; not relayed", call.id, refused)
+            return []
 
     def _answered(
         self, call: Call, branch: Branch, tx: ClientTransaction, response: Response,
@@ -132,16 +138,25 @@ class InviteAnswers:
         self.timers.answered(call)
         self.timers.refreshed(call, response, now)
         assert context.server_tx is not None
-        out += self.dialogs.relay_response(call.a, context.server_tx, response, call, now)
+        try:
+            out += self.dialogs.relay_response(call.a, context.server_tx, response, call, now,
+                                               leg)  # fmt: skip
+        except SdesRefused as refused:
+            return out + self._refused(call, leg, tx, context, str(refused), now)
         replaced = self.transfers.completed(call)
         if replaced is not None:
             out += self.teardown.hang_up(replaced, now, f"replaced by call {call.id}")
         return out
 
     def _failed(
-        self, call: Call, branch: Branch, response: Response, now: float,
-        context: RelayedRequest,
+        self, call: Call, branch: Branch, tx: ClientTransaction, response: Response,
+        now: float, context: RelayedRequest,
     ) -> list[Outbound]:  # fmt: skip
+        if response.status in FAILOVER_STATUSES:  # the next upstream target, if any
+            why = f"{response.status} {response.reason}"
+            retried = self.setup.failovers.invite_failed(call, tx, why, now)
+            if retried is not None:
+                return retried
         out: list[Outbound] = []
         if call.forked:
             best, out = self.forking.on_failure(call, branch, response, now)
@@ -205,6 +220,24 @@ class InviteAnswers:
                                       to_tag=origin.local_tag, extra=retry)  # fmt: skip
         return out
 
+    def _refused(
+        self, call: Call, leg: Leg, tx: ClientTransaction, context: RelayedRequest, why: str,
+        now: float,
+    ) -> list[Outbound]:  # fmt: skip
+        """``sdes = "require"`` and the answer has no keys: confirm and hang up the B leg,
+        488 to the caller (the call never reaches the phone in the clear)."""
+        log.warning("call %d: SRTP required: %s; call refused", call.id, why)
+        self.sides.stats.calls_failed += 1
+        out = self.sides.ack(leg, tx.request.cseq.number)
+        out += self.teardown.send_bye(call, leg, now, "SRTP required", cause=488)
+        origin, stx = context.origin, context.server_tx
+        if stx is None:
+            return out
+        warning = [("Warning", '399 - "the far end did not accept SRTP"')]
+        out += self.sides.respond(origin.side, stx, 488, "Not Acceptable Here", now,
+                                  to_tag=origin.local_tag, extra=warning)  # fmt: skip
+        return out
+
     def _anchor_answer(self, call: Call, response: Response) -> bool:
         """Allocate media for an offer in a 2xx (late offer); False when no ports are left."""
         if call.media is not None or not response.body:
@@ -234,8 +267,11 @@ class InviteAnswers:
             self.timers.refreshed(call, response, now)
         if context.server_tx is None:
             return out
-        return out + self.dialogs.relay_response(context.origin, context.server_tx, response,
-                                                 call, now)  # fmt: skip
+        try:
+            return out + self.dialogs.relay_response(context.origin, context.server_tx,
+                                                     response, call, now, leg)  # fmt: skip
+        except SdesRefused as refused:
+            return out + self._refused(call, leg, tx, context, str(refused), now)
 
     # --- the peer's side of a dialog --------------------------------------------------
 

@@ -103,6 +103,10 @@ class Bindings:
         for found in self._aors.values():
             yield from found.values()
 
+    def __contains__(self, aor: object) -> bool:
+        """``aor`` has at least one binding (expired ones go at their deadline)."""
+        return aor in self._aors
+
     def aors(self) -> list[str]:
         return list(self._aors)
 

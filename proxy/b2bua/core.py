@@ -56,6 +56,7 @@ from proxy.b2bua.messages import (
 from proxy.b2bua.out_of_dialog import OneShot, OutOfDialog
 from proxy.b2bua.registrar import RegisterRelay, Registrar
 from proxy.b2bua.routing import Lookups, ResolveQuery, Resolver, Router, Unresolved
+from proxy.b2bua.sdes_leg import SdesLegs
 from proxy.b2bua.secure_leg import SecureLegs
 from proxy.b2bua.session_timer import CallTimers
 from proxy.b2bua.sides import Outbound, SipSides, Stats
@@ -117,17 +118,19 @@ class B2BUA:
         self.transfers = Transfers(self.sides, self.table)
         self.timers = CallTimers(config, self.table, self.teardown)
         self.fax = FaxPolicy(config.xsipura, self.stats)
+        self.sdes = SdesLegs(config)
         self.dialogs = Dialogs(self.sides, self.table, self.router, self.teardown, self.secure,
-                               self.watch, self.forking, self.transfers, self.timers,
-                               self.fax)  # fmt: skip
+                               self.watch, self.sdes, self.forking, self.transfers,
+                               self.timers, self.fax)  # fmt: skip
         self.setup = CallSetup(config, self.sides, self.table, self.router, media,
-                               self.dialogs, self.secure, self.transfers,
+                               self.dialogs, self.secure, self.sdes, self.transfers,
                                self.timers)  # fmt: skip
         self.answers = InviteAnswers(self.sides, self.table, self.router, self.teardown,
                                      self.dialogs, self.forking, self.transfers, self.timers,
                                      self.setup)  # fmt: skip
         self.dialogs.setup = self.setup
         self.dialogs.answers = self.answers
+        self.registrar.failovers = self.setup.failovers
         self.out_of_dialog = OutOfDialog(self.sides, self.router)
         self._events: dict[type, Handler] = {
             RequestReceived: self._on_request_event,
@@ -220,6 +223,7 @@ class B2BUA:
         self.config = config
         self.security = security
         self.sides.config = config
+        self.sdes.config = config
         self.sides.configs = {Side.INSIDE: config.inside, Side.OUTSIDE: config.outside}
         self.registrar.config = config
         self.router.config = config
@@ -300,6 +304,14 @@ class B2BUA:
         out: list[Outbound] = []
         for work in self.lookups.answer(query, targets, ttl_s, now):
             out += work(now)
+        return out
+
+    def transport_failed(self, side: Side, dest: Address, now: float) -> list[Outbound]:
+        """The edge could not connect to ``dest`` (TCP refused, TLS handshake or
+        certificate check failed): what waited on it times out now (and fails over)."""
+        out: list[Outbound] = []
+        for event in self.sides.layers[side].fail_transport(dest, now):
+            out += self._events[type(event)](side, event, now)
         return out
 
     def on_media_event(self, event: MediaEvent, now: float) -> list[Outbound]:

@@ -33,6 +33,7 @@ from proxy.b2bua.messages import (
     rewrite_rack,
 )
 from proxy.b2bua.routing import Router
+from proxy.b2bua.sdes_leg import SdesLegs
 from proxy.b2bua.secure_leg import SecureLegs
 from proxy.b2bua.session_timer import CallTimers
 from proxy.b2bua.sides import Outbound, SipSides
@@ -54,8 +55,8 @@ log = logging.getLogger("sipura.b2bua")
 class Dialogs:
     def __init__(
         self, sides: SipSides, calls: CallTable, router: Router, teardown: Teardown,
-        secure: SecureLegs, watch: MediaWatch, forking: Forking, transfers: Transfers,
-        timers: CallTimers, fax: FaxPolicy,
+        secure: SecureLegs, watch: MediaWatch, sdes: SdesLegs, forking: Forking,
+        transfers: Transfers, timers: CallTimers, fax: FaxPolicy,
     ) -> None:  # fmt: skip
         self.sides = sides
         self.calls = calls
@@ -67,6 +68,7 @@ class Dialogs:
         self.transfers = transfers
         self.timers = timers
         self.fax = fax
+        self.sdes = sdes
         self.setup: CallSetup | None = None
         """Set once call set-up exists (late offers allocate media there)."""
         self.answers: InviteAnswers | None = None
@@ -165,7 +167,8 @@ class Dialogs:
                 outgoing.set("Refer-To", refer_to)
         outgoing.body = request.body
         if request.body and request.content_type == "application/sdp":
-            outgoing.body = self.relay_sdp(call, leg, request.body, now)
+            offer = method not in ("ACK", "PRACK")  # PRACK: the answer to an offer in a 18x
+            outgoing.body = self.relay_sdp(call, leg, request.body, now, offer=offer)
         self.sides.advertise(other.side, outgoing)
         context = RelayedRequest(call, leg, tx)
         context.client_tx, out = self.sides.send_request(other.side, outgoing, other.dest, now,
@@ -188,7 +191,7 @@ class Dialogs:
             call.media_seen_at = now
         body = request.body
         if body and request.content_type == "application/sdp":
-            body = self.relay_sdp(call, leg, body, now)
+            body = self.relay_sdp(call, leg, body, now, offer=False)
         out = self.sides.ack(other, other.invite_cseq, body, request.get("content-type") or "")
         if confirmed:
             self.watch.on_confirmed(call, now)
@@ -276,6 +279,11 @@ class Dialogs:
         the call."""
         call = context.call
         method = tx.request.method
+        initial = method == "INVITE" and context.server_tx is call.invite_server
+        if initial and self.setup is not None:
+            retried = self.setup.failovers.invite_failed(call, tx, "timeout", now)
+            if retried is not None:
+                return retried
         out: list[Outbound] = []
         branch = context.branch
         if branch is not None and call.forked and context.server_tx is call.invite_server:
@@ -286,7 +294,7 @@ class Dialogs:
             origin = context.origin
             out = self.sides.respond(origin.side, context.server_tx, 408, "Request Timeout", now,
                                      to_tag=origin.local_tag)  # fmt: skip
-        if method == "INVITE" and context.server_tx is call.invite_server:
+        if initial:
             log.info("call %d: no answer from the %s side (timeout)", call.id,
                      call.other(context.origin).side.value)  # fmt: skip
             self.sides.stats.calls_failed += 1
@@ -312,11 +320,15 @@ class Dialogs:
         relayed.body = response.body
         if response.body and response.content_type == "application/sdp":
             from_leg = source if source is not None else call.other(origin)
-            relayed.body = self.relay_sdp(call, from_leg, response.body, now)
+            offer = not stx.request.body  # a late offer, in the answer to a bodiless INVITE
+            relayed.body = self.relay_sdp(call, from_leg, response.body, now, offer=offer,
+                                          final=status >= 200)  # fmt: skip
         self.sides.advertise(origin.side, relayed)
         return self.sides.send_response(origin.side, stx, relayed, now)
 
-    def relay_sdp(self, call: Call, leg: Leg, body: bytes, now: float) -> bytes:
+    def relay_sdp(
+        self, call: Call, leg: Leg, body: bytes, now: float, *, offer: bool, final: bool = True
+    ) -> bytes:
         """Anchor an SDP body from ``leg``'s peer on the proxy's ports; allocate media if
         the call has none yet (a late offer). Unusable SDP passes through as it is.
         The address ``leg``'s SIP comes from decides NAT (``[media] latch = "auto"``)."""
@@ -330,12 +342,12 @@ class Dialogs:
                 return body
         assert call.media is not None
         try:
-            body = call.media.relay_sdp(leg.side, body, signal_host=signal_host(leg))
+            anchored = call.media.relay_sdp(leg.side, body, signal_host=signal_host(leg))
         except SdpError as exc:
             log.info("call %d: unparsable SDP passed through as is: %s", call.id, exc)
             return body
         self.watch.on_sdp(call, now)
-        return body
+        return self.sdes.crossing(call, leg.side, anchored, offer=offer, final=final)
 
 
 def signal_host(leg: Leg) -> str | None:

@@ -17,6 +17,7 @@ import logging
 from proxy.b2bua.calls import CallTable
 from proxy.b2bua.config import Config
 from proxy.b2bua.dialogs import Dialogs
+from proxy.b2bua.failover import Failovers
 from proxy.b2bua.legs import Branch, Call, CallState, Leg, RelayedRequest, new_call_id, new_tag
 from proxy.b2bua.media import MediaHandle
 from proxy.b2bua.messages import (
@@ -28,6 +29,7 @@ from proxy.b2bua.messages import (
     supports_xsipura,
 )
 from proxy.b2bua.routing import Route, Router, Target
+from proxy.b2bua.sdes_leg import SdesLegs
 from proxy.b2bua.secure_leg import SecureLegs
 from proxy.b2bua.session_timer import CallTimers
 from proxy.b2bua.sides import Outbound, SipSides
@@ -45,8 +47,8 @@ log = logging.getLogger("sipura.b2bua")
 class CallSetup:
     def __init__(
         self, config: Config, sides: SipSides, calls: CallTable, router: Router,
-        media: MediaEngine, dialogs: Dialogs, secure: SecureLegs, transfers: Transfers,
-        timers: CallTimers,
+        media: MediaEngine, dialogs: Dialogs, secure: SecureLegs, sdes: SdesLegs,
+        transfers: Transfers, timers: CallTimers,
     ) -> None:  # fmt: skip
         self.config = config
         self.sides = sides
@@ -57,6 +59,8 @@ class CallSetup:
         self.secure = secure
         self.transfers = transfers
         self.timers = timers
+        self.sdes = sdes
+        self.failovers = Failovers(sides, router, sdes)
 
     # --- the INVITE that creates a call -----------------------------------------------
 
@@ -77,16 +81,23 @@ class CallSetup:
         offer = self._offer(request)
         call = self._new_call(side, tx, original, request, route, now)
         call.security = self.secure.for_new_call(call, request, forced)
+        call.sdes = self.sdes.for_new_call(call, route.dest if side is Side.INSIDE else tx.source)
+        if forced is False:
+            call.sdes = None  # *19: this call in the clear
         body = request.body
         if offer is not None:
             call.media = self._allocate(call, len(offer.media))
             try:
                 body = call.media.relay_sdp(side, body, offer, signal_host=tx.source.host)
+                body = self.sdes.crossing(call, side, body, offer=True)
             except SdpError as exc:
                 self.calls.drop(call)
                 raise Reject(
                     488, "Not Acceptable Here", [("Warning", f'399 - "bad SDP: {exc}"')]
                 ) from exc
+            except Reject:
+                self.calls.drop(call)
+                raise
         self.calls.add(call)
         self.sides.stats.calls_total += 1
         extra: list[tuple[str, str]] = []
@@ -146,7 +157,7 @@ class CallSetup:
         branches = [Branch(self._b_leg(side.other, caller, request, t)) for t in targets]
         a.dest = self.router.leg_dest(a, now)
         call = Call(a=a, b=branches[0].leg, line=route.line, invite_server=tx, created=now,
-                    branches=branches)  # fmt: skip
+                    branches=branches, failover=route.failover)  # fmt: skip
         tx.context = call
         return call
 

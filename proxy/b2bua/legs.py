@@ -23,6 +23,8 @@ from proxy.sip.transaction import Address, ClientTransaction, ServerTransaction
 if TYPE_CHECKING:
     from proxy.b2bua.config import LineConfig
     from proxy.b2bua.media import MediaHandle
+    from proxy.b2bua.routing import Failover
+    from proxy.b2bua.sdes import SdesCall
     from proxy.b2bua.secure import CallSecurity
 
 
@@ -183,6 +185,10 @@ class Call:
     """RFC 4028: the negotiated session interval (0: no session timer)."""
     fax_clear: bool = False
     """A T.38 stream on a secured call relayed unprotected (``[xsipura] t38 = "clear"``)."""
+    failover: Failover | None = None
+    """Where the initial INVITE may go next if its target fails (RFC 3263 §4.3)."""
+    sdes: SdesCall | None = None
+    """SDES-SRTP on the outside leg (None: not considered for this call)."""
     id: int = field(default_factory=lambda: next(_call_ids))
 
     def other(self, leg: Leg) -> Leg:

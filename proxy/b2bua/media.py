@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from proxy.b2bua.fax import stream_kind
-from proxy.media.commands import Release, SetRemote
+from proxy.media.commands import Release, SetRemote, SetSrtp, SrtpKeys
 from proxy.media.engine import MediaEngine, MediaSession, Side
 from proxy.sip.sdp import (
     NULL_ADDRESSES,
@@ -40,6 +41,9 @@ from proxy.sip.sdp import (
     parse_sdp,
     rewrite_sdp,
 )
+
+if TYPE_CHECKING:
+    from proxy.b2bua.sdes import StreamKeys
 
 log = logging.getLogger("sipura.media")
 
@@ -82,6 +86,7 @@ class MediaHandle:
         "_sessions",
         "last_sent",
         "latch_setting",
+        "sdes_keys",
         "session",
         "streams",
     )
@@ -106,6 +111,8 @@ class MediaHandle:
         self._latch: dict[tuple[Side, int], str] = {}
         self._kinds: dict[int, str] = {}
         self._held: dict[Side, bool] = {}
+        self.sdes_keys: dict[int, StreamKeys] = {}
+        """The SDES keys of each outside stream, as last agreed."""
 
     # --- what the rest of the core reads ----------------------------------------------
 
@@ -217,6 +224,24 @@ class MediaHandle:
                 return session, index
             index -= session.streams
         raise IndexError(index)
+
+    def set_sdes_keys(self, keys: list[StreamKeys]) -> None:
+        """SRTP on the outside leg from now on, per stream, with the SDES keys: ours to
+        send with, the peer's to check what it sends (SRTCP as well, as SDES peers do)."""
+        for stream in keys:
+            if stream.index >= self.streams or self.kind(stream.index) != "rtp":
+                continue  # SRTP is for RTP streams only (never UDPTL)
+            self.sdes_keys[stream.index] = stream
+            send, receive = stream.send, stream.receive
+            session, index = self._where(stream.index)
+            self._engine.apply(
+                SetSrtp(
+                    session.id, Side.OUTSIDE,
+                    SrtpKeys(send.key, send.salt, send.suite), srtcp=True,
+                    remote_keys=SrtpKeys(receive.key, receive.salt, receive.suite),
+                    index=index,
+                )
+            )  # fmt: skip
 
     def release(self) -> None:
         for session in self._sessions:

@@ -33,6 +33,7 @@ from proxy.b2bua.bindings import (
     binding_token,
 )
 from proxy.b2bua.config import Config, LineConfig
+from proxy.b2bua.failover import retargeted
 from proxy.b2bua.identity import LineIdentity
 from proxy.b2bua.legs import new_call_id, new_tag
 from proxy.b2bua.messages import ALLOW, Reject, copy_end_to_end, digits, forwarded_max_forwards
@@ -44,8 +45,9 @@ from proxy.sip.message import Request, Response
 from proxy.sip.transaction import Address, ClientTransaction, ServerTransaction, response_to
 
 if TYPE_CHECKING:
+    from proxy.b2bua.failover import Failovers
     from proxy.b2bua.keepalive import Keepalive
-    from proxy.b2bua.routing import Router
+    from proxy.b2bua.routing import Failover, Router
 
 log = logging.getLogger("sipura.b2bua")
 
@@ -82,6 +84,8 @@ class RegisterRelay:
     """The phone's REGISTER Call-ID."""
     sent: dict[str, str] = field(default_factory=dict)
     """Binding key -> the URI the proxy registered upstream for it."""
+    failover: Failover | None = None
+    """The registrar targets still to try if this one fails (503, 408, timeout)."""
 
 
 class Registrar:
@@ -96,6 +100,8 @@ class Registrar:
         """Set once the router exists (it reads the bindings; the relay resolves)."""
         self.keepalive: Keepalive | None = None
         """Set once keep-alives exist (a NAT'd binding is probed over its flow)."""
+        self.failovers: Failovers | None = None
+        """Set with the router: re-sends a REGISTER whose registrar failed."""
         self._upstream: OrderedDict[str, tuple[str, int, str]] = OrderedDict()
         """Phone REGISTER Call-ID -> the upstream registration's (Call-ID, CSeq, From
         tag); least recently used first, bounded, pruned with the bindings."""
@@ -123,9 +129,9 @@ class Registrar:
         if line is None and self.config.inside.unknown_users == "reject":
             raise Reject(403, "Forbidden")
         requested = self._requested(request)
-        registrar = self.config.outside.registrar
-        if registrar:
-            return self._relay(tx, request, aor, line, requested, registrar, now)
+        registrars = self.config.outside.registrar_uris
+        if registrars:
+            return self._relay(tx, request, aor, line, requested, registrars, now)
         if line is not None and not self.identity.may_register(line, tx.source, now):
             raise self.identity.refuse(line, tx.source, "REGISTER", now)
         self._apply(aor, requested, tx.source, request.call_id, {}, now)
@@ -248,10 +254,11 @@ class Registrar:
 
     def _relay(
         self, tx: ServerTransaction, request: Request, aor: str, line: LineConfig | None,
-        requested: list[Requested], registrar: str, now: float,
+        requested: list[Requested], registrars: tuple[str, ...], now: float,
     ) -> list[Outbound]:  # fmt: skip
         assert self.router is not None
-        dest = self.router.resolve(registrar, None, now)
+        route = self.router.plan(registrars, (request.uri,) * len(registrars), line, now)
+        dest = route.dest
         # One upstream registration (Call-ID, From tag, CSeq space) per phone registration.
         host = self.sides.advertised(Side.OUTSIDE)[0]
         call_id, cseq, from_tag = self._upstream.pop(
@@ -269,13 +276,35 @@ class Registrar:
         outgoing.add("To", str(request.to.without_param("tag")))
         outgoing.add("Call-ID", call_id)
         outgoing.add("CSeq", f"{cseq} REGISTER")
-        relay = RegisterRelay(tx, aor, line, requested, tx.source, request.call_id)
+        relay = RegisterRelay(tx, aor, line, requested, tx.source, request.call_id,
+                              failover=route.failover)  # fmt: skip
         self._relay_contacts(outgoing, relay, dest.transport, request)
         copy_end_to_end(request, outgoing)
         outgoing.body = request.body
         self.sides.advertise(Side.OUTSIDE, outgoing)
         _, out = self.sides.send_request(Side.OUTSIDE, outgoing, dest, now, relay)
         return out
+
+    def _failed(
+        self, relay: RegisterRelay, tx: ClientTransaction, why: str, now: float
+    ) -> list[Outbound] | None:
+        """The registrar target failed: the same registration to the next target (next
+        CSeq of the same upstream registration); None when none is left."""
+        if self.failovers is None:
+            return None
+
+        def resend(ruri: str, target: Address, now: float) -> list[Outbound]:
+            host = self.sides.advertised(Side.OUTSIDE)[0]
+            ids = self._upstream.get(relay.call_id, (new_call_id(host), 0, new_tag()))
+            call_id, cseq, from_tag = ids
+            cseq += 1
+            self._upstream[relay.call_id] = (call_id, cseq, from_tag)
+            via = self.sides.via(Side.OUTSIDE, target.transport)
+            request = retargeted(tx.request, tx.request.uri, via, cseq, None)
+            _, out = self.sides.send_request(Side.OUTSIDE, request, target, now, relay)
+            return out
+
+        return self.failovers.next(relay.failover, tx.dest, why, now, resend, "REGISTER")
 
     def _relay_contacts(
         self, outgoing: Request, relay: RegisterRelay, transport: str, request: Request
@@ -304,6 +333,10 @@ class Registrar:
     ) -> list[Outbound]:
         if response.status < 200:
             return []
+        if response.status in (408, 503):
+            retried = self._failed(relay, tx, f"{response.status} {response.reason}", now)
+            if retried is not None:
+                return retried
         stx = relay.server_tx
         relayed = response_to(stx.request, response.status, response.reason, to_tag=new_tag())
         if 200 <= response.status < 300:
@@ -326,6 +359,9 @@ class Registrar:
         return self.sides.send_response(Side.INSIDE, stx, relayed, now)
 
     def on_timeout(self, relay: RegisterRelay, tx: ClientTransaction, now: float) -> list[Outbound]:
+        retried = self._failed(relay, tx, "timeout", now)
+        if retried is not None:
+            return retried
         return self.sides.respond(Side.INSIDE, relay.server_tx, 408, "Request Timeout", now)
 
 

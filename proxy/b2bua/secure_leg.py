@@ -16,6 +16,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -63,9 +64,9 @@ class SecureLegs:
         self.media = media
         self._execute: dict[type, Callable[[Call, Any, float], list[Outbound]]] = {
             sec.SendInfo: self._send_info,
-            sec.AcceptSrtp: self._accept_srtp,
-            sec.SwitchSrtp: self._switch_srtp,
-            sec.ClearSrtp: self._clear_srtp,
+            AcceptSrtp: self._new_keys,
+            SwitchSrtp: self._new_keys,
+            ClearSrtp: self._clear_srtp,
             sec.Secured: self._secured,
             sec.Cleared: self._cleared,
             sec.HangUp: self._hang_up,
@@ -107,9 +108,18 @@ class SecureLegs:
 
     def on_confirmed(self, call: Call, now: float) -> list[Outbound]:
         """The dialog is confirmed (ACK): stage 2 may start (caller role) or the peer is
-        expected to start it (callee role with ``require_secure``)."""
+        expected to start it (callee role with ``require_secure``). A call SDES already
+        secured needs no x-sipura: it gets the secure-call tone, but no ``$`` caller ID
+        (SDES proves no identity)."""
+        if call.sdes is not None and call.sdes.active:
+            return self._sdes_secured(call)
         security = call.security
         if security is None:
+            if call.line is not None and call.line.require_secure:
+                reason = "require_secure: the call could not be secured"
+                log.warning("call %d: %s", call.id, reason)
+                out = self.teardown.send_bye(call, call.a, now, reason)
+                return out + self.teardown.send_bye(call, call.b, now, reason)
             return []
         if security.role is sec.Role.CALLEE:
             security.arm(now)
@@ -122,6 +132,13 @@ class SecureLegs:
             return self._run(call, security.give_up(ClearReason.PEER_UNSUPPORTED, reason), now)
         security.arm(now)
         return self._rearm(call)
+
+    def _sdes_secured(self, call: Call) -> list[Outbound]:
+        self.sides.stats.secured += 1
+        tone = self.sides.config.xsipura.tone
+        if call.media is not None and tone is not None:
+            self.media.apply(PlayTone(call.media.session.id, Side.INSIDE, 0, tone))
+        return []
 
     def on_timer(self, call: Call, now: float) -> list[Outbound]:
         """The call's x-sipura deadline is due."""
@@ -198,27 +215,19 @@ class SecureLegs:
         return self.send_own_request(call, leg, "INFO", now, XSIPURA_PURPOSE,
             body=action.body.encode("ascii"), content_type=action.content_type)  # fmt: skip
 
-    def _accept_srtp(self, call: Call, action: sec.AcceptSrtp, now: float) -> list[Outbound]:
-        if call.media is not None and call.security is not None:
-            sid = call.media.session.id
-            self.media.apply(AcceptSrtp(sid, Side.OUTSIDE, action.keys,
-                                        call.security.settings.srtcp))  # fmt: skip
-            self.media.apply(WatchSrtp(sid, Side.OUTSIDE))
-        return []
-
-    def _switch_srtp(self, call: Call, action: sec.SwitchSrtp, now: float) -> list[Outbound]:
+    def _new_keys(self, call: Call, action: AcceptSrtp | SwitchSrtp, now: float) -> list[Outbound]:
+        """Accept or switch to new keys, and hear when the first packet authenticates."""
         if call.media is not None:
             sid = call.media.session.id
-            self.media.apply(SwitchSrtp(sid, Side.OUTSIDE, action.keys, action.grace_s,
-                                        action.srtcp))  # fmt: skip
-            self.media.apply(WatchSrtp(sid, Side.OUTSIDE))
+            self.media.apply(replace(action, session=sid))
+            self.media.apply(WatchSrtp(sid, action.side))
         return []
 
-    def _clear_srtp(self, call: Call, action: sec.ClearSrtp, now: float) -> list[Outbound]:
+    def _clear_srtp(self, call: Call, action: ClearSrtp, now: float) -> list[Outbound]:
         if call.media is not None:
             sid = call.media.session.id
-            self.media.apply(ClearSrtp(sid, Side.OUTSIDE))
-            self.media.apply(SetTxSsrc(sid, Side.OUTSIDE, None))
+            self.media.apply(replace(action, session=sid))
+            self.media.apply(SetTxSsrc(sid, action.side, None))
         return []
 
     def _secured(self, call: Call, action: sec.Secured, now: float) -> list[Outbound]:

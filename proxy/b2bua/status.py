@@ -11,6 +11,7 @@ from __future__ import annotations
 from proxy.b2bua.bindings import Bindings
 from proxy.b2bua.calls import CallTable, CallTimer
 from proxy.b2bua.legs import Branch, Call
+from proxy.b2bua.sdes_leg import method_of
 
 
 def _left(when: float | None, now: float | None) -> float | None:
@@ -37,7 +38,9 @@ def describe_call(call: Call, table: CallTable, now: float | None) -> dict[str, 
         "a_call_id": call.a.call_id,
         "b_call_id": call.b.call_id,
         "line": call.line.user_id if call.line else None,
+        "method": method_of(call),
         "secure": call.security.describe() if call.security else None,
+        "sdes": call.sdes.describe() if call.sdes else None,
         "media": media.session.stats() if media else None,
         "forks": [_branch(call, b) for b in call.branches] if call.forked else [],
         "early_dialogs": sorted(call.b.early),

@@ -67,7 +67,8 @@ from proxy.xsipura import handshake as hs
 from proxy.xsipura import messages as msg
 from proxy.xsipura import rsa
 from proxy.xsipura.keyfiles import generate_ca_key
-from proxy.xsipura.mc import MiniCertificate, MiniCertificateParam, encode_private_key_param
+from proxy.xsipura.mc import encode_private_key_param
+from proxy.xsipura.provision import LineCredentials, issue_line
 from proxy.xsipura.trust import TrustStore
 
 IN, OUT = Side.INSIDE, Side.OUTSIDE
@@ -86,14 +87,8 @@ RTP = bytes([0x80, 0x00, 0x00, 0x01, 0, 0, 0, 160]) + FAR_SSRC.to_bytes(4, "big"
 # --- key material -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Party:
-    key: rsa.PrivateKey
-    param: MiniCertificateParam
-
-    @property
-    def certificate(self) -> MiniCertificate:
-        return self.param.certificate
+Party = LineCredentials
+"""A subscriber: ``key``, ``param`` and its ``certificate``."""
 
 
 @dataclass(frozen=True)
@@ -118,9 +113,7 @@ def issue(
     user_id: str,
     expires: datetime = datetime(2031, 1, 1, tzinfo=UTC),
 ) -> Party:
-    key = rsa.generate_subscriber_key()
-    certificate = MiniCertificate.issue(ca, name, user_id, expires, key.public)
-    return Party(key, MiniCertificateParam(certificate, ca.public))
+    return issue_line(ca, name, user_id, expires)
 
 
 @pytest.fixture(scope="module")
@@ -626,7 +619,7 @@ def run_peer_caller(
     first = send_info(w, call, send.body)
     hello_ok = only(pick(first, OUT, status=200), "Callee Hello")
     events = caller.receive_response(200, hello_ok.response.body, w.now, NOW_UTC)
-    assert [type(e) for e in events] == [hs.AcceptSrtp, hs.SendInfo], events
+    assert [type(e) for e in events] == [hs.ExpectSrtp, hs.SendInfo], events
     final = events[1]
     assert isinstance(final, hs.SendInfo)
     second = send_info(w, call, final.body)

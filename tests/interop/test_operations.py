@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -56,15 +56,17 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def token_proxy(
-    start_proxy: ProxyFactory, new_port: Callable[[], int], tmp_path: Path, extra: str = ""
-) -> tuple[Proxy, int]:
-    """A proxy with an admin token whose upstream is a fresh port (for a SIPp uas)."""
+    start_proxy: ProxyFactory, new_port: Callable[[], int], tmp_path: Path,
+    **tables: dict[str, Any],
+) -> tuple[Proxy, int]:  # fmt: skip
+    """A proxy with an admin token whose upstream is a fresh port (for a SIPp uas);
+    ``tables``: more config keys per table."""
     token_file = tmp_path / "admin.token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     uas_port = new_port()
-    extra = 'token = "@admin.token"\n' + extra
-    proxy = start_proxy(f"sip:{HOST}:{uas_port}", extra=extra, token=TOKEN)
+    admin = {"token": "@admin.token"}
+    proxy = start_proxy(f"sip:{HOST}:{uas_port}", token=TOKEN, admin=admin, **tables)
     return proxy, uas_port
 
 
@@ -113,42 +115,42 @@ def test_sighup_reload_applies_and_rejects(
 ) -> None:
     proxy, _ = token_proxy(start_proxy, new_port, tmp_path)
     assert proxy.process is not None
-    original = proxy.config.read_text()
+    original = proxy.config_path.read_text()
     # A new line and a new log level: applied. A new inside listen port: needs a restart.
     changed = original.replace('level = "debug"', 'level = "info"') + (
         '\n[[line]]\nuser_id = "15550001234"\n'
     )
     changed = changed.replace(f"{HOST}:{proxy.inside}", f"{HOST}:{new_port()}")
-    proxy.config.write_text(changed)
+    proxy.config_path.write_text(changed)
     proxy.process.send_signal(signal.SIGHUP)
     _wait_for_log(proxy, "reloaded ")
-    assert "inside.listen changed; takes effect only after a restart" in proxy.log()
+    assert "inside.listen changed; takes effect only after a restart" in proxy.log_text()
     assert proxy.alive() and proxy.options("inside") is not None  # still on the old port
 
-    proxy.config.write_text(original.replace('level = "debug"', 'level = "loud"'))
+    proxy.config_path.write_text(original.replace('level = "debug"', 'level = "loud"'))
     proxy.process.send_signal(signal.SIGHUP)
     _wait_for_log(proxy, "reload rejected")
     assert proxy.alive()
-    assert "log.level" in proxy.log().split("reload rejected", 1)[1].split("\n", 1)[0]
+    assert "log.level" in proxy.log_text().split("reload rejected", 1)[1].split("\n", 1)[0]
 
     # The same through the admin endpoint and the CLI (token from the config file).
-    proxy.config.write_text(original)
-    done = cli("reload", "--config", str(proxy.config))
+    proxy.config_path.write_text(original)
+    done = cli("reload", "--config", str(proxy.config_path))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("reloaded ")
-    proxy.config.write_text("[inside]\n")
+    proxy.config_path.write_text("[inside]\n")
     refused = cli("reload", "--admin", f"{HOST}:{proxy.admin}", "--token-file",
                   str(tmp_path / "admin.token"))  # fmt: skip
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "rejected" in refused.stderr
-    proxy.config.write_text(original)
+    proxy.config_path.write_text(original)
     assert cli("reload", "--admin", f"{HOST}:{proxy.admin}").returncode == 2  # no token: 401
 
 
 def test_sigterm_drains_calls_then_exits_zero(
     start_proxy: ProxyFactory, sipp: Sipp, new_port: Callable[[], int], tmp_path: Path
 ) -> None:
-    proxy, uas_port = token_proxy(start_proxy, new_port, tmp_path, "[run]\ndrain_s = 20\n")
+    proxy, uas_port = token_proxy(start_proxy, new_port, tmp_path, run={"drain_s": 20})
     assert proxy.process is not None
     callee = sipp.uas("uas_call.xml", uas_port, "udp", calls=2)
     hold = ["-cid_str", "caller-cid-%u-%p@%s", "-l", "2", "-d", "3000"]
@@ -156,7 +158,7 @@ def test_sigterm_drains_calls_then_exits_zero(
     deadline = time.monotonic() + 10
     while len(proxy.status()["calls"]) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    listed = cli("calls", "--config", str(proxy.config))
+    listed = cli("calls", "--config", str(proxy.config_path))
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
     assert header.split()[:4] == ["ID", "DIRECTION", "STATE", "SECURE"]
@@ -172,11 +174,11 @@ def test_sigterm_drains_calls_then_exits_zero(
     drained = time.monotonic() - sent
     assert code == 0
     assert drained < 5, drained
-    assert "drained in" in proxy.log()
+    assert "drained in" in proxy.log_text()
 
 
 def _wait_for_log(proxy: Proxy, text: str, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
-    while text not in proxy.log():
-        assert time.monotonic() < deadline, f"{text!r} not logged:\n{proxy.log()}"
+    while text not in proxy.log_text():
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{proxy.log_text()}"
         time.sleep(0.05)

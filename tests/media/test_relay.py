@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import random
 import socket
 import struct
 from collections.abc import Callable, Coroutine
@@ -37,6 +36,7 @@ from proxy.media.ports import PortsExhausted
 from proxy.media.relay import RelayEngine, RelaySession
 from proxy.media.srtp import SrtpContext
 from proxy.media.tones import Tone
+from testkit.ports import media_range as free_range
 
 HOST = "127.0.0.1"
 OTHER_HOST = "127.0.0.2"  # also loopback on Linux: "another machine" for source checks
@@ -78,25 +78,6 @@ def rtp(seq: int, ssrc: int = 0x11223344, pt: int = 0, payload: bytes = b"\xd5" 
 def rtcp_sr(ssrc: int = 0x11223344) -> bytes:
     """A minimal RTCP sender report (PT 200), 28 bytes."""
     return struct.pack("!BBHIIIIII", 0x80, 200, 6, ssrc, 0, 0, 0, 0, 0)
-
-
-def free_range(pairs: int) -> tuple[int, int]:
-    """A random even port range whose ports are all free right now."""
-    for _ in range(50):
-        low = random.randrange(20000, 60000, 2)
-        socks = []
-        try:
-            for port in range(low, low + 2 * pairs):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.bind((HOST, port))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return low, low + 2 * pairs - 1
-    raise RuntimeError("no free port range")
 
 
 def make_engine(pairs: int = 8, pool: int = 256) -> RelayEngine:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -45,24 +44,9 @@ from proxy.media.srtp import SrtpContext
 from proxy.media.tones import SECURE_CALL_TONE
 from proxy.media.worker_link import WorkerSlot
 from proxy.media.worker_pool import WorkerPool, WorkerSession
+from testkit.ports import free_port_range as free_range
 
 HOST = "127.0.0.1"
-
-
-def free_range(count: int) -> tuple[int, int]:
-    for _ in range(500):
-        base = random.randrange(33000, 40000, 2)
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                try:
-                    sock.bind((HOST, port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base, base + count - 1
-    raise RuntimeError("no free port range")
 
 
 def rtp(seq: int, ssrc: int = 0x1234, payload: bytes = b"\xd5" * 160) -> bytes:
