@@ -3,7 +3,7 @@
 An ATA that detects a fax tone re-INVITEs to T.38: ``m=audio 0`` plus
 ``m=image PORT udptl t38``. UDPTL is not RTP, and x-sipura protects RTP only (profile
 §3), so on a secured call T.38 would carry the fax in the clear. ``[xsipura] t38``
-chooses (decision 32):
+chooses (decision 44):
 
 * ``"refuse"`` (default): the re-offer gets 488 Not Acceptable Here; the ATA keeps
   faxing over G.711 pass-through, which stays inside SRTP;

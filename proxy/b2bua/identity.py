@@ -3,7 +3,7 @@
 A line's number opens its Mini Certificate: a call from the inside that claims the line
 (in From) is placed as that line and verified by the far x-sipura peer as the line's
 owner. So the claim is only believed from the line's phone, known by where its requests
-come from (decision 28):
+come from (decision 39):
 
 * a flow one of its contacts registered on (address and port; a TCP connection by its
   remote port). Where the upstream registrar challenged the REGISTER, that is the flow

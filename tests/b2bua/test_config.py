@@ -160,6 +160,8 @@ def test_example_file_documents_every_key() -> None:
         "port_min", "port_max", "rtp_timeout_s", "t1_ms", "t2_ms", "t4_ms", "transports",
         "user_agent", "max_forwards", "level", "format", "max_calls", "[admin]", "[[line]]",
         "user_id", "contact", "[xsipura]", "workers", "mini_certificate", "srtp_private_key",
+        "keepalive_s", "rtp_timeout_onhold_s", "latch", "timer_c_s", "max_bindings_per_aor",
+        "max_aors", "t38", "allowed_sources",
         "secure_by_default", "require_secure", "trusted_ca", "grace_ms", "handshake_timeout_ms",
         "probe_unadvertised", "callerid_refresh", "srtcp", "start_delay_ms", "tone",
     ):  # fmt: skip
