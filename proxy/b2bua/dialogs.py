@@ -99,7 +99,7 @@ class Dialogs:
             if handled is not None:
                 return handled
         if method == "INVITE":
-            self.fax.on_offer(call, request.content_type, request.body, side.value)
+            self.fax.on_offer(call, request.content_type, request.body, side.value, now)
         return self._forward(tx, request, call, leg, now)
 
     def _accept_in_dialog(

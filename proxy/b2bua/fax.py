@@ -24,6 +24,7 @@ from proxy.b2bua.legs import Call
 from proxy.b2bua.messages import Reject
 from proxy.b2bua.secure import SecureState
 from proxy.b2bua.sides import Stats
+from proxy.ratelimit import LogLimiter
 from proxy.sip.sdp import SdpError, parse_sdp
 
 log = logging.getLogger("sipura.b2bua")
@@ -57,8 +58,11 @@ class FaxPolicy:
     def __init__(self, settings: XsipuraConfig, stats: Stats) -> None:
         self.settings = settings
         self.stats = stats
+        self._log = LogLimiter(log)
 
-    def on_offer(self, call: Call, content_type: str, body: bytes, from_side: str) -> None:
+    def on_offer(
+        self, call: Call, content_type: str, body: bytes, from_side: str, now: float
+    ) -> None:
         """A re-offer in ``call``: raises 488 when it is T.38 on a secured call and the
         policy refuses it; marks the call ``fax_clear`` when the policy lets it through."""
         security = call.security
@@ -68,9 +72,10 @@ class FaxPolicy:
             return
         if self.settings.t38 == "refuse":
             self.stats.fax_refused += 1
-            log.warning("call %d: T.38 re-offer from the %s side refused (488) on a secured "
-                        "call: the fax stays on G.711 inside SRTP (xsipura.t38 = refuse)",
-                        call.id, from_side)  # fmt: skip
+            self._log.log(logging.WARNING, "t38_refused", str(call.id), now,
+                          "call %d: T.38 re-offer from the %s side refused (488) on a secured "
+                          "call: the fax stays on G.711 inside SRTP (xsipura.t38 = refuse)",
+                          call.id, from_side)  # fmt: skip
             raise Reject(488, "Not Acceptable Here",
                          [("Warning", '399 - "T.38 refused on a secured call"')])  # fmt: skip
         if not call.fax_clear:

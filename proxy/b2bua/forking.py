@@ -36,6 +36,11 @@ from proxy.sip.transaction import ClientTransaction, ServerTransaction
 log = logging.getLogger("sipura.b2bua")
 
 
+MAX_ENDED = 16
+"""Dialogs being ended kept findable per call (a forking proxy beyond us could send any
+number of 2xx with new To tags)."""
+
+
 @dataclass(eq=False, slots=True)
 class EndedDialog:
     """Client-transaction context: the BYE ending a dialog the call does not keep."""
@@ -139,8 +144,8 @@ class Forking:
                                         self.sides.config.sip.max_forwards)  # fmt: skip
         bye.add("Reason", 'SIP;cause=200;text="call completed elsewhere"')
         self.sides.brand(bye, request=True)
-        if ended is not leg:
-            call.ended.append(ended)
+        if ended is not leg and len(call.ended) < MAX_ENDED:
+            call.ended.append(ended)  # (beyond the bound: still BYEd, just not findable)
         _, sent = self.sides.send_request(ended.side, bye, ended.dest, now,
                                           EndedDialog(call, ended))  # fmt: skip
         return out + sent

@@ -90,6 +90,15 @@ class LineIdentity:
                       line.user_id, where, source.transport)  # fmt: skip
         return Reject(403, "Forbidden", [("Warning", '399 - "not this line\'s phone"')])
 
+    def refuse_unknown(self, source: Address, user: str, what: str, now: float) -> Reject:
+        """Log (rate-limited) and return the 403 for an inside user without a line when
+        ``[inside] unknown_users = "reject"``."""
+        where = f"{source.host}:{source.port}"
+        self._log.log(logging.INFO, "unknown_user", where, now,
+                      "refused %s from %s for %r: no [[line]] and inside.unknown_users = "
+                      "reject", what, where, user)  # fmt: skip
+        return Reject(403, "Forbidden")
+
     def flush(self, now: float) -> None:
         self._log.flush(now)
 

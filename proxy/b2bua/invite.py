@@ -74,7 +74,7 @@ class CallSetup:
         forced: bool | None = None
         if side is Side.INSIDE:
             request, forced = strip_star_code(original)
-        replacing = self.transfers.replacing(side, request)
+        replacing = self.transfers.replacing(side, request, now)
         route = self.router.route(side, request, tx.source, now)
         if replacing is not None:
             route = self.transfers.route(replacing[0], side.other, route)

@@ -127,7 +127,7 @@ class Registrar:
         aor = digits(user)
         line = self.config.line_for_user(aor)
         if line is None and self.config.inside.unknown_users == "reject":
-            raise Reject(403, "Forbidden")
+            raise self.identity.refuse_unknown(tx.source, user, "REGISTER", now)
         requested = self._requested(request)
         registrars = self.config.outside.registrar_uris
         if registrars:

@@ -209,7 +209,8 @@ class Router:
         own Request-URI."""
         line = self.caller_line(request, source, now)
         if line is None and self.config.inside.unknown_users == "reject":
-            raise Reject(403, "Forbidden")
+            user = request.from_.uri
+            raise self.identity.refuse_unknown(source, user, request.method, now)
         upstreams = self.config.outside.upstream_uris
         if upstreams:
             ruris = tuple(self.retarget(request.uri, upstream) for upstream in upstreams)

@@ -31,6 +31,7 @@ from proxy.b2bua.messages import Reject
 from proxy.b2bua.routing import Route
 from proxy.b2bua.sides import SipSides
 from proxy.media.engine import Side
+from proxy.ratelimit import LogLimiter
 from proxy.sip.headers import SipHeaderError
 from proxy.sip.message import Request
 from proxy.sip.replaces import Replaces, refer_to_replaces, with_refer_to_replaces
@@ -47,6 +48,7 @@ class Transfers:
         self.calls = calls
         self.mapped = 0
         """Replaces rewritten (REFER or INVITE), for /status."""
+        self._log = LogLimiter(log)
 
     def bridged(self, side: Side, replaces: Replaces) -> tuple[Call, Leg] | None:
         """The call whose leg on ``side`` is the dialog ``replaces`` names (the proxy is
@@ -99,7 +101,7 @@ class Transfers:
 
     # --- INVITE with Replaces ---------------------------------------------------------
 
-    def replacing(self, side: Side, request: Request) -> tuple[Call, str] | None:
+    def replacing(self, side: Side, request: Request, now: float = 0.0) -> tuple[Call, str] | None:
         """For an INVITE from ``side``: the call it replaces and the Replaces value for
         the outgoing leg; None when it replaces nothing the proxy bridges. Raises 481
         when it names a Call-ID of the proxy's own that matches no dialog."""
@@ -109,11 +111,16 @@ class Transfers:
         try:
             replaces = Replaces.parse(value)
         except SipHeaderError as exc:
+            why = f"{side.value}: INVITE refused (400): bad Replaces: %s"
+            self._log.log(logging.INFO, "bad_replaces", side.value, now, why, exc)
             raise Reject(400, "Bad Request", [("Warning", f'399 - "bad Replaces: {exc}"')]) from exc
         found = self.bridged(side, replaces)
         mapped = self.beyond(*found, replaces) if found is not None else None
         if found is None or mapped is None:
             if self.ours(side, replaces.call_id):
+                self._log.log(logging.INFO, "replaces_481", side.value, now,
+                              "%s: INVITE refused (481): Replaces names call %s of ours, "
+                              "which has no such dialog", side.value, replaces.call_id)  # fmt: skip
                 raise Reject(481, "Call/Transaction Does Not Exist")
             return None
         self.mapped += 1

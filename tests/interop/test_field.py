@@ -362,3 +362,43 @@ def test_cancel_of_a_pending_reinvite_is_relayed(field: Field, transport: str) -
         branch.search(reinvite.header("Via") or "").group(1)  # type: ignore[union-attr]
     )
     proxy.wait_idle()
+
+
+# --------------------------------------------------------------------------- line identity
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_another_port_cannot_borrow_a_lines_identity(field: Field, transport: str) -> None:
+    """The hostile-network finding, against a running proxy: with unknown users
+    rejected, a device on another port of the phone's own address (127.0.0.1) claims
+    the line in From. It gets 403 every time, nothing goes on to the far end (no call,
+    so no x-sipura), and the refusal is logged once; the line's phone still gets
+    through."""
+    phone_port, uas_port = free_port(), free_port()
+    proxy = field.proxy(
+        uas_port,
+        transport,
+        inside={"unknown_users": "reject"},
+        lines=[{"user_id": LINE, "allowed_sources": [f"{HOST}:{phone_port}"]}],
+    )
+    callee = field.sipp.uas("field_uas_answer.xml", uas_port, transport,
+                            extra=keys(pbx_port=field.peer().port))  # fmt: skip
+    attacker = field.sipp.uac("field_uac_refused.xml", proxy.inside, transport, calls=3, extra=[
+        "-s", "18005550199", *keys(caller=LINE, phone_port=field.peer().port)])  # fmt: skip
+    field.sipp.check(attacker)
+    phone = field.sipp._start(
+        "phone",
+        "field_uac_media.xml",
+        phone_port,
+        transport,
+        f"{HOST}:{proxy.inside}",
+        1,
+        ["-s", "18005550199", *keys(caller=LINE, phone_ip=HOST, phone_port=field.peer().port)],
+    )
+    field.sipp.check(phone, callee)
+    invites = [m for m in trace(callee.files["messages"]) if m.first_line.startswith("INVITE")]
+    assert len(invites) == 1 and f"sip:{LINE}@" in (invites[0].header("From") or "")
+    refusals = [line for line in proxy.log_text().splitlines() if "not the line's phone" in line]
+    assert len(refusals) == 1, refusals  # rate-limited: three attempts, one line
+    assert proxy.status()["registrations"]["identity_refusals"] == 3
+    proxy.wait_idle()
