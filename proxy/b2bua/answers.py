@@ -25,6 +25,7 @@ from proxy.b2bua.failover import FAILOVER_STATUSES
 from proxy.b2bua.forking import Forking
 from proxy.b2bua.legs import (
     MAX_EARLY_DIALOGS,
+    PARTIES,
     Branch,
     Call,
     CallState,
@@ -133,6 +134,7 @@ class InviteAnswers:
         if call.answered:
             return out  # a retransmitted 2xx; the tx layer resends our answer
         call.state = CallState.ANSWERED
+        call.answered_at = now
         self.sides.stats.calls_answered += 1
         log.info("call %d answered: %d %s", call.id, response.status, response.reason)
         self.timers.answered(call)
@@ -167,6 +169,7 @@ class InviteAnswers:
             branch.final = response
         self.timers.answered(call)
         self.sides.stats.calls_failed += 1
+        call.end(PARTIES[call.b.side], f"{response.status} {response.reason}")
         log.info("call %d failed: %d %s", call.id, response.status, response.reason)
         assert context.server_tx is not None
         out += self.dialogs.relay_response(call.a, context.server_tx, response, call, now)

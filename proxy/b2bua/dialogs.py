@@ -22,7 +22,7 @@ from proxy.b2bua import secure as sec
 from proxy.b2bua.calls import CallTable
 from proxy.b2bua.fax import FaxPolicy
 from proxy.b2bua.forking import Forking
-from proxy.b2bua.legs import Call, CallState, Leg, RelayedRequest
+from proxy.b2bua.legs import PARTIES, Call, CallState, Leg, RelayedRequest
 from proxy.b2bua.media_watch import MediaWatch
 from proxy.b2bua.messages import (
     TARGET_REFRESH,
@@ -130,12 +130,14 @@ class Dialogs:
         if leg is call.a and call.ringing:
             # The caller hangs up an early dialog: the INVITE ends as if CANCELled.
             log.info("call %d: BYE from the caller before the answer", call.id)
+            call.end(PARTIES[side], "BYE before the answer")
             return self.sides.respond(side, tx, 200, "OK", now) + self.teardown.cancel_call(
                 call, now
             )
         if call.state is CallState.TERMINATING:
             return self.sides.respond(side, tx, 200, "OK", now)  # BYEs crossed: one is enough
         call.state = CallState.TERMINATING
+        call.end(PARTIES[side], bye_reason(tx.request))
         log.info("call %d: BYE from the %s side", call.id, side.value)
         if call.other(leg).remote_tag is None:  # early: nothing to hang up on the far side
             self.calls.finish(call)
@@ -224,7 +226,8 @@ class Dialogs:
         out = self.sides.respond(side, tx, 200, "OK", now, to_tag=to_tag)  # §9.2: same To tag
         if not isinstance(call, Call) or not call.ringing:
             return out  # already answered: the CANCEL has no effect (§9.2)
-        log.info("call %d cancelled by the caller", call.id)
+        log.info("call %d cancelled by the caller", call.id, extra=call.fields())
+        call.end(PARTIES[side], "CANCEL")
         return out + self.teardown.cancel_call(call, now)
 
     def _cancel_reinvite(
@@ -297,6 +300,7 @@ class Dialogs:
         if initial:
             log.info("call %d: no answer from the %s side (timeout)", call.id,
                      call.other(context.origin).side.value)  # fmt: skip
+            call.end("proxy", "no answer (timeout)")
             self.sides.stats.calls_failed += 1
             self.calls.finish(call)
         elif method == "BYE":
@@ -371,3 +375,15 @@ def _same_dialog(leg: Leg, request: Request) -> bool:
     leg.remote_tag, leg.remote = tag, early.remote  # the UAS talks in this early dialog
     leg.remote_target, leg.route_set = early.remote_target, list(early.route_set)
     return True
+
+
+REASON_TEXT_MAX = 80
+"""Characters of a BYE's ``Reason`` header kept in the end-of-call summary."""
+
+
+def bye_reason(request: Request) -> str:
+    """``BYE``, with the sender's ``Reason`` header (RFC 3326) when it gave one."""
+    reason = request.get("reason")
+    if not reason:
+        return "BYE"
+    return f"BYE, Reason: {reason.strip()[:REASON_TEXT_MAX]}"

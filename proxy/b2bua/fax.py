@@ -3,7 +3,7 @@
 An ATA that detects a fax tone re-INVITEs to T.38: ``m=audio 0`` plus
 ``m=image PORT udptl t38``. UDPTL is not RTP, and x-sipura protects RTP only (profile
 §3), so on a secured call T.38 would carry the fax in the clear. ``[xsipura] t38``
-chooses (decision 44):
+chooses (decision 49):
 
 * ``"refuse"`` (default): the re-offer gets 488 Not Acceptable Here; the ATA keeps
   faxing over G.711 pass-through, which stays inside SRTP;
@@ -23,7 +23,7 @@ from proxy.b2bua.config import XsipuraConfig
 from proxy.b2bua.legs import Call
 from proxy.b2bua.messages import Reject
 from proxy.b2bua.secure import SecureState
-from proxy.b2bua.sides import Stats
+from proxy.b2bua.stats import Stats
 from proxy.ratelimit import LogLimiter
 from proxy.sip.sdp import SdpError, parse_sdp
 
@@ -55,10 +55,10 @@ def t38_offer(content_type: str, body: bytes) -> bool:
 
 
 class FaxPolicy:
-    def __init__(self, settings: XsipuraConfig, stats: Stats) -> None:
+    def __init__(self, settings: XsipuraConfig, stats: Stats, noise: LogLimiter) -> None:
         self.settings = settings
         self.stats = stats
-        self._log = LogLimiter(log)
+        self._log = noise
 
     def on_offer(
         self, call: Call, content_type: str, body: bytes, from_side: str, now: float

@@ -1,7 +1,7 @@
 """Forking: one inbound call rung on every registered device, and dialogs not kept.
 
 A line (or relayed user) with several registered contacts gets each inbound call on all
-of them at once (decision 41). The call's B side is then several *branches*, each its
+of them at once (decision 46). The call's B side is then several *branches*, each its
 own INVITE in its own dialog (Call-ID, tags): the first 2xx wins and becomes the call's
 B leg, every other branch gets a CANCEL (or, when its 2xx crossed the CANCEL, an ACK and
 a BYE); a 6xx from any branch ends the call at once (RFC 3261 §16.7 step 5); when every

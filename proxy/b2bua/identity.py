@@ -3,7 +3,7 @@
 A line's number opens its Mini Certificate: a call from the inside that claims the line
 (in From) is placed as that line and verified by the far x-sipura peer as the line's
 owner. So the claim is only believed from the line's phone, known by where its requests
-come from (decision 39):
+come from (decision 44):
 
 * a flow one of its contacts registered on (address and port; a TCP connection by its
   remote port). Where the upstream registrar challenged the REGISTER, that is the flow
@@ -39,12 +39,13 @@ Resolve = Callable[[str, float], Address]
 class LineIdentity:
     """The check, and the rate-limited log of refusals."""
 
-    def __init__(self, bindings: Bindings) -> None:
+    def __init__(self, bindings: Bindings, noise: LogLimiter) -> None:
         self.bindings = bindings
         self.resolve: Resolve | None = None
         """Set once the router exists."""
         self.refusals = 0
-        self._log = LogLimiter(log)
+        self._log = noise
+        """The core's one limiter for repeated log lines (``SipSides.noise``)."""
 
     def is_phone(self, line: LineConfig, source: Address, now: float) -> bool:
         """``source`` is one of the line's registered flows, its static contact or an
@@ -98,9 +99,6 @@ class LineIdentity:
                       "refused %s from %s for %r: no [[line]] and inside.unknown_users = "
                       "reject", what, where, user)  # fmt: skip
         return Reject(403, "Forbidden")
-
-    def flush(self, now: float) -> None:
-        self._log.flush(now)
 
 
 def open_lines(config: Config) -> list[str]:

@@ -34,6 +34,7 @@ from proxy.b2bua.secure_leg import SecureLegs
 from proxy.b2bua.session_timer import CallTimers
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.transfer import Transfers
+from proxy.logsetup import bind_call
 from proxy.media.engine import MediaEngine, MediaSession, Side
 from proxy.media.ports import PortsExhausted
 from proxy.sip.headers import NameAddr, SipHeaderError
@@ -80,7 +81,8 @@ class CallSetup:
             route = self.transfers.route(replacing[0], side.other, route)
         offer = self._offer(request)
         call = self._new_call(side, tx, original, request, route, now)
-        call.security = self.secure.for_new_call(call, request, forced)
+        with bind_call(call.fields()):
+            call.security = self.secure.for_new_call(call, request, forced)
         call.sdes = self.sdes.for_new_call(call, route.dest if side is Side.INSIDE else tx.source)
         if forced is False:
             call.sdes = None  # *19: this call in the clear
@@ -99,7 +101,7 @@ class CallSetup:
                 self.calls.drop(call)
                 raise
         self.calls.add(call)
-        self.sides.stats.calls_total += 1
+        self.sides.stats.call_started(call.direction)
         extra: list[tuple[str, str]] = []
         if replacing is not None:
             call.replaces = replacing[0]
@@ -112,7 +114,8 @@ class CallSetup:
         log.info("call %d %s: INVITE %s from %s -> %s (%s), line %s%s", call.id,
                  call.direction, request.uri, call.a.remote.uri, route.ruri, call.a.call_id,
                  route.line.user_id if route.line else "-",
-                 f", forked to {len(call.branches)}" if call.forked else "")  # fmt: skip
+                 f", forked to {len(call.branches)}" if call.forked else "",
+                 extra=call.fields())  # fmt: skip
         return out
 
     @staticmethod

@@ -10,7 +10,7 @@ end wrote them.
 
 Three things are decided here per stream, from the SDP and the SIP it came in:
 
-* **latching** (``[media] latch``, decision 43): ``auto`` latches a side to its SDP
+* **latching** (``[media] latch``, decision 48): ``auto`` latches a side to its SDP
   address (``sdp``) when that is the address its SIP comes from, and to the first
   packet from anywhere (``any``) when they differ: a phone behind NAT writes its
   private address in ``c=`` while its RTP arrives from the NAT's public one;

@@ -20,6 +20,7 @@ from proxy.b2bua.config import Config
 from proxy.b2bua.legs import Call, CallState
 from proxy.b2bua.sides import Outbound
 from proxy.b2bua.teardown import Teardown
+from proxy.logsetup import bind_call
 from proxy.media.commands import SessionsLost
 
 log = logging.getLogger("sipura.b2bua")
@@ -81,6 +82,7 @@ class MediaWatch:
             if call is None or call.id in seen:  # (a call may have several sessions)
                 continue
             seen.add(call.id)
-            log.warning("call %d: its media relay process died; hanging up", call.id)
-            out += self.teardown.hang_up(call, now, "media relay failed")
+            with bind_call(call.fields()):
+                log.warning("call %d: its media relay process died; hanging up", call.id)
+                out += self.teardown.hang_up(call, now, "media relay failed")
         return out

@@ -105,7 +105,7 @@ class Registrar:
         self._upstream: OrderedDict[str, tuple[str, int, str]] = OrderedDict()
         """Phone REGISTER Call-ID -> the upstream registration's (Call-ID, CSeq, From
         tag); least recently used first, bounded, pruned with the bindings."""
-        self._log = LogLimiter(log)
+        self._log: LogLimiter = sides.noise
 
     def targets(self, aor: str, now: float) -> list[Binding]:
         """The live contacts of ``aor`` (a line's user key, or a relayed user)."""
@@ -233,7 +233,6 @@ class Registrar:
         for binding in self.bindings.expire(now):
             log.info("registration of %s expired: %s", binding.aor, binding.contact)
             self._forgotten(binding)
-        self._log.flush(now)
 
     def _forgotten(self, binding: Binding) -> None:
         """A binding is gone: its keep-alive and, once no binding uses it, the upstream

@@ -67,6 +67,7 @@ class CallTimers:
         if not call.ringing or call.cancelled:
             return []
         self.timer_c_fired += 1
+        call.end("proxy", "Timer C: no final answer")
         log.info("call %d: no final answer in %d s (Timer C): cancelling", call.id,
                  self.config.sip.timer_c_s)  # fmt: skip
         return self.teardown.cancel_call(call, now, 408, "Request Timeout")

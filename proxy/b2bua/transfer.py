@@ -2,7 +2,7 @@
 
 Each leg of a bridged call is its own dialog (Call-ID, tags), so a ``Replaces`` written
 by a UA on one side names the proxy's dialog *on that side*. Passed through unchanged it
-names nothing the far party knows, and the transfer fails. So (decision 42):
+names nothing the far party knows, and the transfer fails. So (decision 47):
 
 * a REFER whose Refer-To embeds ``Replaces`` naming a call the proxy bridges (found by
   Call-ID and the proxy's own tag on the side the REFER came from, the peer's tag
@@ -48,7 +48,7 @@ class Transfers:
         self.calls = calls
         self.mapped = 0
         """Replaces rewritten (REFER or INVITE), for /status."""
-        self._log = LogLimiter(log)
+        self._log: LogLimiter = sides.noise
 
     def bridged(self, side: Side, replaces: Replaces) -> tuple[Call, Leg] | None:
         """The call whose leg on ``side`` is the dialog ``replaces`` names (the proxy is
