@@ -144,8 +144,8 @@ class Forking:
                                         self.sides.config.sip.max_forwards)  # fmt: skip
         bye.add("Reason", 'SIP;cause=200;text="call completed elsewhere"')
         self.sides.brand(bye, request=True)
-        if ended is not leg and len(call.ended) < MAX_ENDED:
-            call.ended.append(ended)  # (beyond the bound: still BYEd, just not findable)
+        if ended is not leg and len(call.ending_dialogs) < MAX_ENDED:
+            call.ending_dialogs.append(ended)  # (beyond the bound: still BYEd, just not findable)
         _, sent = self.sides.send_request(ended.side, bye, ended.dest, now,
                                           EndedDialog(call, ended))  # fmt: skip
         return out + sent
@@ -166,7 +166,7 @@ class Forking:
     @staticmethod
     def _forget(context: EndedDialog) -> None:
         with contextlib.suppress(ValueError):
-            context.call.ended.remove(context.leg)
+            context.call.ending_dialogs.remove(context.leg)
 
     def stray_request(
         self, tx: ServerTransaction, request: Request, leg: Leg, now: float

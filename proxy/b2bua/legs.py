@@ -172,7 +172,7 @@ class Call:
     branches: list[Branch] = field(default_factory=list)
     """Every INVITE sent toward the callee (one, or a fork per registered device); the
     one that answered becomes :attr:`b`."""
-    ended: list[Leg] = field(default_factory=list)
+    ending_dialogs: list[Leg] = field(default_factory=list)
     """Dialogs the call does not keep (a fork's late 2xx, a second 2xx with another To
     tag): ACKed and BYEd, findable until their BYE is answered."""
     created: float = 0.0
@@ -216,7 +216,7 @@ class Call:
         dialog being ended."""
         legs = [self.a, self.b]
         legs += [branch.leg for branch in self.branches if branch.leg is not self.b]
-        return legs + self.ended
+        return legs + self.ending_dialogs
 
     def branch_of(self, leg: Leg) -> Branch | None:
         for branch in self.branches:
