@@ -79,8 +79,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from proxy.b2bua.line_keys import load_security
     from proxy.b2bua.server import run
     from proxy.b2bua.tls_keys import load_tls
+    from proxy.media.packet_path import resolve
 
     config = load_config(args.config)  # ConfigError is a UsageError: one line, exit 2
+    try:  # [media] fast_path = "on" where the compiled packet path cannot run
+        resolve(config.media.fast_path)
+    except ValueError as exc:
+        raise UsageError(f"{args.config}: {exc}") from None
     security = load_security(config)  # keys and certificates: checked before any socket
     tls = load_tls(config)  # the TLS certificate, key and their match, the trust store
     load_token(config)  # the token file's mode, like a key's

@@ -61,6 +61,7 @@ from proxy.b2bua.config_transport import (
     uses_tls,
 )
 from proxy.b2bua.sources import Source
+from proxy.media.engine import FAST_PATH_MODES
 from proxy.media.tones import SECURE_CALL_TONE, Tone
 
 __all__ = [
@@ -182,6 +183,10 @@ class MediaConfig:
     workers: int | None = None
     """Media worker processes, each with an even share of the ports; 0: relay in the
     signalling process; None (``"auto"``): one per core (:meth:`worker_count`)."""
+    fast_path: str = "auto"
+    """Who relays the packets: ``auto`` (the compiled packet path where the extension was
+    built, else Python), ``on`` (the compiled path; refuse to start without it), ``off``
+    (Python). See :mod:`proxy.media.packet_path`."""
 
     @property
     def port_pairs(self) -> int:
@@ -559,7 +564,7 @@ def _workers(t: Table, media: MediaConfig) -> MediaConfig:
 
 def _media(t: Table, limits: Table) -> MediaConfig:
     t.check_keys(("port_min", "port_max", "rtp_timeout_s", "rtp_timeout_onhold_s", "workers",
-                  "latch"))  # fmt: skip
+                  "latch", "fast_path"))  # fmt: skip
     port_min = t.integer("port_min", 20000)
     if port_min < MEDIA_PORT_FLOOR or port_min % 2 or port_min > 65535:
         raise t.error("port_min", f"must be an even number >= {MEDIA_PORT_FLOOR}, got {port_min}")
@@ -571,7 +576,8 @@ def _media(t: Table, limits: Table) -> MediaConfig:
     rtp_timeout_s = float(t.integer("rtp_timeout_s", 60, minimum=0))
     onhold_s = float(t.integer("rtp_timeout_onhold_s", 3600, minimum=0))
     latch = t.choice("latch", LATCH_CHOICES, "auto")
-    media = MediaConfig(port_min, port_max, rtp_timeout_s, onhold_s, latch)
+    fast_path = t.choice("fast_path", FAST_PATH_MODES, "auto")
+    media = MediaConfig(port_min, port_max, rtp_timeout_s, onhold_s, latch, fast_path=fast_path)
     if media.port_pairs < 2:
         # One call holds a pair on each leg, so fewer than two pairs can carry nothing.
         raise t.error(

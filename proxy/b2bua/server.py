@@ -54,6 +54,7 @@ class ProxyServer:
                 workers=workers,
                 log_level=config.log.level,
                 log_format=config.log.format,
+                fast_path=config.media.fast_path,
             )
             self.media.on_wakeup = self._wake
         else:
@@ -62,6 +63,7 @@ class ProxyServer:
                 port_max=config.media.port_max,
                 inside_ip=config.inside.media_ip,
                 outside_ip=config.outside.media_ip,
+                fast_path=config.media.fast_path,
             )
         self.security = load_security(config)
         _log_security(config, self.security)
@@ -236,6 +238,7 @@ class ProxyServer:
                 "pooled_pairs": self.media.pooled,
                 "pooled_rtp_ports": self.media.pooled_ports(),
                 "workers": self.media.workers(),
+                "packet_path": self.media.packet_path,
             },
             "lines_mc_expired": sorted(self.security.expired),
         }

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # commands.py imports Side from here
 
 __all__ = [
     "DROP_REASONS",
+    "FAST_PATH_MODES",
     "MediaEngine",
     "MediaSession",
     "PortsExhausted",
@@ -50,6 +51,10 @@ class Side(StrEnum):
     def other(self) -> Side:
         return Side.OUTSIDE if self is Side.INSIDE else Side.INSIDE
 
+
+FAST_PATH_MODES = ("auto", "on", "off")
+"""``[media] fast_path``: the compiled packet path where it was built, always (or an
+error), never (:mod:`proxy.media.packet_path`)."""
 
 DROP_REASONS = (
     "wrong_source",
@@ -194,8 +199,14 @@ class MediaEngine(Protocol):
         ...
 
     def workers(self) -> list[dict[str, Any]]:
-        """Per media worker process: index, pid, alive, sessions, ports, restarts
-        (``/status``); empty when the relay runs in this process."""
+        """Per media worker process: index, pid, alive, sessions, ports, restarts,
+        packet path (``/status``); empty when the relay runs in this process."""
+        ...
+
+    @property
+    def packet_path(self) -> str:
+        """Who relays the packets: ``"fast"`` (the compiled path) or ``"python"``
+        (``/status``; :mod:`proxy.media.packet_path`)."""
         ...
 
 

@@ -51,11 +51,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from proxy.media import packet_path
 from proxy.media.commands import MediaCommand, MediaEvent
 from proxy.media.engine import MediaEngine, Side
+from proxy.media.packet_path import PacketPath, make_path, resolve
 from proxy.media.ports import PortAllocator, PortsExhausted
 from proxy.media.relay_leg import Clock, RelayLeg
-from proxy.media.relay_packets import take_pair
 from proxy.media.relay_pool import PairPool, bind_pair, media_addresses
 from proxy.media.relay_session import HANDLERS, RelaySession
 
@@ -86,6 +87,7 @@ class RelayEngine:
         *,
         pool_pairs: int = 256,
         quarantine_s: float = 4.0,
+        fast_path: str | None = None,
     ) -> None:
         if pool_pairs < 0:
             raise ValueError(f"pool_pairs must be >= 0, not {pool_pairs}")
@@ -93,6 +95,8 @@ class RelayEngine:
             raise ValueError(f"quarantine_s must be a finite number >= 0, not {quarantine_s}")
         self.clock = clock
         """The clock of the SRTP grace windows: read on switch-overs and failed packets."""
+        self.path: PacketPath = make_path(resolve(fast_path or packet_path.default_mode))
+        """Who handles the packets (:mod:`proxy.media.packet_path`)."""
         self._ips = media_addresses(inside_ip, outside_ip)
         self.ports = PortAllocator(port_min, port_max)
         self._live: dict[int, RelaySession] = {}
@@ -129,6 +133,11 @@ class RelayEngine:
     def workers(self) -> list[dict[str, Any]]:
         """No worker processes: the relay runs here."""
         return []
+
+    @property
+    def packet_path(self) -> str:
+        """``"fast"`` (compiled) or ``"python"``: who relays the packets here."""
+        return self.path.name
 
     # --- commands and events ----------------------------------------------------------
 
@@ -197,13 +206,13 @@ class RelayEngine:
             for side, (ip, family) in self._ips.items():
                 leg = pool.take(session, side, index, ip)
                 if leg is None:
-                    leg = RelayLeg(side, index, ip, family, self.clock)
+                    leg = self.path.new_leg(side, index, ip, family, self.clock)
                     try:
                         port, rtp, rtcp = self._bind_pair(ip, family)
                     except PortsExhausted:
                         pool.drain()  # pairs pooled for the other address: free them
                         raise
-                    take_pair(leg, session, port, rtp, rtcp)
+                    self.path.take_pair(leg, session, port, rtp, rtcp)
                     bound = True
                 session.pair_bound(leg)
                 legs[side] = leg
@@ -231,8 +240,8 @@ class RelayEngine:
                 rtp, rtcp = next(remaining)
                 rtp.setblocking(False)
                 rtcp.setblocking(False)
-                leg = RelayLeg(side, index, ip, family, self.clock)
-                take_pair(leg, session, int(rtp.getsockname()[1]), rtp, rtcp)
+                leg = self.path.new_leg(side, index, ip, family, self.clock)
+                self.path.take_pair(leg, session, int(rtp.getsockname()[1]), rtp, rtcp)
                 session.pair_bound(leg)
                 legs[side] = leg
             _cross(legs)
@@ -256,6 +265,7 @@ class RelayEngine:
         for session in list(self._closing):
             await session.wait_closed()
         await self.pool.wait()
+        self.path.close()
 
     def session_released(self, session: RelaySession) -> None:
         """``session`` is releasing: no more commands; its sockets are closing."""

@@ -32,6 +32,9 @@ __all__ = [
     "SendTo",
     "SockAddr",
     "flush_noise",
+    "leg_stats",
+    "log_refused",
+    "log_wrong_source",
     "plain_rtcp",
     "plain_rtp",
     "refuse",
@@ -281,23 +284,13 @@ class RelayLeg:
         not seen yet, or a pooled pair) a packet is the ordinary race with signalling,
         only counted."""
         self.wrong_source += 1
-        expected = self.expected_ip
-        if expected is None:
-            return
-        peer = self.rtp_peer if what == "RTP" else self.rtcp_peer
-        _noise.log(logging.INFO, "wrong-source media", str(addr[0]), self.clock(),
-                   "media: %s from %s:%s dropped on the %s port %d: not the peer (%s)", what,
-                   addr[0], addr[1], self.side, self.port,
-                   f"latched {peer[0]}:{peer[1]}" if peer else f"expected {expected}")  # fmt: skip
+        log_wrong_source(self, addr, what)
 
     def refused(self, reason: str) -> None:
         """A packet from this side was dropped for ``reason`` (a plain-window rule,
         invalid RTCP): counted, and logged, rate-limited per reason and peer IP."""
         setattr(self, reason, getattr(self, reason) + 1)
-        peer = str(self.expected_ip)
-        _noise.log(logging.INFO, reason, peer, self.clock(),
-                   "media: packet from the %s peer %s dropped on port %d: %s (%s)",
-                   self.side, peer, self.port, _WHY[reason], reason)  # fmt: skip
+        log_refused(self, reason)
 
     def stale_source(self, addr: SockAddr) -> bool:
         """``addr`` is where the previous call on this pair had its peer, and that call
@@ -357,24 +350,7 @@ class RelayLeg:
         return data[:2] + out.to_bytes(2, "big") + data[4:8] + ssrc + data[12:]
 
     def stats(self) -> StreamStats:
-        return StreamStats(
-            packets_in=self.packets_in,
-            bytes_in=self.bytes_in,
-            packets_out=self.packets_out,
-            bytes_out=self.bytes_out,
-            rtcp_packets_in=self.rtcp_packets_in,
-            rtcp_packets_out=self.rtcp_packets_out,
-            packets_encrypted=self.packets_encrypted,
-            packets_decrypted=self.packets_decrypted,
-            plain_accepted=self.plain_accepted,
-            plain_after_grace=self.plain_after_grace,
-            tone_packets=self.tone_packets,
-            tone_skipped=self.tone_skipped,
-            relatched=self.relatched,
-            grace_ssrc=self.grace_ssrc,
-            grace_seq=self.grace_seq,
-            drops={reason: getattr(self, reason) for reason in DROP_REASONS},
-        )
+        return leg_stats(self)
 
     def unauthenticated(
         self, data: bytes, error: SrtpError, rtcp: bool
@@ -422,6 +398,50 @@ class RelayLeg:
         if plain_rtcp(data) if rtcp else plain_rtp(data):
             self.plain_after_grace += 1
         return None
+
+
+def log_wrong_source(leg: RelayLeg, addr: SockAddr, what: str) -> None:
+    """Log (rate-limited) a packet from ``addr`` that ``leg`` dropped as not from its peer,
+    once the leg knows its peer's IP. Shared by both packet paths (the compiled one calls it
+    through its leg's ``log_wrong_source``)."""
+    expected = leg.expected_ip
+    if expected is None:
+        return
+    peer = leg.rtp_peer if what == "RTP" else leg.rtcp_peer
+    _noise.log(logging.INFO, "wrong-source media", str(addr[0]), leg.clock(),
+               "media: %s from %s:%s dropped on the %s port %d: not the peer (%s)", what,
+               addr[0], addr[1], leg.side, leg.port,
+               f"latched {peer[0]}:{peer[1]}" if peer else f"expected {expected}")  # fmt: skip
+
+
+def log_refused(leg: RelayLeg, reason: str) -> None:
+    """Log (rate-limited per reason and peer IP) a packet ``leg`` refused for ``reason``."""
+    peer = str(leg.expected_ip)
+    _noise.log(logging.INFO, reason, peer, leg.clock(),
+               "media: packet from the %s peer %s dropped on port %d: %s (%s)",
+               leg.side, peer, leg.port, _WHY[reason], reason)  # fmt: skip
+
+
+def leg_stats(leg: RelayLeg) -> StreamStats:
+    """A leg's counters as :class:`StreamStats` (either packet path's leg)."""
+    return StreamStats(
+        packets_in=leg.packets_in,
+        bytes_in=leg.bytes_in,
+        packets_out=leg.packets_out,
+        bytes_out=leg.bytes_out,
+        rtcp_packets_in=leg.rtcp_packets_in,
+        rtcp_packets_out=leg.rtcp_packets_out,
+        packets_encrypted=leg.packets_encrypted,
+        packets_decrypted=leg.packets_decrypted,
+        plain_accepted=leg.plain_accepted,
+        plain_after_grace=leg.plain_after_grace,
+        tone_packets=leg.tone_packets,
+        tone_skipped=leg.tone_skipped,
+        relatched=leg.relatched,
+        grace_ssrc=leg.grace_ssrc,
+        grace_seq=leg.grace_seq,
+        drops={reason: getattr(leg, reason) for reason in DROP_REASONS},
+    )
 
 
 def plain_rtp(data: bytes) -> bool:

@@ -160,6 +160,16 @@ class RelaySocket(asyncio.DatagramProtocol):
         """Protocol factory for ``create_datagram_endpoint``: this very object."""
         return self
 
+    async def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wrap the socket in a datagram transport (the loop only offers a coroutine)."""
+        self.handed = True
+        await loop.create_datagram_endpoint(self.itself, sock=self.sock)
+
+    def usable(self) -> bool:
+        """Attached and not closing: the pool may keep it."""
+        transport = self.transport
+        return transport is not None and not transport.is_closing()
+
     def set_send(self, send: SendTo) -> None:
         raise NotImplementedError
 

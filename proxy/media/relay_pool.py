@@ -79,11 +79,9 @@ class PairPool:
         free = self.free[leg.ip]
         if not self.open or leg.alive != 2 or len(free) >= self.limits[leg.ip]:
             return False
-        for sock in leg.sockets:
-            transport = sock.transport
-            if transport is None or transport.is_closing():
-                return False
-        pooled = RelayLeg(leg.side, leg.index, leg.ip, leg.family, leg.clock)
+        if not all(sock.usable() for sock in leg.sockets):
+            return False
+        pooled = type(leg)(leg.side, leg.index, leg.ip, leg.family, leg.clock)
         pooled.adopt(leg)
         peers = (leg.rtp_peer, leg.rtcp_peer, leg.sdp_rtp, leg.sdp_rtcp)
         pooled.stale = tuple(dict.fromkeys((a[0], a[1]) for a in peers if a is not None))
@@ -100,11 +98,8 @@ class PairPool:
         free = self.free[ip]
         while free:
             pooled = free.popleft()
-            if pooled.alive == 2 and all(
-                sock.transport is not None and not sock.transport.is_closing()
-                for sock in pooled.sockets
-            ):
-                leg = RelayLeg(side, index, ip, pooled.family, pooled.clock)
+            if pooled.alive == 2 and all(sock.usable() for sock in pooled.sockets):
+                leg = type(pooled)(side, index, ip, pooled.family, pooled.clock)
                 leg.adopt(pooled)
                 for sock in leg.sockets:
                     sock.session = session

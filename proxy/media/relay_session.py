@@ -47,7 +47,6 @@ from proxy.media.counters import counters_of
 from proxy.media.engine import Side, StreamStats, check_remote
 from proxy.media.relay_leg import RelayLeg
 from proxy.media.srtp import SrtpContext
-from proxy.media.tones import ToneMixer
 
 if TYPE_CHECKING:
     from proxy.media.relay import RelayEngine
@@ -217,7 +216,7 @@ class RelaySession:
         leg = self._leg(command.side, command.index)
         if not leg.rtp:
             return  # UDPTL or other non-RTP data: never mixed into
-        mixer = None if command.tone is None else ToneMixer(command.tone)
+        mixer = None if command.tone is None else self._engine.path.mixer(command.tone)
         leg.tone = None if mixer is None or mixer.done else mixer
 
     def watch_srtp(self, command: WatchSrtp) -> None:
@@ -267,7 +266,7 @@ class RelaySession:
             for context in (leg.rx, leg.tx, leg.rx_alt):
                 if context is not None and context.keys == keys:
                     return context
-        return SrtpContext.from_keys(keys)
+        return self._engine.path.context(keys)
 
     def _clear(self, side: Side) -> None:
         self._new_key(side, None)
@@ -343,9 +342,8 @@ class RelaySession:
                 for proto in leg.sockets:
                     if self._released or proto.handed or proto.sock is None:
                         continue
-                    proto.handed = True
                     try:
-                        await loop.create_datagram_endpoint(proto.itself, sock=proto.sock)
+                        await proto.attach(loop)
                     except BaseException as exc:
                         if proto.sock is not None:
                             proto.sock.close()

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Final
 from proxy.media import channel as ch
 from proxy.media.commands import MediaCommand, MediaEvent, Release, SessionsLost, SrtpAuthenticated
 from proxy.media.engine import MediaEngine, Side
+from proxy.media.packet_path import resolve
 from proxy.media.ports import PortAllocator, PortsExhausted
 from proxy.media.relay_pool import bind_pair, media_addresses
 from proxy.media.worker_link import WorkerSlot, reap
@@ -119,6 +120,7 @@ class WorkerPool:
         log_level: str = "info",
         log_format: str = "text",
         clock: Callable[[], float] = time.monotonic,
+        fast_path: str = "auto",
     ) -> None:
         self._ips = media_addresses(inside_ip, outside_ip)
         self._workers = [
@@ -130,6 +132,9 @@ class WorkerPool:
             w.on_failure = self._fail
             w.on_wakeup = self._wakeup
         self._log = (log_level, log_format)
+        self.packet_path = resolve(fast_path)
+        """The packet path every worker runs (``[media] fast_path`` resolved here, so a
+        compiled path that cannot run is refused before any worker starts)."""
         self.clock = clock
         self._noise = LogLimiter(log, interval_s=START_FAILURE_LOG_S)
         self._failed_starts: dict[int, int] = {}
@@ -164,8 +169,8 @@ class WorkerPool:
 
     def workers(self) -> list[dict[str, Any]]:
         """Per worker: index, pid, alive, sessions, port_min, port_max, restarts,
-        ports_free (RTP/RTCP pairs of its slice not in use)."""
-        return [w.describe() for w in self._workers]
+        ports_free (RTP/RTCP pairs of its slice not in use), packet_path."""
+        return [{**w.describe(), "packet_path": self.packet_path} for w in self._workers]
 
     # --- processes --------------------------------------------------------------------
 
@@ -191,6 +196,7 @@ class WorkerPool:
                 "--index", str(w.index), "--inside-ip", inside, "--outside-ip", outside,
                 "--port-min", str(w.port_min), "--port-max", str(w.port_max),
                 "--log-level", self._log[0], "--log-format", self._log[1],
+                "--packet-path", self.packet_path,
             ]  # fmt: skip
             path = os.environ.get("PYTHONPATH")
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, path]))}

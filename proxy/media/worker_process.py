@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-max", type=int, required=True)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", default="text")
+    parser.add_argument("--packet-path", choices=("fast", "python"), default="python")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(args.log_level, args.log_format)
@@ -344,12 +345,14 @@ def main(argv: list[str] | None = None) -> int:
 
     async def serve() -> int:
         engine = RelayEngine(args.inside_ip, args.outside_ip, args.port_min, args.port_max,
-                             pool_pairs=0)  # fmt: skip
+                             pool_pairs=0,
+                             fast_path="on" if args.packet_path == "fast" else "off")  # fmt: skip
         worker = WorkerProcess(sock, engine, args.index)
         await worker.run()
         return worker.status
 
-    log.debug("media worker %d starting (%s event loop)", args.index, loop_name)
+    log.debug("media worker %d starting (%s event loop, %s packet path)", args.index, loop_name,
+              args.packet_path)  # fmt: skip
     return asyncio.run(serve())
 
 

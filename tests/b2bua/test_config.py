@@ -164,6 +164,7 @@ def test_example_file_documents_every_key() -> None:
         "max_aors", "t38", "allowed_sources",
         "secure_by_default", "require_secure", "trusted_ca", "grace_ms", "handshake_timeout_ms",
         "probe_unadvertised", "callerid_refresh", "srtcp", "start_delay_ms", "tone",
+        "fast_path",
     ):  # fmt: skip
         assert key in text, key
 
@@ -205,6 +206,7 @@ def test_all_optional_keys() -> None:
     doc["inside"].update(advertise="[2001:db8::1]:5070", unknown_users="reject")
     doc["outside"].update(advertise="sbc.example.com", upstream="sips:[::1]:5061;transport=tls")
     doc["media"]["rtp_timeout_s"] = 30
+    doc["media"]["fast_path"] = "off"
     doc["sip"] = {
         "t1_ms": 250,
         "t2_ms": 250,
@@ -223,6 +225,7 @@ def test_all_optional_keys() -> None:
     assert config.outside.upstream == "sips:[::1]:5061;transport=tls"
     assert config.outside.registrar is None
     assert config.media.rtp_timeout_s == 30
+    assert config.media.fast_path == "off"
     assert config.sip.transports == ("tcp", "tls")
     assert config.outside.sdes == "offer"  # a TLS upstream: SDES offered by default
     assert config.sip.user_agent is None
@@ -452,6 +455,12 @@ def test_bad_advertise(advertise: str) -> None:
 )
 def test_bad_media_ip(media_ip: str, fragment: str) -> None:
     expect_error(with_("outside.media_ip", media_ip), "outside.media_ip", fragment)
+
+
+def test_fast_path_choices() -> None:
+    assert parse_config(with_("media.fast_path", "on")).media.fast_path == "on"
+    assert parse_config(emit(base())).media.fast_path == "auto"
+    expect_error(with_("media.fast_path", "yes"), "media.fast_path", '"auto", "on", "off"')
 
 
 @pytest.mark.parametrize(
