@@ -32,6 +32,9 @@ All variants use the same event loop: uvloop when installed, else the stdlib loo
   ``SrtpContext.protect`` per packet.
 * ``secure-in``: the reverse: SRTP in on the outside (the generator latches there, as
   an authenticated peer), plain RTP out on the inside. Adds one ``unprotect``.
+* ``fast-engine``, ``fast-secure-out``, ``fast-secure-in``: the same three on the compiled
+  packet path (``RelayEngine(fast_path="on")``, :mod:`proxy.media.fast_path`), where it
+  was built; the three above run the Python path (``fast_path="off"``).
 * ``minimal``: ``loop_forward.py``'s forwarder: a ``DatagramProtocol`` that sends each
   datagram from a second, *connected* socket (``sendto(data)``).
 * ``minimal-sendto``: the same with an unconnected second socket and
@@ -65,14 +68,17 @@ sys.path.insert(0, str(REPO_ROOT))  # this checkout's proxy and testkit (tests' 
 
 from proxy.media.commands import SetRemote, SrtpKeys, SwitchSrtp  # noqa: E402
 from proxy.media.engine import Side  # noqa: E402
+from proxy.media.packet_path import fast_path_unavailable  # noqa: E402
 from proxy.media.relay import RelayEngine  # noqa: E402
 from proxy.media.srtp import SrtpContext  # noqa: E402
 from proxy.media.tones import PCMU, Tone, ToneMixer  # noqa: E402
 from testkit.ports import free_port_range  # noqa: E402
 
 HOST = lf.HOST
-VARIANTS = ("engine", "secure-out", "secure-in", "minimal", "minimal-sendto")
-ENGINE_VARIANTS = ("engine", "secure-out", "secure-in")
+PYTHON_VARIANTS = ("engine", "secure-out", "secure-in")
+FAST_VARIANTS = ("fast-engine", "fast-secure-out", "fast-secure-in")
+ENGINE_VARIANTS = PYTHON_VARIANTS + FAST_VARIANTS
+VARIANTS = (*ENGINE_VARIANTS, "minimal", "minimal-sendto")
 BENCH_KEY = bytes(range(16))
 BENCH_SALT = bytes(range(16, 32))
 BASELINE = "minimal-sendto"
@@ -118,13 +124,14 @@ def run_engine(args: argparse.Namespace) -> None:
     """Child: one relay session. ``engine`` and ``secure-out``: generator -> inside,
     outside -> sink; ``secure-in``: generator -> outside (SRTP), inside -> sink."""
     lf.pin_cpu(args.cpu)
-    variant = args.role
+    fast = args.role.startswith("fast-")
+    variant = args.role.removeprefix("fast-")
     src, dst = (
         (Side.OUTSIDE, Side.INSIDE) if variant == "secure-in" else (Side.INSIDE, Side.OUTSIDE)
     )
 
     async def main() -> dict[str, Any]:
-        engine = RelayEngine(HOST, HOST, *free_port_range(200))
+        engine = RelayEngine(HOST, HOST, *free_port_range(200), fast_path="on" if fast else "off")
         session = engine.allocate("bench", 1)
         sid = session.id
         engine.apply(SetRemote(sid, src, 0, HOST, 9, 10))  # latches on the generator's port
@@ -142,7 +149,7 @@ def run_engine(args: argparse.Namespace) -> None:
         while relayed() < count0 + args.packets:
             await asyncio.sleep(POLL_S)
         count1, end = relayed(), lf.snap()
-        out = result(start, end, count1 - count0, variant)
+        out = result(start, end, count1 - count0, args.role)
         stats = session.stats()
         out["drops"] = {side.value: stats[side][0]["drops"] for side in Side}
         out["srtp"] = {
@@ -292,7 +299,7 @@ def forwarder_cmd(variant: str, args: argparse.Namespace, warmup: int) -> list[s
 def run_variant(variant: str, args: argparse.Namespace, warmup: int) -> dict[str, Any]:
     me = str(Path(__file__).resolve())
     gen_cmd = [sys.executable, me, "--role", "gen", "--window", str(args.window)]
-    if variant == "secure-in":
+    if variant.endswith("secure-in"):
         gen_cmd.append("--srtp")
     if args.pin:
         gen_cmd += ["--cpu", "0"]
@@ -361,7 +368,7 @@ def print_table(report: dict[str, Any]) -> None:
     for variant in ENGINE_VARIANTS:
         runs = [r for r in report["results"].get(variant, {}).get("runs", []) if "drops" in r]
         if runs:
-            extra = f", srtp {runs[-1]['srtp']}" if variant != "engine" else ""
+            extra = f", srtp {runs[-1]['srtp']}" if not variant.endswith("engine") else ""
             print(f"{variant} drops (last run): {runs[-1]['drops']}{extra}")
     tone = report.get("tone")
     if tone:
@@ -415,17 +422,22 @@ def main() -> None:
     warmup = min(20_000, max(1_000, args.packets // 10))
 
     machine = lf.machine_info()
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    variants = (
+        VARIANTS
+        if fast_path_unavailable() is None
+        else tuple(v for v in VARIANTS if v not in FAST_VARIANTS)
+    )
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for rnd in range(args.rounds):
-        k = rnd % len(VARIANTS)
-        for v in VARIANTS[k:] + VARIANTS[:k]:  # rotate the order each round
+        k = rnd % len(variants)
+        for v in variants[k:] + variants[:k]:  # rotate the order each round
             res = run_variant(v, args, warmup)
             runs[v].append(res)
             if not args.json:
                 msg = res.get("error") or f"{res['cpu_us_per_pkt']:.2f} us/pkt"
                 print(f"  round {rnd + 1}/{args.rounds} {v:<15} {msg}", file=sys.stderr)
 
-    results = {v: {"runs": runs[v], "summary": lf.summarize(runs[v])} for v in VARIANTS}
+    results = {v: {"runs": runs[v], "summary": lf.summarize(runs[v])} for v in variants}
     base = results[BASELINE]["summary"].get("cpu_us_per_pkt")
     for res in results.values():
         cpu = res["summary"].get("cpu_us_per_pkt")
