@@ -113,5 +113,6 @@ int tone_mix(ToneObject *t, uint8_t *data, size_t size);
 int addr_set(Addr *a, PyObject *value);
 void addr_clear(Addr *a);
 PyObject *addr_tuple(const struct sockaddr_storage *sa);
+PyObject *leg_counter_names(void);
 
 #endif

@@ -385,6 +385,63 @@ static PyObject *get_plain_ref(LegObject *self, void *c)
     return Py_BuildValue("(LL)", self->ref_ssrc, self->ref_seq);
 }
 
+/* The order of proxy.media.counters.COUNTERS (fast_path.py checks that they agree). */
+#define COUNTER(name) {#name, offsetof(LegObject, name)}
+static const struct {
+    const char *name;
+    size_t offset;
+} COUNTER_FIELDS[] = {
+    COUNTER(packets_in), COUNTER(bytes_in), COUNTER(packets_out), COUNTER(bytes_out),
+    COUNTER(rtcp_packets_in), COUNTER(rtcp_packets_out), COUNTER(packets_encrypted),
+    COUNTER(packets_decrypted), COUNTER(plain_accepted), COUNTER(plain_after_grace),
+    COUNTER(tone_packets), COUNTER(tone_skipped), COUNTER(relatched), COUNTER(grace_ssrc),
+    COUNTER(grace_seq), COUNTER(wrong_source), COUNTER(no_destination), COUNTER(srtp_auth),
+    COUNTER(srtp_replay), COUNTER(srtp_protect), COUNTER(send_error), COUNTER(grace_not_rtp),
+    COUNTER(grace_wrong_ssrc), COUNTER(grace_bad_sequence), COUNTER(rtcp_invalid),
+    COUNTER(rtcp_stripped),
+};
+#define NCOUNTERS (sizeof COUNTER_FIELDS / sizeof *COUNTER_FIELDS)
+
+/* What a worker reports every 100 ms for every leg: one call instead of 26 lookups. */
+static PyObject *Leg_counters(LegObject *self, PyObject *unused)
+{
+    PyObject *out = PyTuple_New(NCOUNTERS);
+    if (out == NULL)
+        return NULL;
+    for (size_t i = 0; i < NCOUNTERS; i++) {
+        long long value = *(long long *)((char *)self + COUNTER_FIELDS[i].offset);
+        PyObject *item = PyLong_FromLongLong(value);
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, (Py_ssize_t)i, item);
+    }
+    return out;
+}
+
+PyObject *leg_counter_names(void)
+{
+    PyObject *out = PyTuple_New(NCOUNTERS);
+    if (out == NULL)
+        return NULL;
+    for (size_t i = 0; i < NCOUNTERS; i++) {
+        PyObject *name = PyUnicode_FromString(COUNTER_FIELDS[i].name);
+        if (name == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, (Py_ssize_t)i, name);
+    }
+    return out;
+}
+
+static PyMethodDef Leg_methods[] = {
+    {"counters", (PyCFunction)Leg_counters, METH_NOARGS,
+     "The counters in the order of the module's COUNTERS."},
+    {NULL},
+};
+
 static PyGetSetDef Leg_getset[] = {
     {"tx", (getter)get_tx, (setter)set_tx, "Protects RTP sent toward this side.", NULL},
     {"rx", (getter)get_rx, (setter)set_rx, NULL, NULL},
@@ -442,4 +499,5 @@ PyTypeObject Leg_Type = {
     .tp_clear = (inquiry)Leg_clear,
     .tp_getset = Leg_getset,
     .tp_members = Leg_members,
+    .tp_methods = Leg_methods,
 };

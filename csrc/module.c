@@ -153,7 +153,8 @@ PyMODINIT_FUNC PyInit__fastrelay(void)
             return NULL;
         }
     }
-    if (PyModule_AddIntConstant(m, "SEQ_AHEAD", SEQ_AHEAD) < 0) {
+    if (PyModule_AddObject(m, "COUNTERS", leg_counter_names()) < 0 ||
+        PyModule_AddIntConstant(m, "SEQ_AHEAD", SEQ_AHEAD) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 SEQ_AHEAD: int
+COUNTERS: tuple[str, ...]
 
 def rtp_shaped(data: bytes, /) -> bool: ...
 def plain_reference(data: bytes, /) -> tuple[int, int]: ...
@@ -102,6 +103,7 @@ class Leg:
     def __init__(
         self, side: Any, index: int, ip: str, family: Any, clock: Callable[[], float]
     ) -> None: ...
+    def counters(self) -> tuple[int, ...]: ...
 
 class Relay:
     wakeups: int

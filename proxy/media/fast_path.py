@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, cast
 
 from proxy.media import _fastrelay
 from proxy.media.commands import SrtpKeys
+from proxy.media.counters import COUNTERS
 from proxy.media.engine import Side, StreamStats
 from proxy.media.relay_leg import (
     Clock,
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
     from proxy.media.srtp import SrtpContext
 
 __all__ = ["FastLeg", "FastPath", "FastSocket", "describe"]
+
+if _fastrelay.COUNTERS != COUNTERS:  # a leg's report must mean the same on both paths
+    raise ImportError("proxy.media._fastrelay was built for other counters: rebuild it")
 
 
 def describe() -> str:
@@ -206,6 +210,9 @@ class FastPath:
     def mixer(self, tone: Tone) -> ToneMixer:
         bursts = tuple((start, end) for start, end, _ in tone.bursts())
         return cast(ToneMixer, _fastrelay.ToneMix(tone, bursts, _tables(tone)))
+
+    def counters_of(self, leg: RelayLeg) -> tuple[int, ...]:
+        return cast(FastLeg, leg).counters()
 
     def stats(self) -> dict[str, int]:
         """Wake-ups and datagrams so far (``/status``: datagrams per wake-up)."""

@@ -17,6 +17,7 @@ import socket
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.media.commands import SrtpKeys
+from proxy.media.counters import counters_of
 from proxy.media.engine import FAST_PATH_MODES, Side
 from proxy.media.relay_leg import Clock, RelayLeg
 from proxy.media.relay_packets import Owner, take_pair
@@ -30,6 +31,7 @@ __all__ = [
     "FAST_PATH_MODES",
     "PacketPath",
     "PythonPath",
+    "built_paths",
     "fast_path_unavailable",
     "make_path",
     "resolve",
@@ -69,6 +71,10 @@ class PacketPath(Protocol):
         """``tone``, to be mixed into one stream from its start."""
         ...
 
+    def counters_of(self, leg: RelayLeg) -> tuple[int, ...]:
+        """``leg``'s counters in :data:`~proxy.media.counters.COUNTERS` order."""
+        ...
+
     def close(self) -> None:
         """The engine is closed: stop whatever watches its sockets."""
         ...
@@ -99,6 +105,10 @@ class PythonPath:
     def mixer(self, tone: Tone) -> ToneMixer:
         return ToneMixer(tone)
 
+    def counters_of(self, leg: RelayLeg) -> tuple[int, ...]:
+        counters: tuple[int, ...] = counters_of(leg)
+        return counters
+
     def close(self) -> None:
         pass
 
@@ -114,6 +124,11 @@ def fast_path_unavailable() -> str | None:
     except ImportError as exc:
         return str(exc) or type(exc).__name__
     return None
+
+
+def built_paths() -> tuple[str, ...]:
+    """The paths that can run here: ``("python", "fast")``, or ``("python",)``."""
+    return ("python", "fast") if fast_path_unavailable() is None else ("python",)
 
 
 def resolve(mode: str) -> str:

@@ -43,7 +43,6 @@ from proxy.media.commands import (
     SwitchSrtp,
     WatchSrtp,
 )
-from proxy.media.counters import counters_of
 from proxy.media.engine import Side, StreamStats, check_remote
 from proxy.media.relay_leg import RelayLeg
 from proxy.media.srtp import SrtpContext
@@ -311,7 +310,8 @@ class RelaySession:
         :data:`~proxy.media.counters.COUNTERS` order
         (:func:`~proxy.media.counters.stats_from` turns it back into :meth:`stats`)."""
         legs = self._legs
-        return tuple(chain.from_iterable(map(counters_of, legs[Side.INSIDE] + legs[Side.OUTSIDE])))
+        counters = self._engine.path.counters_of
+        return tuple(chain.from_iterable(map(counters, legs[Side.INSIDE] + legs[Side.OUTSIDE])))
 
     def inbound(self) -> tuple[int, int]:
         """Packets accepted from the inside and from the outside peer of stream 0."""

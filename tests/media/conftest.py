@@ -10,12 +10,10 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.media import packet_path
-from proxy.media.packet_path import fast_path_unavailable
-
-PATHS = ["python"] + (["fast"] if fast_path_unavailable() is None else [])
+from proxy.media.packet_path import built_paths
 
 
-@pytest.fixture(params=PATHS)
+@pytest.fixture(params=built_paths())
 def relay_path(request: pytest.FixtureRequest) -> Iterator[str]:
     """Engines made in the test (``RelayEngine(fast_path=None)``) run this path."""
     saved = packet_path.default_mode

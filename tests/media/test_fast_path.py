@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from proxy.media import grace, packet_path, rtcp
 from proxy.media.commands import PlayTone, SetRemote, SetTxSsrc, SrtpKeys, SwitchSrtp
 from proxy.media.engine import Side
-from proxy.media.packet_path import fast_path_unavailable, resolve
+from proxy.media.packet_path import built_paths, fast_path_unavailable, resolve
 from proxy.media.relay import RelayEngine
 from proxy.media.relay_leg import plain_rtcp, plain_rtp
 from proxy.media.srtp import SrtpContext, SrtpError, SrtpReplayError
@@ -228,10 +228,7 @@ class Sink(asyncio.DatagramProtocol):
         self.got.append(data)
 
 
-PATHS = ["python"] + (["fast"] if WHY is None else [])
-
-
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", built_paths())
 def test_malformed_media_crashes_nothing_and_the_call_goes_on(path: str) -> None:
     """A secured call with a tone playing and RTCP muxed on one side, under 4000 damaged
     RTP, RTCP, SRTP and SRTCP packets (and random bytes) on all four ports from the peers

@@ -38,6 +38,7 @@ from proxy.media.commands import (
 )
 from proxy.media.counters import stats_from
 from proxy.media.engine import MediaEngine, Side
+from proxy.media.packet_path import built_paths
 from proxy.media.ports import PortsExhausted
 from proxy.media.relay import RelayEngine
 from proxy.media.srtp import SrtpContext
@@ -113,17 +114,25 @@ def lost_sessions(events: list[MediaEvent]) -> list[tuple[int, ...]]:
     return [event.sessions for event in events if isinstance(event, SessionsLost)]
 
 
-def test_worker_engine_relays_plain_and_srtp_and_reports_counters() -> None:
+def loaded_fast_path(pid: int) -> bool:
+    """Has process ``pid`` loaded the compiled packet path?"""
+    return "_fastrelay" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.parametrize("path", built_paths())
+def test_worker_engine_relays_plain_and_srtp_and_reports_counters(path: str) -> None:
     lo, hi = free_range(32)
 
     async def scenario() -> None:
-        engine = WorkerPool(HOST, HOST, lo, hi, 2)
+        engine = WorkerPool(HOST, HOST, lo, hi, 2, fast_path="on" if path == "fast" else "off")
         wakeups: list[int] = []
         engine.on_wakeup = lambda: wakeups.append(1)
         engine.start()
         phone, pbx = Peer(), Peer()
         try:
             assert [w["port_min"] for w in engine.workers()] == [lo, lo + 16]
+            assert {w["packet_path"] for w in engine.workers()} == {path}
+            assert engine.packet_path == path
             session = engine.allocate("call-1", 1)
             other = engine.allocate("call-2", 1)  # least loaded: the other worker
             assert {session.worker_index, other.worker_index} == {0, 1}
@@ -136,6 +145,8 @@ def test_worker_engine_relays_plain_and_srtp_and_reports_counters() -> None:
             # Plain RTP both ways through the worker.
             phone.send(rtp(1), inside)
             assert await pbx.recv() == rtp(1)
+            relaying = engine._workers[session.worker_index].proc  # runs what /status names
+            assert relaying is not None and loaded_fast_path(relaying.pid) == (path == "fast")
             pbx.send(rtp(7, 0x99), outside)
             assert await phone.recv() == rtp(7, 0x99)
             # The first packet per side is reported at once, and wakes the B2BUA.
