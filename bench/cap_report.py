@@ -254,8 +254,13 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
         loss.plot(n, losses, "^:", color=color, alpha=0.7, label=f"{label} loss %")
         top_ms, top_loss = max(top_ms, 1.1 * max(p99)), max(top_loss, 1.2 * max(losses))
     lat.axhline(P99_LIMIT_MS, color="grey", linestyle=":", linewidth=1)
-    lat.set_ylim(0, top_ms)
-    lat.set_ylabel("added latency, ms")
+    # linear below 1 ms, logarithmic above: a failing step's tail (tens or hundreds of ms)
+    # must not flatten the passing ones against the 5 ms limit
+    lat.set_yscale("symlog", linthresh=1.0)
+    lat.set_ylim(0, top_ms * 1.5)
+    ticks = [t for t in (0, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= top_ms * 1.5]
+    lat.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    lat.set_ylabel("added latency, ms (log above 1)")
     lat.legend(loc="upper left", fontsize=7)
     loss.axhline(LOSS_LIMIT_PCT, color="grey", linestyle="-.", linewidth=1)
     loss.set_ylim(0, top_loss)
