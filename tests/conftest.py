@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,6 +19,11 @@ if str(ROOT) not in sys.path:  # the package imports as `proxy` from the repo ro
 from proxy.xsipura import keyfiles, rsa  # noqa: E402
 from proxy.xsipura.mc import MiniCertificate, MiniCertificateParam  # noqa: E402
 from proxy.xsipura.trust import TrustStore  # noqa: E402
+
+# Files the tests write (keys, configs holding inline keys) are private, as an operator's
+# are: `run` refuses a private key that group or others can read (proxy/keyperms.py).
+# The tests of that refusal loosen the mode explicitly.
+os.umask(0o077)
 
 VECTORS_PATH = ROOT / "tests" / "data" / "xsipura_vectors.json"
 

@@ -139,6 +139,7 @@ class _Worker:
             "port_min": self.port_min,
             "port_max": self.port_max,
             "restarts": self.restarts,
+            "ports_free": self.ports.available,
         }
 
 
@@ -198,7 +199,8 @@ class WorkerEngine:
         return []
 
     def workers(self) -> list[dict[str, Any]]:
-        """Per worker: index, pid, alive, sessions, port_min, port_max, restarts."""
+        """Per worker: index, pid, alive, sessions, port_min, port_max, restarts,
+        ports_free (RTP/RTCP pairs of its slice not in use)."""
         return [w.describe() for w in self._workers]
 
     # --- processes --------------------------------------------------------------------

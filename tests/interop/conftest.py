@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -143,10 +144,17 @@ class Proxy:
     config: Path
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    token: str | None = None
+    """The admin bearer token, when the config sets one."""
 
     def status(self) -> dict[str, Any]:
+        return self.status_with(self.token)
+
+    def status_with(self, token: str | None) -> dict[str, Any]:
+        """``/status``, with the admin bearer token when the proxy has one."""
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
         with socket.create_connection((HOST, self.admin), timeout=2) as conn:
-            conn.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+            conn.sendall(f"GET /status HTTP/1.0\r\n{auth}\r\n".encode())
             data = b""
             while chunk := conn.recv(65536):
                 data += chunk
@@ -208,11 +216,11 @@ upstream = "{upstream}"
 port_min = {media_min}
 port_max = {media_max}
 
-[admin]
-listen = "{host}:{admin}"
-
 [log]
 level = "debug"
+
+[admin]
+listen = "{host}:{admin}"
 """
 
 
@@ -221,7 +229,11 @@ class ProxyFactory:
         self.tmp_path = tmp_path
         self.started: list[Proxy] = []
 
-    def __call__(self, upstream: str, *, media_pairs: int = 8) -> Proxy:
+    def __call__(
+        self, upstream: str, *, media_pairs: int = 8, extra: str = "", token: str | None = None
+    ) -> Proxy:
+        """``extra``: TOML appended to the generated config, whose last table is
+        ``[admin]`` (so bare keys go there; open a table for anything else)."""
         index = len(self.started)
         media = free_port_range(2 * media_pairs)
         proxy = Proxy(
@@ -231,12 +243,13 @@ class ProxyFactory:
             media=media,
             config=self.tmp_path / f"proxy{index}.toml",
             log_path=self.tmp_path / f"proxy{index}.log",
+            token=token,
         )
         text = _CONFIG.format(
             host=HOST, inside=proxy.inside, outside=proxy.outside, admin=proxy.admin,
             upstream=upstream, media_min=media[0], media_max=media[1],
         )  # fmt: skip
-        proxy.config.write_text(text)
+        proxy.config.write_text(text + extra)
         self.started.append(proxy)
         with proxy.log_path.open("wb") as log:
             proxy.process = subprocess.Popen(
@@ -263,7 +276,7 @@ class ProxyFactory:
             process = proxy.process
             if process is None or process.poll() is not None:
                 continue
-            process.terminate()
+            process.send_signal(signal.SIGINT)  # SIGTERM would drain: up to drain_s
             try:
                 process.wait(timeout=5)
             except subprocess.TimeoutExpired:

@@ -177,12 +177,13 @@ class Proxy:
         return result
 
     def stop(self) -> None:
-        """SIGTERM: the proxy stops its workers and exits cleanly."""
+        """SIGINT (SIGTERM would drain calls first): the proxy stops its workers and
+        exits cleanly."""
         pids = []
         with contextlib.suppress(OSError, ValueError, IndexError):
             pids = [w["pid"] for w in self.status()["media"]["workers"]]
         if self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
