@@ -76,6 +76,11 @@ def paced_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "rtpengine_loss_pct": r.get("loss_pct"),
                 "proxy_pass": bool(s.get("pass")),
                 "rtpengine_pass": r.get("pass") if r else None,
+                "cores_ratio": (
+                    round(s["proxy_cores"] / r["rtpengine_cores"], 2)
+                    if s.get("proxy_cores") and r.get("rtpengine_cores")
+                    else None
+                ),
             }
         )
     return out
@@ -180,11 +185,7 @@ def _print_side_by_side(report: dict[str, Any]) -> None:
         f"{'proxy +p50/+p99 ms':>19} {'rtpe +p50/+p99 ms':>18} {'loss % proxy/rtpe':>18}"
     )
     for p in paced:
-        ratio = (
-            p["proxy_cores"] / p["rtpengine_cores"]
-            if p["proxy_cores"] and p["rtpengine_cores"]
-            else None
-        )
+        ratio = p["cores_ratio"]
         proxy_lat = f"{_fmt(p['proxy_added_p50_ms'], '.2f')}/{_fmt(p['proxy_added_p99_ms'], '.2f')}"
         rtpe_lat = (
             f"{_fmt(p['rtpengine_added_p50_ms'], '.2f')}/{_fmt(p['rtpengine_added_p99_ms'], '.2f')}"
