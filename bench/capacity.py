@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Capacity of sipura-proxy: CPU per packet next to rtpengine, simultaneous secured calls,
-secured call set-ups per second. The figures the README quotes (see bench/README.md).
+"""Capacity of sipura-proxy: CPU per packet next to rtpengine, simultaneous secured calls
+side by side with rtpengine, secured call set-ups per second. The figures the README
+quotes (see bench/README.md).
 
 Usage (from the repo root; works from a checkout without installing)::
 
     python bench/capacity.py                 # full run (several minutes), table
-    python bench/capacity.py --quick --json  # < 60 s smoke run, one JSON object
+    python bench/capacity.py --quick --json  # ~45 s smoke run, one JSON object
     python bench/capacity.py --full --out bench/results   # + capacity.json / capacity.png
 
 Everything runs on 127.0.0.1 against real ``sipura-proxy run`` processes. The outside
@@ -22,7 +23,9 @@ with gcc into a cache directory on first use, else a Python fallback (``pygen.py
    flight; relaying process pinned to CPU 1, generator and bench to CPU 0.
 2. Capacity: N secured G.711 calls, 50 packets/s each way at real pacing, N increasing
    until loss > 0.1 % or added p99 > 5 ms (added = minus a zero-proxy baseline at the
-   same N through loopback).
+   same N through loopback). Each step runs twice, side by side: through the proxy, then
+   through rtpengine userspace bridging N RTP <-> SDES-SRTP calls (its SRTP checked on
+   samples), same generator, window, latency method and CPU reading (``paced``).
 3. Call set-up: secured and plain calls/s through one proxy (closed loop, a window of
    calls in flight; a secured call counts once the proxy has sent the phone the ``$``
    caller ID, i.e. stage 2 completed and the leg is SRTP, and the call was hung up).
