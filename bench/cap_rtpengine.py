@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import pylibsrtp
-from cap_common import HOST, SRTP_LEN, BenchError, free_port, pin
+from cap_common import HOST, SRTP_LEN, BenchError, pin
 from ngclient import NG
+
+from testkit.ports import free_port, free_port_range
 
 SUITE = "AES_CM_128_HMAC_SHA1_80"
 RTPE_SUITES_OFF = [
@@ -97,12 +99,13 @@ class Rtpengine:
         cpus: set[int] | None,
         *,
         name: str = "rtpengine",
-        ports: tuple[int, int] = (12000, 13999),
+        ports: tuple[int, int] | None = None,
         threads: int | None = None,
     ) -> None:
         exe = rtpengine_binary()
         assert exe is not None
         self.ng_port = free_port()
+        port_min, port_max = ports or free_port_range(2000)
         self.threads = threads
         self.log_path = workdir / f"{name}.log"
         self._log_seen = 0
@@ -112,8 +115,8 @@ class Rtpengine:
             "--table=-1",
             f"--interface={HOST}",
             f"--listen-ng={HOST}:{self.ng_port}",
-            f"--port-min={ports[0]}",
-            f"--port-max={ports[1]}",
+            f"--port-min={port_min}",
+            f"--port-max={port_max}",
             "--foreground",
             "--log-stderr",
             "--log-level=4",

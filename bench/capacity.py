@@ -46,8 +46,7 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-if importlib.util.find_spec("proxy") is None:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's proxy and testkit (tests' and benches')
 sys.path.insert(0, str(BENCH_DIR))
 
 import benchua as ua  # noqa: E402
@@ -59,6 +58,8 @@ from cap_perpacket import per_packet, run_forwarder  # noqa: E402
 from cap_proxy import Harness, ProxyProc, config_knows_workers  # noqa: E402
 from cap_report import machine, plot, print_table, summarize  # noqa: E402
 from cap_rtpengine import Rtpengine, rtpengine_binary  # noqa: E402
+
+from testkit.ports import free_port_range  # noqa: E402
 
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -93,20 +94,20 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 
 def media_range(calls: int) -> tuple[int, int]:
-    base = 16000
-    return base, base + max(4 * calls + 64, 400) - 1
+    """Free consecutive ports for ``calls`` calls: two RTP/RTCP pairs each, and spare."""
+    return free_port_range(max(4 * calls + 64, 400))
 
 
 def paced_rtpengine(
-    args: argparse.Namespace, workdir: Path, cap: ProxyProc, after: int, calls: int
+    args: argparse.Namespace, workdir: Path, cap: ProxyProc, calls: int
 ) -> Rtpengine | None:
     """The rtpengine of the side-by-side steps: as many worker threads as the capacity
     proxy has media workers (1 when it relays in-process), not pinned (neither is the
-    proxy), its ports above the proxy's."""
+    proxy), a free port range of its own."""
     if args.no_rtpengine or args.skip_capacity or not rtpengine_binary():
         return None
     threads = len(cap.worker_info(cap.status())) or 1
-    ports = (after + 101, after + 100 + max(4 * calls + 64, 400))
+    ports = media_range(calls)
     return Rtpengine(workdir, None, name="rtpengine-paced", ports=ports, threads=threads)
 
 
@@ -136,8 +137,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         pp = ProxyProc(
             "pp", workdir, pki, harness.spa_port, media_range(prof["pp_calls"] * 2), workers=1
         )
-        cap_ports = (media_range(max(steps))[0] + 4000, media_range(max(steps))[1] + 4000)
-        cap = ProxyProc("cap", workdir, pki, harness.spa_port, cap_ports, workers=args.workers)
+        cap = ProxyProc(
+            "cap", workdir, pki, harness.spa_port, media_range(max(steps)), workers=args.workers
+        )
         for proxy in (pp, cap):
             proxy.supports_workers = config_knows_workers()
             proxies.append(proxy)
@@ -153,7 +155,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             report["per_packet"] = await per_packet(args, prof, gens, harness, pp, workdir)
         pp.stop()
         await harness.use(cap)
-        rtpe = paced_rtpengine(args, workdir, cap, cap_ports[1], max(steps))
+        rtpe = paced_rtpengine(args, workdir, cap, max(steps))
         if rtpe is None and not args.skip_capacity:
             report["notes"].append("no rtpengine (not installed, --no-rtpengine): no side by side")
         if not args.skip_capacity:

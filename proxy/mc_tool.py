@@ -44,11 +44,11 @@ from proxy.xsipura.mc import (
     MiniCertificate,
     MiniCertificateParam,
     as_utc,
-    encode_private_key_param,
     iso_z,
     strict_b64decode,
 )
-from proxy.xsipura.rsa import PrivateKey, PublicKey, generate_subscriber_key, verify_raw
+from proxy.xsipura.provision import issue_line
+from proxy.xsipura.rsa import PrivateKey, PublicKey, verify_raw
 from proxy.xsipura.trust import (
     SAMPLE_CA_MODULUS,
     McStatus,
@@ -266,30 +266,25 @@ def cmd_issue(args: argparse.Namespace) -> int:
     ca_key = _load_ca_private(args.ca)
     if is_sample_ca(ca_key.public):
         _warn(SAMPLE_CA_WARNING)
-    subscriber = generate_subscriber_key()
-    certificate = MiniCertificate.issue(ca_key, name, user_id, expires, subscriber.public)
-    param = MiniCertificateParam(certificate, ca_key.public)
-    private_param = encode_private_key_param(subscriber)
+    line = issue_line(ca_key, name, user_id, expires)
     if args.json:
+        certificate = line.certificate
         output = (
             json.dumps(
                 {
-                    "mini_certificate": param.to_base64(),
-                    "srtp_private_key": private_param,
+                    "mini_certificate": line.mini_certificate,
+                    "srtp_private_key": line.srtp_private_key,
                     "name": certificate.name,
                     "user_id": certificate.user_id,
                     "expires": iso_z(certificate.expires),
                     "key_sha256": certificate.key_sha256,
-                    "ca_sha256": param.ca_sha256,
+                    "ca_sha256": line.param.ca_sha256,
                 }
             )
             + "\n"
         )
     else:
-        # Byte for byte what gen_mc prints (the Sipura admin manual's format).
-        output = (
-            f"\n<Mini Certificate>\n{param.to_base64()}\n\n<SRTP Private Key>\n{private_param}\n\n"
-        )
+        output = line.gen_mc_text()  # byte for byte what gen_mc prints
     if args.out:
         write_private(args.out, output.encode("ascii"), force=args.force)
         print(f"wrote the Mini Certificate and its private key to {args.out} (mode 0600)")

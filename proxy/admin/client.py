@@ -12,9 +12,10 @@ from pathlib import Path
 from proxy.errors import UsageError
 from proxy.keyperms import check_private_file
 
-__all__ = ["admin_request", "parse_endpoint"]
+__all__ = ["admin_request", "fetch", "parse_endpoint"]
 
 DEFAULT_ENDPOINT = "127.0.0.1:5099"
+MAX_BODY = 16 << 20
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -57,25 +58,36 @@ def _target(
     return host, port, token
 
 
+def fetch(
+    host: str, port: int, method: str, path: str, *, token: str | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, bytes]:  # fmt: skip
+    """One request to an admin endpoint: (status, body). Raises OSError or
+    ``http.client.HTTPException`` when no answer can be had (the demo's and the tests'
+    client, :func:`proxy.demo.loopback.admin_get`, uses it too)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read(MAX_BODY)
+    finally:
+        conn.close()
+
+
 def admin_request(
     admin: str | None, config_path: str | None, token_file: str | None, method: str, path: str
 ) -> tuple[int, bytes]:
     host, port, token = _target(admin, config_path, token_file)
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    conn = http.client.HTTPConnection(host, port, timeout=10)
     try:
-        conn.request(method, path, headers=headers)
-        response = conn.getresponse()
-        body = response.read(16 << 20)
+        status, body = fetch(host, port, method, path, token=token)
     except (OSError, http.client.HTTPException) as exc:
         raise UsageError(f"cannot reach the admin endpoint {shown}: {exc}") from exc
-    finally:
-        conn.close()
-    if response.status == 401:
+    if status == 401:
         raise UsageError(
             f"the admin endpoint {shown} wants its token: --config FILE or --token-file FILE"
         )
-    if response.status not in (200, 422):
-        raise UsageError(f"the admin endpoint {shown} answered {response.status} {path}")
-    return response.status, body
+    if status not in (200, 422):
+        raise UsageError(f"the admin endpoint {shown} answered {status} {path}")
+    return status, body

@@ -15,6 +15,7 @@ import logging
 from enum import Enum
 
 from proxy.b2bua.legs import Call, CallState, Leg
+from proxy.b2bua.stats import Stats
 from proxy.media.engine import Side
 
 log = logging.getLogger("sipura.b2bua")
@@ -32,12 +33,17 @@ class CallTimer(Enum):
 class CallTable:
     """Every live call, indexed by its legs, with its armed deadlines."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: Stats | None = None) -> None:
+        self.stats = stats if stats is not None else Stats()
         self.calls: dict[int, Call] = {}
+        self.ended: list[Call] = []
+        """Calls dropped since :meth:`take_ended` last ran (for their summary line)."""
         self._legs: dict[tuple[Side, str, str], tuple[Call, Leg]] = {}
         self._heap: list[tuple[float, int, int, CallTimer]] = []
         self._armed: dict[tuple[int, CallTimer], float] = {}
         self._seq = itertools.count()
+        self._media: dict[int, Call] = {}
+        """Calls by the id of their media session: what media events name."""
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -52,20 +58,39 @@ class CallTable:
     def find(self, side: Side, call_id: str, local_tag: str) -> tuple[Call, Leg] | None:
         return self._legs.get((side, call_id, local_tag))
 
+    def media_allocated(self, call: Call, session_id: int) -> None:
+        """``call``'s media is media session ``session_id`` (:meth:`by_media`)."""
+        self._media[session_id] = call
+
+    def by_media(self, session_id: int) -> Call | None:
+        """The live call whose media is session ``session_id``, if any."""
+        return self._media.get(session_id)
+
     def indexed(self) -> list[tuple[Call, Leg]]:
         """Every (call, leg) pair in the index (for invariant checks)."""
         return list(self._legs.values())
 
     def drop(self, call: Call) -> None:
-        """Forget ``call`` and give its media back (idempotent)."""
+        """Forget ``call`` and give its media back (idempotent). Its media's last
+        counters join the totals; a call that was in the table waits in :attr:`ended`
+        for its summary."""
         for leg in (call.a, call.b):
             self._legs.pop((leg.side, leg.call_id, leg.local_tag), None)
-        self.calls.pop(call.id, None)
+        if self.calls.pop(call.id, None) is not None:
+            self.ended.append(call)
         for kind in CallTimer:
             self._armed.pop((call.id, kind), None)
         if call.media is not None:
+            self._media.pop(call.media.session.id, None)
+            call.media_final = call.media.session.stats()
+            self.stats.media_released(call.media_final)
             call.media.release()
             call.media = None
+
+    def take_ended(self) -> list[Call]:
+        """The calls dropped since the last call (at most one event's worth)."""
+        ended, self.ended = self.ended, []
+        return ended
 
     def finish(self, call: Call) -> None:
         """The call is over: drop it once, and say so."""
@@ -73,7 +98,6 @@ class CallTable:
             return
         call.state = CallState.TERMINATED
         self.drop(call)
-        log.info("call %d ended", call.id)
 
     # --- deadlines --------------------------------------------------------------------
 

@@ -25,13 +25,15 @@ What passes through unchanged is everything the B2BUA does not own
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from proxy.b2bua.call_summary import log_ended
 from proxy.b2bua.calls import CallTable, CallTimer
 from proxy.b2bua.config import Config
 from proxy.b2bua.dialogs import Dialogs
+from proxy.b2bua.drain import SHUTDOWN_CAUSE, SHUTDOWN_REASON, Drain
 from proxy.b2bua.invite import CallSetup
 from proxy.b2bua.legs import Call, OwnRequest, RelayedRequest, new_tag
 from proxy.b2bua.line_keys import Security
@@ -47,10 +49,14 @@ from proxy.b2bua.messages import (
 from proxy.b2bua.out_of_dialog import OneShot, OutOfDialog
 from proxy.b2bua.registrar import Binding, RegisterRelay, Registrar
 from proxy.b2bua.routing import Lookups, ResolveQuery, Resolver, Router, Unresolved
+from proxy.b2bua.sdes_leg import SdesLegs, method_of
 from proxy.b2bua.secure_leg import SecureLegs
-from proxy.b2bua.sides import Outbound, SipSides, Stats
+from proxy.b2bua.sides import Outbound, SipSides
+from proxy.b2bua.stats import Stats
 from proxy.b2bua.teardown import Teardown
-from proxy.media.engine import MediaEngine, MediaSession, Side
+from proxy.logsetup import bind_call
+from proxy.media.commands import MediaEvent, SessionsLost, SrtpAuthenticated
+from proxy.media.engine import MediaEngine, Side
 from proxy.sip.headers import SipHeaderError
 from proxy.sip.message import Request, SipParseError, parse_message
 from proxy.sip.transaction import (
@@ -88,23 +94,26 @@ class B2BUA:
         """Wall clock for MC expiry only (injected: the core reads no clock itself)."""
         self.stats = Stats()
         self.sides = SipSides(config, self.stats)
-        self.table = CallTable()
+        self.table = CallTable(self.stats)
         self.registrar = Registrar(config, self.sides)
         self.lookups = Lookups(resolver)
         self.router = Router(config, self.registrar, self.lookups, config.sip.transports)
         self.registrar.router = self.router
         self.teardown = Teardown(self.sides, self.table)
-        self.secure = SecureLegs(self.sides, self.table, self.teardown, security, utc_now)
+        self.secure = SecureLegs(self.sides, self.table, self.teardown, security, utc_now, media)
         self.watch = MediaWatch(config, self.table, self.teardown)
+        self.sdes = SdesLegs(config)
         self.dialogs = Dialogs(self.sides, self.table, self.router, self.teardown, self.secure,
-                               self.watch)  # fmt: skip
+                               self.watch, self.sdes)  # fmt: skip
         self.setup = CallSetup(config, self.sides, self.table, self.router, media,
-                               self.teardown, self.dialogs, self.secure)  # fmt: skip
+                               self.teardown, self.dialogs, self.secure, self.sdes)  # fmt: skip
         self.dialogs.setup = self.setup
+        self.registrar.failovers = self.setup.failovers
         self.out_of_dialog = OutOfDialog(self.sides, self.router)
+        self.drain = Drain(self.sides, self.table, self.teardown)
         self._events: dict[type, Handler] = {
             RequestReceived: self._on_request_event,
-            AckReceived: lambda side, e, now: self.dialogs.on_ack(side, e.request, e.source, now),
+            AckReceived: self._on_ack,
             ResponseReceived: self._on_response,
             StrayResponse: lambda side, e, now: self.dialogs.on_stray(side, e.response),
             TransactionTimeout: self._on_timeout,
@@ -132,6 +141,10 @@ class B2BUA:
             CallTimer.SECURITY: self.secure.on_timer,
             CallTimer.RTP_TIMEOUT: self.watch.on_timer,
         }
+        self._media_events: dict[type[MediaEvent], Handler] = {
+            SrtpAuthenticated: self.secure.on_srtp_authenticated,
+            SessionsLost: self.watch.on_sessions_lost,
+        }
 
     # --- state the edge and the operator read -----------------------------------------
 
@@ -147,16 +160,6 @@ class B2BUA:
     def layers(self) -> dict[Side, TransactionLayer]:
         return self.sides.layers
 
-    @property
-    def on_wakeup(self) -> Callable[[], None] | None:
-        """Set by the I/O edge: called when media reports an event (SRTP authenticated),
-        so that :meth:`poll` runs soon."""
-        return self.secure.on_wakeup
-
-    @on_wakeup.setter
-    def on_wakeup(self, callback: Callable[[], None] | None) -> None:
-        self.secure.on_wakeup = callback
-
     def active_calls(self) -> list[dict[str, object]]:
         return [
             {
@@ -166,7 +169,9 @@ class B2BUA:
                 "a_call_id": call.a.call_id,
                 "b_call_id": call.b.call_id,
                 "line": call.line.user_id if call.line else None,
+                "method": method_of(call),
                 "secure": call.security.describe() if call.security else None,
+                "sdes": call.sdes.describe() if call.sdes else None,
                 "media": call.media.session.stats() if call.media else None,
             }
             for call in self.calls.values()
@@ -181,6 +186,7 @@ class B2BUA:
         self.config = config
         self.security = security
         self.sides.config = config
+        self.sdes.config = config
         self.sides.configs = {Side.INSIDE: config.inside, Side.OUTSIDE: config.outside}
         self.registrar.config = config
         self.router.config = config
@@ -198,10 +204,14 @@ class B2BUA:
             check_addresses(message)
         except SipParseError as exc:
             self.stats.bad_messages += 1
-            log.info("%s: dropped malformed message from %s:%s: %s", side.value, source.host,
-                     source.port, exc)  # fmt: skip
+            self.sides.noise.log(logging.INFO, "malformed_message", source.host, now,
+                                 "%s: dropped malformed message from %s:%s: %s", side.value,
+                                 source.host, source.port, exc)  # fmt: skip
             reply = bad_request(data, str(exc), exc.status)
-            return [] if reply is None else [Outbound(side, reply, source)]
+            if reply is None:
+                return []
+            self.stats.count_response(exc.status)
+            return [Outbound(side, reply, source)]
         try:
             events, transmits = self.sides.layers[side].receive(message, source, now)
             out = self.sides.wrap(side, transmits)
@@ -209,32 +219,34 @@ class B2BUA:
                 out += self._events[type(event)](side, event, now)
         except (SipParseError, SipHeaderError) as exc:
             self.stats.bad_messages += 1
-            log.info("%s: cannot process message from %s: %s", side.value, source.host, exc)
-            return []
+            self.sides.noise.log(logging.INFO, "unusable_message", source.host, now,
+                                 "%s: cannot process message from %s: %s", side.value,
+                                 source.host, exc)  # fmt: skip
+            out = []
+        self._calls_ended(now)
         return out
 
     def poll(self, now: float) -> list[Outbound]:
-        """Run everything due at ``now``: transaction timers, call deadlines, media
-        reports, lookups the edge never answered."""
+        """Run everything due at ``now``: transaction timers, call deadlines, lookups
+        the edge never answered."""
         out: list[Outbound] = []
         for side, layer in self.sides.layers.items():
             events, transmits = layer.poll(now)
             out += self.sides.wrap(side, transmits)
             for event in events:
                 out += self._events[type(event)](side, event, now)
-        if self.secure.authenticated_pending():
-            out += self.secure.on_authenticated(now)
         for call, kind in self.table.due(now):
-            out += self._call_timers[kind](call, now)
+            with bind_call(call.fields()):
+                out += self._call_timers[kind](call, now)
         for work in self.lookups.expire(now):
             out += work(now)
+        self.sides.noise.flush(now)
+        self._calls_ended(now)
         return out
 
     def next_deadline(self) -> float | None:
         """When :meth:`poll` must run next (None: only on input). Cost independent of
         the number of calls: every source keeps its deadlines on a heap."""
-        if self.secure.authenticated_pending():
-            return 0.0
         deadlines = [
             d
             for d in (
@@ -242,6 +254,7 @@ class B2BUA:
                 self.sides.layers[Side.OUTSIDE].next_deadline(),
                 self.table.next_deadline(),
                 self.lookups.next_deadline(),
+                self.sides.noise.limiter.next_expiry(),
             )
             if d is not None
         ]
@@ -255,11 +268,54 @@ class B2BUA:
         out: list[Outbound] = []
         for work in self.lookups.answer(query, targets, ttl_s, now):
             out += work(now)
+        self._calls_ended(now)
         return out
 
-    def media_lost(self, sessions: Iterable[MediaSession], now: float) -> list[Outbound]:
-        """The media engine lost these sessions (a worker process died)."""
-        return self.watch.media_lost(sessions, now)
+    def transport_failed(self, side: Side, dest: Address, now: float) -> list[Outbound]:
+        """The edge could not connect to ``dest`` (TCP refused, TLS handshake or
+        certificate check failed): what waited on it times out now (and fails over)."""
+        out: list[Outbound] = []
+        for event in self.sides.layers[side].fail_transport(dest, now):
+            out += self._events[type(event)](side, event, now)
+        return out
+
+    def on_media_event(self, event: MediaEvent, now: float) -> list[Outbound]:
+        """What the media engine reported (SRTP authenticated, sessions lost), handed
+        over by the I/O edge on a loop iteration of its own, never from inside a call
+        into the engine."""
+        out = self._media_events[type(event)](event, now)
+        self._calls_ended(now)
+        return out
+
+    # --- draining (SIGTERM) -----------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self.drain.active
+
+    def start_drain(self, now: float, drain_s: float | None = None) -> None:
+        """Stop taking new calls (INVITE, OPTIONS, REGISTER outside a dialog get 503 with
+        Retry-After; :mod:`proxy.b2bua.drain`); calls in progress go on. ``drain_s``
+        (default ``[run] drain_s``) is when :meth:`hang_up_all` is due."""
+        limit = self.config.run.drain_s if drain_s is None else drain_s
+        if self.drain.start(now, limit):
+            log.info("draining: %d calls in progress; new calls, OPTIONS and REGISTER get 503 "
+                     "for the next %d s", len(self.table), limit)  # fmt: skip
+
+    def hang_up_all(
+        self, now: float, reason: str = SHUTDOWN_REASON, cause: int = SHUTDOWN_CAUSE
+    ) -> list[Outbound]:
+        """End every call: BYE on both legs with ``Reason: SIP;cause=<cause>;text=
+        "<reason>"``, ringing calls cancelled. The calls leave the table as their BYEs
+        (or the callee's answer to the CANCEL) are answered or time out."""
+        out = self.drain.hang_up_all(now, reason, cause)
+        self._calls_ended(now)
+        return out
+
+    def _calls_ended(self, now: float) -> None:
+        """The summary line of each call that ended while handling one input."""
+        if self.table.ended:
+            log_ended(self.table.take_ended(), now)
 
     # --- dispatch ---------------------------------------------------------------------
 
@@ -286,17 +342,20 @@ class B2BUA:
         method = request.method
         if method == "CANCEL":
             return self.dialogs.on_cancel(side, tx, request, now)
+        to_tag = request.to.tag
+        if not to_tag:  # a new call, probe or registration: refused while draining
+            self.drain.refuse_new(method, tx.source, now)
         max_forwards = request.get("max-forwards")
         if max_forwards is not None and int(max_forwards.strip()) == 0:
             if method == "OPTIONS":
                 return self.out_of_dialog.options(side, tx, now)
             raise Reject(483, "Too Many Hops")  # in a dialog too: it cannot be relayed
-        to_tag = request.to.tag
         if to_tag:
             found = self.table.find(side, request.call_id, to_tag)
             if found is None:
                 raise Reject(481, "Call/Transaction Does Not Exist")
-            return self.dialogs.on_request(side, tx, request, found[0], found[1], now)
+            with bind_call(found[0].fields()):
+                return self.dialogs.on_request(side, tx, request, found[0], found[1], now)
         if method != "INVITE" and (unsupported := unsupported_requirements(request)):
             raise Reject(420, "Bad Extension", [("Unsupported", ", ".join(unsupported))])
         handler = self._new_requests.get(method)
@@ -304,14 +363,35 @@ class B2BUA:
             raise Reject(501, "Not Implemented", [("Allow", ALLOW)])
         return handler(side, tx, request, now)
 
+    def _on_ack(self, side: Side, event: AckReceived, now: float) -> list[Outbound]:
+        request = event.request
+        found = self.table.find(side, request.call_id, request.to.tag or "")
+        if found is None:
+            return []
+        with bind_call(found[0].fields()):
+            return self.dialogs.on_ack(side, request, event.source, now)
+
     def _on_response(self, side: Side, event: ResponseReceived, now: float) -> list[Outbound]:
-        handler = self._responses.get(type(event.tx.context))
-        return [] if handler is None else handler(event.tx.context, event.tx, event.response, now)
+        context: Any = event.tx.context
+        handler = self._responses.get(type(context))
+        if handler is None:
+            return []
+        call: Call | None = getattr(context, "call", None)
+        if call is None:
+            return handler(context, event.tx, event.response, now)
+        with bind_call(call.fields()):
+            return handler(context, event.tx, event.response, now)
 
     def _on_timeout(self, side: Side, event: TransactionTimeout, now: float) -> list[Outbound]:
         context: Any = event.tx.context
         handler = self._timeouts.get(type(context))
-        return [] if handler is None else handler(context, event.tx, now)
+        if handler is None:
+            return []
+        call: Call | None = context if type(context) is Call else getattr(context, "call", None)
+        if call is None:
+            return handler(context, event.tx, now)
+        with bind_call(call.fields()):
+            return handler(context, event.tx, now)
 
 
 __all__ = ["B2BUA", "Outbound"]

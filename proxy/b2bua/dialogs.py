@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from proxy.b2bua import secure as sec
 from proxy.b2bua.calls import CallTable
-from proxy.b2bua.legs import Call, CallState, Leg, RelayedRequest
+from proxy.b2bua.legs import PARTIES, Call, CallState, Leg, RelayedRequest
 from proxy.b2bua.media_watch import MediaWatch
 from proxy.b2bua.messages import (
     TARGET_REFRESH,
@@ -27,6 +27,7 @@ from proxy.b2bua.messages import (
     rewrite_rack,
 )
 from proxy.b2bua.routing import Router
+from proxy.b2bua.sdes_leg import SdesLegs
 from proxy.b2bua.secure_leg import SecureLegs
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.teardown import Teardown
@@ -45,7 +46,7 @@ log = logging.getLogger("sipura.b2bua")
 class Dialogs:
     def __init__(
         self, sides: SipSides, calls: CallTable, router: Router, teardown: Teardown,
-        secure: SecureLegs, watch: MediaWatch,
+        secure: SecureLegs, watch: MediaWatch, sdes: SdesLegs,
     ) -> None:  # fmt: skip
         self.sides = sides
         self.calls = calls
@@ -53,6 +54,7 @@ class Dialogs:
         self.teardown = teardown
         self.secure = secure
         self.watch = watch
+        self.sdes = sdes
         self.setup: CallSetup | None = None
         """Set once call set-up exists (it relays INVITE responses for the calls)."""
 
@@ -108,12 +110,14 @@ class Dialogs:
         if leg is call.a and call.ringing:
             # The caller hangs up an early dialog: the INVITE ends as if CANCELled.
             log.info("call %d: BYE from the caller before the answer", call.id)
+            call.end(PARTIES[side], "BYE before the answer")
             return self.sides.respond(side, tx, 200, "OK", now) + self.teardown.cancel_call(
                 call, now
             )
         if call.state is CallState.TERMINATING:
             return self.sides.respond(side, tx, 200, "OK", now)  # BYEs crossed: one is enough
         call.state = CallState.TERMINATING
+        call.end(PARTIES[side], bye_reason(tx.request))
         log.info("call %d: BYE from the %s side", call.id, side.value)
         if call.other(leg).remote_tag is None:  # early: nothing to hang up on the far side
             self.calls.finish(call)
@@ -141,7 +145,8 @@ class Dialogs:
             rewrite_rack(outgoing, other.invite_cseq)
         outgoing.body = request.body
         if request.body and request.content_type == "application/sdp":
-            outgoing.body = self.relay_sdp(call, leg.side, request.body)
+            offer = method not in ("ACK", "PRACK")  # PRACK: the answer to an offer in a 18x
+            outgoing.body = self.relay_sdp(call, leg.side, request.body, offer=offer)
         self.sides.advertise(other.side, outgoing)
         context = RelayedRequest(call, leg, tx)
         _, out = self.sides.send_request(other.side, outgoing, other.dest, now, context)
@@ -161,7 +166,7 @@ class Dialogs:
             call.media_seen_at = now
         body = request.body
         if body and request.content_type == "application/sdp":
-            body = self.relay_sdp(call, side, body)
+            body = self.relay_sdp(call, side, body, offer=False)
         out = self.sides.ack(other, other.invite_cseq, body, request.get("content-type") or "")
         if confirmed:
             self.watch.on_confirmed(call, now)
@@ -191,7 +196,8 @@ class Dialogs:
         out = self.sides.respond(side, tx, 200, "OK", now, to_tag=to_tag)  # §9.2: same To tag
         if not isinstance(call, Call) or not call.ringing:
             return out  # already answered: the CANCEL has no effect (§9.2)
-        log.info("call %d cancelled by the caller", call.id)
+        log.info("call %d cancelled by the caller", call.id, extra=call.fields())
+        call.end(PARTIES[side], "CANCEL")
         return out + self.teardown.cancel_call(call, now)
 
     # --- responses to relayed requests ------------------------------------------------
@@ -221,14 +227,20 @@ class Dialogs:
         the call."""
         call = context.call
         method = tx.request.method
+        initial = method == "INVITE" and context.server_tx is call.invite_server
+        if initial and self.setup is not None:
+            retried = self.setup.failovers.invite_failed(call, tx, "timeout", now)
+            if retried is not None:
+                return retried
         out: list[Outbound] = []
         if context.server_tx is not None and method != "ACK":
             origin = context.origin
             out = self.sides.respond(origin.side, context.server_tx, 408, "Request Timeout", now,
                                      to_tag=origin.local_tag)  # fmt: skip
-        if method == "INVITE" and context.server_tx is call.invite_server:
+        if initial:
             log.info("call %d: no answer from the %s side (timeout)", call.id,
                      call.other(context.origin).side.value)  # fmt: skip
+            call.end("proxy", "no answer (timeout)")
             self.sides.stats.calls_failed += 1
             self.calls.finish(call)
         elif method == "BYE":
@@ -249,11 +261,15 @@ class Dialogs:
         copy_end_to_end(response, relayed)
         relayed.body = response.body
         if response.body and response.content_type == "application/sdp":
-            relayed.body = self.relay_sdp(call, origin.side.other, response.body)
+            offer = not stx.request.body  # a late offer, in the answer to a bodiless INVITE
+            relayed.body = self.relay_sdp(call, origin.side.other, response.body, offer=offer,
+                                          final=status >= 200)  # fmt: skip
         self.sides.advertise(origin.side, relayed)
         return self.sides.send_response(origin.side, stx, relayed, now)
 
-    def relay_sdp(self, call: Call, from_side: Side, body: bytes) -> bytes:
+    def relay_sdp(
+        self, call: Call, from_side: Side, body: bytes, *, offer: bool, final: bool = True
+    ) -> bytes:
         """Anchor an SDP body from ``from_side`` on the proxy's ports; allocate media if
         the call has none yet (a late offer). Unusable SDP passes through as it is."""
         if call.media is None:
@@ -266,7 +282,20 @@ class Dialogs:
                 return body
         assert call.media is not None
         try:
-            return call.media.relay_sdp(from_side, body)
+            anchored = call.media.relay_sdp(from_side, body)
         except SdpError as exc:
             log.info("call %d: unparsable SDP passed through as is: %s", call.id, exc)
             return body
+        return self.sdes.crossing(call, from_side, anchored, offer=offer, final=final)
+
+
+REASON_TEXT_MAX = 80
+"""Characters of a BYE's ``Reason`` header kept in the end-of-call summary."""
+
+
+def bye_reason(request: Request) -> str:
+    """``BYE``, with the sender's ``Reason`` header (RFC 3326) when it gave one."""
+    reason = request.get("reason")
+    if not reason:
+        return "BYE"
+    return f"BYE, Reason: {reason.strip()[:REASON_TEXT_MAX]}"

@@ -16,17 +16,28 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from proxy.b2bua import secure as sec
 from proxy.b2bua.calls import CallTable, CallTimer
 from proxy.b2bua.legs import Call, CallState, Leg, OwnRequest
-from proxy.b2bua.line_keys import Security
+from proxy.b2bua.line_keys import LineSecurity, Security
 from proxy.b2bua.messages import TARGET_REFRESH
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.teardown import Teardown
-from proxy.media.engine import Side
+from proxy.logsetup import bind_call
+from proxy.media.commands import (
+    AcceptSrtp,
+    ClearSrtp,
+    PlayTone,
+    SetTxSsrc,
+    SrtpAuthenticated,
+    SwitchSrtp,
+    WatchSrtp,
+)
+from proxy.media.engine import MediaEngine, Side
 from proxy.sip.headers import SipHeaderError, SipUri, format_hostport
 from proxy.sip.message import Request, Response
 from proxy.sip.sdp import SdpError
@@ -44,20 +55,19 @@ class SecureLegs:
 
     def __init__(
         self, sides: SipSides, calls: CallTable, teardown: Teardown, security: Security | None,
-        utc_now: Callable[[], datetime],
+        utc_now: Callable[[], datetime], media: MediaEngine,
     ) -> None:  # fmt: skip
         self.sides = sides
         self.calls = calls
         self.teardown = teardown
         self.security = security
         self.utc_now = utc_now
-        self.on_wakeup: Callable[[], None] | None = None
-        self._authenticated: list[int] = []
+        self.media = media
         self._execute: dict[type, Callable[[Call, Any, float], list[Outbound]]] = {
             sec.SendInfo: self._send_info,
-            sec.AcceptSrtp: self._accept_srtp,
-            sec.SwitchSrtp: self._switch_srtp,
-            sec.ClearSrtp: self._clear_srtp,
+            AcceptSrtp: self._new_keys,
+            SwitchSrtp: self._new_keys,
+            ClearSrtp: self._clear_srtp,
             sec.Secured: self._secured,
             sec.Cleared: self._cleared,
             sec.HangUp: self._hang_up,
@@ -71,7 +81,7 @@ class SecureLegs:
         """Who secures this call: the proxy plays the line's SPA on the outside leg."""
         if self.security is None or call.line is None:
             return None
-        line = self.security.lines.get(call.line.user_key)
+        line, expired = self._line_security(call.line.user_key)
         if line is None:
             if forced:
                 log.warning("call %d: *18 dialled, but line %s has no Mini Certificate",
@@ -93,16 +103,40 @@ class SecureLegs:
             dialled, role = "", sec.Role.CALLEE
         call.secure_ssrc = secrets.randbits(32) or 1
         return sec.CallSecurity(role=role, line=line, settings=self.security.xsipura,
-                                label=call.label, dialled_user_id=dialled)  # fmt: skip
+                                label=call.label, dialled_user_id=dialled,
+                                local_mc_expired=expired)  # fmt: skip
+
+    def _line_security(self, user_key: str) -> tuple[LineSecurity | None, bool]:
+        """The line's loaded MC and key, and whether that MC has expired (at start-up,
+        or since: a proxy runs for months)."""
+        assert self.security is not None
+        line = self.security.lines.get(user_key)
+        if line is not None:
+            return line, line.param.certificate.expires <= self.utc_now()
+        expired = self.security.expired.get(user_key)
+        return expired, expired is not None
 
     # --- driven by the call -----------------------------------------------------------
 
     def on_confirmed(self, call: Call, now: float) -> list[Outbound]:
         """The dialog is confirmed (ACK): stage 2 may start (caller role) or the peer is
-        expected to start it (callee role with ``require_secure``)."""
+        expected to start it (callee role with ``require_secure``). A call SDES already
+        secured needs no x-sipura: it gets the secure-call tone, but no ``$`` caller ID
+        (SDES proves no identity)."""
+        if call.sdes is not None and call.sdes.active:
+            return self._sdes_secured(call)
         security = call.security
         if security is None:
+            if call.line is not None and call.line.require_secure:
+                reason = "require_secure: the call could not be secured"
+                log.warning("call %d: %s", call.id, reason)
+                out = self.teardown.send_bye(call, call.a, now, reason)
+                return out + self.teardown.send_bye(call, call.b, now, reason)
             return []
+        if security.local_mc_expired:  # the line goes clear, counted (decision 28)
+            expires = security.line.param.certificate.expires.strftime("%Y-%m-%dT%H:%M:%SZ")
+            detail = f"line {security.line.user_key}'s Mini Certificate expired on {expires}"
+            return self._run(call, security.give_up(ClearReason.LOCAL_MC_EXPIRED, detail), now)
         if security.role is sec.Role.CALLEE:
             security.arm(now)
             return self._rearm(call)
@@ -115,6 +149,13 @@ class SecureLegs:
         security.arm(now)
         return self._rearm(call)
 
+    def _sdes_secured(self, call: Call) -> list[Outbound]:
+        self.sides.stats.secured += 1
+        tone = self.sides.config.xsipura.tone
+        if call.media is not None and tone is not None:
+            self.media.apply(PlayTone(call.media.session.id, Side.INSIDE, 0, tone))
+        return []
+
     def on_timer(self, call: Call, now: float) -> list[Outbound]:
         """The call's x-sipura deadline is due."""
         security = call.security
@@ -125,25 +166,22 @@ class SecureLegs:
             if not _phone_media_flows(call):
                 security.postpone(now)  # profile §2: after the dialog *and* media
             elif call.media is not None:
-                call.media.session.set_tx_ssrc(Side.OUTSIDE, call.secure_ssrc)
+                sid = call.media.session.id
+                self.media.apply(SetTxSsrc(sid, Side.OUTSIDE, call.secure_ssrc))
                 out += self._run(call, security.start(now, call.secure_ssrc), now)
         deadline = security.next_deadline()
         if deadline is not None and deadline <= now:
             out += self._run(call, security.poll(now), now)
         return out + self._rearm(call)
 
-    def authenticated_pending(self) -> bool:
-        return bool(self._authenticated)
-
-    def on_authenticated(self, now: float) -> list[Outbound]:
-        """Media reported SRTP that authenticated under the key last handed to it."""
-        out: list[Outbound] = []
-        pending, self._authenticated = self._authenticated, []
-        for call_id in pending:
-            call = self.calls.calls.get(call_id)
-            if call is not None and call.security is not None:
-                out += self._run(call, call.security.srtp_authenticated(now), now)
-        return out
+    def on_srtp_authenticated(self, event: SrtpAuthenticated, now: float) -> list[Outbound]:
+        """Media reports SRTP that authenticated under the key last handed to it (a
+        ``WatchSrtp`` fired): the handshake may switch over (decision 13)."""
+        call = self.calls.by_media(event.session)
+        if call is None or call.security is None:
+            return []
+        with bind_call(call.fields()):
+            return self._run(call, call.security.srtp_authenticated(now), now)
 
     def on_info(
         self, call: Call, tx: ServerTransaction, request: Request, now: float
@@ -156,7 +194,7 @@ class SecureLegs:
             warning = [("Warning", '399 - "x-sipura: only the caller starts stage 2"')]
             return self.sides.respond(Side.OUTSIDE, tx, 400, "Bad Request", now, extra=warning)
         if call.media is not None:
-            call.media.session.set_tx_ssrc(Side.OUTSIDE, call.secure_ssrc)
+            self.media.apply(SetTxSsrc(call.media.session.id, Side.OUTSIDE, call.secure_ssrc))
         actions = security.on_info(request.body, now, self.utc_now(), call.secure_ssrc)
         out: list[Outbound] = []
         for action in actions:
@@ -194,51 +232,39 @@ class SecureLegs:
         return self.send_own_request(call, leg, "INFO", now, XSIPURA_PURPOSE,
             body=action.body.encode("ascii"), content_type=action.content_type)  # fmt: skip
 
-    def _accept_srtp(self, call: Call, action: sec.AcceptSrtp, now: float) -> list[Outbound]:
-        if call.media is not None and call.security is not None:
-            session = call.media.session
-            session.accept_srtp(Side.OUTSIDE, action.context, call.security.settings.srtcp)
-            session.on_srtp_authenticated(Side.OUTSIDE, self._reporter(call))
+    def _new_keys(self, call: Call, action: AcceptSrtp | SwitchSrtp, now: float) -> list[Outbound]:
+        """Accept or switch to new keys, and hear when the first packet authenticates."""
+        if call.media is not None:
+            sid = call.media.session.id
+            self.media.apply(replace(action, session=sid))
+            self.media.apply(WatchSrtp(sid, action.side))
         return []
 
-    def _switch_srtp(self, call: Call, action: sec.SwitchSrtp, now: float) -> list[Outbound]:
+    def _clear_srtp(self, call: Call, action: ClearSrtp, now: float) -> list[Outbound]:
         if call.media is not None:
-            session = call.media.session
-            session.switch_srtp(Side.OUTSIDE, action.context, action.grace_s, srtcp=action.srtcp)
-            session.on_srtp_authenticated(Side.OUTSIDE, self._reporter(call))
-        return []
-
-    def _clear_srtp(self, call: Call, action: sec.ClearSrtp, now: float) -> list[Outbound]:
-        if call.media is not None:
-            call.media.session.clear_srtp(Side.OUTSIDE)
-            call.media.session.set_tx_ssrc(Side.OUTSIDE, None)
+            sid = call.media.session.id
+            self.media.apply(replace(action, session=sid))
+            self.media.apply(SetTxSsrc(sid, action.side, None))
         return []
 
     def _secured(self, call: Call, action: sec.Secured, now: float) -> list[Outbound]:
         if action.rekey:
             return []
-        self.sides.stats.secured += 1
+        security = call.security
+        if security is not None:
+            started = security.handshake_started
+            took = None if started is None else now - started
+            self.sides.stats.call_secured(security.role.value, took)
         return self._user_indication(call, action.peer, now)
 
     def _cleared(self, call: Call, action: sec.Cleared, now: float) -> list[Outbound]:
-        reasons = self.sides.stats.clear_reasons
-        reasons[action.reason.value] = reasons.get(action.reason.value, 0) + 1
+        self.sides.stats.call_cleared(action.reason.value)
         return []
 
     def _hang_up(self, call: Call, action: sec.HangUp, now: float) -> list[Outbound]:
         log.warning("call %d: require_secure: hanging up (%s)", call.id, action.reason)
         out = self.teardown.send_bye(call, call.a, now, action.reason)
         return out + self.teardown.send_bye(call, call.b, now, action.reason)
-
-    def _reporter(self, call: Call) -> Callable[[], None]:
-        call_id = call.id
-
-        def authenticated() -> None:  # runs inside the relay's packet handler
-            self._authenticated.append(call_id)
-            if self.on_wakeup is not None:
-                self.on_wakeup()
-
-        return authenticated
 
     # --- what the phone's user perceives ----------------------------------------------
 
@@ -248,7 +274,7 @@ class SecureLegs:
         if settings is None:
             return []
         if call.media is not None and settings.tone is not None:
-            call.media.session.play_tone(Side.INSIDE, 0, settings.tone)
+            self.media.apply(PlayTone(call.media.session.id, Side.INSIDE, 0, settings.tone))
         mode = settings.callerid_refresh
         if mode == "off":
             return []

@@ -21,18 +21,20 @@ from proxy.b2bua.core import B2BUA, Outbound
 from proxy.b2bua.lifecycle import Lifecycle
 from proxy.b2bua.line_keys import Security, load_security
 from proxy.b2bua.reload import plan_reload
-from proxy.b2bua.resolver import SystemResolver
+from proxy.b2bua.resolver import DnsResolver, families_for
 from proxy.b2bua.routing import ResolveQuery
 from proxy.b2bua.secure import SecureState
+from proxy.b2bua.tls_keys import load_tls
 from proxy.errors import UsageError
 from proxy.logsetup import configure_logging, set_level
+from proxy.media.commands import MediaEvent
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
-from proxy.media.workers import WorkerEngine, WorkerSession
-from proxy.metrics import CallMetrics, MediaTotals
+from proxy.media.worker_pool import WorkerPool
+from proxy.metrics import MediaTotals
 from proxy.runtime import install_fast_loop, tune_gc
 from proxy.sip.transaction import Address
-from proxy.sip.transport import SipTransport
+from proxy.sip.transport import SipTransport, TlsSettings
 
 log = logging.getLogger("sipura.server")
 
@@ -41,9 +43,9 @@ class ProxyServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         workers = config.media.worker_count()
-        self.media: RelayEngine | WorkerEngine
+        self.media: RelayEngine | WorkerPool
         if workers:
-            self.media = WorkerEngine(
+            self.media = WorkerPool(
                 port_min=config.media.port_min,
                 port_max=config.media.port_max,
                 inside_ip=config.inside.media_ip,
@@ -52,7 +54,6 @@ class ProxyServer:
                 log_level=config.log.level,
                 log_format=config.log.format,
             )
-            self.media.on_lost = self._media_lost
             self.media.on_wakeup = self._wake
         else:
             self.media = RelayEngine(
@@ -64,17 +65,25 @@ class ProxyServer:
         self.security = load_security(config)
         _log_security(config, self.security)
         self.admin_token = load_token(config)
-        self.resolver = SystemResolver(self._resolved)
+        self.tls = load_tls(config)
+        for warning in self.tls.warnings:
+            log.warning("%s: %s", config.source, warning)
+        self.resolver = DnsResolver(
+            self._resolved, config.dns, config.sip.transports,
+            families_for(config.outside.listen_host),
+        )  # fmt: skip
         self.core = B2BUA(config, self.media, self.security, resolver=self.resolver)
-        self.metrics = CallMetrics()
-        self.draining = False
-        self.core.on_wakeup = self._wake
+        self.media.on_event = self._media_event_soon
         self.transports = {
             side: SipTransport(
                 side.value,
                 cfg.listen_host,
                 cfg.listen_port,
                 lambda data, source, side=side: self._on_message(side, data, source),  # type: ignore[misc]
+                TlsSettings(
+                    cfg.tls_listen, self.tls.server, self.tls.client, config.tls.handshake_timeout_s
+                ),
+                lambda dest, side=side: self._transport_failed(side, dest),  # type: ignore[misc]
             )
             for side, cfg in ((Side.INSIDE, config.inside), (Side.OUTSIDE, config.outside))
         }
@@ -88,7 +97,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if isinstance(self.media, WorkerEngine):
+        if isinstance(self.media, WorkerPool):
             self.media.start()
         for transport in self.transports.values():
             await transport.start(self.config.sip.transports)
@@ -98,10 +107,12 @@ class ProxyServer:
             self.admin_address = await self._admin.start(admin.listen_host, admin.listen_port)
             warn_if_exposed(self.config, self.admin_token)
         log.info(
-            "listening: inside %s:%s, outside %s:%s (%s); media ports %d-%d",
+            "listening: inside %s:%s, outside %s:%s (%s); TLS inside %s, outside %s; "
+            "media ports %d-%d",
             self.config.inside.listen_host, self.config.inside.listen_port,
             self.config.outside.listen_host, self.config.outside.listen_port,
-            "+".join(self.config.sip.transports), self.config.media.port_min,
+            "+".join(self.config.sip.transports), self.config.inside.tls_listen or "-",
+            self.config.outside.tls_listen or "-", self.config.media.port_min,
             self.config.media.port_max,
         )  # fmt: skip
 
@@ -124,6 +135,16 @@ class ProxyServer:
             return
         self._send(out)
 
+    def _transport_failed(self, side: Side, dest: Address) -> None:
+        """No connection to ``dest``: the transactions waiting on it fail (over) now."""
+        assert self._loop is not None
+        try:
+            out = self.core.transport_failed(side, dest, self._loop.time())
+        except Exception:
+            log.exception("internal error handling a transport failure toward %s", dest)
+            return
+        self._send(out)
+
     def _resolved(self, query: ResolveQuery, targets: list[Address], ttl_s: float) -> None:
         """A name lookup the core asked for is done: run what waited for it."""
         assert self._loop is not None
@@ -135,8 +156,8 @@ class ProxyServer:
         self._send(out)
 
     def _send(self, out: list[Outbound]) -> None:
-        if out and isinstance(self.media, WorkerEngine):
-            self.media.flush()  # media commands first: see WorkerEngine.flush
+        if out and isinstance(self.media, WorkerPool):
+            self.media.flush()  # media commands first: see WorkerPool.flush
         for item in out:
             self.transports[item.side].send(item.data, item.dest)
         self._arm()
@@ -155,20 +176,23 @@ class ProxyServer:
             self._timer_at = deadline
 
     def _wake(self) -> None:
-        """Media reported an event (SRTP authenticated): let the core act on it soon.
-
-        Called from inside a packet handler, so the core is not re-entered here."""
+        """Media counters arrived that may let the core act (a first packet): poll soon."""
         if self._loop is not None:
             self._loop.call_soon(self._poll)
 
-    def _media_lost(self, sessions: list[WorkerSession]) -> None:
-        """A media worker died: hang up the calls whose media it carried."""
-        if self._loop is None:
-            return
+    def _media_event_soon(self, event: MediaEvent) -> None:
+        """The media engine reports an event (SRTP authenticated, sessions lost). Called
+        from inside a packet handler or a channel reader: the core gets it on the next
+        loop iteration, not from in there."""
+        if self._loop is not None:
+            self._loop.call_soon(self._media_event, event)
+
+    def _media_event(self, event: MediaEvent) -> None:
+        assert self._loop is not None
         try:
-            out = self.core.media_lost(sessions, self._loop.time())
+            out = self.core.on_media_event(event, self._loop.time())
         except Exception:
-            log.exception("internal error hanging up the calls of a lost media worker")
+            log.exception("internal error handling a media event (%s)", type(event).__name__)
             return
         self._send(out)
 
@@ -189,7 +213,8 @@ class ProxyServer:
         stats = self.core.stats
         return {
             "calls": self.core.active_calls(),
-            "draining": self.draining,
+            "draining": self.core.draining,
+            "drain": self.core.drain.describe(self._now()),
             "stats": {
                 "calls_total": stats.calls_total,
                 "calls_answered": stats.calls_answered,
@@ -205,29 +230,39 @@ class ProxyServer:
                 "sessions": self.media.sessions,
                 "pooled_pairs": self.media.pooled,
                 "pooled_rtp_ports": self.media.pooled_ports(),
-                "workers": self.media.workers() if isinstance(self.media, WorkerEngine) else [],
+                "workers": self.media.workers(),
             },
             "lines_mc_expired": sorted(self.security.expired),
         }
 
     # --- lifecycle ------------------------------------------------------------------------
 
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
+
     def begin_drain(self) -> None:
-        """Stop taking calls: ``/health`` turns 503 so a dispatcher in front fails over."""
-        self.draining = True
+        """Stop taking calls: new INVITEs, OPTIONS and REGISTERs get 503 (a dispatcher in
+        front fails over) and ``/health`` turns 503; calls in progress go on."""
+        self.core.start_drain(self._now())
 
     def hang_up_all(self) -> None:
-        """End every call now (the end of a drain)."""
-        log.warning("exiting with %d calls up", len(self.core.calls))
+        """End every call now (the end of a drain): BYE on both legs with
+        ``Reason: SIP;cause=503;text="proxy shutting down"``, ringing calls cancelled."""
+        if self._loop is None:
+            return
+        try:
+            out = self.core.hang_up_all(self._loop.time())
+        except Exception:
+            log.exception("internal error hanging up the calls left")
+            return
+        self._send(out)
 
     # --- admin endpoint -----------------------------------------------------------------
 
     def health(self) -> str | None:
-        if self.draining:
+        if self.core.draining:
             return "draining"
-        if isinstance(self.media, WorkerEngine) and not any(
-            w["alive"] for w in self.media.workers()
-        ):
+        if isinstance(self.media, WorkerPool) and not any(w["alive"] for w in self.media.workers()):
             return "no live media worker"
         return None
 
@@ -240,7 +275,7 @@ class ProxyServer:
             active["yes" if secure else "no"] += 1
             if call.media is not None:
                 live.add(call.media.session.stats())
-        if isinstance(self.media, WorkerEngine):
+        if isinstance(self.media, WorkerPool):
             workers = self.media.workers()
             ports_free = sum(int(w["ports_free"]) for w in workers)
             alive = sum(1 for w in workers if w["alive"])
@@ -248,7 +283,7 @@ class ProxyServer:
         else:
             ports_free, alive, restarts = self.media.ports.available + self.media.pooled, 0, 0
         user_ids = {line.user_key: line.user_id for line in self.config.lines}
-        m = self.metrics
+        m = core.stats.metrics
         return Snapshot(
             calls_active=active,
             calls_total=m.calls_by_direction,

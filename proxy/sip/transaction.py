@@ -46,12 +46,15 @@ class Timers:
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """Where a message came from or goes to. ``conn`` identifies a TCP connection."""
+    """Where a message came from or goes to. ``conn`` identifies a TCP (or TLS)
+    connection; ``name``, for TLS, is the host name the server's certificate must match
+    (the URI's host, RFC 5922 §4: not an SRV target; None: ``host`` itself)."""
 
     host: str
     port: int
     transport: str = "udp"
     conn: int | None = None
+    name: str | None = None
 
     @property
     def reliable(self) -> bool:
@@ -443,6 +446,22 @@ class TransactionLayer:
             return self._on_response(message, source, now)
         stamp_via(message, source)
         return self._on_request(message, source, now)
+
+    def fail_transport(self, dest: Address, now: float) -> list[TransactionEvent]:
+        """No connection to ``dest`` could be made (RFC 3261 §8.1.3.1: a transport error
+        counts as a timeout, so the user may fail over): every client transaction still
+        waiting on it times out now. Rare, so a scan is fine."""
+        events: list[TransactionEvent] = []
+        where = (dest.host, dest.port, dest.transport)
+        for key, tx in list(self._clients.items()):
+            if (tx.dest.host, tx.dest.port, tx.dest.transport) != where:
+                continue
+            if tx.state in (State.CALLING, State.TRYING, State.PROCEEDING):
+                events.append(TransactionTimeout(tx))
+            tx.state = State.TERMINATED
+            tx.retransmit_at = None
+            del self._clients[key]
+        return events
 
     def find_invite_server(self, cancel: Request) -> ServerTransaction | None:
         """The INVITE server transaction a CANCEL targets (§9.2: same branch)."""

@@ -1,10 +1,18 @@
-"""The asyncio edge for SIP: UDP and TCP listeners and connections for one side.
+"""The asyncio edge for SIP: UDP, TCP and TLS listeners and connections for one side.
 
-Nothing here understands SIP beyond TCP framing (:func:`frame_stream`): every complete
-message is handed to ``on_message(data, Address)``, and :meth:`SipTransport.send`
-delivers bytes to an :class:`Address`, reusing the TCP connection a peer opened to us
-(responses and in-dialog requests follow the connection, as phones behind NAT need) or
-opening one. TLS is a later step: it plugs in as one more ``transport`` value here.
+Nothing here understands SIP beyond stream framing (:func:`frame_stream`): every
+complete message is handed to ``on_message(data, Address)``, and
+:meth:`SipTransport.send` delivers bytes to an :class:`Address`, reusing the connection
+a peer opened to us (responses and in-dialog requests follow the connection, as phones
+behind NAT need: the flow a phone registered over carries calls to it, RFC 5626 style)
+or opening one, reused per destination after that.
+
+TLS (RFC 3261 §26, RFC 5630) is a stream like TCP, with the same framing: asyncio's
+``ssl`` layer sits under the same protocol class. Outgoing TLS checks the server's
+certificate against the :attr:`Address.name` the core resolved (the URI's host, RFC
+5922); a handshake that fails or does not finish within the handshake timeout is one
+rate-limited log line and a transport failure reported to the core
+(``on_failure``), which fails the transactions waiting on it (and so fails over).
 """
 
 from __future__ import annotations
@@ -14,9 +22,13 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl
 from collections.abc import Callable
+from collections.abc import Callable as Callback
+from dataclasses import dataclass
 from typing import cast
 
+from proxy.ratelimit import LogLimiter
 from proxy.sip.message import SipParseError, frame_stream
 from proxy.sip.transaction import Address
 
@@ -46,10 +58,13 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class _Tcp(asyncio.Protocol):
-    """One TCP connection, accepted or opened, framed by Content-Length."""
+    """One TCP (or TLS) connection, accepted or opened, framed by Content-Length."""
 
-    def __init__(self, owner: SipTransport, remote: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self, owner: SipTransport, remote: tuple[str, int] | None = None, kind: str = "tcp"
+    ) -> None:
         self._owner = owner
+        self.kind = kind
         self._buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.id = next(_conn_ids)
@@ -82,7 +97,7 @@ class _Tcp(asyncio.Protocol):
                 return
             if message is None:
                 return
-            self._owner.on_message(message, Address(*self.remote, "tcp", self.id))
+            self._owner.on_message(message, Address(*self.remote, self.kind, self.id))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner.unregister(self)
@@ -95,18 +110,39 @@ class _Tcp(asyncio.Protocol):
         self.transport.write(data)
 
 
-class SipTransport:
-    """UDP + TCP for one listen address."""
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """TLS for one side: where to listen (None: no listener), the contexts
+    (:mod:`proxy.b2bua.tls_keys`) and the handshake timeout."""
 
-    def __init__(self, name: str, host: str, port: int, on_message: OnMessage) -> None:
+    listen: tuple[str, int] | None
+    server: ssl.SSLContext | None
+    client: ssl.SSLContext | None
+    handshake_timeout_s: float = 5.0
+
+
+class SipTransport:
+    """UDP + TCP (+ TLS) for one listen address."""
+
+    def __init__(
+        self, name: str, host: str, port: int, on_message: OnMessage,
+        tls: TlsSettings | None = None, on_failure: Callback[[Address], None] | None = None,
+    ) -> None:  # fmt: skip
         self.name = name
         self.host = host
         self.port = port
         self.on_message = on_message
+        self.tls = tls
+        self.on_failure = on_failure
+        """Told when a connection to a destination could not be opened (connect or TLS
+        handshake failed): the core fails what waits on it."""
         self._udp: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
+        self._tls_server: asyncio.Server | None = None
         self._by_id: dict[int, _Tcp] = {}
-        self._by_remote: dict[tuple[str, int], _Tcp] = {}
+        self._by_remote: dict[tuple[str, int, str], _Tcp] = {}
+        self._notes = LogLimiter(log)
+        self.tls_failures = 0
 
     async def start(self, transports: tuple[str, ...]) -> None:
         loop = asyncio.get_running_loop()
@@ -125,15 +161,23 @@ class SipTransport:
             self._server = await loop.create_server(
                 lambda: _Tcp(self), self.host, self.port, reuse_address=True
             )
+        tls = self.tls
+        if "tls" in transports and tls is not None and tls.listen and tls.server is not None:
+            self._tls_server = await loop.create_server(
+                lambda: _Tcp(self, kind="tls"), tls.listen[0], tls.listen[1],
+                reuse_address=True, ssl=tls.server,
+                ssl_handshake_timeout=tls.handshake_timeout_s,
+            )  # fmt: skip
 
     def register(self, conn: _Tcp) -> None:
         self._by_id[conn.id] = conn
-        self._by_remote[conn.remote] = conn
+        self._by_remote[(*conn.remote, conn.kind)] = conn
 
     def unregister(self, conn: _Tcp) -> None:
         self._by_id.pop(conn.id, None)
-        if self._by_remote.get(conn.remote) is conn:
-            del self._by_remote[conn.remote]
+        key = (*conn.remote, conn.kind)
+        if self._by_remote.get(key) is conn:
+            del self._by_remote[key]
 
     def send(self, data: bytes, dest: Address) -> None:
         if dest.transport == "udp":
@@ -142,39 +186,79 @@ class SipTransport:
             return
         conn = self._by_id.get(dest.conn) if dest.conn is not None else None
         if conn is None:
-            conn = self._by_remote.get((dest.host, dest.port))
+            conn = self._by_remote.get((dest.host, dest.port, dest.transport))
         if conn is None:
             conn = self._connect(dest)
+            if conn is None:
+                return
         conn.write(data)
 
-    def _connect(self, dest: Address) -> _Tcp:
-        conn = _Tcp(self, (dest.host, dest.port))
-        self._by_remote[(dest.host, dest.port)] = conn
+    def _connect(self, dest: Address) -> _Tcp | None:
+        kind = dest.transport
+        if kind == "tls" and (self.tls is None or self.tls.client is None):
+            self._failed(dest, "no TLS client context")
+            return None
+        conn = _Tcp(self, (dest.host, dest.port), kind=kind)
+        key = (dest.host, dest.port, kind)
+        self._by_remote[key] = conn
 
         async def open_connection() -> None:
             loop = asyncio.get_running_loop()
             try:
-                await loop.create_connection(lambda: conn, dest.host, dest.port)
-            except OSError as exc:
-                log.info(
-                    "%s: TCP connect to %s:%s failed: %s", self.name, dest.host, dest.port, exc
-                )
-                if self._by_remote.get((dest.host, dest.port)) is conn:
-                    del self._by_remote[(dest.host, dest.port)]
+                if kind == "tls":
+                    assert self.tls is not None
+                    await loop.create_connection(
+                        lambda: conn, dest.host, dest.port, ssl=self.tls.client,
+                        server_hostname=dest.name or dest.host,
+                        ssl_handshake_timeout=self.tls.handshake_timeout_s,
+                    )  # fmt: skip
+                else:
+                    await loop.create_connection(lambda: conn, dest.host, dest.port)
+            except (OSError, ssl.SSLError, ssl.CertificateError, TimeoutError) as exc:
+                if self._by_remote.get(key) is conn:
+                    del self._by_remote[key]
+                self._failed(dest, _why(exc))
 
         task = asyncio.get_running_loop().create_task(open_connection())
         _background.add(task)
         task.add_done_callback(_background.discard)
         return conn
 
+    def _failed(self, dest: Address, why: str) -> None:
+        """One rate-limited line per destination and reason; the core hears of it."""
+        if dest.transport == "tls":
+            self.tls_failures += 1
+        now = asyncio.get_running_loop().time()
+        self._notes.log(logging.WARNING, why, f"{dest.host}:{dest.port}", now,
+                        "%s: %s connection to %s:%s (%s) failed: %s", self.name,
+                        dest.transport.upper(), dest.host, dest.port, dest.name or dest.host,
+                        why)  # fmt: skip
+        if self.on_failure is not None:
+            self.on_failure(dest)
+
     def close(self) -> None:
         if self._udp is not None:
             self._udp.close()
         if self._server is not None:
             self._server.close()
+        if self._tls_server is not None:
+            self._tls_server.close()
         for conn in list(self._by_id.values()):
             if conn.transport is not None:
                 conn.transport.close()
+
+
+def _why(exc: BaseException) -> str:
+    """A failure as one short phrase (an ssl error's reason, the OS's text)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate rejected: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return f"TLS handshake failed: {exc.reason.lower().replace('_', ' ')}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 _background: set[asyncio.Task[None]] = set()
