@@ -105,7 +105,10 @@ class Rtpengine:
         exe = rtpengine_binary()
         assert exe is not None
         self.ng_port = free_port()
-        port_min, port_max = ports or free_port_range(2000)
+        try:
+            port_min, port_max = ports or free_port_range(2000)
+        except RuntimeError as exc:
+            raise BenchError(f"rtpengine's media ports: {exc}") from None
         self.threads = threads
         self.log_path = workdir / f"{name}.log"
         self._log_seen = 0

@@ -95,19 +95,26 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def media_range(calls: int) -> tuple[int, int]:
     """Free consecutive ports for ``calls`` calls: two RTP/RTCP pairs each, and spare."""
-    return free_port_range(max(4 * calls + 64, 400))
+    try:
+        return free_port_range(max(4 * calls + 64, 400))
+    except RuntimeError as exc:  # other processes hold ports all over the block range
+        raise BenchError(f"media ports for {calls} calls: {exc}") from None
+
+
+def wants_paced_rtpengine(args: argparse.Namespace) -> bool:
+    return not (args.no_rtpengine or args.skip_capacity) and rtpengine_binary() is not None
 
 
 def paced_rtpengine(
-    args: argparse.Namespace, workdir: Path, cap: ProxyProc, calls: int
+    workdir: Path, cap: ProxyProc, ports: tuple[int, int] | None
 ) -> Rtpengine | None:
     """The rtpengine of the side-by-side steps: as many worker threads as the capacity
     proxy has media workers (1 when it relays in-process), not pinned (neither is the
-    proxy), a free port range of its own."""
-    if args.no_rtpengine or args.skip_capacity or not rtpengine_binary():
+    proxy), a free port range of its own (taken with the proxy's, before the small ones
+    cut the block range into pieces)."""
+    if ports is None:
         return None
     threads = len(cap.worker_info(cap.status())) or 1
-    ports = media_range(calls)
     return Rtpengine(workdir, None, name="rtpengine-paced", ports=ports, threads=threads)
 
 
@@ -133,13 +140,14 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     try:
         steps = args.steps or prof["steps"]
+        # the large port ranges first (the capacity proxy's, the side-by-side rtpengine's)
+        cap_ports = media_range(max(steps))
+        rtpe_ports = media_range(max(steps)) if wants_paced_rtpengine(args) else None
         # per-packet proxy: one media worker (pinned like rtpengine); capacity proxy: default
         pp = ProxyProc(
             "pp", workdir, pki, harness.spa_port, media_range(prof["pp_calls"] * 2), workers=1
         )
-        cap = ProxyProc(
-            "cap", workdir, pki, harness.spa_port, media_range(max(steps)), workers=args.workers
-        )
+        cap = ProxyProc("cap", workdir, pki, harness.spa_port, cap_ports, workers=args.workers)
         for proxy in (pp, cap):
             proxy.supports_workers = config_knows_workers()
             proxies.append(proxy)
@@ -155,7 +163,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             report["per_packet"] = await per_packet(args, prof, gens, harness, pp, workdir)
         pp.stop()
         await harness.use(cap)
-        rtpe = paced_rtpengine(args, workdir, cap, max(steps))
+        rtpe = paced_rtpengine(workdir, cap, rtpe_ports)
         if rtpe is None and not args.skip_capacity:
             report["notes"].append("no rtpengine (not installed, --no-rtpengine): no side by side")
         if not args.skip_capacity:
