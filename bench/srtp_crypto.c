@@ -1,5 +1,5 @@
 /* srtp_crypto: per-packet cost of the system libsrtp2, with its own crypto and with the
- * kept-state AES-CM / HMAC-SHA1 of csrc/fastcrypto.c (docs/decisions.md, entry 53).
+ * kept-state AES-CM / HMAC-SHA1 of csrc/fastcrypto.c (docs/decisions.md, entry 54).
  * Built and run by bench/srtp_crypto.py: srtp_crypto [kept] [packets] */
 #include <srtp2/srtp.h>
 #include <stdio.h>
