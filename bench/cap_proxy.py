@@ -28,6 +28,8 @@ class ProxyProc:
     upstream: int
     media: tuple[int, int]
     workers: int | None
+    fast_path: str | None = None
+    """``[media] fast_path`` (None: the proxy's default, the compiled path where built)."""
     local: LocalProxy = field(init=False)
 
     def __post_init__(self) -> None:
@@ -58,7 +60,7 @@ class ProxyProc:
             log_level="warning",
             lines=[line],
             inside={"unknown_users": "relay"},
-            media={"workers": self.workers},
+            media={"workers": self.workers, "fast_path": self.fast_path},
             sip={"transports": ["udp"]},
             xsipura={"trusted_ca": [str(self.pki.ca_pub)], "tone": False},
         )

@@ -145,9 +145,11 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         rtpe_ports = media_range(max(steps)) if wants_paced_rtpengine(args) else None
         # per-packet proxy: one media worker (pinned like rtpengine); capacity proxy: default
         pp = ProxyProc(
-            "pp", workdir, pki, harness.spa_port, media_range(prof["pp_calls"] * 2), workers=1
-        )
-        cap = ProxyProc("cap", workdir, pki, harness.spa_port, cap_ports, workers=args.workers)
+            "pp", workdir, pki, harness.spa_port, media_range(prof["pp_calls"] * 2), workers=1,
+            fast_path=args.fast_path,
+        )  # fmt: skip
+        cap = ProxyProc("cap", workdir, pki, harness.spa_port, cap_ports, workers=args.workers,
+                        fast_path=args.fast_path)  # fmt: skip
         for proxy in (pp, cap):
             proxy.supports_workers = config_knows_workers()
             proxies.append(proxy)
@@ -157,6 +159,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             "per_packet_workers_config": 1,
             "per_packet_workers": pp.worker_info(pp.status()),
             "capacity_workers_config": args.workers if args.workers is not None else "default",
+            "fast_path_config": args.fast_path or "default",
             "capacity_workers": cap.worker_info(cap.status()),
         }
         if not args.skip_per_packet:
@@ -205,6 +208,13 @@ def main() -> int:
         type=int,
         default=None,
         help="[media] workers of the capacity proxy (default: the proxy's)",
+    )
+    ap.add_argument(
+        "--fast-path",
+        choices=["auto", "on", "off"],
+        default=None,
+        help="[media] fast_path of both proxies (default: the proxy's: the compiled packet "
+        "path where it was built)",
     )
     ap.add_argument("--gen", choices=["auto", "py"], default="auto")
     ap.add_argument(
