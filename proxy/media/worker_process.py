@@ -11,7 +11,8 @@ relay's own, untouched.
 
 What goes back: ``Closed`` when a released session's sockets are all closed (its ports
 may be handed out again), ``Authenticated`` once per fired ``WatchSrtp``, and ``Stats``:
-every :data:`FLUSH_S` the counters of the sessions whose counters changed, and, checked
+every :data:`FLUSH_S` the counters of the sessions whose counters changed (a tenth of the
+sessions every tenth of the period, so no report holds the packets up for long), and, checked
 every :data:`FIRST_PACKET_S`, at once for a session whose stream 0 just received its
 first packet on a side, because the B2BUA starts x-sipura only after the phone's first
 RTP and call set-up must not wait for the next periodic flush. Watching for that on a
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import signal
 import socket
@@ -55,6 +57,8 @@ log = logging.getLogger("sipura.media.worker")
 
 FLUSH_S = 0.1
 """Period of the counter reports."""
+FLUSH_PARTS = 10
+"""Reports per period, each for its share of the sessions (:meth:`WorkerProcess._flush_loop`)."""
 FIRST_PACKET_S = 0.01
 """Period of the check for sessions whose first packet arrived (while there are any)."""
 STATS_BATCH = 100
@@ -279,12 +283,19 @@ class WorkerProcess:
             self.last[sid] = counters
             self.send(ch.Stats(((sid, counters),)))
 
-    def flush(self) -> None:
+    def flush(self, part: int = 0, parts: int = 1) -> None:
+        """Report the counters that changed, of the sessions in ``part`` of ``parts``
+        (in allocation order; all of them by default)."""
+        sessions = self.sessions
+        count = len(sessions)
+        start, end = count * part // parts, count * (part + 1) // parts
+        if start == end:
+            return
         batch: list[tuple[int, tuple[int, ...]]] = []
         ints = 0
         last = self.last
-        for sid, session in self.sessions.items():
-            counters = session.counters()
+        for sid in itertools.islice(sessions, start, end):
+            counters = sessions[sid].counters()
             if last.get(sid) != counters:
                 last[sid] = counters
                 if batch and ints + len(counters) > STATS_INTS:
@@ -299,10 +310,16 @@ class WorkerProcess:
             self.send(ch.Stats(tuple(batch)))
 
     async def _flush_loop(self) -> None:
+        """Every session's counters every FLUSH_S, a tenth of the sessions at a time: the
+        report of 250 sessions costs ~1.5 ms of this loop, and packets arriving meanwhile
+        wait; ten pauses of 0.15 ms keep that out of the latency tail."""
+        part = 0
         while True:
-            await asyncio.sleep(FLUSH_S)
-            self.flush()
-            flush_noise(self.engine.clock())  # the held-back wrong-source counts
+            await asyncio.sleep(FLUSH_S / FLUSH_PARTS)
+            self.flush(part, FLUSH_PARTS)
+            part = (part + 1) % FLUSH_PARTS
+            if part == 0:
+                flush_noise(self.engine.clock())  # the held-back wrong-source counts
 
     async def _first_packet_loop(self) -> None:
         while True:
