@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from proxy.media.packet_path import built_paths
 from proxy.sip.message import Request, Response, parse_message
 from testkit.ports import HOST, media_range
 from testkit.processes import wait_for
@@ -105,11 +106,15 @@ def is_request(method: str, call_id: str | None = None) -> Callable[[Request | R
 class Proxy(LocalProxy):
     """The proxy with media workers; its upstream is the PBX endpoint :attr:`pbx`."""
 
-    def __init__(self, tmp_path: Path, *, workers: int, max_calls: int = 0) -> None:
+    def __init__(
+        self, tmp_path: Path, *, workers: int, max_calls: int = 0, fast_path: str | None = None
+    ) -> None:
         super().__init__("proxy", tmp_path, media=media_range(8))
         self.pbx = Endpoint()
         self.write_config(
-            upstream=self.pbx.port, media={"workers": workers}, limits={"max_calls": max_calls}
+            upstream=self.pbx.port,
+            media={"workers": workers, "fast_path": fast_path},
+            limits={"max_calls": max_calls},
         )
         self.run(ready=lambda status: all(w["alive"] for w in status["media"]["workers"]))
 
@@ -280,6 +285,24 @@ def test_killed_worker_hangs_up_its_calls_only_and_is_replaced(
     finally:
         for call in calls:
             call.phone.close()
+
+
+@pytest.mark.parametrize("path", built_paths())
+def test_status_names_the_packet_path_the_workers_run(
+    proxy_factory: Callable[..., Proxy], path: str
+) -> None:
+    """``[media] fast_path``: "on" runs the compiled path in every worker, "off" the Python
+    one; /status says so, and a call relays either way."""
+    proxy = proxy_factory(workers=2, fast_path="on" if path == "fast" else "off")
+    call = Call(proxy)
+    try:
+        call.establish()
+        assert call.relays(1)
+        media = proxy.status()["media"]
+        assert media["packet_path"] == path
+        assert [w["packet_path"] for w in media["workers"]] == [path, path]
+    finally:
+        call.phone.close()
 
 
 def test_call_beyond_max_calls_gets_503_with_retry_after(
