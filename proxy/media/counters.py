@@ -9,6 +9,7 @@ signalling process turns it back into the ``stats()`` the in-process relay gives
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from typing import cast
 
 from proxy.media.engine import DROP_REASONS, Side, StreamStats
@@ -43,7 +44,7 @@ counters_of = operator.attrgetter(*COUNTERS)
 """A leg's counters as a tuple, in one C call."""
 
 
-def stats_from(counters: tuple[int, ...], streams: int) -> dict[Side, list[StreamStats]]:
+def stats_from(counters: Sequence[int], streams: int) -> dict[Side, list[StreamStats]]:
     """``RelaySession.stats()`` rebuilt from ``RelaySession.counters()`` (a worker's
     report): ``streams`` inside legs, then as many outside legs; all zero where the
     report is short (none yet)."""

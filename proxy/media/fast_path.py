@@ -214,6 +214,9 @@ class FastPath:
     def counters_of(self, leg: RelayLeg) -> tuple[int, ...]:
         return cast(FastLeg, leg).counters()
 
+    def packed_counters(self, leg: RelayLeg) -> bytes:
+        return cast(FastLeg, leg).packed_counters()
+
     def stats(self) -> dict[str, int]:
         """Wake-ups and datagrams so far (``/status``: datagrams per wake-up)."""
         relay = self.relay

@@ -16,6 +16,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Protocol
 
+from proxy.media.channel import pack_counters
 from proxy.media.commands import SrtpKeys
 from proxy.media.counters import counters_of
 from proxy.media.engine import FAST_PATH_MODES, Side
@@ -75,6 +76,10 @@ class PacketPath(Protocol):
         """``leg``'s counters in :data:`~proxy.media.counters.COUNTERS` order."""
         ...
 
+    def packed_counters(self, leg: RelayLeg) -> bytes:
+        """The same, packed as native 64-bit ints (a worker's counter report)."""
+        ...
+
     def close(self) -> None:
         """The engine is closed: stop whatever watches its sockets."""
         ...
@@ -108,6 +113,9 @@ class PythonPath:
     def counters_of(self, leg: RelayLeg) -> tuple[int, ...]:
         counters: tuple[int, ...] = counters_of(leg)
         return counters
+
+    def packed_counters(self, leg: RelayLeg) -> bytes:
+        return pack_counters(counters_of(leg))
 
     def close(self) -> None:
         pass

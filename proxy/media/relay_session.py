@@ -313,6 +313,13 @@ class RelaySession:
         counters = self._engine.path.counters_of
         return tuple(chain.from_iterable(map(counters, legs[Side.INSIDE] + legs[Side.OUTSIDE])))
 
+    def packed_counters(self) -> bytes:
+        """:meth:`counters` packed as a worker reports them (:class:`proxy.media.channel.
+        Stats`)."""
+        legs = self._legs
+        packed = self._engine.path.packed_counters
+        return b"".join(map(packed, legs[Side.INSIDE] + legs[Side.OUTSIDE]))
+
     def inbound(self) -> tuple[int, int]:
         """Packets accepted from the inside and from the outside peer of stream 0."""
         legs = self._legs

@@ -62,11 +62,11 @@ FLUSH_PARTS = 10
 FIRST_PACKET_S = 0.01
 """Period of the check for sessions whose first packet arrived (while there are any)."""
 STATS_BATCH = 100
-"""Sessions per Stats message at most (a session with one stream is ~250 bytes encoded)."""
-STATS_INTS = 3000
-"""Counters per Stats message at most: even at 21 bytes each (a 20-digit int and a comma)
-a message stays under :data:`channel.MAX_MESSAGE`, however many streams the sessions
-have (a leg has 26 counters; a session with four streams, 208)."""
+"""Sessions per Stats message at most (12 bytes each besides their counters)."""
+STATS_INTS = 7000
+"""Counters per Stats message at most: at 8 bytes each a message stays under
+:data:`channel.MAX_MESSAGE`, however many streams the sessions have (a leg has 26
+counters; a session with four streams, 208)."""
 BATCH = 32
 """Reports per batch at most; a batch also stays under :data:`channel.MAX_MESSAGE`."""
 MAX_QUEUE = 100_000
@@ -84,8 +84,8 @@ class WorkerProcess:
         """Allocated here and not released, by id."""
         self.watches: dict[tuple[int, Side], int] = {}
         """Per session and side: the WatchSrtp commands received (see ch.Authenticated)."""
-        self.last: dict[int, tuple[int, ...]] = {}
-        """Per session: the counters last reported."""
+        self.last: dict[int, bytes] = {}
+        """Per session: the counters last reported (packed, as :class:`ch.Stats` has them)."""
         self.fresh: dict[int, tuple[int, int]] = {}
         """Sessions with a side of stream 0 that has not received yet: inbound counts
         last seen."""
@@ -224,6 +224,10 @@ class WorkerProcess:
         if self.done is None or self.done.done():
             return  # stopping: nobody is listening any more
         data = ch.encode(message)
+        if data[:1] == ch.STATS_TAG:  # a counter report: alone, after what is pending
+            self._flush_pending()
+            self._transmit(data)
+            return
         if self.pending_size + len(data) > ch.MAX_MESSAGE - 64:
             self._flush_pending()  # what is pending goes first, as one datagram
         self.pending.append(data)
@@ -239,7 +243,12 @@ class WorkerProcess:
         if not self.pending or self.done is None or self.done.done():
             return
         pending, self.pending, self.pending_size = self.pending, [], 0
-        data = ch.batch(pending) if len(pending) > 1 else pending[0]
+        self._transmit(ch.batch(pending) if len(pending) > 1 else pending[0])
+
+    def _transmit(self, data: bytes) -> None:
+        """Send one datagram now, or queue it behind those the channel has not taken."""
+        if self.done is None or self.done.done():
+            return
         if not self.queue:
             try:
                 self.sock.send(data)
@@ -278,7 +287,7 @@ class WorkerProcess:
         session = self.sessions.get(sid)
         if session is None:
             return
-        counters = session.counters()
+        counters = session.packed_counters()
         if self.last.get(sid) != counters:
             self.last[sid] = counters
             self.send(ch.Stats(((sid, counters),)))
@@ -291,18 +300,19 @@ class WorkerProcess:
         start, end = count * part // parts, count * (part + 1) // parts
         if start == end:
             return
-        batch: list[tuple[int, tuple[int, ...]]] = []
+        batch: list[tuple[int, bytes]] = []
         ints = 0
         last = self.last
         for sid in itertools.islice(sessions, start, end):
-            counters = sessions[sid].counters()
+            counters = sessions[sid].packed_counters()
             if last.get(sid) != counters:
                 last[sid] = counters
-                if batch and ints + len(counters) > STATS_INTS:
+                width = len(counters) // 8
+                if batch and ints + width > STATS_INTS:
                     self.send(ch.Stats(tuple(batch)))
                     batch, ints = [], 0
                 batch.append((sid, counters))
-                ints += len(counters)
+                ints += width
                 if len(batch) >= STATS_BATCH:
                     self.send(ch.Stats(tuple(batch)))
                     batch, ints = [], 0

@@ -11,9 +11,10 @@ this process) and tell a stale "authenticated" report from a current one.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from proxy.media.channel import unpack_counters
 from proxy.media.commands import (
     COMMAND_TYPES,
     AcceptSrtp,
@@ -64,7 +65,7 @@ class WorkerSession:
         self._call_id = call_id
         self._streams = streams
         self._local = local
-        self._counters: tuple[int, ...] = ()
+        self._counters: Sequence[int] = ()
         self._rx: dict[Side, SrtpKeys | None] = {Side.INSIDE: None, Side.OUTSIDE: None}
         """The keys each side's packets are tried with first (None: plain)."""
         self._watch: dict[Side, tuple[int, bool]] = {
@@ -103,10 +104,11 @@ class WorkerSession:
     def stats(self) -> dict[Side, list[StreamStats]]:
         return stats_from(self._counters, self._streams)
 
-    def update(self, counters: tuple[int, ...]) -> bool:
-        """New counters from the worker; True if a side of stream 0 saw its first packet."""
+    def update(self, packed: bytes) -> bool:
+        """New counters from the worker (packed, :class:`~proxy.media.channel.Stats`);
+        True if a side of stream 0 saw its first packet."""
         old = self._counters
-        self._counters = counters
+        self._counters = counters = unpack_counters(packed)
         width = len(COUNTERS)
         for base in (0, self._streams * width):
             at = base + _INSIDE_PACKETS

@@ -56,7 +56,7 @@ MESSAGES: list[ch.ChannelMessage] = [
     PlayTone(1, IN, 0, Tone.parse("350@-19;10(*/0/1)")),
     PlayTone(1, IN, 0, None),
     Release(1),
-    ch.Stats(((1, (1, 2, 3)), (2, ()))),
+    ch.Stats(((1, ch.pack_counters((1, 2, 3))), (2, b""), (2**64 - 1, ch.pack_counters((-1,))))),
     ch.Stats(()),
     ch.Authenticated(1, OUT, 7),
     ch.Closed(1),
@@ -85,6 +85,10 @@ def test_keys_are_not_in_the_repr_nor_in_errors() -> None:
     with pytest.raises(ch.ChannelError) as refused:
         ch.decode(damaged)
     assert KEY.hex() not in str(refused.value)
+
+
+JSON_MESSAGES = [m for m in MESSAGES if type(m) is not ch.Stats]
+"""Every message but the binary counter report."""
 
 
 def raw(message: ch.ChannelMessage) -> list[Any]:
@@ -161,7 +165,11 @@ def test_the_encoder_checks_types_too() -> None:
         SetRemote(1, IN, 0, "127.0.0.1", 1, 2, rtcp_mux=1),  # type: ignore[arg-type]
         SwitchSrtp(1, OUT, KEYS, float("nan")),
         SetTxSsrc(1, OUT, "1"),  # type: ignore[arg-type]
-        ch.Stats(((1, (1, "2")),)),  # type: ignore[arg-type]
+        ch.Stats(((1, (1, 2)),)),  # type: ignore[arg-type]  # counters not packed
+        ch.Stats(((1, b"1234567"),)),  # not a whole number of 64-bit ints
+        ch.Stats(((-1, b""),)),
+        ch.Stats(((True, b""),)),
+        ch.Stats(((1, b"", 2),)),  # type: ignore[arg-type]
     ):
         with pytest.raises(ch.ChannelError):
             ch.encode(message)
@@ -209,7 +217,7 @@ JSON_VALUES = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(MESSAGES), st.data())
+@given(st.sampled_from(JSON_MESSAGES), st.data())
 def test_ill_typed_fields_raise_only_channel_error(
     message: ch.ChannelMessage, data: st.DataObject
 ) -> None:
@@ -240,8 +248,10 @@ def test_split_range() -> None:
 
 
 def test_batches_keep_order_and_single_messages_still_decode() -> None:
-    data = ch.batch([ch.encode(m) for m in MESSAGES])
-    assert ch.decode_all(data) == MESSAGES
+    data = ch.batch([ch.encode(m) for m in JSON_MESSAGES])
+    assert ch.decode_all(data) == JSON_MESSAGES
+    with pytest.raises(ch.ChannelError):  # a counter report travels alone
+        ch.batch([ch.encode(JSON_MESSAGES[0]), ch.encode(ch.Stats(()))])
     assert ch.decode_all(ch.encode(MESSAGES[0])) == [MESSAGES[0]]
     with pytest.raises(ch.ChannelError):
         ch.decode_all(b'[0,["Release",1],["NoSuchCommand"]]')  # one bad message spoils it
@@ -249,3 +259,22 @@ def test_batches_keep_order_and_single_messages_still_decode() -> None:
         ch.decode_all(b'[0,[0,["Release",1]]]')  # no batch inside a batch
     with pytest.raises(ch.ChannelError):
         ch.decode(data)  # a batch is not a single message
+
+
+def test_counter_reports_are_binary_and_decode_exactly() -> None:
+    counters = ch.pack_counters(range(-2, 50))
+    report = ch.Stats(((7, counters), (2**40, b"")))
+    data = ch.encode(report)
+    assert data[:1] == ch.STATS_TAG and ch.decode_all(data) == [report]
+    assert list(ch.unpack_counters(counters)) == list(range(-2, 50))
+    for damaged in (data[:-1], data + b"\x00", data[:5], ch.STATS_TAG + b"\xff" * 12):
+        with pytest.raises(ch.ChannelError):
+            ch.decode_all(damaged)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_garbage_counter_reports_raise_only_channel_error(data: bytes) -> None:
+    with contextlib.suppress(ch.ChannelError):
+        decoded = ch.decode(ch.STATS_TAG + data)
+        assert ch.decode(ch.encode(decoded)) == decoded

@@ -522,6 +522,6 @@ def test_channel_message_sizes_fit() -> None:
     for streams in (1, 2, 4, 8):
         width = streams * one_stream
         sessions = max(1, min(STATS_BATCH, STATS_INTS // width))
-        counters = tuple(2**64 - 1 for _ in range(width))
+        counters = ch.pack_counters(2**63 - 1 for _ in range(width))
         batch = ch.Stats(tuple((2**40 + i, counters) for i in range(sessions)))
         assert len(ch.encode(batch)) < ch.MAX_MESSAGE, streams
