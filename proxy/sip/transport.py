@@ -30,6 +30,7 @@ from typing import cast
 
 from proxy.ratelimit import LogLimiter
 from proxy.sip.message import SipParseError, frame_stream
+from proxy.sip.pingpong import PING, PONG, take_pings
 from proxy.sip.transaction import Address
 
 log = logging.getLogger("sipura.transport")
@@ -88,6 +89,11 @@ class _Tcp(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buffer.extend(data)
         while True:
+            pings = take_pings(self._buffer)  # RFC 5626 keep-alive: a CRLF answers each
+            if pings and self.transport is not None:
+                self.transport.write(PONG * pings)
+            if self._buffer and PING.startswith(self._buffer):
+                return  # maybe part of a ping: wait for the rest before framing drops it
             try:
                 message = frame_stream(self._buffer)
             except SipParseError as exc:
