@@ -36,7 +36,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -108,6 +107,7 @@ class TreeProxy:
             "mini_certificate": f"@{self.pki.line_mc}",
             "srtp_private_key": f"@{self.pki.line_key}",
             "secure_by_default": True,
+            "allowed_sources": [ua.HOST],  # the bench's phones call from any port
         }
         self.local.write_config(
             upstream=self.driver.spa_port, log_level="warning", lines=[line],
@@ -133,7 +133,12 @@ class TreeProxy:
         self.local.stop()
 
 
-async def run_calls(proxy: TreeProxy, secure: bool, total: int, window: int) -> dict[str, float]:
+async def run_calls(
+    proxy: TreeProxy, secure: bool, total: int, window: int, rate: float = 0.0
+) -> dict[str, float]:
+    """``total`` calls, at most ``window`` at a time; with ``rate``, started at that
+    many per second (open loop: the CPU per call does not depend on how fast the box
+    lets the calls go), else each as soon as the window has room (closed loop)."""
     sem = asyncio.Semaphore(window)
     failures: list[str] = []
     done = 0
@@ -151,10 +156,23 @@ async def run_calls(proxy: TreeProxy, secure: bool, total: int, window: int) -> 
             else:
                 failures.append("BYE not answered")
 
+    async def paced() -> None:
+        loop = asyncio.get_running_loop()
+        start, tasks = loop.time(), []
+        for i in range(total):
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+
     sip_pid, workers = proxy.local.pid, proxy.worker_pids()
     sip0, work0 = cpu_ticks(sip_pid), sum(cpu_ticks(p) for p in workers)
     bench0, t0 = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(total)))
+    if rate > 0:
+        await paced()
+    else:
+        await asyncio.gather(*(one(i) for i in range(total)))
     wall = time.perf_counter() - t0
     sip_s = (cpu_ticks(sip_pid) - sip0) / CLK_TCK
     work_s = (sum(cpu_ticks(p) for p in workers) - work0) / CLK_TCK
@@ -237,7 +255,8 @@ async def main_async(args: argparse.Namespace) -> int:
                     if args.py_spy and rnd == 0 and proxy is proxies[0] and kind == "secured":
                         spy = py_spy(proxy.local.pid, Path(args.py_spy), args.calls / 150)
                         await asyncio.sleep(0.5)
-                    result = await run_calls(proxy, kind == "secured", args.calls, args.window)
+                    result = await run_calls(proxy, kind == "secured", args.calls, args.window,
+                                             args.rate)  # fmt: skip
                     if spy is not None:
                         spy.send_signal(signal.SIGINT)
                         spy.wait(10)
@@ -250,7 +269,8 @@ async def main_async(args: argparse.Namespace) -> int:
             proxy.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"# {machine()}; {args.calls} calls per run, window {args.window}, "
+    pacing = f"{args.rate:g} calls/s offered" if args.rate > 0 else "closed loop"
+    print(f"# {machine()}; {args.calls} calls per run, {pacing}, window {args.window}, "
           f"{args.rounds} rounds interleaved, medians (min-max)")  # fmt: skip
     print(f"{'tree':<28} {'kind':<8} {'calls/s':>15} {'SIP ms/call':>18} "
           f"{'workers ms/call':>16} {'failed':>6}")  # fmt: skip
@@ -283,6 +303,9 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=1500, help="calls per run")
     parser.add_argument("--window", type=int, default=300, help="calls in flight")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=150.0,
+                        help="calls started per second (0: closed loop, as fast as the "
+                        "window allows)")  # fmt: skip
     parser.add_argument("--kinds", default="secured,plain")
     parser.add_argument("--workers", type=int, default=None, help="[media] workers")
     parser.add_argument("--py-spy", metavar="DIR", help="profile the first tree's SIP process")

@@ -67,7 +67,7 @@ from proxy.b2bua.status import describe_bindings, describe_call
 from proxy.b2bua.teardown import Teardown
 from proxy.b2bua.transfer import Transfers
 from proxy.logsetup import bind_call
-from proxy.media.commands import MediaEvent, SessionsLost, SrtpAuthenticated
+from proxy.media.commands import MediaEvent, MediaFlowing, SessionsLost, SrtpAuthenticated
 from proxy.media.engine import MediaEngine, Side
 from proxy.sip.headers import SipHeaderError
 from proxy.sip.message import Request, SipParseError, parse_message
@@ -177,6 +177,7 @@ class B2BUA:
             CallTimer.SESSION_EXPIRES: self.timers.on_session_expired,
         }
         self._media_events: dict[type[MediaEvent], Handler] = {
+            MediaFlowing: self.secure.on_media_flowing,
             SrtpAuthenticated: self.secure.on_srtp_authenticated,
             SessionsLost: self.watch.on_sessions_lost,
         }

@@ -200,7 +200,7 @@ class MediaHandle:
             )
             ports.append(None if rtp_port == 0 else session.local(to_side, local_index)[1])
         self._held[from_side] = on_hold(sdp)
-        rewritten = rewrite_sdp(body, self._media_ip[to_side], ports)
+        rewritten = rewrite_sdp(body, self._media_ip[to_side], ports, sdp)
         self.last_sent[to_side] = rewritten
         return rewritten
 

@@ -36,6 +36,7 @@ from proxy.metrics import MediaTotals
 from proxy.runtime import install_fast_loop, tune_gc
 from proxy.sip.transaction import Address
 from proxy.sip.transport import SipTransport, TlsSettings
+from proxy.xsipura.trust import CHECKED_MCS
 
 log = logging.getLogger("sipura.server")
 
@@ -55,7 +56,6 @@ class ProxyServer:
                 log_level=config.log.level,
                 log_format=config.log.format,
             )
-            self.media.on_wakeup = self._wake
         else:
             self.media = RelayEngine(
                 port_min=config.media.port_min,
@@ -176,13 +176,10 @@ class ProxyServer:
             self._timer = self._loop.call_at(deadline, self._fire)
             self._timer_at = deadline
 
-    def _wake(self) -> None:
-        """Media counters arrived that may let the core act (a first packet): poll soon."""
-        if self._loop is not None:
-            self._loop.call_soon(self._poll)
-
     def _media_event_soon(self, event: MediaEvent) -> None:
-        """The media engine reports an event (SRTP authenticated, sessions lost). Called
+        """The media engine reports an event (media flowing, SRTP authenticated, sessions
+        lost): a call waiting for the phone's RTP hears of its first packet here, instead
+        of polling or of a poll of the whole core per first packet. Called
         from inside a packet handler or a channel reader: the core gets it on the next
         loop iteration, not from in there."""
         if self._loop is not None:
@@ -238,6 +235,7 @@ class ProxyServer:
                 "workers": self.media.workers(),
             },
             "lines_mc_expired": sorted(self.security.expired),
+            "xsipura": {"mc_cache": CHECKED_MCS.snapshot()},
         }
 
     # --- lifecycle ------------------------------------------------------------------------

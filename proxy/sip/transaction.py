@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+import re
 import secrets
 from dataclasses import dataclass, field
 from enum import Enum
@@ -225,6 +226,26 @@ def _client_key(message: SipMessage, method: str) -> tuple[str, str]:
     return message.top_via.branch or "", method
 
 
+_OWN_VIA = re.compile(r"SIP/2\.0/[A-Z]+ [A-Za-z0-9.:\[\]-]+;branch=(z9hG4bK[0-9a-f]+);rport")
+"""The Via the proxy writes on every request it sends (``SipSides.via``)."""
+
+
+def _sent_key(request: Request, method: str) -> tuple[str, str]:
+    """:func:`_client_key` of a request the proxy is about to send. Its top Via is the
+    proxy's own, freshly branched, so a full parse (~11 µs, once per request sent) is
+    never served from the parse cache; the branch is read off the text when the text
+    has exactly the proxy's form, and parsed as any other Via otherwise."""
+    for hname, value in request.headers:
+        if hname == "Via":
+            own = _OWN_VIA.fullmatch(value)
+            if own is not None:
+                return own.group(1), method
+            break
+        if hname.lower() in ("via", "v"):
+            break
+    return _client_key(request, method)
+
+
 def build_ack_for_error(request: Request, response: Response) -> Request:
     """§17.1.1.3: the ACK for a non-2xx is part of the INVITE client transaction."""
     ack = Request(method="ACK", uri=request.uri)
@@ -292,7 +313,7 @@ class TransactionLayer:
         tx = ClientTransaction(
             request=request,
             dest=dest,
-            key=_client_key(request, request.method),
+            key=_sent_key(request, request.method),
             invite=invite,
             state=State.CALLING if invite else State.TRYING,
             data=data,

@@ -27,7 +27,7 @@ from enum import Enum, StrEnum
 from proxy.xsipura import messages as msg
 from proxy.xsipura.mc import MalformedCertificate, MiniCertificate
 from proxy.xsipura.rsa import PrivateKey, RsaError, decrypt_type2, encrypt_type2
-from proxy.xsipura.trust import McStatus, TrustStore, ca_fingerprint
+from proxy.xsipura.trust import McStatus, TrustStore
 
 MASTER_KEY_LENGTH = 16
 MASTER_SALT_LENGTH = 16
@@ -196,17 +196,16 @@ def _verify_peer(
 ) -> tuple[MiniCertificate, PeerIdentity]:
     """The profile's check 2: a valid MC under a trusted CA, not expired."""
     try:
-        certificate = hello.certificate()
+        certificate, verdict = trust.check(hello.mc, now_utc)  # decoded and verified once
     except MalformedCertificate as exc:
         raise _Refused(ClearReason.BAD_CERTIFICATE, str(exc)) from exc
-    verdict = trust.verify(certificate, now_utc)
     if not verdict.ok or verdict.ca is None:
         raise _Refused(
             _VERDICT_REASONS[verdict.status],
             f"peer MC {certificate.user_id!r}: {verdict.message}",
         )
     identity = PeerIdentity.from_certificate(
-        certificate, ca_fingerprint(verdict.ca), verdict.sample_ca
+        certificate, trust.fingerprint(verdict.ca), verdict.sample_ca
     )
     return certificate, identity
 

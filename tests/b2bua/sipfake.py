@@ -226,6 +226,10 @@ class FakeMedia:
         self.by_id: dict[int, FakeSession] = {}
         self.ips = {Side.INSIDE: "10.0.0.1", Side.OUTSIDE: "192.0.2.1"}
         self.on_event: Callable[[MediaEvent], None] | None = None
+        self.reports_flowing = False
+        """Like the in-process relay: no ``MediaFlowing``, the core reads ``stats()``
+        (tests move ``packets_in``); :meth:`report` a ``MediaFlowing`` after setting
+        this to play a worker pool."""
         self._ids = itertools.count(1)
 
     def allocate(self, call_id: str, streams: int) -> FakeSession:

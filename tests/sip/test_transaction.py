@@ -787,3 +787,32 @@ def test_no_retransmission_when_the_timeout_fires_at_the_same_instant() -> None:
     assert len(sent_at(log)) == 2 * 63
     assert events_of(log) == [(32.0, TransactionTimeout(tx)), (32.0, TransactionTimeout(stx))]
     assert len(layer) == 0
+
+
+@pytest.mark.parametrize(
+    "vias",
+    [
+        ["SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK00ff00ff00ff00ff;rport"],  # the proxy's own
+        ["SIP/2.0/TLS [2001:db8::1]:5061;branch=z9hG4bKa1b2c3d4e5f60718;rport"],
+        ["SIP/2.0/UDP 192.0.2.1:5060;rport;branch=z9hG4bKabc"],  # other shapes: parsed
+        ["SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKABC;rport"],
+        ["SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKabc;rport, SIP/2.0/UDP h;branch=z9hG4bKdef"],
+        ["SIP/2.0/UDP 192.0.2.1:5060 ;branch=z9hG4bKabc;rport"],
+    ],
+)
+@pytest.mark.parametrize("name", ["Via", "v", "via"])
+def test_a_sent_request_is_matched_by_its_top_via_branch(vias: list[str], name: str) -> None:
+    """The key of a request the layer sends is its top Via's branch, whatever the Via
+    looks like (the proxy's own form is read without a full parse)."""
+    layer = TransactionLayer()
+    request = Request(method="OPTIONS", uri="sip:uas@198.51.100.20")
+    request.add("Via" if name == "v" else name, vias[0])  # a later Via of another spelling
+    request.add(name, "SIP/2.0/UDP 203.0.113.9;branch=z9hG4bKlater")
+    for header, value in (("From", f"<sip:a@b>;tag={FROM_TAG}"), ("To", "<sip:c@d>"),
+                          ("Call-ID", CALL_ID), ("CSeq", "1 OPTIONS")):  # fmt: skip
+        request.add(header, value)
+    tx, _ = layer.send_request(request, UAS, 0.0)
+    assert tx.key == (request.top_via.branch, "OPTIONS")
+    response = parse_message(response_to(request, 200, "OK", to_tag="t").serialize())
+    events, _ = layer.receive(response, UAS, 0.1)
+    assert [type(e) for e in events] == [ResponseReceived]
