@@ -206,6 +206,8 @@ class CallDriver:
         good_phone = sum(1 for d in to_phone if d[12:] == payload_down)
         good_peer = bad_peer = 0
         for data in to_peer:
+            if data[2:4] == b"\x00\x00" and len(data) == 12 + PAYLOAD_LEN:
+                continue  # the phone's first packet (sequence 0), relayed before SRTP
             if _check_at_peer(data, peer_ctx, payload_up):
                 good_peer += 1
             else:
