@@ -42,11 +42,12 @@ from proxy.xsipura.trust import CHECKED_MCS
 log = logging.getLogger("sipura.server")
 
 TIMER_GRID_S = 0.01
-"""The core's timers fire on a 10 ms grid. Every call leaves a trail of transaction
-timers (retransmission, K, J, L; x-sipura's start): one wake-up and poll of the whole
-core each, ~2-3 per plain and ~4-5 per secured call. The core's shortest timer is
-T1 (500 ms) or the 100 ms x-sipura media check, so firing up to 10 ms late changes no
-outcome, and lets the timers of calls set up together share a wake-up."""
+"""The core's timers fire on a 10 ms grid (finer if ``[sip] t1_ms`` is under 100 ms: a
+tenth of T1). Every call leaves a trail of transaction timers (retransmission, K, J, L;
+x-sipura's start): one wake-up and poll of the whole core each, ~4 per plain and ~6 per
+secured call. With the default timers the shortest is the 100 ms x-sipura media check
+(T1 is 500 ms), so firing up to 10 ms late changes no outcome, and lets the timers of
+calls set up together share a wake-up (decisions.md §54)."""
 
 
 class ProxyServer:
@@ -98,6 +99,7 @@ class ProxyServer:
         }
         self._timer: asyncio.Handle | None = None
         self._arm_scheduled = False
+        self._grid = min(TIMER_GRID_S, config.sip.t1_s / 10)
         self._closed = False
         self._timer_at: float | None = None
         """The deadline ``_timer`` was armed for: uvloop's ``call_at`` with a time already
@@ -189,13 +191,14 @@ class ProxyServer:
             self._arm()
 
     def _arm(self) -> None:
-        """One timer, at the core's next deadline rounded up to :data:`TIMER_GRID_S`."""
+        """One timer, at the core's next deadline rounded up to the grid (:data:`TIMER_GRID_S`)."""
         assert self._loop is not None
         deadline = self.core.next_deadline()
-        when = None if deadline is None else math.ceil(deadline / TIMER_GRID_S) * TIMER_GRID_S
+        grid = self._grid
+        when = None if deadline is None else math.ceil(deadline / grid) * grid
         if self._timer is not None:
             armed = self._timer_at
-            if when is not None and armed is not None and abs(armed - when) < TIMER_GRID_S / 2:
+            if when is not None and armed is not None and abs(armed - when) < grid / 2:
                 return
             self._timer.cancel()
             self._timer = None
