@@ -13,6 +13,9 @@ certificate against the :attr:`Address.name` the core resolved (the URI's host, 
 5922); a handshake that fails or does not finish within the handshake timeout is one
 rate-limited log line and a transport failure reported to the core
 (``on_failure``), which fails the transactions waiting on it (and so fails over).
+Incoming TLS is accepted by :class:`~proxy.sip.tls_listener.TlsListener`, so that a
+failed incoming handshake is one rate-limited log line (reason and source) and a count
+(:attr:`SipTransport.tls_handshakes_failed`), not silence.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import cast
 from proxy.ratelimit import LogLimiter
 from proxy.sip.message import SipParseError, frame_stream
 from proxy.sip.pingpong import PING, PONG, take_pings
+from proxy.sip.tls_listener import TlsListener
 from proxy.sip.transaction import Address
 
 log = logging.getLogger("sipura.transport")
@@ -144,11 +148,14 @@ class SipTransport:
         handshake failed): the core fails what waits on it."""
         self._udp: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
-        self._tls_server: asyncio.Server | None = None
+        self._tls_listener: TlsListener | None = None
         self._by_id: dict[int, _Tcp] = {}
         self._by_remote: dict[tuple[str, int, str], _Tcp] = {}
         self._notes = LogLimiter(log)
         self.tls_failures = 0
+        """Outgoing TLS connections that could not be opened."""
+        self.tls_handshakes_failed = 0
+        """Incoming TLS connections whose handshake failed or timed out."""
 
     async def start(self, transports: tuple[str, ...]) -> None:
         loop = asyncio.get_running_loop()
@@ -169,11 +176,23 @@ class SipTransport:
             )
         tls = self.tls
         if "tls" in transports and tls is not None and tls.listen and tls.server is not None:
-            self._tls_server = await loop.create_server(
-                lambda: _Tcp(self, kind="tls"), tls.listen[0], tls.listen[1],
-                reuse_address=True, ssl=tls.server,
-                ssl_handshake_timeout=tls.handshake_timeout_s,
+            self._tls_listener = TlsListener(
+                tls.listen[0], tls.listen[1], tls.server, tls.handshake_timeout_s,
+                lambda remote: _Tcp(self, remote, kind="tls"), self._handshake_failed,
             )  # fmt: skip
+            self._tls_listener.start()
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        """Where the TLS listener listens (the port, when ``tls_listen`` asked for 0)."""
+        return None if self._tls_listener is None else self._tls_listener.address
+
+    def _handshake_failed(self, remote: tuple[str, int], why: str) -> None:
+        self.tls_handshakes_failed += 1
+        now = asyncio.get_running_loop().time()
+        self._notes.log(logging.WARNING, why, remote[0], now,
+                        "%s: TLS handshake from %s:%s failed: %s", self.name, *remote,
+                        why)  # fmt: skip
 
     def register(self, conn: _Tcp) -> None:
         self._by_id[conn.id] = conn
@@ -247,8 +266,8 @@ class SipTransport:
             self._udp.close()
         if self._server is not None:
             self._server.close()
-        if self._tls_server is not None:
-            self._tls_server.close()
+        if self._tls_listener is not None:
+            self._tls_listener.close()
         for conn in list(self._by_id.values()):
             if conn.transport is not None:
                 conn.transport.close()
