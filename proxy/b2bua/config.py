@@ -164,6 +164,16 @@ class SideConfig:
         port = self.advertise_port if self.advertise_port is not None else self.listen_port
         return host, port
 
+    def advertised_for(self, transport: str) -> tuple[str, int]:
+        """:attr:`advertised` for messages sent over ``transport``: over TLS, the TLS
+        listener's port (a peer that opens a connection to our Contact, for its ACK or
+        BYE, must reach the TLS listener, not the UDP/TCP one), on the advertised host
+        if one is set. Without a TLS listener there is nothing better to say."""
+        tls = self.tls_listen
+        if transport != "tls" or tls is None:
+            return self.advertised
+        return (self.advertise_host if self.advertise_host is not None else tls[0]), tls[1]
+
 
 @dataclass(frozen=True)
 class MediaConfig:

@@ -73,12 +73,12 @@ class SipSides:
         return self.configs[side].advertised
 
     def via(self, side: Side, transport: str) -> str:
-        host, port = self.advertised(side)
+        host, port = self.configs[side].advertised_for(transport)
         hostport = format_hostport(host, port)
         return f"SIP/2.0/{transport.upper()} {hostport};branch={new_branch()};rport"
 
     def contact(self, side: Side, transport: str, user: str = "sipura") -> str:
-        host, port = self.advertised(side)
+        host, port = self.configs[side].advertised_for(transport)
         suffix = "" if transport == "udp" else f";transport={transport}"
         return f"<sip:{user}@{format_hostport(host, port)}{suffix}>"
 
