@@ -58,11 +58,11 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import benchua as ua  # noqa: E402
 import loop_forward as lf  # noqa: E402
-from ngclient import NG  # noqa: E402
 
 from proxy.media.srtp import SrtpContext  # noqa: E402
 from testkit.ports import free_port, free_port_range  # noqa: E402
 from testkit.proxy import LocalProxy  # noqa: E402
+from testkit.rtpengine import NG, rtpengine_binary  # noqa: E402
 
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -495,11 +495,6 @@ def config_knows_workers() -> bool:
 
 
 # --------------------------------------------------------------------------- rtpengine
-
-
-def rtpengine_binary() -> str | None:
-    exe = shutil.which("rtpengine") or "/usr/bin/rtpengine"
-    return exe if os.access(exe, os.X_OK) else None
 
 
 def rtpengine_version() -> str | None:
