@@ -150,12 +150,15 @@ async def per_packet(
         for run in range(prof["pp_runs"]):
             for case in cases:  # interleaved
                 res: dict[str, Any] = {}
-                for attempt in range(1, prof["retries"] + 2):
+                # disturbed runs are retried `retries` times; one with packets of an
+                # unexpected length once more on top
+                for attempt in range(1, prof["retries"] + 3):
                     got = await closed_loop_case(case, prof, gens, relay_cpus)
                     got["run"], got["attempt"] = run + 1, attempt
-                    if not res or got["foreign_cores"] < res["foreign_cores"]:
+                    if not res or _better(got, res):
                         res = got  # the least disturbed attempt
-                    if got["foreign_cores"] <= FOREIGN_MAX or attempt > prof["retries"]:
+                    clean = got["foreign_cores"] <= FOREIGN_MAX and not got["bad_len"]
+                    if clean or (attempt > prof["retries"] and not got["bad_len"]):
                         break
                     log(
                         f"per-packet {case.name}: {res['foreign_cores']:.2f} cores of other "
@@ -195,6 +198,15 @@ async def per_packet(
         "calls": calls,
         "workers": proxy.worker_info(proxy.status()),
     }
+
+
+def _better(got: dict[str, Any], best: dict[str, Any]) -> bool:
+    """Prefer an attempt whose every packet had the expected length (an overloaded
+    reference engine can emit others), then the least disturbed one."""
+    return (bool(got["bad_len"]), got["foreign_cores"]) < (
+        bool(best["bad_len"]),
+        best["foreign_cores"],
+    )
 
 
 async def closed_loop_case(

@@ -313,6 +313,17 @@ async def _collect(
     return got
 
 
+def _ssrc(packet: bytes) -> int:
+    return int.from_bytes(packet[8:12], "big") if len(packet) >= 12 else -1
+
+
+def _stream(packets: list[bytes], ssrc: int, received: dict[str, int]) -> list[bytes]:
+    """The packets of one RTP/SRTP stream; the others are counted in ``received``."""
+    mine = [p for p in packets if _ssrc(p) == ssrc]
+    received["other_streams"] += len(packets) - len(mine)
+    return mine
+
+
 async def check_srtp(
     phone: socket.socket,
     peer: socket.socket,
@@ -342,12 +353,16 @@ async def check_srtp(
     want = sum(len(sent_up[i]) + len(peer_probes[i]) for i in sample)
     got = await _collect({"phone": phone, "peer": peer}, want, 3.0)
     up_ok = down_ok = control_failed = 0
-    received = {"to_callee": 0, "to_phone": 0}
+    received = {"to_callee": 0, "to_phone": 0, "other_streams": 0}
     for i in sample:
         call = calls[i]
-        # rtpengine's threads may relay a call's two packets out of order: compare sorted
-        srtp = sorted(got["peer"].get(call.callee_port, []), key=lambda p: p[2:4])
-        to_phone = got["phone"].get(call.caller_port, [])
+        # Only the sampled streams count (their SSRC is in the clear, SRTP too): a stray
+        # packet of another stream on the same port is reported, not judged. rtpengine's
+        # threads may relay a call's two packets out of order: compare sorted.
+        srtp = _stream(got["peer"].get(call.callee_port, []), phone_ssrcs[i], received)
+        srtp.sort(key=lambda p: p[2:4])
+        to_phone = _stream(got["phone"].get(call.caller_port, []),
+                           _ssrc(peer_plain[i][0]), received)  # fmt: skip
         received["to_callee"] += len(srtp)
         received["to_phone"] += len(to_phone)
         plain = unprotects(call.rtpe_key, srtp) if srtp else None

@@ -64,7 +64,8 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     steps = report["capacity"]["steps"]
     assert steps, "no capacity step ran"
     first = steps[0]
-    assert first["calls_up"] == first["calls"], first  # every call set up and secured
+    # every call set up and secured (the bench's progress log says why not)
+    assert first.get("calls_up") == first["calls"], (first, result.stderr[-3000:])
     assert first["secured_by_proxy"] >= first["calls"]
     for key in ("loss_pct", "added_p50_ms", "added_p99_ms", "baseline_p99_ms"):
         assert _number(first[key]) and first[key] >= 0, (key, first[key])
