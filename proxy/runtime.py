@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
 
-__all__ = ["install_fast_loop", "tune_gc"]
+__all__ = ["descriptor_limit", "install_fast_loop", "raise_descriptor_limit", "tune_gc"]
 
 log = logging.getLogger("sipura")
 
@@ -40,3 +41,26 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20000, 20, 100)
+
+
+def raise_descriptor_limit() -> int:
+    """Lift the soft ``RLIMIT_NOFILE`` to the hard one; returns the soft limit in force.
+
+    Every TCP connection and media socket is a descriptor, and the soft limit many
+    systems start a service with (1,024) is far below what the hard limit allows: the
+    difference is free capacity. ``RLIM_INFINITY`` as the hard limit is capped at 1 << 20
+    (the kernel's ``nr_open`` default), which ``setrlimit`` accepts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, wanted, exc)
+    return descriptor_limit()
+
+
+def descriptor_limit() -> int:
+    """The soft ``RLIMIT_NOFILE`` (what this process may open), infinity as 1 << 20."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft

@@ -169,6 +169,10 @@ class SipConfig:
     user_agent: str | None = DEFAULT_USER_AGENT
     """``None`` (configured as ``""``) means no User-Agent/Server header at all."""
     max_forwards: int = 70
+    max_message_bytes: int = 65535
+    """A larger message is answered 413 (when it can be) and never processed."""
+    tcp_idle_timeout_s: int = 600
+    """A TCP connection silent both ways this long is closed (registered flows excepted)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,10 @@ class LimitsConfig:
     """Admission limits; ``max_calls`` 0 means unlimited."""
 
     max_calls: int = 0
+    max_tcp_connections: int | None = None
+    """Accepted TCP connections per listener (as many opened); None (``"auto"``): from
+    the descriptor limit (:func:`proxy.sip.connections.auto_max_connections`)."""
+    max_tcp_connections_per_source: int = 50
 
 
 @dataclass(frozen=True)
@@ -413,7 +421,8 @@ def _media(t: _Table, limits: _Table) -> MediaConfig:
 
 
 def _sip(t: _Table) -> SipConfig:
-    t.check_keys(("t1_ms", "t2_ms", "t4_ms", "transports", "user_agent", "max_forwards"))
+    t.check_keys(("t1_ms", "t2_ms", "t4_ms", "transports", "user_agent", "max_forwards",
+                  "max_message_bytes", "tcp_idle_timeout_s"))  # fmt: skip
     t1 = t.integer("t1_ms", 500, minimum=1)
     t2 = t.integer("t2_ms", 4000, minimum=1)
     if t2 < t1:
@@ -431,6 +440,8 @@ def _sip(t: _Table) -> SipConfig:
         transports=_transports(t),
         user_agent=user_agent.strip() or None,
         max_forwards=t.integer("max_forwards", 70, minimum=1, maximum=255),
+        max_message_bytes=t.integer("max_message_bytes", 65535, minimum=1500, maximum=1 << 20),
+        tcp_idle_timeout_s=t.integer("tcp_idle_timeout_s", 600, minimum=1),
     )
 
 
@@ -502,7 +513,8 @@ def _lines(root: _Table) -> tuple[LineConfig, ...]:
 def _limits(
     t: _Table, extra: dict[str, Any], inside: SideConfig, outside: SideConfig, media: MediaConfig
 ) -> LimitsConfig:
-    t.check_keys(("max_calls", "workers"))
+    t.check_keys(("max_calls", "workers", "max_tcp_connections",
+                  "max_tcp_connections_per_source"))  # fmt: skip
     max_calls = t.integer("max_calls", 0, minimum=0)
     # Each call holds one port pair per leg; when both legs' media share an address the
     # two pairs come from the same range, so the limit can never be reached past this.
@@ -513,7 +525,18 @@ def _limits(
             f"{max_calls} calls need more RTP port pairs than media.port_min..port_max "
             f"holds (room for {capacity} calls)",
         )
-    return LimitsConfig(max_calls=max_calls)
+    tcp = t.data.get("max_tcp_connections", "auto")
+    if isinstance(tcp, str) and tcp != "auto":
+        raise t.error(
+            "max_tcp_connections", f'expected an integer >= 1 or "auto", got {_show(tcp)}'
+        )
+    return LimitsConfig(
+        max_calls=max_calls,
+        max_tcp_connections=None
+        if tcp == "auto"
+        else t.integer("max_tcp_connections", 0, minimum=1),
+        max_tcp_connections_per_source=t.integer("max_tcp_connections_per_source", 50, minimum=1),
+    )
 
 
 def _admin(t: _Table, inside: SideConfig, outside: SideConfig) -> AdminConfig:

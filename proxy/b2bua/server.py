@@ -23,9 +23,10 @@ from proxy.logsetup import configure_logging
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
 from proxy.media.workers import WorkerEngine, WorkerSession
-from proxy.runtime import install_fast_loop, tune_gc
+from proxy.runtime import descriptor_limit, install_fast_loop, raise_descriptor_limit, tune_gc
+from proxy.sip.connections import TcpLimits, auto_max_connections
 from proxy.sip.transaction import Address
-from proxy.sip.transport import SipTransport
+from proxy.sip.transport import SipTransport, TransportLimits
 
 log = logging.getLogger("sipura.server")
 
@@ -59,12 +60,14 @@ class ProxyServer:
             log.warning("%s: %s", config.source, warning)
         self.core = B2BUA(config, self.media, self.security)
         self.core.on_wakeup = self._wake
+        limits = transport_limits(config)
         self.transports = {
             side: SipTransport(
                 side.value,
                 cfg.listen_host,
                 cfg.listen_port,
                 lambda data, source, side=side: self._on_message(side, data, source),  # type: ignore[misc]
+                limits,
             )
             for side, cfg in ((Side.INSIDE, config.inside), (Side.OUTSIDE, config.outside))
         }
@@ -177,6 +180,14 @@ class ProxyServer:
                 "clear_reasons": stats.clear_reasons,
             },
             "bindings": {k: v.contact for k, v in self.core.bindings.items()},
+            "sip": {
+                "transactions": {
+                    side.value: layer.snapshot() for side, layer in self.core.layers.items()
+                },
+                "transports": {
+                    side.value: transport.snapshot() for side, transport in self.transports.items()
+                },
+            },
             "media": {
                 "sessions": self.media.sessions,
                 "pooled_pairs": self.media.pooled,
@@ -204,6 +215,20 @@ class ProxyServer:
             pass
         finally:
             writer.close()
+
+
+def transport_limits(config: Config) -> TransportLimits:
+    """What each SIP listener accepts, from ``[sip]`` and ``[limits]``."""
+    limits = config.limits
+    max_tcp = limits.max_tcp_connections or auto_max_connections(descriptor_limit())
+    return TransportLimits(
+        max_message=config.sip.max_message_bytes,
+        tcp=TcpLimits(
+            max_connections=max_tcp,
+            max_per_source=limits.max_tcp_connections_per_source,
+            idle_timeout_s=float(config.sip.tcp_idle_timeout_s),
+        ),
+    )
 
 
 def setup_logging(config: Config) -> None:
@@ -235,7 +260,8 @@ def run(config: Config) -> int:
     setup_logging(config)
     tune_gc()
     loop_name = install_fast_loop()
-    log.info("sipura-proxy starting (%s event loop)", loop_name)
+    descriptors = raise_descriptor_limit()
+    log.info("sipura-proxy starting (%s event loop, %d descriptors)", loop_name, descriptors)
     try:
         asyncio.run(serve(config))
     except RuntimeError as exc:

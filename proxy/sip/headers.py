@@ -9,34 +9,43 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+
+from proxy.sip.memo import memoise_text
 
 MAGIC_COOKIE = "z9hG4bK"
 
 
-_T = TypeVar("_T")
-_PARSED: dict[tuple[type, str], object] = {}
-"""Parsed header values by (type, text). The values are immutable (frozen dataclasses,
-edited only through ``with_*`` copies), so one parse serves every message that repeats
-the text: From/To/CSeq/Via are otherwise parsed dozens of times per call."""
-_PARSED_MAX = 8192
-
-
-def _memoised(kind: type[_T], text: str, parse: Callable[[str], _T]) -> _T:
-    hit = _PARSED.get((kind, text))
-    if hit is None:
-        hit = parse(text)
-        if len(_PARSED) >= _PARSED_MAX:
-            _PARSED.clear()  # cheap and bounded; the working set refills in a few messages
-        _PARSED[(kind, text)] = hit
-    assert isinstance(hit, kind)
-    return hit
+MEMO_MAX_TEXT = 256
+"""Header values longer than this are parsed every time, never cached (see
+:mod:`proxy.sip.memo`): real From/To/Via/CSeq values are well under 200 characters."""
 
 
 class SipHeaderError(ValueError):
     """A header value we needed to understand is malformed."""
+
+
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+"""Not ``str.isdigit``/``\\d``: they accept ``²`` or ``٣``, which ``int()`` then rejects
+or converts (``Expires: ²`` raised deep in the core and left a transaction unanswered)."""
+
+
+def parse_decimal(text: str, *, maximum: int = 2**32 - 1, what: str = "value") -> int:
+    """The one rule for every numeric SIP value: ASCII digits only, surrounding SP/HT
+    ignored, leading zeros allowed, at most ``maximum`` (RFC 3261 §25.1 ``1*DIGIT``).
+
+    Expires, Max-Forwards, CSeq, Content-Length, RSeq/RAck, Session-Expires, Min-SE,
+    Retry-After and ``expires=`` parameters all go through here (their callers cut the
+    number out of the value first). Raises :class:`SipHeaderError` for anything else:
+    a sign, a fraction, a non-ASCII digit, an empty value, a number out of range.
+    """
+    stripped = text.strip(" \t")
+    if not _ASCII_DIGITS.fullmatch(stripped):
+        raise SipHeaderError(f"{what} is not a number: {text[:20]!r}")
+    digits = stripped.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+        raise SipHeaderError(f"{what} out of range: {stripped[:20]}")
+    return int(digits)
 
 
 def split_header_values(value: str) -> list[str]:
@@ -173,8 +182,8 @@ def parse_hostport(text: str) -> tuple[str, int | None]:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise SipHeaderError(f"bad IPv6 reference {host[:60]!r}") from None
-    port = int(match.group(2)) if match.group(2) else None
-    if port is not None and not 0 < port < 65536:
+    port = parse_decimal(match.group(2), maximum=65535, what="port") if match.group(2) else None
+    if port == 0:
         raise SipHeaderError(f"port out of range in {text[:60]!r}")
     return host, port
 
@@ -215,7 +224,7 @@ class SipUri:
     @classmethod
     def parse(cls, text: str) -> SipUri:
         """Parse (memoised by text: a call's messages repeat the same values)."""
-        return _memoised(cls, text, cls._parse)
+        return _parse_uri(text)
 
     @classmethod
     def _parse(cls, text: str) -> SipUri:
@@ -286,7 +295,7 @@ class NameAddr:
     @classmethod
     def parse(cls, text: str) -> NameAddr:
         """Parse (memoised by text: a call's messages repeat the same values)."""
-        return _memoised(cls, text, cls._parse)
+        return _parse_name_addr(text)
 
     @classmethod
     def _parse(cls, text: str) -> NameAddr:
@@ -390,7 +399,7 @@ class Via:
     @classmethod
     def parse(cls, text: str) -> Via:
         """Parse (memoised by text: a call's messages repeat the same values)."""
-        return _memoised(cls, text, cls._parse)
+        return _parse_via(text)
 
     @classmethod
     def _parse(cls, text: str) -> Via:
@@ -432,17 +441,27 @@ class CSeq:
     @classmethod
     def parse(cls, text: str) -> CSeq:
         """Parse (memoised by text: a call's messages repeat the same values)."""
-        return _memoised(cls, text, cls._parse)
+        return _parse_cseq(text)
 
     @classmethod
     def _parse(cls, text: str) -> CSeq:
         match = _CSEQ.fullmatch(text.strip())
         if not match:
             raise SipHeaderError(f"bad CSeq {text[:40]!r}")
-        digits = match.group(1).lstrip("0") or "0"
-        if len(digits) > 10 or int(digits) >= 2**31:
-            raise SipHeaderError("CSeq number must be < 2**31")
-        return cls(int(digits), match.group(2))
+        number = parse_decimal(match.group(1), maximum=2**31 - 1, what="CSeq number")
+        return cls(number, match.group(2))
 
     def __str__(self) -> str:
         return f"{self.number} {self.method}"
+
+
+# Parsed values by text: immutable (frozen dataclasses, edited only through ``with_*``
+# copies), so one parse serves every message that repeats the text. Bounded in entries
+# and in text length (proxy.sip.memo).
+_parse_uri, URI_MEMO = memoise_text(SipUri._parse, max_entries=2048, max_text=MEMO_MAX_TEXT)
+_parse_name_addr, NAME_ADDR_MEMO = memoise_text(
+    NameAddr._parse, max_entries=4096, max_text=MEMO_MAX_TEXT
+)
+_parse_via, VIA_MEMO = memoise_text(Via._parse, max_entries=2048, max_text=MEMO_MAX_TEXT)
+_parse_cseq, CSEQ_MEMO = memoise_text(CSeq._parse, max_entries=1024, max_text=MEMO_MAX_TEXT)
+MEMOS = {"uri": URI_MEMO, "name_addr": NAME_ADDR_MEMO, "via": VIA_MEMO, "cseq": CSEQ_MEMO}

@@ -12,11 +12,13 @@ import pytest
 from proxy.sip.headers import CSeq
 from proxy.sip.message import Request, Response, parse_message
 from proxy.sip.transaction import (
+    TX_OVERHEAD,
     AckReceived,
     Address,
     ClientTransaction,
     RequestReceived,
     ResponseReceived,
+    RetainedBytes,
     ServerTransaction,
     State,
     StrayResponse,
@@ -454,7 +456,10 @@ def test_server_invite_answers_100_trying_at_once() -> None:
     events, out = layer.receive(inv, source, 0.0)
     assert len(events) == 1 and isinstance(events[0], RequestReceived)
     tx = events[0].tx
-    assert events[0].request is inv and tx.request is inv
+    assert events[0].request is inv  # the transaction user gets the whole request
+    assert tx.request.method == "INVITE" and tx.request.uri == inv.uri
+    assert [name for name, _ in tx.request.headers] == ["Via", "Via", "From", "To", "Call-ID",
+                                                         "CSeq"]  # fmt: skip
     assert tx.invite and state_of(tx) is State.PROCEEDING
     assert len(out) == 1 and out[0].dest == source
     trying = parse_response(out[0].data)
@@ -787,3 +792,102 @@ def test_no_retransmission_when_the_timeout_fires_at_the_same_instant() -> None:
     assert len(sent_at(log)) == 2 * 63
     assert events_of(log) == [(32.0, TransactionTimeout(tx)), (32.0, TransactionTimeout(stx))]
     assert len(layer) == 0
+
+
+# --- what a transaction keeps, and the memory budget ---------------------------------------
+
+PAD = "x" * 60_000
+
+
+def test_server_transaction_keeps_no_body_and_no_foreign_header() -> None:
+    """Regression: each 64 KB request was kept whole for the 32 s of timer J."""
+    layer = TransactionLayer()
+    big = request("OPTIONS", branch="z9hG4bKbig", extra=(f"X-Pad: {PAD}",))
+    big.body = PAD.encode()
+    tx = server_tx(layer, big, UAC, 0.0)
+    assert tx.request.body == b""
+    assert all(name.lower() != "x-pad" for name, _ in tx.request.headers)
+    layer.respond(tx, response_to(tx.request, 200, "OK", to_tag="t"), 0.0)
+    assert layer.retained < 4096
+    assert layer.snapshot()["server"] == 1
+
+
+def test_client_transaction_drops_what_it_will_never_send_again() -> None:
+    layer = TransactionLayer()
+    big = request("MESSAGE", branch="z9hG4bKmsg", extra=(f"X-Pad: {PAD}",))
+    tx, out = layer.send_request(big, UAS, 0.0)
+    assert out[0].data == big.serialize()  # sent whole...
+    assert tx.data == out[0].data  # ...and kept for timer E over UDP
+    assert layer.retained > len(PAD)
+    assert all(name.lower() != "x-pad" for name, _ in tx.request.headers)
+    layer.receive(response(big, 200), UAS, 0.3)
+    assert tx.data == b""  # timer K only absorbs retransmitted responses
+    assert layer.retained < 4096
+    tcp, _ = layer.send_request(request("MESSAGE", branch="z9hG4bKtcp"), UAS_TCP, 0.0)
+    assert tcp.data == b""  # nothing is retransmitted over TCP
+
+
+def test_client_invite_keeps_only_the_ack_after_an_error() -> None:
+    layer = TransactionLayer()
+    inv = invite(extra=(f"X-Pad: {PAD}",))
+    tx, _ = layer.send_request(inv, UAS, 0.0)
+    _, out = layer.receive(response(inv, 486), UAS, 0.1)
+    assert tx.data == out[0].data and parse_request(tx.data).method == "ACK"
+    assert layer.retained < 4096
+    assert tx.last_status == 486
+
+
+def test_budget_is_released_when_transactions_end() -> None:
+    layer = TransactionLayer()
+    for index in range(50):
+        tx = server_tx(layer, options(branch=f"z9hG4bKo{index}"), UAC, 0.0)
+        layer.respond(tx, response_to(tx.request, 200, "OK", to_tag="t"), 0.0)
+        layer.send_request(options(branch=f"z9hG4bKc{index}"), UAS, 0.0)
+    assert layer.retained == layer.budget.used > 50 * 2 * TX_OVERHEAD
+    drive(layer, 100.0)
+    assert len(layer) == 0
+    assert layer.retained == layer.budget.used == 0
+
+
+def test_spent_budget_answers_503_statelessly_and_logs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    budget = RetainedBytes(limit=10 * TX_OVERHEAD)
+    layer = TransactionLayer(budget=budget)
+    index = 0
+    while budget.admits("OPTIONS"):
+        tx = server_tx(layer, options(branch=f"z9hG4bKf{index}"), UAC, 0.0)
+        layer.respond(tx, response_to(tx.request, 200, "OK", to_tag="t"), 0.0)
+        index += 1
+    alive = len(layer)
+    with caplog.at_level("WARNING", logger="sipura.transaction"):
+        for extra in range(20):
+            events, out = layer.receive(options(branch=f"z9hG4bKx{extra}"), UAC, 0.1)
+            assert events == []
+            reply = parse_response(out[0].data)
+            assert reply.status == 503 and reply.get("retry-after") == "5"
+            assert reply.to.tag is not None
+    assert len(layer) == alive  # no state for a refused request
+    assert budget.refused == 20
+    assert len([r for r in caplog.records if "503 to OPTIONS" in r.message]) == 1
+    # CANCEL and BYE free state: they still get a transaction (up to 1.25x the budget).
+    [received], _ = layer.receive(bye(), UAC, 0.2)
+    assert isinstance(received, RequestReceived)
+    layer.respond(received.tx, response_to(received.tx.request, 481, "No"), 0.2)
+    # Retransmissions of live transactions are still answered from their state.
+    assert [t.data[:14] for t in layer.receive(options(branch="z9hG4bKf0"), UAC, 0.3)[1]] == [
+        b"SIP/2.0 200 OK"
+    ]
+    drive(layer, 100.0)
+    assert budget.used == 0
+    assert isinstance(layer.receive(options(branch="z9hG4bKnew"), UAC, 101.0)[0][0],
+                      RequestReceived)  # fmt: skip
+
+
+def test_layers_can_share_one_budget() -> None:
+    budget = RetainedBytes()
+    inside, outside = TransactionLayer(budget=budget), TransactionLayer(budget=budget)
+    server_tx(inside, options(), UAC, 0.0)
+    outside.send_request(options(branch="z9hG4bKout"), UAS, 0.0)
+    assert budget.used == inside.retained + outside.retained
+    assert inside.snapshot()["budget_used_bytes"] == budget.used

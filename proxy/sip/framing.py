@@ -1,0 +1,122 @@
+"""Cutting a TCP byte stream into SIP messages (RFC 3261 §18.3), sans-IO, in linear time.
+
+One :class:`StreamFramer` per connection: :meth:`StreamFramer.feed` takes the bytes a
+read returned and gives back every message they completed. Each byte is looked at a
+bounded number of times however the stream is cut: the search for the blank line that
+ends a header section resumes where the last one stopped (three bytes back, so that a
+CRLF CRLF split across reads is found), a known Content-Length is never searched for
+again, and consumed bytes are dropped from the buffer in amortised chunks. (Rescanning
+the whole buffer on every read cost ~0.55 ms of CPU per one-byte segment once 60 KB of
+an unfinished header had arrived.)
+
+Size is capped at ``max_message`` (``[sip] max_message_bytes``): a header section that
+grows past it raises :class:`~proxy.sip.message.MessageTooLarge` (nothing can be
+answered: the connection must close), and a complete head whose Content-Length takes the
+message past it is returned as :class:`Oversized` (the head, to answer 413) while its
+body is skipped as it arrives, so the framing survives and nothing is buffered.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from proxy.sip.message import BLANK_LINE, MAX_MESSAGE, MessageTooLarge, declared_length
+
+__all__ = ["Frame", "Oversized", "StreamFramer"]
+
+_KEEPALIVES = re.compile(rb"[\r\n]*")
+"""CRLFs between messages: RFC 5626 §3.5.1 keep-alives, or stray line ends (§7.5)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """A message past the size cap; ``head`` is its header section (for a 413)."""
+
+    head: bytes
+    size: int
+
+
+Frame = bytes | Oversized
+
+
+class StreamFramer:
+    """The receive side of one stream connection."""
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        self.max_message = max_message
+        self._buffer = bytearray()
+        self._start = 0
+        """Where the message being framed starts in ``_buffer`` (bytes before: consumed)."""
+        self._scan = 0
+        """Where the next search for the end of the header section resumes."""
+        self._total = 0
+        """The size of the message being framed once its head is complete (0: not yet)."""
+        self._skip = 0
+        """Body bytes of an :class:`Oversized` message still to arrive and be dropped."""
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished message: buffered, or still to skip. 0 between messages
+        (keep-alive CRLFs do not count)."""
+        return len(self._buffer) - self._start + self._skip  # feed() consumed keep-alives
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """The messages ``data`` completes, in order. Raises
+        :class:`~proxy.sip.message.SipParseError` when the stream cannot be framed any
+        more (no Content-Length, a malformed one, a header section past the cap): the
+        connection must then be closed."""
+        view = memoryview(data)
+        if self._skip:
+            taken = min(self._skip, len(view))
+            self._skip -= taken
+            view = view[taken:]
+        self._buffer += view
+        frames: list[Frame] = []
+        while (frame := self._next()) is not None:
+            frames.append(frame)
+        self._compact()
+        return frames
+
+    def _next(self) -> Frame | None:
+        buffer = self._buffer
+        if self._total == 0:
+            match = _KEEPALIVES.match(buffer, self._start)
+            assert match is not None  # the pattern matches the empty string
+            self._start = start = match.end()
+            end = BLANK_LINE.search(buffer, max(self._scan, start))
+            if end is None:
+                if len(buffer) - start > self.max_message:
+                    raise MessageTooLarge(f"header section of more than {self.max_message} bytes")
+                self._scan = max(start, len(buffer) - 3)
+                return None
+            head = bytes(buffer[start : end.start()])
+            total = end.end() - start + declared_length(head)
+            if total > self.max_message:
+                return self._oversized(head, end.end(), total)
+            self._total = total
+        if len(buffer) - self._start < self._total:
+            return None
+        message = bytes(buffer[self._start : self._start + self._total])
+        self._start += self._total
+        self._scan = self._start
+        self._total = 0
+        return message
+
+    def _oversized(self, head: bytes, body_at: int, total: int) -> Oversized:
+        body = total - (body_at - self._start)
+        available = len(self._buffer) - body_at
+        if available >= body:
+            self._start = body_at + body
+        else:
+            self._start = len(self._buffer)
+            self._skip = body - available
+        self._scan = self._start
+        return Oversized(head, total)
+
+    def _compact(self) -> None:
+        """Drop consumed bytes once they are at least half the buffer (amortised O(1))."""
+        if self._start and self._start * 2 >= len(self._buffer):
+            del self._buffer[: self._start]
+            self._scan -= self._start
+            self._start = 0
