@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from proxy.b2bua.config import load_config
-    from proxy.b2bua.security_config import load_security
+    from proxy.b2bua.line_keys import load_security
     from proxy.b2bua.server import run
 
     config = load_config(args.config)  # ConfigError is a UsageError: one line, exit 2

@@ -1,106 +1,91 @@
 """The B2BUA's configuration file: TOML in, typed frozen dataclasses out.
 
 The file format is a contract: operators write it by hand, and tests and provisioning
-tooling generate it (see ``conf/proxy.example.toml`` for every key). So the loader is
-strict and loud:
+tooling generate it (see ``conf/proxy.example.toml`` for every key). This module is the
+one place that knows it: every table and key, ``[xsipura]`` and the per-line x-sipura
+keys included, becomes a typed field here, so the rest of the code never sees raw TOML.
+The loader is strict and loud:
 
 * every value is type-checked (a quoted ``"500"`` where an integer is wanted is an error,
   never silently coerced), and every semantic rule is checked before anything binds a
   socket, so a bad file fails at start-up, not on the first call;
 * unknown tables and keys are errors, because a typo (``lisen``) that is ignored turns
-  into a proxy that runs with a default nobody asked for. The only exceptions are the
-  names another module gives meaning to (``[xsipura]`` and the per-line x-sipura keys):
-  they are accepted and kept raw in ``extra``;
+  into a proxy that runs with a default nobody asked for;
 * every failure is a :class:`ConfigError` whose text is one line,
   ``FILE: KEY: what is wrong``, so the CLI can print it and exit 2 (it is a
   :class:`~proxy.errors.UsageError`) and scripts can grep it.
 
+Units are converted once, here: the file's keys keep their unit in their name
+(``t1_ms``, ``grace_ms``, ``rtp_timeout_s``), and every duration in the dataclasses is
+seconds as a float (``t1_s``, ``grace_s``). File paths (``trusted_ca``, ``@path`` key
+material) are resolved here against the config file's directory; they are read later by
+:mod:`proxy.b2bua.line_keys`, which loads the key material.
+
 Nothing here touches the network: host names are checked for syntax only, because
 resolving them belongs to start-up, where a failure can be retried or reported with
-the resolver's own reason.
+the resolver's own reason. The reading machinery (:class:`Table`, host and URI syntax)
+is in :mod:`proxy.b2bua.config_reader`.
 """
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
-import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, time
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, TypeVar
+from typing import Final
 
 from proxy import __version__
-from proxy.errors import UsageError
+from proxy.b2bua.config_reader import (
+    ConfigError,
+    Table,
+    choice_reason,
+    host_optional_port,
+    host_port,
+    media_ip,
+    quote,
+    show,
+    sip_uri,
+    user_id,
+)
+from proxy.media.tones import SECURE_CALL_TONE, Tone
 
 __all__ = [
     "AdminConfig",
     "Config",
     "ConfigError",
+    "KeySource",
     "LimitsConfig",
     "LineConfig",
     "LogConfig",
     "MediaConfig",
     "SideConfig",
     "SipConfig",
+    "XsipuraConfig",
     "load_config",
     "parse_config",
 ]
-
-T = TypeVar("T")
 
 UNKNOWN_USERS_CHOICES: Final = ("relay", "reject")
 TRANSPORT_CHOICES: Final = ("udp", "tcp")
 LOG_LEVEL_CHOICES: Final = ("debug", "info", "warning", "error")
 LOG_FORMAT_CHOICES: Final = ("text", "json")
+CALLERID_REFRESH_CHOICES: Final = ("update", "reinvite", "off")
 DEFAULT_USER_AGENT: Final = f"sipura-proxy/{__version__}"
 
 MEDIA_PORT_FLOOR: Final = 1024
 """Below this are the privileged / well-known ports: never an RTP allocation range."""
 
-_EXTRA_TABLES: Final = frozenset({"xsipura"})
 MIN_PAIRS_PER_WORKER: Final = 4
 """RTP/RTCP pairs each media worker's slice of the port range must hold."""
-_EXTRA_LINE_KEYS: Final = frozenset(
-    {"mini_certificate", "srtp_private_key", "secure_by_default", "require_secure"}
-)
 
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_PORT = re.compile(r"[0-9]{1,5}")
-_USER_ID = re.compile(r"\+?[0-9]+")
-_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-_NUMERIC_HOST = re.compile(r"[0-9.]+")
-_SIP_SCHEME = re.compile(r"(?i)sips?:")
 _TOML_POSITION = re.compile(r"\s*\((?:at line (\d+), column (\d+)|at end of document)\)\s*$")
-_QUOTE_LIMIT = 60
-
-
-class ConfigError(UsageError):
-    """A configuration file the proxy must not start with.
-
-    ``str(error)`` is always exactly one line, ``SOURCE: KEY: REASON``: the CLI prints it
-    as is and exits 2. The parts are kept as attributes so tests and tooling can check
-    which key was blamed without parsing the text.
-    """
-
-    def __init__(self, source: str, key: str, reason: str) -> None:
-        self.source = _one_line(source)
-        self.key = _one_line(key)
-        self.reason = _one_line(reason)
-        super().__init__(_one_line(f"{source}: {key}: {reason}"))
 
 
 # --------------------------------------------------------------------------- dataclasses
-
-
-def _empty_mapping() -> Mapping[str, Any]:
-    return MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -137,7 +122,7 @@ class MediaConfig:
 
     port_min: int = 20000
     port_max: int = 29999
-    rtp_timeout_s: int = 0
+    rtp_timeout_s: float = 0.0
     """Hang up a call whose media has been silent this long; 0 disables the check."""
     workers: int | None = None
     """Media worker processes, each with an even share of the ports; 0: relay in the
@@ -160,19 +145,59 @@ class MediaConfig:
 
 @dataclass(frozen=True)
 class SipConfig:
-    """SIP protocol knobs. Timers are RFC 3261 §17's T1/T2/T4, in milliseconds."""
+    """SIP protocol knobs. Timers are RFC 3261 §17's T1/T2/T4, in seconds (the file's
+    ``t1_ms``, ``t2_ms``, ``t4_ms`` divided by 1000)."""
 
-    t1_ms: int = 500
-    t2_ms: int = 4000
-    t4_ms: int = 5000
+    t1_s: float = 0.5
+    t2_s: float = 4.0
+    t4_s: float = 5.0
     transports: tuple[str, ...] = TRANSPORT_CHOICES
     user_agent: str | None = DEFAULT_USER_AGENT
     """``None`` (configured as ``""``) means no User-Agent/Server header at all."""
     max_forwards: int = 70
     max_message_bytes: int = 65535
     """A larger message is answered 413 (when it can be) and never processed."""
-    tcp_idle_timeout_s: int = 600
+    tcp_idle_timeout_s: float = 600.0
     """A TCP connection silent both ways this long is closed (registered flows excepted)."""
+    tcp_message_timeout_s: float = 10.0
+    """A TCP message (headers and body) must arrive whole within this time of its first
+    byte, and an accepted connection must deliver its first message this soon."""
+
+
+@dataclass(frozen=True)
+class XsipuraConfig:
+    """``[xsipura]``: how the proxy runs the x-sipura secure-call protocol on the outside
+    leg. Durations in seconds (the file's ``*_ms`` keys divided by 1000)."""
+
+    trusted_ca: tuple[Path, ...] = ()
+    """Files holding the CAs whose MCs peers may present, resolved against the config
+    file's directory; loaded by :func:`proxy.b2bua.line_keys.load_security`."""
+    grace_s: float = 2.0
+    """Plain RTP from the peer is still accepted this long after the switch to SRTP."""
+    handshake_timeout_s: float = 5.0
+    """Stage 2 not completed in this time: the call stays clear (or, with
+    ``require_secure``, is hung up)."""
+    probe_unadvertised: bool = False
+    """Try x-sipura even when the peer did not send ``Supported: x-sipura``."""
+    callerid_refresh: str = "update"
+    """How the phone learns the peer's name: ``update``, ``reinvite`` or ``off``."""
+    srtcp: bool = False
+    """Protect RTCP too (the profile relays RTCP in the clear by default)."""
+    start_delay_s: float = 0.2
+    """Stage 2 starts once the outside dialog is confirmed *and* media flows (profile
+    §2); the proxy waits for the phone's first RTP packet, at least this long."""
+    tone: Tone | None = SECURE_CALL_TONE
+    """The secure-call indication tone (an SPA ToneScript); None: no tone."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeySource:
+    """Where a line's key material is: ``inline`` text from the file, or a ``path``
+    (``@path`` in the file, resolved against the config file's directory). Exactly one is
+    set. The inline text may be a private key: it is never part of a repr."""
+
+    inline: str | None = field(default=None, repr=False)
+    path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -180,15 +205,20 @@ class LineConfig:
     """One legacy phone line.
 
     ``user_key`` is ``user_id`` without a leading ``+``: phones and PBXs disagree on
-    whether E.164 numbers carry it, so lookups and duplicate checks use the key.
-    ``extra`` holds the per-line x-sipura keys, raw, until the secure-call issue gives
-    them meaning.
+    whether E.164 numbers carry it, so lookups and duplicate checks use the key. A line
+    with a ``mini_certificate`` always has an ``srtp_private_key`` too (the parser checks
+    it); :mod:`proxy.b2bua.line_keys` loads and matches them.
     """
 
     user_id: str
     user_key: str
     contact: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=_empty_mapping)
+    mini_certificate: KeySource | None = None
+    srtp_private_key: KeySource | None = field(default=None, repr=False)
+    secure_by_default: bool = True
+    """Calls from the phone are secured unless the user dials ``*19``."""
+    require_secure: bool = False
+    """Hang up both legs when a call cannot be secured."""
 
 
 @dataclass(frozen=True)
@@ -227,10 +257,8 @@ class Config:
     """A whole, validated configuration.
 
     Built by :func:`parse_config` / :func:`load_config`, which do all the checking;
-    constructing one directly (as tests may) trusts the caller. ``extra`` mirrors the
-    accepted-but-not-yet-meaningful TOML entries at their TOML paths, e.g.
-    ``extra["xsipura"]`` (the whole table) or ``extra["line"]``; it and
-    every mapping in it are read-only. ``source`` is the file name used in messages.
+    constructing one directly (as tests may) trusts the caller. ``source`` is the file
+    name used in messages.
     """
 
     inside: SideConfig
@@ -241,7 +269,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
-    extra: Mapping[str, Any] = field(default_factory=_empty_mapping)
+    xsipura: XsipuraConfig = field(default_factory=XsipuraConfig)
     source: str = "<string>"
     _by_key: Mapping[str, LineConfig] = field(init=False, repr=False, compare=False)
 
@@ -259,7 +287,9 @@ class Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate a configuration file; the path as given names it in errors."""
+    """Read and validate a configuration file; the path as given names it in errors.
+
+    Relative file paths inside it resolve against the file's own directory."""
     source = str(path)
     try:
         data = Path(path).read_bytes()
@@ -271,11 +301,17 @@ def load_config(path: str | Path) -> Config:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise ConfigError(source, f"line {line}", "not valid UTF-8 text") from None
-    return parse_config(text, source)
+    return parse_config(text, source, base_dir=Path(path).absolute().parent)
 
 
-def parse_config(text: str, source: str = "<string>") -> Config:
-    """Parse and validate configuration text; ``source`` names it in error messages."""
+def parse_config(text: str, source: str = "<string>", base_dir: Path | None = None) -> Config:
+    """Parse and validate configuration text; ``source`` names it in error messages.
+
+    Relative file paths resolve against ``base_dir``; by default the directory of
+    ``source`` when it names a file, else (``"<string>"``) the working directory."""
+    if base_dir is None:
+        named = bool(source) and not source.startswith("<")
+        base_dir = Path(source).absolute().parent if named else Path.cwd()
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -283,7 +319,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     except RecursionError:
         # tomllib recurses per nested array / inline table; hostile depth must not crash.
         raise ConfigError(source, "line 1", "values nested too deeply") from None
-    return _build(source, data)
+    return _build(Table(source, "", data, base_dir.absolute()))
 
 
 def _syntax_error(text: str, source: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
@@ -302,60 +338,48 @@ def _syntax_error(text: str, source: str, exc: tomllib.TOMLDecodeError) -> Confi
 # --------------------------------------------------------------------------- building
 
 
-def _build(source: str, data: Mapping[str, Any]) -> Config:
-    root = _Table(source, "", data)
+def _build(root: Table) -> Config:
     root.check_keys(
-        ("inside", "outside", "media", "sip", "line", "log", "limits", "admin", *_EXTRA_TABLES)
+        ("inside", "outside", "media", "sip", "line", "log", "limits", "admin", "xsipura")
     )
-    extra: dict[str, Any] = {}
-    for name in sorted(_EXTRA_TABLES):
-        if name in data:
-            extra[name] = root.table(name).data
-
     inside = _side(root.table(name="inside", required=True), inside=True)
     outside = _side(root.table(name="outside", required=True), inside=False)
-    _check_distinct_listen(source, inside, outside)
+    _check_distinct_listen(root.source, inside, outside)
     media = _media(root.table("media"), root.table("limits"))
-    sip = _sip(root.table("sip"))
-    lines = _lines(root)
-    log = _log(root.table("log"))
-    limits = _limits(root.table("limits"), extra, inside, outside, media)
-    admin = _admin(root.table("admin"), inside, outside)
     return Config(
         inside=inside,
         outside=outside,
         media=media,
-        sip=sip,
-        lines=lines,
-        log=log,
-        limits=limits,
-        admin=admin,
-        extra=_freeze(extra),
-        source=source,
+        sip=_sip(root.table("sip")),
+        lines=_lines(root),
+        log=_log(root.table("log")),
+        limits=_limits(root.table("limits"), inside, outside, media),
+        admin=_admin(root.table("admin"), inside, outside),
+        xsipura=_xsipura(root.table("xsipura")),
+        source=root.source,
     )
 
 
-def _side(t: _Table, *, inside: bool) -> SideConfig:
+def _side(t: Table, *, inside: bool) -> SideConfig:
     only_inside = ("unknown_users",)
     only_outside = ("upstream", "registrar")
     own, other = (only_inside, only_outside) if inside else (only_outside, only_inside)
     elsewhere = {name: "outside" if inside else "inside" for name in other}
     t.check_keys(("listen", "media_ip", "advertise", *own), elsewhere)
 
-    listen_host, listen_port = t.parse("listen", _host_port_required, required=True)
-    media_ip = t.parse("media_ip", _media_ip, required=True)
+    listen_host, listen_port = t.parse("listen", host_port, required=True)
     advertise_host: str | None = None
     advertise_port: int | None = None
     if t.has("advertise"):
-        advertise_host, advertise_port = t.parse("advertise", _host_optional_port)
+        advertise_host, advertise_port = t.parse("advertise", host_optional_port)
     return SideConfig(
         listen_host=listen_host,
         listen_port=listen_port,
-        media_ip=media_ip,
+        media_ip=t.parse("media_ip", media_ip, required=True),
         advertise_host=advertise_host,
         advertise_port=advertise_port,
-        upstream=t.parse("upstream", _sip_uri) if t.has("upstream") else None,
-        registrar=t.parse("registrar", _sip_uri) if t.has("registrar") else None,
+        upstream=t.parse("upstream", sip_uri) if t.has("upstream") else None,
+        registrar=t.parse("registrar", sip_uri) if t.has("registrar") else None,
         unknown_users=t.choice("unknown_users", UNKNOWN_USERS_CHOICES, "relay")
         if inside
         else "relay",
@@ -376,14 +400,14 @@ def _same_socket(host: str, port: int, side: SideConfig) -> bool:
     return host == side.listen_host or host in wildcard or side.listen_host in wildcard
 
 
-def _workers(t: _Table, media: MediaConfig) -> MediaConfig:
+def _workers(t: Table, media: MediaConfig) -> MediaConfig:
     """``workers``: an integer >= 0 or ``"auto"``; each worker needs a slice of at least
     :data:`MIN_PAIRS_PER_WORKER` port pairs."""
     value = t.data["workers"]
     if value == "auto":
         return media
     if isinstance(value, str):
-        raise t.error("workers", f'expected an integer >= 0 or "auto", got {_show(value)}')
+        raise t.error("workers", f'expected an integer >= 0 or "auto", got {show(value)}')
     workers = t.integer("workers", 0, minimum=0)
     if workers and media.port_pairs // workers < MIN_PAIRS_PER_WORKER:
         room = media.port_pairs // MIN_PAIRS_PER_WORKER
@@ -395,7 +419,7 @@ def _workers(t: _Table, media: MediaConfig) -> MediaConfig:
     return replace(media, workers=workers)
 
 
-def _media(t: _Table, limits: _Table) -> MediaConfig:
+def _media(t: Table, limits: Table) -> MediaConfig:
     t.check_keys(("port_min", "port_max", "rtp_timeout_s", "workers"))
     port_min = t.integer("port_min", 20000)
     if port_min < MEDIA_PORT_FLOOR or port_min % 2 or port_min > 65535:
@@ -405,7 +429,8 @@ def _media(t: _Table, limits: _Table) -> MediaConfig:
         raise t.error("port_max", f"must be <= 65535, got {port_max}")
     if port_max <= port_min:
         raise t.error("port_max", f"must be greater than media.port_min ({port_min})")
-    media = MediaConfig(port_min, port_max, t.integer("rtp_timeout_s", 0, minimum=0))
+    rtp_timeout_s = float(t.integer("rtp_timeout_s", 0, minimum=0))
+    media = MediaConfig(port_min, port_max, rtp_timeout_s)
     if media.port_pairs < 2:
         # One call holds a pair on each leg, so fewer than two pairs can carry nothing.
         raise t.error(
@@ -420,32 +445,32 @@ def _media(t: _Table, limits: _Table) -> MediaConfig:
     return media
 
 
-def _sip(t: _Table) -> SipConfig:
+def _sip(t: Table) -> SipConfig:
     t.check_keys(("t1_ms", "t2_ms", "t4_ms", "transports", "user_agent", "max_forwards",
-                  "max_message_bytes", "tcp_idle_timeout_s"))  # fmt: skip
+                  "max_message_bytes", "tcp_idle_timeout_s", "tcp_message_timeout_s"))  # fmt: skip
     t1 = t.integer("t1_ms", 500, minimum=1)
     t2 = t.integer("t2_ms", 4000, minimum=1)
     if t2 < t1:
         # T2 caps the retransmit interval, which starts at T1 (RFC 3261 §17.1.2.2).
         raise t.error("t2_ms", f"must be >= sip.t1_ms ({t1}), got {t2}")
-    t4 = t.integer("t4_ms", 5000, minimum=1)
     user_agent = t.string("user_agent", DEFAULT_USER_AGENT)
     if any(not ch.isprintable() for ch in user_agent):
         # It is copied into a header: a CR/LF would let the file inject SIP headers.
         raise t.error("user_agent", "must be printable text on one line")
     return SipConfig(
-        t1_ms=t1,
-        t2_ms=t2,
-        t4_ms=t4,
+        t1_s=t1 / 1000,
+        t2_s=t2 / 1000,
+        t4_s=t.milliseconds("t4_ms", 5000, minimum=1),
         transports=_transports(t),
         user_agent=user_agent.strip() or None,
         max_forwards=t.integer("max_forwards", 70, minimum=1, maximum=255),
         max_message_bytes=t.integer("max_message_bytes", 65535, minimum=1500, maximum=1 << 20),
-        tcp_idle_timeout_s=t.integer("tcp_idle_timeout_s", 600, minimum=1),
+        tcp_idle_timeout_s=float(t.integer("tcp_idle_timeout_s", 600, minimum=1)),
+        tcp_message_timeout_s=float(t.integer("tcp_message_timeout_s", 10, minimum=1)),
     )
 
 
-def _transports(t: _Table) -> tuple[str, ...]:
+def _transports(t: Table) -> tuple[str, ...]:
     if not t.has("transports"):
         return TRANSPORT_CHOICES
     items = t.array("transports")
@@ -455,16 +480,16 @@ def _transports(t: _Table) -> tuple[str, ...]:
     for index, item in enumerate(items):
         key = f"{t.key('transports')}[{index}]"
         if not isinstance(item, str):
-            raise ConfigError(t.source, key, f"expected a string, got {_show(item)}")
+            raise ConfigError(t.source, key, f"expected a string, got {show(item)}")
         if item not in TRANSPORT_CHOICES:
-            raise ConfigError(t.source, key, _choice_reason(item, TRANSPORT_CHOICES))
+            raise ConfigError(t.source, key, choice_reason(item, TRANSPORT_CHOICES))
         if item in seen:
-            raise ConfigError(t.source, key, f"{_quote(item)} is listed twice")
+            raise ConfigError(t.source, key, f"{quote(item)} is listed twice")
         seen.append(item)
     return tuple(seen)
 
 
-def _log(t: _Table) -> LogConfig:
+def _log(t: Table) -> LogConfig:
     t.check_keys(("level", "format"))
     return LogConfig(
         level=t.choice("level", LOG_LEVEL_CHOICES, "info"),
@@ -472,47 +497,76 @@ def _log(t: _Table) -> LogConfig:
     )
 
 
-def _lines(root: _Table) -> tuple[LineConfig, ...]:
+def _lines(root: Table) -> tuple[LineConfig, ...]:
     if not root.has("line"):
         return ()
     raw = root.data["line"]
     if not isinstance(raw, list):
-        raise root.error("line", f"expected an array of tables ([[line]]), got {_show(raw)}")
+        raise root.error("line", f"expected an array of tables ([[line]]), got {show(raw)}")
     lines: list[LineConfig] = []
     first_index: dict[str, int] = {}
     for index, item in enumerate(raw):
         path = f"line[{index}]"
         if not isinstance(item, dict):
-            raise ConfigError(root.source, path, f"expected a table, got {_show(item)}")
-        t = _Table(root.source, path, item)
-        t.check_keys(("user_id", "contact", *_EXTRA_LINE_KEYS))
-        raw_id = item.get("user_id")
-        if isinstance(raw_id, int | float) and not isinstance(raw_id, bool):
-            raise t.error(
-                "user_id",
-                f"expected a string, got {_show(raw_id)} "
-                "(quote it: a number loses leading zeros and '+')",
+            raise ConfigError(root.source, path, f"expected a table, got {show(item)}")
+        line = _line(root.item(path, item))
+        if line.user_key in first_index:
+            raise ConfigError(
+                root.source, f"{path}.user_id", f"duplicate of line[{first_index[line.user_key]}]"
             )
-        user_id = t.parse("user_id", _user_id, required=True)
-        user_key = user_id.removeprefix("+")
-        if user_key in first_index:
-            raise t.error("user_id", f"duplicate of line[{first_index[user_key]}]")
-        first_index[user_key] = index
-        extra = {name: item[name] for name in sorted(_EXTRA_LINE_KEYS) if name in item}
-        lines.append(
-            LineConfig(
-                user_id=user_id,
-                user_key=user_key,
-                contact=t.parse("contact", _sip_uri) if t.has("contact") else None,
-                extra=_freeze(extra),
-            )
-        )
+        first_index[line.user_key] = index
+        lines.append(line)
     return tuple(lines)
 
 
-def _limits(
-    t: _Table, extra: dict[str, Any], inside: SideConfig, outside: SideConfig, media: MediaConfig
-) -> LimitsConfig:
+def _line(t: Table) -> LineConfig:
+    t.check_keys(
+        ("user_id", "contact", "mini_certificate", "srtp_private_key", "secure_by_default",
+         "require_secure")
+    )  # fmt: skip
+    raw_id = t.data.get("user_id")
+    if isinstance(raw_id, int | float) and not isinstance(raw_id, bool):
+        raise t.error(
+            "user_id",
+            f"expected a string, got {show(raw_id)} "
+            "(quote it: a number loses leading zeros and '+')",
+        )
+    line_user = t.parse("user_id", user_id, required=True)
+    mini_certificate = _key_source(t, "mini_certificate")
+    srtp_private_key = _key_source(t, "srtp_private_key")
+    require_secure = t.boolean("require_secure", False)
+    if mini_certificate is None:
+        # Without an MC the line is never secured: a key or a policy alone is a mistake.
+        for name in ("srtp_private_key", "require_secure"):
+            if t.has(name):
+                raise t.error(name, "needs mini_certificate too")
+    elif srtp_private_key is None:
+        raise t.error("srtp_private_key", "required with mini_certificate")
+    return LineConfig(
+        user_id=line_user,
+        user_key=line_user.removeprefix("+"),
+        contact=t.parse("contact", sip_uri) if t.has("contact") else None,
+        mini_certificate=mini_certificate,
+        srtp_private_key=srtp_private_key,
+        secure_by_default=t.boolean("secure_by_default", True),
+        require_secure=require_secure,
+    )
+
+
+def _key_source(t: Table, name: str) -> KeySource | None:
+    """Inline base64 text, or ``@path``. The value is never quoted in an error: it may
+    be a private key."""
+    if not t.has(name):
+        return None
+    value = t.data[name]
+    if not isinstance(value, str) or not value.strip():
+        raise t.error(name, "expected a base64 string or @path")
+    if value.startswith("@"):
+        return KeySource(path=t.file_path(value[1:], t.key(name)))
+    return KeySource(inline=value)
+
+
+def _limits(t: Table, inside: SideConfig, outside: SideConfig, media: MediaConfig) -> LimitsConfig:
     t.check_keys(("max_calls", "workers", "max_tcp_connections",
                   "max_tcp_connections_per_source"))  # fmt: skip
     max_calls = t.integer("max_calls", 0, minimum=0)
@@ -527,9 +581,7 @@ def _limits(
         )
     tcp = t.data.get("max_tcp_connections", "auto")
     if isinstance(tcp, str) and tcp != "auto":
-        raise t.error(
-            "max_tcp_connections", f'expected an integer >= 1 or "auto", got {_show(tcp)}'
-        )
+        raise t.error("max_tcp_connections", f'expected an integer >= 1 or "auto", got {show(tcp)}')
     return LimitsConfig(
         max_calls=max_calls,
         max_tcp_connections=None
@@ -539,264 +591,60 @@ def _limits(
     )
 
 
-def _admin(t: _Table, inside: SideConfig, outside: SideConfig) -> AdminConfig:
+def _admin(t: Table, inside: SideConfig, outside: SideConfig) -> AdminConfig:
     t.check_keys(("listen",))
     if not t.has("listen"):
         return AdminConfig()
-    host, port = t.parse("listen", _host_port_required)
+    host, port = t.parse("listen", host_port)
     for name, side in (("inside", inside), ("outside", outside)):
         if _same_socket(host, port, side):
             raise t.error("listen", f"same address and port as {name}.listen")
     return AdminConfig(listen_host=host, listen_port=port)
 
 
-# --------------------------------------------------------------------------- table access
-
-
-class _Invalid(Exception):
-    """A value parser's complaint; :meth:`_Table.parse` adds file and key."""
-
-
-class _Table:
-    """One TOML table plus its dotted path, so every complaint names the exact key."""
-
-    def __init__(self, source: str, path: str, data: Mapping[str, Any]) -> None:
-        self.source = source
-        self.path = path
-        self.data = data
-
-    def key(self, name: str) -> str:
-        part = name if _BARE_KEY.fullmatch(name) else json.dumps(name, ensure_ascii=False)
-        return f"{self.path}.{part}" if self.path else part
-
-    def error(self, name: str, reason: str) -> ConfigError:
-        return ConfigError(self.source, self.key(name), reason)
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def check_keys(
-        self, allowed: Collection[str], elsewhere: Mapping[str, str] | None = None
-    ) -> None:
-        for name, value in self.data.items():
-            if name in allowed:
-                continue
-            if elsewhere and name in elsewhere:
-                raise self.error(name, f"not valid here (only in [{elsewhere[name]}])")
-            what = "table" if isinstance(value, dict) and not self.path else "key"
-            close = difflib.get_close_matches(name, list(allowed), n=1)
-            hint = f' (did you mean "{close[0]}"?)' if close else ""
-            raise self.error(name, f"unknown {what}{hint}")
-
-    def keep_extra(self, names: Collection[str], extra: dict[str, Any]) -> None:
-        kept = {name: self.data[name] for name in sorted(names) if name in self.data}
-        if kept:
-            extra[self.path] = kept
-
-    def table(self, name: str, *, required: bool = False) -> _Table:
-        if name not in self.data:
-            if required:
-                raise self.error(name, f"missing (the [{self.key(name)}] table is required)")
-            return _Table(self.source, self.key(name), {})
-        value = self.data[name]
-        if not isinstance(value, dict):
-            raise self.error(name, f"expected a table, got {_show(value)}")
-        return _Table(self.source, self.key(name), value)
-
-    def _get(self, name: str, kind: type[T], article: str) -> T:
-        value = self.data[name]
-        # bool is an int subclass in Python, but `true` is never a valid number here.
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.error(name, f"expected {article}, got {_show(value)}")
-        return value
-
-    def string(self, name: str, default: str) -> str:
-        return self._get(name, str, "a string") if name in self.data else default
-
-    def array(self, name: str) -> list[Any]:
-        return self._get(name, list, "an array")
-
-    def integer(
-        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
-    ) -> int:
-        if name not in self.data:
-            return default
-        value = self._get(name, int, "an integer")
-        if maximum is not None and minimum is not None and not minimum <= value <= maximum:
-            raise self.error(name, f"must be {minimum}..{maximum}, got {value}")
-        if minimum is not None and value < minimum:
-            wanted = "a positive integer" if minimum == 1 else f">= {minimum}"
-            raise self.error(name, f"must be {wanted}, got {value}")
-        return value
-
-    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
-        if name not in self.data:
-            return default
-        value = self._get(name, str, "a string")
-        if value not in choices:
-            raise self.error(name, _choice_reason(value, choices))
-        return value
-
-    def parse(self, name: str, parser: Callable[[str], T], *, required: bool = False) -> T:
-        """Type-check a string value and run ``parser`` on it, blaming this key on failure.
-
-        Callers test :meth:`has` for optional keys; ``required`` words the missing case.
-        """
-        if name not in self.data:
-            raise self.error(name, "missing (required)" if required else "missing")
-        try:
-            return parser(self._get(name, str, "a string"))
-        except _Invalid as exc:
-            raise self.error(name, str(exc)) from None
-
-
-# --------------------------------------------------------------------------- value parsers
-
-
-def _host_port_required(text: str) -> tuple[str, int]:
-    host, port = _host_port(text, '"host:port"', port_required=True)
-    assert port is not None  # port_required guarantees it
-    return host, port
-
-
-def _host_optional_port(text: str) -> tuple[str, int | None]:
-    return _host_port(text, '"host" or "host:port"', port_required=False)
-
-
-def _host_port(text: str, expected: str, *, port_required: bool) -> tuple[str, int | None]:
-    """Split ``host[:port]``: IPv4, ``[IPv6]`` or a hostname; IPv6 comes back unbracketed."""
-    got = f"expected {expected}, got {_quote(text)}"
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise _Invalid(f"{got} (no closing ']')")
-        host, rest = text[1:end], text[end + 1 :]
-        try:
-            host = str(ipaddress.IPv6Address(host))
-        except ValueError:
-            raise _Invalid(f"{got} (not an IPv6 address inside [])") from None
-        if rest and not rest.startswith(":"):
-            raise _Invalid(got)
-        port_text = rest[1:] if rest else None
-    else:
-        if text.count(":") > 1:
-            raise _Invalid(f"{got} (write IPv6 addresses as [address]:port)")
-        host, colon, port_text_raw = text.partition(":")
-        if port_required and not colon:
-            raise _Invalid(got)
-        port_text = port_text_raw if colon else None
-        checked = _check_host(host)
-        if checked is None:
-            raise _Invalid(f"{got} (not an IPv4 address, [IPv6] address or hostname)")
-        host = checked
-    if port_text is None:
-        if port_required:
-            raise _Invalid(got)
-        return host, None
-    if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
-        raise _Invalid(f"{got} (port must be 1..65535)")
-    return host, int(port_text)
-
-
-def _check_host(host: str) -> str | None:
-    """The host if it is a valid IPv4 address or RFC 1123 hostname, else ``None``."""
-    if _NUMERIC_HOST.fullmatch(host):
-        # All digits and dots is meant as an IPv4 address: "10.0.0.256" is not a hostname.
-        try:
-            return str(ipaddress.IPv4Address(host))
-        except ValueError:
-            return None
-    if len(host) <= 253 and _HOSTNAME.fullmatch(host):
-        return host
-    return None
-
-
-def _media_ip(text: str) -> str:
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        hint = " (no [] brackets here)" if text.startswith("[") else ""
-        raise _Invalid(f"expected an IP address, got {_quote(text)}{hint}") from None
-    if address.is_unspecified or address.is_multicast:
-        # It is written into SDP c= lines: 0.0.0.0 there means "on hold", not "any".
-        raise _Invalid(f"must be a unicast address peers can send RTP to, got {_quote(text)}")
-    return str(address)
-
-
-def _sip_uri(text: str) -> str:
-    """Check ``sip:``/``sips:`` URI syntax as far as routing needs it: scheme and host."""
-    scheme = _SIP_SCHEME.match(text)
-    if scheme is None:
-        raise _Invalid(f'expected a "sip:" or "sips:" URI, got {_quote(text)}')
-    if any(ch.isspace() or not ch.isprintable() for ch in text):
-        raise _Invalid(f"URI contains whitespace or control characters: {_quote(text)}")
-    rest = text[scheme.end() :]
-    at = rest.find("@")
-    if at == 0:
-        raise _Invalid(f"URI has an empty user part: {_quote(text)}")
-    hostport = re.split(r"[;?]", rest[at + 1 :], maxsplit=1)[0]
-    if not hostport:
-        raise _Invalid(f"URI has no host: {_quote(text)}")
-    try:
-        _host_port(hostport, '"host[:port]"', port_required=False)
-    except _Invalid:
-        raise _Invalid(f"URI host is not a valid host[:port]: {_quote(text)}") from None
-    return text
-
-
-def _user_id(text: str) -> str:
-    if not _USER_ID.fullmatch(text):
-        raise _Invalid(f"expected digits with an optional leading '+', got {_quote(text)}")
-    return text
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _choice_reason(value: str, choices: tuple[str, ...]) -> str:
-    options = ", ".join(_quote(choice) for choice in choices)
-    return f"expected one of {options}, got {_quote(value)}"
-
-
-def _quote(text: str) -> str:
-    if len(text) > _QUOTE_LIMIT:
-        text = text[: _QUOTE_LIMIT - 3] + "..."
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _show(value: object) -> str:
-    """A TOML value as an error message shows it: its TOML type, then a short rendering."""
-    if isinstance(value, bool):
-        return f"boolean {'true' if value else 'false'}"
-    if isinstance(value, int):
-        return f"integer {value}"
-    if isinstance(value, float):
-        return f"float {value!r}"
-    if isinstance(value, str):
-        return f"string {_quote(value)}"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, datetime | date | time):
-        kind = type(value).__name__
-        return f"{'date-time' if kind == 'datetime' else kind} {value.isoformat()}"
-    return type(value).__name__
-
-
-def _one_line(text: str) -> str:
-    """Escape anything that is not printable, so a message is always one line."""
-    if text.isprintable():
-        return text
-    return "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+def _xsipura(t: Table) -> XsipuraConfig:
+    t.check_keys(
+        ("trusted_ca", "grace_ms", "handshake_timeout_ms", "probe_unadvertised",
+         "callerid_refresh", "srtcp", "start_delay_ms", "tone")
+    )  # fmt: skip
+    return XsipuraConfig(
+        trusted_ca=_trusted_ca(t),
+        grace_s=t.milliseconds("grace_ms", 2000),
+        handshake_timeout_s=t.milliseconds("handshake_timeout_ms", 5000, minimum=1),
+        probe_unadvertised=t.boolean("probe_unadvertised", False),
+        callerid_refresh=t.choice("callerid_refresh", CALLERID_REFRESH_CHOICES, "update"),
+        srtcp=t.boolean("srtcp", False),
+        start_delay_s=t.milliseconds("start_delay_ms", 200),
+        tone=_tone(t),
     )
 
 
-def _freeze(value: Any) -> Any:
-    """Read-only copy of raw TOML data: a shared Config must not be mutable by accident."""
-    if isinstance(value, dict):
-        return MappingProxyType({key: _freeze(item) for key, item in value.items()})
-    if isinstance(value, list):
-        return tuple(_freeze(item) for item in value)
-    return value
+def _trusted_ca(t: Table) -> tuple[Path, ...]:
+    """A list of file paths; a single string is taken as a list of one."""
+    if not t.has("trusted_ca"):
+        return ()
+    value = t.data["trusted_ca"]
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise t.error("trusted_ca", f"expected an array of file paths, got {show(value)}")
+    paths: list[Path] = []
+    for index, item in enumerate(items):
+        key = f"{t.key('trusted_ca')}[{index}]"
+        if not isinstance(item, str):
+            raise ConfigError(t.source, key, f"expected a file path, got {show(item)}")
+        paths.append(t.file_path(item, key))
+    return tuple(paths)
+
+
+def _tone(t: Table) -> Tone | None:
+    """``tone = false`` disables it; a string is an SPA ToneScript (as on the device's
+    "Secure Call Indication Tone" setting); absent or ``true``: the SPA factory tone."""
+    value = t.data.get("tone", True)
+    if isinstance(value, bool):
+        return SECURE_CALL_TONE if value else None
+    if not isinstance(value, str):
+        raise t.error("tone", f"expected a ToneScript string or false, got {show(value)}")
+    try:
+        return Tone.parse(value)
+    except ValueError as exc:
+        raise t.error("tone", f"not a ToneScript: {exc}") from None

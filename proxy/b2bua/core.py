@@ -31,8 +31,8 @@ from typing import Protocol
 from proxy.b2bua import secure as sec
 from proxy.b2bua.config import Config, LineConfig, SideConfig
 from proxy.b2bua.legs import Call, CallState, Leg, ProxyRequest, Relay, new_call_id, new_tag
+from proxy.b2bua.line_keys import Security
 from proxy.b2bua.media import MediaHandle, stream_count
-from proxy.b2bua.security_config import Security
 from proxy.media.engine import MediaSession, Side
 from proxy.media.ports import PortsExhausted
 from proxy.sip.headers import (
@@ -179,7 +179,7 @@ class B2BUA:
         """Set by the IO edge: called when media reports an event (SRTP authenticated),
         so that :meth:`poll` runs soon."""
         self._srtp_events: list[int] = []
-        timers = Timers(config.sip.t1_ms / 1000, config.sip.t2_ms / 1000, config.sip.t4_ms / 1000)
+        timers = Timers(config.sip.t1_s, config.sip.t2_s, config.sip.t4_s)
         self.layers = {
             Side.INSIDE: TransactionLayer(timers),
             Side.OUTSIDE: TransactionLayer(timers),

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 
-from proxy.b2bua.security_config import LineSecurity, XsipuraConfig
+from proxy.b2bua.config import XsipuraConfig
+from proxy.b2bua.line_keys import LineSecurity
 from proxy.media.srtp import SrtpContext
 from proxy.xsipura import handshake as hs
 
@@ -146,14 +147,14 @@ class CallSecurity:
 
     def arm(self, now: float) -> None:
         """The outside dialog is confirmed. Caller: start once media flows (and not
-        before ``start_delay_ms``). Callee with ``require_secure``: the peer must start
+        before ``start_delay_s``). Callee with ``require_secure``: the peer must start
         stage 2 within the handshake timeout, or the call is hung up."""
         if self.state is not SecureState.WAITING:
             return
         if self.role is Role.CALLER:
-            self._start_at = now + self.settings.start_delay_ms / 1000
+            self._start_at = now + self.settings.start_delay_s
         elif self.require_secure:
-            self._expect_by = now + self.settings.handshake_timeout_ms / 1000
+            self._expect_by = now + self.settings.handshake_timeout_s
 
     def ready_to_start(self, now: float) -> bool:
         return (
@@ -175,8 +176,8 @@ class CallSecurity:
             trust=self.line.trust,
             dialled_user_id=self.dialled,
             local_ssrc=local_ssrc,
-            timeout=self.settings.handshake_timeout_ms / 1000,
-            grace=self.settings.grace_ms / 1000,
+            timeout=self.settings.handshake_timeout_s,
+            grace=self.settings.grace_s,
         )
         self.state = SecureState.HANDSHAKING
         self._start_at = None
@@ -212,7 +213,7 @@ class CallSecurity:
                 private_key=self.line.private_key,
                 trust=self.line.trust,
                 local_ssrc=local_ssrc,
-                grace=self.settings.grace_ms / 1000,
+                grace=self.settings.grace_s,
             )
         if self.state is SecureState.WAITING:
             self.state = SecureState.HANDSHAKING
@@ -293,7 +294,7 @@ class CallSecurity:
         else:
             context = SrtpContext(keys.master_key, keys.master_salt)
         return [
-            SwitchSrtp(context, self.settings.grace_ms / 1000, self.settings.srtcp),
+            SwitchSrtp(context, self.settings.grace_s, self.settings.srtcp),
             Secured(session.peer, rekey),
         ]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from proxy.b2bua.config import Config
 from proxy.b2bua.core import B2BUA, Outbound
-from proxy.b2bua.security_config import load_security
+from proxy.b2bua.line_keys import load_security
 from proxy.logsetup import configure_logging
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
@@ -226,7 +226,8 @@ def transport_limits(config: Config) -> TransportLimits:
         tcp=TcpLimits(
             max_connections=max_tcp,
             max_per_source=limits.max_tcp_connections_per_source,
-            idle_timeout_s=float(config.sip.tcp_idle_timeout_s),
+            idle_timeout_s=config.sip.tcp_idle_timeout_s,
+            message_timeout_s=config.sip.tcp_message_timeout_s,
         ),
     )
 

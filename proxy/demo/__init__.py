@@ -109,14 +109,14 @@ def _config(
         "[log]",
         'level = "info"',
         "[xsipura]",
-        f'trusted_ca = ["{directory / "ca.pub"}"]',
+        'trusted_ca = ["ca.pub"]',  # relative: resolved against this file's directory
         "grace_ms = 2000",
         "handshake_timeout_ms = 5000",
         "[[line]]",
         f'user_id = "{line[0]}"',
         f'contact = "sip:{line[0]}@127.0.0.1:{phone_port}"',
-        f'mini_certificate = "@{files[0]}"',
-        f'srtp_private_key = "@{files[1]}"',
+        f'mini_certificate = "@{files[0].relative_to(directory)}"',
+        f'srtp_private_key = "@{files[1].relative_to(directory)}"',
         "secure_by_default = true",
     ]
     path = directory / f"site-{site}.toml"

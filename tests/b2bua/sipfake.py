@@ -19,7 +19,7 @@ from typing import cast
 
 from proxy.b2bua.config import Config, parse_config
 from proxy.b2bua.core import B2BUA, Outbound
-from proxy.b2bua.security_config import Security
+from proxy.b2bua.line_keys import Security
 from proxy.media.engine import Side, StreamStats
 from proxy.media.ports import PortsExhausted
 from proxy.media.srtp import SrtpContext

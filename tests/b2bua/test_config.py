@@ -20,13 +20,16 @@ from proxy.b2bua.config import (
     AdminConfig,
     Config,
     ConfigError,
+    KeySource,
     LineConfig,
     MediaConfig,
     SideConfig,
+    XsipuraConfig,
     load_config,
     parse_config,
 )
 from proxy.errors import UsageError
+from proxy.media.tones import SECURE_CALL_TONE, Tone
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "conf" / "proxy.example.toml"
 SOURCE = "proxy.toml"
@@ -155,7 +158,8 @@ def test_example_file_documents_every_key() -> None:
         "port_min", "port_max", "rtp_timeout_s", "t1_ms", "t2_ms", "t4_ms", "transports",
         "user_agent", "max_forwards", "level", "format", "max_calls", "[admin]", "[[line]]",
         "user_id", "contact", "[xsipura]", "workers", "mini_certificate", "srtp_private_key",
-        "secure_by_default", "require_secure",
+        "secure_by_default", "require_secure", "trusted_ca", "grace_ms", "handshake_timeout_ms",
+        "probe_unadvertised", "callerid_refresh", "srtcp", "start_delay_ms", "tone",
     ):  # fmt: skip
         assert key in text, key
 
@@ -167,12 +171,12 @@ def test_contract_example_and_defaults() -> None:
     assert config.inside.listen_port == 5070
     assert config.inside.advertised == ("127.0.0.1", 5070)
     assert config.outside.unknown_users == "relay"
-    assert config.lines == (
-        LineConfig("14085551234", "14085551234", "sip:127.0.0.1:5072", config.lines[0].extra),
-    )
-    assert dict(config.lines[0].extra) == {}
+    assert config.lines == (LineConfig("14085551234", "14085551234", "sip:127.0.0.1:5072"),)
+    line = config.lines[0]
+    assert (line.mini_certificate, line.srtp_private_key) == (None, None)
+    assert (line.secure_by_default, line.require_secure) == (True, False)
     sip = config.sip
-    assert (sip.t1_ms, sip.t2_ms, sip.t4_ms, sip.max_forwards) == (500, 4000, 5000, 70)
+    assert (sip.t1_s, sip.t2_s, sip.t4_s, sip.max_forwards) == (0.5, 4.0, 5.0, 70)
     assert sip.transports == ("udp", "tcp")
     assert sip.user_agent is not None
     assert sip.user_agent.startswith("sipura-proxy/")
@@ -181,7 +185,7 @@ def test_contract_example_and_defaults() -> None:
     assert config.media.rtp_timeout_s == 0
     assert config.admin == AdminConfig()
     assert not config.admin.enabled
-    assert dict(config.extra) == {}
+    assert config.xsipura == XsipuraConfig()
 
 
 def test_minimal_file_needs_only_the_addresses() -> None:
@@ -217,7 +221,8 @@ def test_all_optional_keys() -> None:
     assert config.media.rtp_timeout_s == 30
     assert config.sip.transports == ("tcp",)
     assert config.sip.user_agent is None
-    assert (config.sip.t1_ms, config.sip.t2_ms, config.sip.max_forwards) == (250, 250, 255)
+    assert (config.sip.t1_s, config.sip.t2_s, config.sip.max_forwards) == (0.25, 0.25, 255)
+    assert config.sip.t4_s == 0.001
     assert (config.log.level, config.log.format) == ("debug", "json")
     assert config.limits.max_calls == 2500
     assert (config.admin.listen_host, config.admin.listen_port) == ("127.0.0.1", 5099)
@@ -261,31 +266,52 @@ def test_sip_uri_forms(uri: str) -> None:
     assert parse_config(with_("outside.upstream", uri)).outside.upstream == uri
 
 
-def test_extras_are_kept_raw_and_read_only() -> None:
+def test_xsipura_and_line_keys_are_typed_and_read_only(tmp_path: Path) -> None:
     doc = base()
-    doc["xsipura"] = {"ca": ["a.pub", "b.pub"], "nested": {"x": 1}}
+    doc["xsipura"] = {"trusted_ca": ["a.pub", "/abs/b.pub"], "grace_ms": 1500}
     doc["media"]["workers"] = 4
     doc["limits"] = {"workers": "auto", "max_calls": 10}
     doc["line"][0].update(
-        mini_certificate="AAAA", srtp_private_key="BBBB", secure_by_default=True,
+        mini_certificate="AAAA", srtp_private_key="@keys/line.key", secure_by_default=True,
         require_secure=False,
     )  # fmt: skip
-    config = parse_config(emit(doc))
-    assert config.extra["xsipura"]["ca"] == ("a.pub", "b.pub")
-    assert config.extra["xsipura"]["nested"]["x"] == 1
-    assert "media" not in config.extra and "limits" not in config.extra
+    config = parse_config(emit(doc), str(tmp_path / "proxy.toml"))
+    assert config.xsipura.trusted_ca == (tmp_path / "a.pub", Path("/abs/b.pub"))
+    assert config.xsipura.grace_s == 1.5
     assert config.media.workers == 4  # [limits] workers is only the fallback
     assert config.limits.max_calls == 10
-    assert dict(config.lines[0].extra) == {
-        "mini_certificate": "AAAA",
-        "srtp_private_key": "BBBB",
-        "secure_by_default": True,
-        "require_secure": False,
-    }
-    with pytest.raises(TypeError):
-        config.extra["xsipura"]["nested"]["x"] = 2
-    with pytest.raises(TypeError):
-        config.lines[0].extra["require_secure"] = True  # type: ignore[index]
+    line = config.lines[0]
+    assert line.mini_certificate == KeySource(inline="AAAA")
+    assert line.srtp_private_key == KeySource(path=tmp_path / "keys" / "line.key")
+    assert (line.secure_by_default, line.require_secure) == (True, False)
+    with pytest.raises(AttributeError):
+        config.xsipura.grace_s = 2.0  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        line.require_secure = True  # type: ignore[misc]
+
+
+def test_durations_are_seconds_inside_the_code() -> None:
+    """The file's keys keep their unit (ms or s); every field is seconds, converted once."""
+    doc = base()
+    doc["sip"] = {"t1_ms": 125, "t2_ms": 2500, "t4_ms": 7}
+    doc["media"]["rtp_timeout_s"] = 45
+    doc["xsipura"] = {"grace_ms": 1234, "handshake_timeout_ms": 3000, "start_delay_ms": 50}
+    config = parse_config(emit(doc))
+    assert (config.sip.t1_s, config.sip.t2_s, config.sip.t4_s) == (0.125, 2.5, 0.007)
+    assert config.media.rtp_timeout_s == 45.0
+    assert isinstance(config.media.rtp_timeout_s, float)
+    x = config.xsipura
+    assert (x.grace_s, x.handshake_timeout_s, x.start_delay_s) == (1.234, 3.0, 0.05)
+    defaults = parse_config(emit(base()))
+    assert durations(defaults) == (0.5, 4.0, 5.0, 0.0, 2.0, 5.0, 0.2)
+    for value in (*durations(defaults), *durations(config)):
+        assert isinstance(value, float)
+
+
+def durations(config: Config) -> tuple[float, ...]:
+    x = config.xsipura
+    return (config.sip.t1_s, config.sip.t2_s, config.sip.t4_s, config.media.rtp_timeout_s,
+            x.grace_s, x.handshake_timeout_s, x.start_delay_s)  # fmt: skip
 
 
 def test_media_workers() -> None:
@@ -674,6 +700,172 @@ def test_max_calls_must_fit_the_port_range() -> None:
     assert parse_config(emit(doc)).limits.max_calls == 4
 
 
+# --------------------------------------------------------------------------- x-sipura keys
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "fragment"),
+    [
+        ("grace_ms", -1, "must be >= 0, got -1"),
+        ("grace_ms", "2000", 'expected an integer, got string "2000"'),
+        ("grace_ms", 2.5, "expected an integer, got float 2.5"),
+        ("grace_ms", True, "expected an integer, got boolean true"),
+        ("handshake_timeout_ms", 0, "must be a positive integer, got 0"),
+        ("handshake_timeout_ms", -5, "must be a positive integer"),
+        ("handshake_timeout_ms", "5s", "expected an integer"),
+        ("start_delay_ms", -1, "must be >= 0"),
+        ("callerid_refresh", "sometimes", 'expected one of "update", "reinvite", "off"'),
+        ("callerid_refresh", 1, "expected a string, got integer 1"),
+        ("callerid_refresh", False, "expected a string, got boolean false"),
+        ("tone", "not a tonescript", "not a ToneScript"),
+        ("tone", "350@-19;5(", "not a ToneScript"),
+        ("tone", 5, "expected a ToneScript string or false, got integer 5"),
+        ("probe_unadvertised", "yes", 'expected true or false, got string "yes"'),
+        ("srtcp", 1, "expected true or false, got integer 1"),
+        ("trusted_ca", 5, "expected an array of file paths, got integer 5"),
+        ("trusted_ca", {"a": "b"}, "expected an array of file paths, got a table"),
+        ("grace", 2000, 'unknown key (did you mean "grace_ms"?)'),
+        ("trusted_cas", [], 'unknown key (did you mean "trusted_ca"?)'),
+    ],
+)
+def test_bad_xsipura_keys_blamed_by_the_parser(setting: str, value: Any, fragment: str) -> None:
+    expect_error(with_(f"xsipura.{setting}", value), f"xsipura.{setting}", fragment)
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "fragment"),
+    [
+        ([5], "xsipura.trusted_ca[0]", "expected a file path, got integer 5"),
+        (["a.pub", ""], "xsipura.trusted_ca[1]", 'expected a file path, got ""'),
+        (["  "], "xsipura.trusted_ca[0]", "expected a file path"),
+        (["a\nb.pub"], "xsipura.trusted_ca[0]", "expected a file path"),
+    ],
+)
+def test_bad_trusted_ca_entry(value: Any, key: str, fragment: str) -> None:
+    expect_error(with_("xsipura.trusted_ca", value), key, fragment)
+
+
+def test_xsipura_choices_and_tone() -> None:
+    x = parse_config(
+        with_("xsipura", {"callerid_refresh": "off", "probe_unadvertised": True, "srtcp": True})
+    ).xsipura
+    assert (x.callerid_refresh, x.probe_unadvertised, x.srtcp) == ("off", True, True)
+    assert parse_config(with_("xsipura.tone", False)).xsipura.tone is None
+    assert parse_config(with_("xsipura.tone", True)).xsipura.tone == SECURE_CALL_TONE
+    script = "350@-19;10(*/0/1)"
+    assert parse_config(with_("xsipura.tone", script)).xsipura.tone == Tone.parse(script)
+
+
+def line_doc(**keys: Any) -> str:
+    doc = base()
+    doc["line"] = [{"user_id": "1"}, {"user_id": "14085551234", **keys}]
+    return emit(doc)
+
+
+@pytest.mark.parametrize(
+    ("keys", "key", "fragment"),
+    [
+        ({"mini_certificate": "AAAA"}, "line[1].srtp_private_key", "required with mini_certif"),
+        ({"srtp_private_key": "BBBB"}, "line[1].srtp_private_key", "needs mini_certificate"),
+        ({"require_secure": True}, "line[1].require_secure", "needs mini_certificate too"),
+        ({"mini_certificate": 42}, "line[1].mini_certificate", "expected a base64 string or @"),
+        ({"mini_certificate": ""}, "line[1].mini_certificate", "expected a base64 string"),
+        ({"mini_certificate": "  "}, "line[1].mini_certificate", "expected a base64 string"),
+        ({"mini_certificate": "@"}, "line[1].mini_certificate", "expected a file path"),
+        (
+            {"mini_certificate": "AAAA", "srtp_private_key": "@"},
+            "line[1].srtp_private_key",
+            "expected a file path",
+        ),
+        (
+            {"mini_certificate": "AAAA", "srtp_private_key": ["x"]},
+            "line[1].srtp_private_key",
+            "expected a base64 string or @path",
+        ),
+        ({"secure_by_default": "yes"}, "line[1].secure_by_default", "expected true or false"),
+        (
+            {"mini_certificate": "A", "srtp_private_key": "B", "require_secure": 1},
+            "line[1].require_secure",
+            "expected true or false, got integer 1",
+        ),
+        ({"mini_certifcate": "A"}, "line[1].mini_certifcate", 'did you mean "mini_certificate"'),
+    ],
+)
+def test_bad_line_keys_blamed_by_the_parser(keys: dict[str, Any], key: str, fragment: str) -> None:
+    expect_error(line_doc(**keys), key, fragment)
+
+
+def test_private_key_text_is_never_echoed_or_shown() -> None:
+    secret = "c2VjcmV0IGtleSBtYXRlcmlhbA=="
+    config = parse_config(line_doc(mini_certificate="AAAA", srtp_private_key=secret))
+    assert config.lines[1].srtp_private_key == KeySource(inline=secret)
+    assert secret not in repr(config) and secret not in repr(config.lines[1].srtp_private_key)
+    error = expect_error(line_doc(srtp_private_key=secret), "line[1].srtp_private_key")
+    assert secret not in str(error)
+
+
+def test_secure_by_default_alone_is_allowed_and_kept() -> None:
+    assert parse_config(line_doc(secure_by_default=False)).lines[1].secure_by_default is False
+
+
+# --------------------------------------------------------------------------- file paths
+
+
+def write_config(path: Path, xsipura: dict[str, Any], **line_keys: Any) -> Path:
+    doc = base()
+    doc["xsipura"] = xsipura
+    doc["line"][0].update(line_keys)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(emit(doc), encoding="utf-8")
+    return path
+
+
+def test_relative_paths_resolve_against_the_config_dir_not_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = write_config(
+        tmp_path / "etc" / "proxy.toml",
+        {"trusted_ca": ["ca.pub", "../shared/other.pub", "/abs/root.pub"]},
+        mini_certificate="@keys/line.mc",
+        srtp_private_key="@/abs/line.key",
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for path in (conf, Path("..") / "etc" / "proxy.toml"):
+        config = load_config(path)
+        etc = tmp_path / "etc"
+        anchors = [p.resolve() for p in config.xsipura.trusted_ca]
+        assert anchors == [etc / "ca.pub", tmp_path / "shared" / "other.pub", Path("/abs/root.pub")]
+        assert all(p.is_absolute() for p in config.xsipura.trusted_ca)
+        line = config.lines[0]
+        assert line.mini_certificate is not None and line.mini_certificate.path is not None
+        assert line.mini_certificate.path.resolve() == etc / "keys" / "line.mc"
+        assert line.srtp_private_key == KeySource(path=Path("/abs/line.key"))
+    # a later change of directory does not move them: they were resolved at load time
+    config = load_config(Path("..") / "etc" / "proxy.toml")
+    monkeypatch.chdir(tmp_path)
+    assert config.xsipura.trusted_ca[0].resolve() == tmp_path / "etc" / "ca.pub"
+
+
+def test_home_relative_path_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = load_config(write_config(tmp_path / "proxy.toml", {"trusted_ca": "~/ca.pub"}))
+    assert config.xsipura.trusted_ca == (tmp_path / "home" / "ca.pub",)
+
+
+def test_parse_config_base_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = with_("xsipura.trusted_ca", ["ca.pub"])
+    monkeypatch.chdir(tmp_path)
+    # text from no file: the working directory; a named source: its directory
+    assert parse_config(text).xsipura.trusted_ca == (tmp_path / "ca.pub",)
+    assert parse_config(text, "/etc/sipura/p.toml").xsipura.trusted_ca == (
+        Path("/etc/sipura/ca.pub"),
+    )
+    chosen = parse_config(text, "p.toml", base_dir=Path("/srv/conf")).xsipura.trusted_ca
+    assert chosen == (Path("/srv/conf/ca.pub"),)
+
+
 # --------------------------------------------------------------------------- syntax, files
 
 
@@ -819,6 +1011,10 @@ KNOWN_PATHS = st.sampled_from(
         ("sip", "transports"), ("sip", "user_agent"), ("sip", "max_forwards"),
         ("log", "level"), ("log", "format"), ("limits", "max_calls"), ("admin", "listen"),
         ("line", "user_id"), ("line", "contact"), ("line", "mini_certificate"),
+        ("line", "srtp_private_key"), ("line", "secure_by_default"), ("line", "require_secure"),
+        ("xsipura", "trusted_ca"), ("xsipura", "grace_ms"), ("xsipura", "handshake_timeout_ms"),
+        ("xsipura", "probe_unadvertised"), ("xsipura", "callerid_refresh"), ("xsipura", "srtcp"),
+        ("xsipura", "start_delay_ms"), ("xsipura", "tone"),
     ]
 )  # fmt: skip
 

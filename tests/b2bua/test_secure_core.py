@@ -46,7 +46,7 @@ from sipfake import (
 )
 
 from proxy.b2bua.config import Config, parse_config
-from proxy.b2bua.security_config import load_security
+from proxy.b2bua.line_keys import load_security
 from proxy.media.engine import Side
 from proxy.media.srtp import SrtpContext
 from proxy.media.tones import SECURE_CALL_TONE, Tone

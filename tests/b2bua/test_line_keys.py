@@ -1,4 +1,4 @@
-"""``[xsipura]`` and the per-line MC keys: :func:`load_security` on real key material.
+"""Trust anchors and each line's MC and key: :func:`load_security` on real key material.
 
 Every CA, MC and subscriber key here is generated once per module (RSA-512 keygen is
 ~10 ms). Errors are part of the contract: one line, naming the key that is wrong, and
@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from proxy.b2bua.config import ConfigError, parse_config
-from proxy.b2bua.security_config import Security, load_security
+from proxy.b2bua.config import ConfigError, load_config, parse_config
+from proxy.b2bua.line_keys import Security, load_security
 from proxy.cli import main as cli_main
 from proxy.media.tones import SECURE_CALL_TONE, Tone
 from proxy.xsipura import rsa
@@ -145,7 +145,7 @@ def secrets_of(key: rsa.PrivateKey) -> list[str]:
 
 @pytest.fixture
 def in_dir(tmp_path: Path) -> Iterator[Path]:
-    """A working directory of its own (cwd-relative lookups), restored afterwards."""
+    """A working directory of its own (to show paths never resolve against it), restored."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     old = Path.cwd()
@@ -178,7 +178,7 @@ def test_trusted_ca_forms(mat: Material, tmp_path: Path, form: str) -> None:
     anchor = tmp_path / "ca.file"
     anchor.write_bytes(data)
     security = load(config_text(f"trusted_ca = [{toml_str(str(anchor))}]"))
-    assert [k.n for k in security.xsipura.trusted_ca] == [mat.ca.n]
+    assert [k.n for k in security.trust_anchors] == [mat.ca.n]
     assert security.lines == {}  # no line has an MC
     assert security.warnings == ()
 
@@ -187,19 +187,20 @@ def test_trusted_ca_may_be_a_single_string_and_defaults(mat: Material, tmp_path:
     anchor = tmp_path / "ca.pub"
     anchor.write_bytes(dump_ca_public(mat.ca.public, CaKeyFormat.LINKSYS))
     security = load(config_text(f"trusted_ca = {toml_str(str(anchor))}"))
-    assert [k.n for k in security.xsipura.trusted_ca] == [mat.ca.n]
+    assert [k.n for k in security.trust_anchors] == [mat.ca.n]
     defaults = load(config_text()).xsipura
     assert defaults.trusted_ca == ()
-    assert (defaults.grace_ms, defaults.handshake_timeout_ms, defaults.start_delay_ms) == (
-        2000,
-        5000,
-        200,
+    assert load(config_text()).trust_anchors == ()
+    assert (defaults.grace_s, defaults.handshake_timeout_s, defaults.start_delay_s) == (
+        2.0,
+        5.0,
+        0.2,
     )
     assert defaults.callerid_refresh == "update" and defaults.tone == SECURE_CALL_TONE
     assert defaults.probe_unadvertised is False and defaults.srtcp is False
 
 
-def test_trusted_ca_relative_to_cwd_first_then_config_dir(
+def test_trusted_ca_relative_to_the_config_dir_never_cwd(
     mat: Material, tmp_path: Path, in_dir: Path
 ) -> None:
     conf = tmp_path / "conf"
@@ -207,14 +208,18 @@ def test_trusted_ca_relative_to_cwd_first_then_config_dir(
     (conf / "ca.pub").write_bytes(dump_ca_public(mat.other_ca.public, CaKeyFormat.LINKSYS))
     (conf / "only-here.pub").write_bytes(dump_ca_public(mat.other_ca.public, CaKeyFormat.PEM))
     (in_dir / "ca.pub").write_bytes(dump_ca_public(mat.ca.public, CaKeyFormat.LINKSYS))
+    (in_dir / "only-cwd.pub").write_bytes(dump_ca_public(mat.ca.public, CaKeyFormat.LINKSYS))
     source = conf / "proxy.toml"
     security = load(config_text('trusted_ca = ["ca.pub", "only-here.pub"]'), source)
-    # "ca.pub" exists in the cwd: that one; "only-here.pub" only next to the config
-    assert [k.n for k in security.xsipura.trusted_ca] == [mat.ca.n, mat.other_ca.n]
-    # the repository-root style path, run from the directory above conf/
+    # "ca.pub" exists in the cwd too: the one next to the config is used
+    assert [k.n for k in security.trust_anchors] == [mat.other_ca.n, mat.other_ca.n]
+    # a file only in the cwd is not found, and the error names where it was looked for
+    err = error_of(config_text('trusted_ca = ["only-cwd.pub"]'), source)
+    assert err.key == "xsipura.trusted_ca[0]" and str(conf / "only-cwd.pub") in err.reason
+    # the repository-root style path, run from the directory above conf/: now an error
     os.chdir(tmp_path)
-    security = load(config_text('trusted_ca = ["conf/ca.pub"]'), source)
-    assert [k.n for k in security.xsipura.trusted_ca] == [mat.other_ca.n]
+    err = error_of(config_text('trusted_ca = ["conf/ca.pub"]'), source)
+    assert err.key == "xsipura.trusted_ca[0]" and str(conf / "conf" / "ca.pub") in err.reason
 
 
 def test_trusted_ca_errors_name_the_entry(mat: Material, tmp_path: Path) -> None:
@@ -324,20 +329,41 @@ def test_spa_xml_lines_accepted(mat: Material, tmp_path: Path) -> None:
     assert security.lines[LINE_ID].private_key.d == mat.line.key.d
 
 
-def test_at_paths_relative_to_cwd_then_config_dir(
+def test_at_paths_relative_to_the_config_dir_never_cwd(
     mat: Material, tmp_path: Path, in_dir: Path
 ) -> None:
     conf = tmp_path / "conf"
-    conf.mkdir()
-    (conf / "line.mc").write_text(mat.foreign.mc_b64 + "\n")
-    (conf / "line.key").write_text(mat.foreign.key_b64 + "\n")
+    (conf / "keys").mkdir(parents=True)
+    (conf / "keys" / "line.mc").write_text(mat.foreign.mc_b64 + "\n")
+    (conf / "keys" / "line.key").write_text(mat.foreign.key_b64 + "\n")
     source = conf / "proxy.toml"
-    security = load(config_text(lines=line("@line.mc", "@line.key")), source)
-    assert security.lines[LINE_ID].param.ca_key.n == mat.other_ca.n  # from conf/
-    (in_dir / "line.mc").write_text(mat.line.mc_b64 + "\n")
-    (in_dir / "line.key").write_text(mat.line.key_b64 + "\n")
-    security = load(config_text(lines=line("@line.mc", "@line.key")), source)
-    assert security.lines[LINE_ID].param.ca_key.n == mat.ca.n  # the cwd wins
+    security = load(config_text(lines=line("@keys/line.mc", "@keys/line.key")), source)
+    assert security.lines[LINE_ID].param.ca_key.n == mat.other_ca.n  # from conf/keys/
+    (in_dir / "keys").mkdir()
+    (in_dir / "keys" / "line.mc").write_text(mat.line.mc_b64 + "\n")
+    (in_dir / "keys" / "line.key").write_text(mat.line.key_b64 + "\n")
+    security = load(config_text(lines=line("@keys/line.mc", "@keys/line.key")), source)
+    assert security.lines[LINE_ID].param.ca_key.n == mat.other_ca.n  # the cwd never wins
+    (conf / "keys" / "line.key").unlink()
+    err = error_of(config_text(lines=line("@keys/line.mc", "@keys/line.key")), source)
+    assert err.key == "line[0].srtp_private_key"
+    assert str(conf / "keys" / "line.key") in err.reason
+
+
+def test_load_config_file_with_relative_key_paths(
+    mat: Material, tmp_path: Path, in_dir: Path
+) -> None:
+    """The whole path a deployment takes: load_config on a file, keys beside it."""
+    conf = tmp_path / "etc" / "sipura-proxy"
+    conf.mkdir(parents=True)
+    (conf / "ca.pub").write_bytes(dump_ca_public(mat.other_ca.public, CaKeyFormat.LINKSYS))
+    (conf / "line.mc").write_text(mat.line.mc_b64 + "\n")
+    (conf / "line.key").write_text(mat.line.key_b64 + "\n")
+    path = conf / "proxy.toml"
+    path.write_text(config_text('trusted_ca = ["ca.pub"]', line("@line.mc", "@line.key")))
+    security = load_security(load_config(path))
+    assert [k.n for k in security.trust_anchors] == [mat.other_ca.n]
+    assert security.lines[LINE_ID].private_key.d == mat.line.key.d
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -450,7 +476,7 @@ def test_good_xsipura_settings() -> None:
         'tone = "350@-19;10(*/0/1)"'
     )
     x = load(text).xsipura
-    assert (x.grace_ms, x.handshake_timeout_ms, x.start_delay_ms) == (0, 1, 0)
+    assert (x.grace_s, x.handshake_timeout_s, x.start_delay_s) == (0.0, 0.001, 0.0)
     assert x.callerid_refresh == "reinvite" and x.probe_unadvertised and x.srtcp
     assert x.tone == Tone.parse("350@-19;10(*/0/1)")
     assert load(config_text("tone = false")).xsipura.tone is None
@@ -464,7 +490,9 @@ def test_good_xsipura_settings() -> None:
 def test_private_key_never_in_repr(mat: Material) -> None:
     security = load(config_text(lines=line(mat.line.mc_b64, mat.line.key_b64)))
     entry = security.lines[LINE_ID]
+    config = parse_config(config_text(lines=line(mat.line.mc_b64, mat.line.key_b64)))
     texts = [repr(security), str(security), repr(entry), str(entry), repr(entry.private_key)]
+    texts += [repr(config), str(config), repr(config.lines[0]), repr(config.lines)]
     for text in texts:
         for secret in secrets_of(mat.line.key):
             assert secret not in text
