@@ -8,11 +8,20 @@ and keep the garbage collector out of the way.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import logging
 import resource
+from collections.abc import Callable
 
-__all__ = ["descriptor_limit", "install_fast_loop", "raise_descriptor_limit", "tune_gc"]
+__all__ = [
+    "descriptor_limit",
+    "install_fast_loop",
+    "raise_descriptor_limit",
+    "start_heap_trimming",
+    "tune_gc",
+]
 
 log = logging.getLogger("sipura")
 
@@ -64,3 +73,42 @@ def descriptor_limit() -> int:
     """The soft ``RLIMIT_NOFILE`` (what this process may open), infinity as 1 << 20."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
+HEAP_TRIM_INTERVAL_S = 10.0
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another libc: nothing to do)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        function = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    trim: Callable[[int], int] = function
+    return trim
+
+
+def start_heap_trimming(interval_s: float = HEAP_TRIM_INTERVAL_S) -> bool:
+    """Give freed heap memory back to the system every ``interval_s`` (glibc only).
+
+    Python hands objects over 512 bytes to ``malloc``; after a flood of large messages
+    is freed, glibc keeps the pages (a few small objects allocated meanwhile pin them),
+    and the SIP process stayed at 83 MB, 40 MB above idle, long after the flood.
+    ``malloc_trim(0)`` returns every free page, wherever it is in the heap, in well
+    under a millisecond. Returns False when there is no ``malloc_trim``."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    loop = asyncio.get_running_loop()
+
+    def run() -> None:
+        trim(0)
+        loop.call_later(interval_s, run)
+
+    loop.call_later(interval_s, run)
+    return True

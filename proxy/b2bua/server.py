@@ -23,8 +23,16 @@ from proxy.logsetup import configure_logging
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
 from proxy.media.workers import WorkerEngine, WorkerSession
-from proxy.runtime import descriptor_limit, install_fast_loop, raise_descriptor_limit, tune_gc
+from proxy.runtime import (
+    descriptor_limit,
+    install_fast_loop,
+    raise_descriptor_limit,
+    start_heap_trimming,
+    tune_gc,
+)
 from proxy.sip.connections import TcpLimits, auto_max_connections
+from proxy.sip.headers import MEMOS
+from proxy.sip.message import CANONICAL_MEMO
 from proxy.sip.transaction import Address
 from proxy.sip.transport import SipTransport, TransportLimits
 
@@ -187,6 +195,10 @@ class ProxyServer:
                 "transports": {
                     side.value: transport.snapshot() for side, transport in self.transports.items()
                 },
+                "caches": {
+                    **{name: memo.snapshot() for name, memo in MEMOS.items()},
+                    "header_names": CANONICAL_MEMO.snapshot(),
+                },
             },
             "media": {
                 "sessions": self.media.sessions,
@@ -248,6 +260,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    start_heap_trimming()
     if ready is not None:
         ready.set()
     try:

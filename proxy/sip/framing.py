@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from proxy.sip.message import BLANK_LINE, MAX_MESSAGE, MessageTooLarge, declared_length
+from proxy.sip.message import MAX_MESSAGE, MessageTooLarge, blank_line, declared_length
 
 __all__ = ["Frame", "Oversized", "StreamFramer"]
 
@@ -84,16 +84,17 @@ class StreamFramer:
             match = _KEEPALIVES.match(buffer, self._start)
             assert match is not None  # the pattern matches the empty string
             self._start = start = match.end()
-            end = BLANK_LINE.search(buffer, max(self._scan, start))
-            if end is None:
+            found = blank_line(buffer, max(self._scan, start))
+            if found is None:
                 if len(buffer) - start > self.max_message:
                     raise MessageTooLarge(f"header section of more than {self.max_message} bytes")
                 self._scan = max(start, len(buffer) - 3)
                 return None
-            head = bytes(buffer[start : end.start()])
-            total = end.end() - start + declared_length(head)
+            head_end, body_at = found
+            head = bytes(buffer[start:head_end])
+            total = body_at - start + declared_length(head)
             if total > self.max_message:
-                return self._oversized(head, end.end(), total)
+                return self._oversized(head, body_at, total)
             self._total = total
         if len(buffer) - self._start < self._total:
             return None

@@ -10,8 +10,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from proxy.sip.memo import memoise_text
+from proxy.sip.memo import TextMemo, memoise_text
 
 MAGIC_COOKIE = "z9hG4bK"
 
@@ -48,22 +49,30 @@ def parse_decimal(text: str, *, maximum: int = 2**32 - 1, what: str = "value") -
     return int(digits)
 
 
+_LIST_SYNTAX = re.compile(r'[",<>\\]')
+"""The characters that decide where a comma-joined header splits."""
+
+
 def split_header_values(value: str) -> list[str]:
     """Split a comma-joined header into its values, respecting quotes and <...>."""
     if "," not in value:  # the common case: one value, no scan needed
         stripped = value.strip()
         return [stripped] if stripped else []
+    if '"' not in value and "<" not in value:  # nothing can hide a comma: no scan needed
+        return [part for part in (v.strip() for v in value.split(",")) if part]
     values: list[str] = []
     depth = 0
     quoted = False
-    escaped = False
+    escaped_at = -1
     start = 0
-    for index, char in enumerate(value):
-        if escaped:
-            escaped = False
-        elif quoted:
+    for match in _LIST_SYNTAX.finditer(value):  # only the characters that matter
+        index = match.start()
+        if index == escaped_at:
+            continue
+        char = value[index]
+        if quoted:
             if char == "\\":
-                escaped = True
+                escaped_at = index + 1
             elif char == '"':
                 quoted = False
         elif char == '"':
@@ -82,7 +91,9 @@ def split_header_values(value: str) -> list[str]:
 _PARAM_NAME = re.compile(r"[A-Za-z0-9\-.!%*_+`'~\[\]:/&$()]+")
 """RFC 3261 token (generic-param) and paramchar (uri-parameter) characters."""
 
-_QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_QUOTED = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+"""A quoted string, its loop unrolled (runs of plain characters at C speed)."""
+_QUOTED_STRING = re.compile(_QUOTED, re.S)
 _BAD_UNQUOTED_VALUE = re.compile(r'[\s",<>]')
 
 
@@ -121,25 +132,28 @@ def _param_tail(text: str) -> list[tuple[str, str | None]]:
     return _split_params(text[1:])
 
 
+_UNTIL_UNQUOTED_SEMICOLON = re.compile(rf'(?:[^";]++|{_QUOTED})*+', re.S)
+_UNTIL_UNQUOTED_LT = re.compile(rf'(?:[^"<]++|{_QUOTED})*+', re.S)
+"""Everything up to the first ``;`` / ``<`` outside a quoted string (a backslash escapes
+inside quotes only). Regular expressions, not a loop over characters: header values
+come from the network, and a per-character Python loop cost ~4 ms for a 30 KB value."""
+
+
 def _split_outside_quotes(text: str, separator: str) -> list[str]:
+    """``text`` split at every ``separator`` (``;``) outside quotes."""
+    assert separator == ";"
+    if '"' not in text:
+        return text.split(separator)
     parts: list[str] = []
-    quoted = False
-    escaped = False
     start = 0
-    for index, char in enumerate(text):
-        if escaped:
-            escaped = False
-        elif char == "\\" and quoted:
-            escaped = True
-        elif char == '"':
-            quoted = not quoted
-        elif char == separator and not quoted:
-            parts.append(text[start:index])
-            start = index + 1
-    if quoted:
-        raise SipHeaderError("unterminated quoted string")
-    parts.append(text[start:])
-    return parts
+    while True:
+        end = _UNTIL_UNQUOTED_SEMICOLON.match(text, start).end()  # type: ignore[union-attr]
+        parts.append(text[start:end])
+        if end == len(text):
+            return parts
+        if text[end] == '"':
+            raise SipHeaderError("unterminated quoted string")
+        start = end + 1
 
 
 def _format_params(params: list[tuple[str, str | None]]) -> str:
@@ -369,18 +383,12 @@ def _check_display(display: str) -> None:
 
 
 def _find_unquoted(text: str, char: str) -> int:
-    quoted = False
-    escaped = False
-    for index, current in enumerate(text):
-        if escaped:
-            escaped = False
-        elif current == "\\" and quoted:
-            escaped = True
-        elif current == '"':
-            quoted = not quoted
-        elif current == char and not quoted:
-            return index
-    return -1
+    """Index of the first ``char`` (``<``) outside a quoted string, or -1."""
+    assert char == "<"
+    if '"' not in text:
+        return text.find(char)
+    end = _UNTIL_UNQUOTED_LT.match(text).end()  # type: ignore[union-attr]
+    return end if end < len(text) and text[end] == char else -1
 
 
 _VIA = re.compile(
@@ -464,4 +472,9 @@ _parse_name_addr, NAME_ADDR_MEMO = memoise_text(
 )
 _parse_via, VIA_MEMO = memoise_text(Via._parse, max_entries=2048, max_text=MEMO_MAX_TEXT)
 _parse_cseq, CSEQ_MEMO = memoise_text(CSeq._parse, max_entries=1024, max_text=MEMO_MAX_TEXT)
-MEMOS = {"uri": URI_MEMO, "name_addr": NAME_ADDR_MEMO, "via": VIA_MEMO, "cseq": CSEQ_MEMO}
+MEMOS: dict[str, TextMemo[Any]] = {
+    "uri": URI_MEMO,
+    "name_addr": NAME_ADDR_MEMO,
+    "via": VIA_MEMO,
+    "cseq": CSEQ_MEMO,
+}

@@ -38,6 +38,10 @@ class TextMemo(Generic[_T]):
         """Characters held in keys (what the size bound is about)."""
         return sum(map(len, self.table))
 
+    def snapshot(self) -> dict[str, int]:
+        """For ``/status``."""
+        return {"entries": len(self.table), "text_chars": self.text_chars()}
+
 
 def memoise_text(
     compute: Callable[[str], _T], *, max_entries: int, max_text: int

@@ -24,6 +24,7 @@ import itertools
 import logging
 import random
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -50,8 +51,10 @@ class RetainedBytes:
 
     Every transaction is charged :data:`TX_OVERHEAD` plus the texts it keeps (its slim
     request, its last response or the request it retransmits). A request arriving while
-    the budget is spent gets a stateless ``503`` with ``Retry-After`` instead of a
-    transaction: under a flood memory stays bounded, and legitimate peers retry."""
+    the budget is spent first makes room by ending the oldest answered non-INVITE
+    transactions early (:meth:`TransactionLayer._shed`); when nothing can be ended it
+    gets a stateless ``503`` with ``Retry-After`` instead of a transaction. Either way
+    memory stays bounded under a flood, and legitimate peers are still answered."""
 
     limit: int = DEFAULT_BUDGET
     used: int = 0
@@ -326,8 +329,13 @@ class TransactionLayer:
         self._clients: dict[tuple[str, str], ClientTransaction] = {}
         self._servers: dict[tuple[str, str, str], ServerTransaction] = {}
         self._accepted: dict[tuple[str, int, str], ServerTransaction] = {}
+        self._completed: OrderedDict[tuple[str, str, str], ServerTransaction] = OrderedDict()
+        """Answered non-INVITE server transactions, oldest first (what :meth:`_shed` may
+        end early)."""
         self._heap: list[tuple[float, int, _Timed]] = []
         self._notes = LogLimiter(log)
+        self.shed = 0
+        """Transactions ended early to admit new requests (:meth:`_shed`)."""
 
     def __len__(self) -> int:
         return len(self._clients) + len(self._servers)
@@ -340,6 +348,7 @@ class TransactionLayer:
             "retained_bytes": self.retained,
             "budget_used_bytes": self.budget.used,
             "budget_bytes": self.budget.limit,
+            "shed": self.shed,
             "refused": self.budget.refused,
         }
 
@@ -357,6 +366,27 @@ class TransactionLayer:
         self.budget.used -= tx.cost
         self.retained -= tx.cost
         tx.cost = 0
+
+    def _end_server(self, stx: ServerTransaction) -> None:
+        stx.state = State.TERMINATED
+        stx.retransmit_at = None
+        del self._servers[stx.key]
+        self._completed.pop(stx.key, None)
+        self._release(stx)
+
+    def _shed(self, method: str) -> bool:
+        """Make room by ending the oldest answered non-INVITE server transactions early.
+
+        They only absorb retransmissions of requests already answered (timer J, 32 s
+        over UDP), so under a flood their state is the cheapest to give up: the cost is
+        that such a retransmission, if one still comes, is processed again. Returns
+        whether the budget admits ``method`` now."""
+        while self._completed and not self.budget.admits(method):
+            _, oldest = self._completed.popitem(last=False)
+            if self._servers.get(oldest.key) is oldest:
+                self._end_server(oldest)
+                self.shed += 1
+        return self.budget.admits(method)
 
     def _overloaded(self, request: Request, source: Address, now: float) -> list[Transmit]:
         """A stateless 503: the transactions already hold the whole budget."""
@@ -496,7 +526,7 @@ class TransactionLayer:
             if tx.last_response is not None and tx.state is not State.TERMINATED:
                 return [], [Transmit(tx.last_response, tx.source)]
             return [], []
-        if not self.budget.admits(request.method):
+        if not self.budget.admits(request.method) and not self._shed(request.method):
             return [], self._overloaded(request, source, now)
         invite = request.method == "INVITE"
         tx = ServerTransaction(
@@ -549,6 +579,7 @@ class TransactionLayer:
         else:
             tx.state = State.COMPLETED
             tx.timeout_at = now + (0 if reliable else t.timeout)
+            self._completed[tx.key] = tx
         return [Transmit(data, tx.source)]
 
     # --- input and timers ---------------------------------------------------------------
@@ -630,10 +661,7 @@ class TransactionLayer:
                 events.append(TransactionTimeout(stx))  # timer H / L: no ACK (J is not)
             if stx.state is State.ACCEPTED:
                 self._accepted.pop(self._ack_key(stx.request), None)
-            stx.state = State.TERMINATED
-            stx.retransmit_at = None
-            del self._servers[stx.key]
-            self._release(stx)
+            self._end_server(stx)
             return
         if stx.retransmit_at is not None and now >= stx.retransmit_at:
             if stx.last_response is not None:

@@ -494,3 +494,39 @@ def test_memoised_parse_still_returns_equal_values() -> None:
     long = '"' + "A" * 300 + '" <sip:alice@example.com>;tag=1'
     assert NameAddr.parse(long) == NameAddr.parse(long)
     assert NameAddr.parse(long) is not NameAddr.parse(long)
+
+
+def _split_reference(value: str) -> list[str]:
+    """The character-by-character splitter the scanning versions replaced."""
+    values: list[str] = []
+    depth, quoted, escaped, start = 0, False, False, 0
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted:
+            if char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == "<":
+            depth += 1
+        elif char == ">":
+            depth = max(0, depth - 1)
+        elif char == "," and depth == 0:
+            values.append(value[start:index].strip())
+            start = index + 1
+    values.append(value[start:].strip())
+    return [v for v in values if v]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet='",<>\\; ab', max_size=40))
+def test_scanning_splitters_agree_with_the_character_loop(value: str) -> None:
+    assert split_header_values(value) == _split_reference(value)
+    try:
+        parsed = NameAddr.parse(f"{value} <sip:a@b>")
+    except SipHeaderError:
+        return
+    assert parsed.uri == "sip:a@b"

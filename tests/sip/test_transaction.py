@@ -849,15 +849,40 @@ def test_budget_is_released_when_transactions_end() -> None:
     assert layer.retained == layer.budget.used == 0
 
 
-def test_spent_budget_answers_503_statelessly_and_logs_once(
+def answered_options(layer: TransactionLayer, branch: str, now: float) -> ServerTransaction:
+    tx = server_tx(layer, options(branch=branch), UAC, now)
+    layer.respond(tx, response_to(tx.request, 200, "OK", to_tag="t"), now)
+    return tx
+
+
+def test_spent_budget_sheds_the_oldest_answered_transactions_first() -> None:
+    """A flood of answered requests cannot crowd out new ones: the oldest answered
+    non-INVITE transactions end early (they only absorb retransmissions)."""
+    budget = RetainedBytes(limit=10 * TX_OVERHEAD)
+    layer = TransactionLayer(budget=budget)
+    index = 0
+    while budget.admits("OPTIONS"):
+        answered_options(layer, f"z9hG4bKf{index}", float(index))
+        index += 1
+    first_count = len(layer)
+    newest = answered_options(layer, "z9hG4bKnew", 100.0)
+    assert len(layer) == first_count  # one in, the oldest out
+    assert layer.shed == 1 and budget.refused == 0
+    assert budget.used <= budget.limit + newest.cost
+    # The shed one's retransmission is a new request now; a live one is still absorbed.
+    assert isinstance(layer.receive(options(branch="z9hG4bKf0"), UAC, 101.0)[0][0],
+                      RequestReceived)  # fmt: skip
+    assert layer.receive(options(branch=f"z9hG4bKf{index - 1}"), UAC, 101.0)[0] == []
+
+
+def test_spent_budget_with_nothing_to_shed_answers_503_statelessly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     budget = RetainedBytes(limit=10 * TX_OVERHEAD)
     layer = TransactionLayer(budget=budget)
     index = 0
-    while budget.admits("OPTIONS"):
-        tx = server_tx(layer, options(branch=f"z9hG4bKf{index}"), UAC, 0.0)
-        layer.respond(tx, response_to(tx.request, 200, "OK", to_tag="t"), 0.0)
+    while budget.admits("INVITE"):  # calls in progress: nothing may be ended early
+        server_tx(layer, invite(branch=f"z9hG4bKi{index}"), UAC, 0.0)
         index += 1
     alive = len(layer)
     with caplog.at_level("WARNING", logger="sipura.transaction"):
@@ -868,16 +893,13 @@ def test_spent_budget_answers_503_statelessly_and_logs_once(
             assert reply.status == 503 and reply.get("retry-after") == "5"
             assert reply.to.tag is not None
     assert len(layer) == alive  # no state for a refused request
-    assert budget.refused == 20
+    assert budget.refused == 20 and layer.shed == 0
     assert len([r for r in caplog.records if "503 to OPTIONS" in r.message]) == 1
     # CANCEL and BYE free state: they still get a transaction (up to 1.25x the budget).
     [received], _ = layer.receive(bye(), UAC, 0.2)
     assert isinstance(received, RequestReceived)
-    layer.respond(received.tx, response_to(received.tx.request, 481, "No"), 0.2)
-    # Retransmissions of live transactions are still answered from their state.
-    assert [t.data[:14] for t in layer.receive(options(branch="z9hG4bKf0"), UAC, 0.3)[1]] == [
-        b"SIP/2.0 200 OK"
-    ]
+    for tx in list(layer._servers.values()):
+        layer.respond(tx, response_to(tx.request, 486, "Busy Here", to_tag="t"), 0.3)
     drive(layer, 100.0)
     assert budget.used == 0
     assert isinstance(layer.receive(options(branch="z9hG4bKnew"), UAC, 101.0)[0][0],
