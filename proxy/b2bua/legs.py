@@ -83,8 +83,10 @@ _call_ids = itertools.count(1)
 
 
 @dataclass(eq=False, slots=True)
-class Relay:
-    """A request relayed from one leg to the other, awaiting the far side's answer."""
+class RelayedRequest:
+    """Client-transaction context: a request relayed from one leg to the other (or one
+    the proxy sends in the dialog for the call itself: BYE, CANCEL), awaiting the far
+    side's answer."""
 
     call: Call
     origin: Leg
@@ -95,9 +97,10 @@ class Relay:
 
 
 @dataclass(eq=False, slots=True)
-class ProxyRequest:
-    """A request the proxy originates in a call's dialog for itself: an x-sipura INFO
-    on the outside leg, or the caller-ID refresh toward the phone."""
+class OwnRequest:
+    """Client-transaction context: a request the proxy originates in a call's dialog for
+    itself, whose answer stays in the proxy: an x-sipura INFO on the outside leg, or the
+    caller-ID refresh toward the phone."""
 
     call: Call
     leg: Leg
@@ -131,6 +134,20 @@ class Call:
 
     def leg_on(self, side: Side) -> Leg:
         return self.a if self.a.side is side else self.b
+
+    @property
+    def label(self) -> str:
+        """How log lines name the call: its number and the A leg's Call-ID."""
+        return f"{self.id} ({self.a.call_id})"
+
+    @property
+    def ringing(self) -> bool:
+        """No final answer yet: a CANCEL (or the caller's BYE) still ends it."""
+        return self.state in (CallState.INVITING, CallState.EARLY)
+
+    @property
+    def answered(self) -> bool:
+        return self.state in (CallState.ANSWERED, CallState.CONFIRMED)
 
     @property
     def direction(self) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from proxy.media.engine import MediaSession, Side
-from proxy.sip.sdp import SdpError, connection_endpoint, parse_sdp, rewrite_sdp
+from proxy.sip.sdp import Sdp, connection_endpoint, parse_sdp, rewrite_sdp
 
 log = logging.getLogger("sipura.media")
 
@@ -29,12 +29,14 @@ class MediaHandle:
         """The last SDP handed to each side: a proxy-originated re-INVITE (caller-ID
         refresh) offers it again unchanged, so the media stays where it is."""
 
-    def relay_sdp(self, from_side: Side, body: bytes) -> bytes:
+    def relay_sdp(self, from_side: Side, body: bytes, parsed: Sdp | None = None) -> bytes:
         """Learn the sender's endpoints and return the body for the other side.
 
-        Raises :class:`SdpError` for a body that is not SDP: the caller answers 488/400.
+        ``parsed`` is ``body`` already parsed (the INVITE path parses its offer once, to
+        size the allocation). Raises :class:`SdpError` for a body that is not SDP: the
+        caller answers 488/400.
         """
-        sdp = parse_sdp(body)
+        sdp = parsed if parsed is not None else parse_sdp(body)
         to_side = Side.OUTSIDE if from_side is Side.INSIDE else Side.INSIDE
         ports: list[int | None] = []
         for index in range(len(sdp.media)):
@@ -50,11 +52,3 @@ class MediaHandle:
 
     def release(self) -> None:
         self.session.release()
-
-
-def stream_count(body: bytes) -> int:
-    """How many m= lines an offer has (at least 1, to anchor a later offer too)."""
-    try:
-        return max(1, len(parse_sdp(body).media))
-    except SdpError:
-        return 1

@@ -19,6 +19,8 @@ from typing import Any
 from proxy.b2bua.config import Config
 from proxy.b2bua.core import B2BUA, Outbound
 from proxy.b2bua.line_keys import load_security
+from proxy.b2bua.resolver import SystemResolver
+from proxy.b2bua.routing import ResolveQuery
 from proxy.logsetup import configure_logging
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
@@ -66,7 +68,8 @@ class ProxyServer:
         self.security = load_security(config)
         for warning in self.security.warnings:
             log.warning("%s: %s", config.source, warning)
-        self.core = B2BUA(config, self.media, self.security)
+        self.resolver = SystemResolver(self._resolved)
+        self.core = B2BUA(config, self.media, self.security, resolver=self.resolver)
         self.core.on_wakeup = self._wake
         limits = transport_limits(config)
         self.transports = {
@@ -105,6 +108,7 @@ class ProxyServer:
         )  # fmt: skip
 
     def close(self) -> None:
+        self.resolver.close()
         for transport in self.transports.values():
             transport.close()
         if self._timer is not None:
@@ -119,6 +123,16 @@ class ProxyServer:
             out = self.core.receive(side, data, source, self._loop.time())
         except Exception:  # a bug must cost one message, never the process
             log.exception("%s: internal error handling a message from %s", side.value, source)
+            return
+        self._send(out)
+
+    def _resolved(self, query: ResolveQuery, targets: list[Address], ttl_s: float) -> None:
+        """A name lookup the core asked for is done: run what waited for it."""
+        assert self._loop is not None
+        try:
+            out = self.core.resolved(query, targets, ttl_s, self._loop.time())
+        except Exception:
+            log.exception("internal error handling the lookup of %s", query.host)
             return
         self._send(out)
 

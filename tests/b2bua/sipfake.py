@@ -20,6 +20,7 @@ from typing import cast
 from proxy.b2bua.config import Config, parse_config
 from proxy.b2bua.core import B2BUA, Outbound
 from proxy.b2bua.line_keys import Security
+from proxy.b2bua.routing import ResolveQuery
 from proxy.media.engine import Side, StreamStats
 from proxy.media.ports import PortsExhausted
 from proxy.media.srtp import SrtpContext
@@ -480,6 +481,21 @@ def wires(out: Iterable[Outbound]) -> list[Wire]:
     return result
 
 
+NAMES: dict[str, str] = {}
+"""What :class:`FakeResolver` knows: host name -> address (tests patch it per module)."""
+
+
+class FakeResolver:
+    """The I/O edge's name lookups: queries are noted, and :class:`World` answers them
+    from :data:`NAMES` after each message, as an edge answers a moment later."""
+
+    def __init__(self) -> None:
+        self.asked: list[ResolveQuery] = []
+
+    def request(self, query: ResolveQuery) -> None:
+        self.asked.append(query)
+
+
 class World:
     """The core, a fake clock and a fake media engine; every message it sent is kept."""
 
@@ -493,17 +509,33 @@ class World:
     ) -> None:
         self.config = config or make_config()
         self.media = media or FakeMedia()
+        self.resolver = FakeResolver()
         if utc_now is None:
-            self.core = B2BUA(self.config, self.media, security)
+            self.core = B2BUA(self.config, self.media, security, resolver=self.resolver)
         else:
-            self.core = B2BUA(self.config, self.media, security, utc_now)
+            self.core = B2BUA(self.config, self.media, security, utc_now, resolver=self.resolver)
         self.now = 1000.0
         self.sent: list[Wire] = []
+        self.auto_lookups = True
+        """Answer the core's name lookups after each message (False: the test does)."""
+
+    def answer_lookups(self) -> list[Outbound]:
+        """Answer the name lookups the core asked for (from :data:`NAMES`)."""
+        out: list[Outbound] = []
+        while self.auto_lookups and self.resolver.asked:
+            query = self.resolver.asked.pop(0)
+            ip = NAMES.get(query.host)
+            port = query.port or (5061 if query.transport == "tls" else 5060)
+            targets = [Address(ip, port, query.transport)] if ip else []
+            out.extend(self.core.resolved(query, targets, 300.0, self.now))
+        return out
 
     def send(self, side: Side, data: bytes, source: Address) -> list[Wire]:
-        out = wires(self.core.receive(side, data, source, self.now))
-        self.sent.extend(out)
-        return out
+        out = self.core.receive(side, data, source, self.now)
+        out.extend(self.answer_lookups())
+        parsed = wires(out)
+        self.sent.extend(parsed)
+        return parsed
 
     def phone(self, data: bytes, source: Address = PHONE) -> list[Wire]:
         return self.send(Side.INSIDE, data, source)
@@ -521,10 +553,12 @@ class World:
                 break
             self.now = max(self.now, deadline)
             out.extend(self.core.poll(self.now))
+            out.extend(self.answer_lookups())
         else:  # pragma: no cover - a deadline that never moves is a bug
             raise AssertionError("next_deadline() does not advance")
         self.now = end
         out.extend(self.core.poll(self.now))
+        out.extend(self.answer_lookups())
         parsed = wires(out)
         self.sent.extend(parsed)
         return parsed

@@ -9,7 +9,6 @@ reasons); interop with an independent implementation is covered by tests/interop
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import sipfake
+from callflows import CALLEE, PHONE_CONTACT, PHONE_SDP, UP_CONTACT, UP_SDP
 from sipfake import (
     LINE1,
     LINE2,
@@ -67,12 +68,7 @@ LINE3 = "14085550000"
 """A line without a Mini Certificate: its calls are plain."""
 PHONE3 = Address("10.0.0.30", 5060)
 FAR_ID = "18005550199"
-CALLEE = f"sip:{FAR_ID}@itsp.example.net"
 FAR_SSRC = 0x0BADF00D
-PHONE_CONTACT = "<sip:14085551234@10.0.0.10:5060>"
-PHONE_SDP = sdp("10.0.0.10", 4000)
-UP_CONTACT = "<sip:pbx@203.0.113.5:5060>"
-UP_SDP = sdp("203.0.113.50", 7000)
 XS = "application/x-sipura"
 SUPPORTED = (("Supported", "x-sipura"),)
 RTP = bytes([0x80, 0x00, 0x00, 0x01, 0, 0, 0, 160]) + FAR_SSRC.to_bytes(4, "big") + b"\xd5" * 160
@@ -135,12 +131,7 @@ def pki() -> Pki:
 
 @pytest.fixture(autouse=True, scope="module")
 def fake_dns() -> Iterator[None]:
-    def getaddrinfo(host: str, port: object, *args: Any, **kwargs: Any) -> list[Any]:
-        if host == "itsp.example.net":
-            return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("203.0.113.5", 0))]
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    with mock.patch("proxy.b2bua.core.socket.getaddrinfo", getaddrinfo):
+    with mock.patch.dict(sipfake.NAMES, {"itsp.example.net": "203.0.113.5"}):
         yield
 
 

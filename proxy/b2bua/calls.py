@@ -1,0 +1,112 @@
+"""The calls the proxy bridges: the table that finds them, and their timers.
+
+A message finds its call through the leg it belongs to: ``(side, Call-ID, local tag)``
+is unique per leg because both tags of a dialog the proxy takes part in include one of
+its own. Per-call deadlines (the x-sipura handshake's, the RTP-timeout check) live on a
+heap with lazy deletion, as the transaction layer's do (decision 16): the cost of a
+message must not grow with the number of calls, so nothing here ever scans them all.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from enum import Enum
+
+from proxy.b2bua.legs import Call, CallState, Leg
+from proxy.media.engine import Side
+
+log = logging.getLogger("sipura.b2bua")
+
+
+class CallTimer(Enum):
+    """What a call deadline is for; each call has at most one armed per kind."""
+
+    SECURITY = "security"
+    """The x-sipura machine's own deadline (start delay, media check, timeouts, grace)."""
+    RTP_TIMEOUT = "rtp_timeout"
+    """Look whether the call's media counters moved (``[media] rtp_timeout_s``)."""
+
+
+class CallTable:
+    """Every live call, indexed by its legs, with its armed deadlines."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, Call] = {}
+        self._legs: dict[tuple[Side, str, str], tuple[Call, Leg]] = {}
+        self._heap: list[tuple[float, int, int, CallTimer]] = []
+        self._armed: dict[tuple[int, CallTimer], float] = {}
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    # --- the table --------------------------------------------------------------------
+
+    def add(self, call: Call) -> None:
+        self.calls[call.id] = call
+        for leg in (call.a, call.b):
+            self._legs[(leg.side, leg.call_id, leg.local_tag)] = (call, leg)
+
+    def find(self, side: Side, call_id: str, local_tag: str) -> tuple[Call, Leg] | None:
+        return self._legs.get((side, call_id, local_tag))
+
+    def indexed(self) -> list[tuple[Call, Leg]]:
+        """Every (call, leg) pair in the index (for invariant checks)."""
+        return list(self._legs.values())
+
+    def drop(self, call: Call) -> None:
+        """Forget ``call`` and give its media back (idempotent)."""
+        for leg in (call.a, call.b):
+            self._legs.pop((leg.side, leg.call_id, leg.local_tag), None)
+        self.calls.pop(call.id, None)
+        for kind in CallTimer:
+            self._armed.pop((call.id, kind), None)
+        if call.media is not None:
+            call.media.release()
+            call.media = None
+
+    def finish(self, call: Call) -> None:
+        """The call is over: drop it once, and say so."""
+        if call.state is CallState.TERMINATED:
+            return
+        call.state = CallState.TERMINATED
+        self.drop(call)
+        log.info("call %d ended", call.id)
+
+    # --- deadlines --------------------------------------------------------------------
+
+    def arm(self, call: Call, kind: CallTimer, when: float | None) -> None:
+        """Set (or with None, clear) ``call``'s deadline of ``kind``."""
+        key = (call.id, kind)
+        if when is None:
+            self._armed.pop(key, None)
+            return
+        if self._armed.get(key) == when:
+            return
+        self._armed[key] = when
+        heapq.heappush(self._heap, (when, next(self._seq), call.id, kind))
+
+    def next_deadline(self) -> float | None:
+        heap = self._heap
+        while heap:
+            when, _, call_id, kind = heap[0]
+            if self._armed.get((call_id, kind)) == when:
+                return when
+            heapq.heappop(heap)  # stale: re-armed, cleared or the call ended
+        return None
+
+    def due(self, now: float) -> list[tuple[Call, CallTimer]]:
+        """Pop every deadline at or before ``now`` (each disarmed as it is returned)."""
+        fired: list[tuple[Call, CallTimer]] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, _, call_id, kind = heapq.heappop(heap)
+            if self._armed.get((call_id, kind)) != when:
+                continue
+            del self._armed[(call_id, kind)]
+            call = self.calls.get(call_id)
+            if call is not None:
+                fired.append((call, kind))
+        return fired

@@ -1,0 +1,272 @@
+"""Requests and responses inside a bridged call's dialogs, relayed leg to leg.
+
+Once a call exists, each request on one leg (re-INVITE, UPDATE, INFO, PRACK, REFER,
+NOTIFY, BYE...) becomes the same request on the other leg, in that leg's dialog (its
+Call-ID, tags, CSeq, route set, remote target), with every header the proxy does not
+own copied in order (decision 11) and any SDP anchored on the proxy's media ports. The
+far side's answer comes back the same way. Exceptions the proxy handles itself: the
+x-sipura INFOs of a secured outside leg (:mod:`proxy.b2bua.secure_leg`), a BYE that
+crosses another, and the caller's BYE or CANCEL of a call not yet answered.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from proxy.b2bua import secure as sec
+from proxy.b2bua.calls import CallTable
+from proxy.b2bua.legs import Call, CallState, Leg, RelayedRequest
+from proxy.b2bua.media_watch import MediaWatch
+from proxy.b2bua.messages import (
+    TARGET_REFRESH,
+    Reject,
+    contact_target,
+    copy_end_to_end,
+    forwarded_max_forwards,
+    rewrite_rack,
+)
+from proxy.b2bua.routing import Router
+from proxy.b2bua.secure_leg import SecureLegs
+from proxy.b2bua.sides import Outbound, SipSides
+from proxy.b2bua.teardown import Teardown
+from proxy.media.engine import Side
+from proxy.sip.headers import SipHeaderError
+from proxy.sip.message import Request, Response
+from proxy.sip.sdp import SdpError
+from proxy.sip.transaction import Address, ClientTransaction, ServerTransaction, response_to
+
+if TYPE_CHECKING:
+    from proxy.b2bua.invite import CallSetup
+
+log = logging.getLogger("sipura.b2bua")
+
+
+class Dialogs:
+    def __init__(
+        self, sides: SipSides, calls: CallTable, router: Router, teardown: Teardown,
+        secure: SecureLegs, watch: MediaWatch,
+    ) -> None:  # fmt: skip
+        self.sides = sides
+        self.calls = calls
+        self.router = router
+        self.teardown = teardown
+        self.secure = secure
+        self.watch = watch
+        self.setup: CallSetup | None = None
+        """Set once call set-up exists (it relays INVITE responses for the calls)."""
+
+    # --- requests in a dialog ---------------------------------------------------------
+
+    def on_request(
+        self, side: Side, tx: ServerTransaction, request: Request, call: Call, leg: Leg,
+        now: float,
+    ) -> list[Outbound]:  # fmt: skip
+        """A request in ``leg``'s dialog, from its peer."""
+        method = request.method
+        self._accept_in_dialog(tx, request, call, leg, now)
+        other = call.other(leg)
+        if other.dest is None or (other.remote_tag is None and method != "BYE"):
+            raise Reject(481, "Call/Transaction Does Not Exist")
+        if method == "INFO" and side is Side.OUTSIDE and call.security is not None:
+            kind = sec.is_xsipura_info(request.content_type, request.body)
+            if kind is None:  # profile §2a: an empty INFO is answered and ignored
+                return self.sides.respond(side, tx, 200, "OK", now)
+            if kind:
+                return self.secure.on_info(call, tx, request, now)
+        if method == "BYE":
+            handled = self._bye(side, tx, call, leg, now)
+            if handled is not None:
+                return handled
+        return self._forward(tx, request, call, leg, now)
+
+    def _accept_in_dialog(
+        self, tx: ServerTransaction, request: Request, call: Call, leg: Leg, now: float
+    ) -> None:
+        """RFC 3261 §12.2.2: CSeq order, a live dialog, and the target refresh."""
+        method = request.method
+        cseq = request.cseq.number
+        if leg.remote_cseq is not None and cseq <= leg.remote_cseq and method != "ACK":
+            raise Reject(500, "Server Internal Error", [("Retry-After", "1")])
+        leg.remote_cseq = cseq
+        leg.flow = tx.source
+        if call.state in (CallState.TERMINATING, CallState.TERMINATED) and method != "BYE":
+            raise Reject(481, "Call/Transaction Does Not Exist")
+        if method in TARGET_REFRESH and request.has("contact"):
+            try:
+                target = contact_target(request.get_all("contact"))
+            except SipHeaderError as exc:
+                raise Reject(400, "Bad Request") from exc
+            if target is not None:
+                leg.remote_target = target
+                leg.dest = self.router.leg_dest(leg, now)
+
+    def _bye(
+        self, side: Side, tx: ServerTransaction, call: Call, leg: Leg, now: float
+    ) -> list[Outbound] | None:
+        """A BYE the proxy answers itself; None when it is to be relayed."""
+        if leg is call.a and call.ringing:
+            # The caller hangs up an early dialog: the INVITE ends as if CANCELled.
+            log.info("call %d: BYE from the caller before the answer", call.id)
+            return self.sides.respond(side, tx, 200, "OK", now) + self.teardown.cancel_call(
+                call, now
+            )
+        if call.state is CallState.TERMINATING:
+            return self.sides.respond(side, tx, 200, "OK", now)  # BYEs crossed: one is enough
+        call.state = CallState.TERMINATING
+        log.info("call %d: BYE from the %s side", call.id, side.value)
+        if call.other(leg).remote_tag is None:  # early: nothing to hang up on the far side
+            self.calls.finish(call)
+            return self.sides.respond(side, tx, 200, "OK", now)
+        return None
+
+    def _forward(
+        self, tx: ServerTransaction, request: Request, call: Call, leg: Leg, now: float
+    ) -> list[Outbound]:
+        """The same request in the other leg's dialog."""
+        method = request.method
+        other = call.other(leg)
+        assert other.dest is not None
+        if method == "INVITE":
+            other.invite_cseq = other.next_cseq()
+            cseq_out = other.invite_cseq
+        else:
+            cseq_out = other.next_cseq()
+        max_forwards = forwarded_max_forwards(request, self.sides.config.sip.max_forwards)
+        outgoing = self.sides.dialog_request(other, method, cseq_out, max_forwards)
+        if method in TARGET_REFRESH:
+            outgoing.add("Contact", self.sides.contact(other.side, other.dest.transport))
+        copy_end_to_end(request, outgoing)
+        if method == "PRACK":
+            rewrite_rack(outgoing, other.invite_cseq)
+        outgoing.body = request.body
+        if request.body and request.content_type == "application/sdp":
+            outgoing.body = self.relay_sdp(call, leg.side, request.body)
+        self.sides.advertise(other.side, outgoing)
+        context = RelayedRequest(call, leg, tx)
+        _, out = self.sides.send_request(other.side, outgoing, other.dest, now, context)
+        return out
+
+    def on_ack(self, side: Side, request: Request, source: Address, now: float) -> list[Outbound]:
+        """An ACK for a 2xx the proxy relayed: confirm the dialog, ACK the other leg."""
+        found = self.calls.find(side, request.call_id, request.to.tag or "")
+        if found is None:
+            return []
+        call, leg = found
+        leg.flow = source
+        other = call.other(leg)
+        confirmed = call.state is CallState.ANSWERED
+        if confirmed:
+            call.state = CallState.CONFIRMED
+            call.media_seen_at = now
+        body = request.body
+        if body and request.content_type == "application/sdp":
+            body = self.relay_sdp(call, side, body)
+        out = self.sides.ack(other, other.invite_cseq, body, request.get("content-type") or "")
+        if confirmed:
+            self.watch.on_confirmed(call, now)
+            out += self.secure.on_confirmed(call, now)
+        return out
+
+    def on_stray(self, side: Side, response: Response) -> list[Outbound]:
+        """A 2xx retransmission after our INVITE transaction ended: re-send our ACK."""
+        if not 200 <= response.status < 300 or response.cseq.method != "INVITE":
+            return []
+        found = self.calls.find(side, response.call_id, response.from_.tag or "")
+        if found is None:
+            return []
+        leg = found[1]
+        if leg.ack_data is None or leg.dest is None or leg.ack_cseq != response.cseq.number:
+            return []
+        return [Outbound(side, leg.ack_data, leg.dest)]
+
+    def on_cancel(
+        self, side: Side, tx: ServerTransaction, request: Request, now: float
+    ) -> list[Outbound]:
+        invite_tx = self.sides.layers[side].find_invite_server(request)
+        if invite_tx is None:
+            return self.sides.respond(side, tx, 481, "Call/Transaction Does Not Exist", now)
+        call = invite_tx.context
+        to_tag = call.a.local_tag if isinstance(call, Call) else None
+        out = self.sides.respond(side, tx, 200, "OK", now, to_tag=to_tag)  # §9.2: same To tag
+        if not isinstance(call, Call) or not call.ringing:
+            return out  # already answered: the CANCEL has no effect (§9.2)
+        log.info("call %d cancelled by the caller", call.id)
+        return out + self.teardown.cancel_call(call, now)
+
+    # --- responses to relayed requests ------------------------------------------------
+
+    def on_response(
+        self, context: RelayedRequest, tx: ClientTransaction, response: Response, now: float
+    ) -> list[Outbound]:
+        call, origin = context.call, context.origin
+        method = tx.request.method
+        if method == "INVITE":
+            assert self.setup is not None
+            return self.setup.on_invite_response(call, call.other(origin), tx, response, now,
+                                                 context)  # fmt: skip
+        if method == "CANCEL":
+            return []
+        out: list[Outbound] = []
+        if context.server_tx is not None:  # else our own BYE: nothing to relay
+            out = self.relay_response(origin, context.server_tx, response, call, now)
+        if method == "BYE" and response.status >= 200:
+            self.calls.finish(call)
+        return out
+
+    def on_timeout(
+        self, context: RelayedRequest, tx: ClientTransaction, now: float
+    ) -> list[Outbound]:
+        """Timer B/F on a relayed request: 408 to the origin; a dead INVITE or BYE ends
+        the call."""
+        call = context.call
+        method = tx.request.method
+        out: list[Outbound] = []
+        if context.server_tx is not None and method != "ACK":
+            origin = context.origin
+            out = self.sides.respond(origin.side, context.server_tx, 408, "Request Timeout", now,
+                                     to_tag=origin.local_tag)  # fmt: skip
+        if method == "INVITE" and context.server_tx is call.invite_server:
+            log.info("call %d: no answer from the %s side (timeout)", call.id,
+                     call.other(context.origin).side.value)  # fmt: skip
+            self.sides.stats.calls_failed += 1
+            self.calls.finish(call)
+        elif method == "BYE":
+            self.calls.finish(call)
+        return out
+
+    def relay_response(
+        self, origin: Leg, stx: ServerTransaction, response: Response, call: Call, now: float
+    ) -> list[Outbound]:
+        """The far side's response, as the response on ``origin``'s server transaction."""
+        status = response.status
+        relayed = response_to(stx.request, status, response.reason, to_tag=origin.local_tag)
+        if 300 <= status < 400:  # redirect targets are the payload of a 3xx, not our contact
+            for contact in response.get_all("contact"):
+                relayed.add("Contact", contact)
+        elif response.has("contact"):
+            relayed.add("Contact", self.sides.contact(origin.side, stx.source.transport))
+        copy_end_to_end(response, relayed)
+        relayed.body = response.body
+        if response.body and response.content_type == "application/sdp":
+            relayed.body = self.relay_sdp(call, origin.side.other, response.body)
+        self.sides.advertise(origin.side, relayed)
+        return self.sides.send_response(origin.side, stx, relayed, now)
+
+    def relay_sdp(self, call: Call, from_side: Side, body: bytes) -> bytes:
+        """Anchor an SDP body from ``from_side`` on the proxy's ports; allocate media if
+        the call has none yet (a late offer). Unusable SDP passes through as it is."""
+        if call.media is None:
+            if call.state is CallState.TERMINATED:
+                return body  # a late answer for a call already gone: nothing to anchor
+            assert self.setup is not None
+            media = self.setup.allocate_quietly(call, body)
+            if media is None:
+                log.warning("call %d: no media ports for a late offer; SDP passed as is", call.id)
+                return body
+        assert call.media is not None
+        try:
+            return call.media.relay_sdp(from_side, body)
+        except SdpError as exc:
+            log.info("call %d: unparsable SDP passed through as is: %s", call.id, exc)
+            return body

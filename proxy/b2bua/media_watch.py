@@ -1,0 +1,68 @@
+"""Supervising calls' media: silent calls, and calls whose relay died.
+
+A phone that dies mid-call sends no BYE; its call would hold ports forever. With
+``[media] rtp_timeout_s`` a confirmed call whose media counters stopped moving for that
+long is hung up on both legs. The check runs on a per-call deadline (armed when the
+dialog is confirmed, re-armed each time the counters moved), never on a scan of every
+call. A media worker process that dies takes its calls' audio with it: those calls end
+cleanly (BYE with a Reason, or CANCEL while ringing) instead of going silent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from proxy.b2bua.calls import CallTable, CallTimer
+from proxy.b2bua.config import Config
+from proxy.b2bua.legs import Call, CallState
+from proxy.b2bua.sides import Outbound
+from proxy.b2bua.teardown import Teardown
+from proxy.media.engine import MediaSession
+
+log = logging.getLogger("sipura.b2bua")
+
+
+class MediaWatch:
+    def __init__(self, config: Config, calls: CallTable, teardown: Teardown) -> None:
+        self.config = config
+        self.calls = calls
+        self.teardown = teardown
+
+    def on_confirmed(self, call: Call, now: float) -> None:
+        timeout = self.config.media.rtp_timeout_s
+        if timeout:
+            self.calls.arm(call, CallTimer.RTP_TIMEOUT, now + timeout)
+
+    def on_timer(self, call: Call, now: float) -> list[Outbound]:
+        """The call's RTP-timeout check is due: hang up if its media did not move."""
+        timeout = self.config.media.rtp_timeout_s
+        if not timeout or call.state is not CallState.CONFIRMED:
+            return []
+        if call.media is not None:
+            stats = call.media.session.stats()
+            packets = sum(int(s["packets_in"]) for streams in stats.values() for s in streams)
+            if packets != call.media_packets:
+                call.media_packets = packets
+                call.media_seen_at = now
+        if call.media is None or now < call.media_seen_at + timeout:
+            self.calls.arm(call, CallTimer.RTP_TIMEOUT, max(call.media_seen_at, now) + timeout)
+            return []
+        log.warning("call %d: no RTP for %d s; hanging up", call.id, timeout)
+        return self.teardown.hang_up(call, now, "RTP timeout")
+
+    def media_lost(self, sessions: Iterable[MediaSession], now: float) -> list[Outbound]:
+        """The engine lost these sessions (a media worker process died): their calls
+        cannot carry audio any more, so they end cleanly instead of going silent. An
+        answered call gets a BYE with a Reason on both legs (it finishes when they are
+        answered or time out); one still ringing is cancelled toward the callee and
+        answered 487 toward the caller. Calls on other sessions are not touched."""
+        lost = {id(session) for session in sessions}
+        out: list[Outbound] = []
+        for call in list(self.calls.calls.values()):
+            media = call.media
+            if media is None or id(media.session) not in lost:
+                continue
+            log.warning("call %d: its media relay process died; hanging up", call.id)
+            out += self.teardown.hang_up(call, now, "media relay failed")
+        return out

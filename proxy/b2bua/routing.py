@@ -1,0 +1,271 @@
+"""Where a request goes: the next hop of a new call, a leg's destination, name lookups.
+
+Routing is configuration plus bindings: a phone's call goes to ``[outside] upstream``
+(or to its own Request-URI when there is none), a call from outside goes to the line's
+registered contact or its static ``contact``. Host names in URIs are resolved by the I/O
+edge, never here (the core is sans-IO, decision 10): :class:`Lookups` caches answers
+with their TTL, and a name it does not know yet raises :class:`Unresolved` after asking
+the edge's :class:`Resolver`; the core parks the work that needed it and runs it again
+when :meth:`Lookups.answer` delivers the targets (or the failure).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from dataclasses import replace as dataclasses_replace
+from typing import TYPE_CHECKING, Protocol
+
+from proxy.b2bua.config import Config, LineConfig
+from proxy.b2bua.legs import Leg
+from proxy.b2bua.messages import Reject, digits
+from proxy.media.engine import Side
+from proxy.sip.headers import NameAddr, SipHeaderError, SipUri, bare_host
+from proxy.sip.message import Request
+from proxy.sip.transaction import Address
+
+if TYPE_CHECKING:
+    from proxy.b2bua.registrar import Registrar
+    from proxy.b2bua.sides import Outbound
+
+MAX_CACHED = 4096
+"""Names (with port and transport) whose answer is kept; least recently used go first."""
+MAX_PENDING = 256
+"""Names being looked up at once; a request needing one more gets 503."""
+MAX_PARKED = 64
+"""Requests waiting on one name; more get 503 (a flood must not queue without bound)."""
+LOOKUP_TIMEOUT_S = 10.0
+"""A lookup the edge has not answered by then counts as failed."""
+FAILURE_TTL_S = 30.0
+"""How long a failed lookup is remembered (so a flood does not re-ask every time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveQuery:
+    """A host name to turn into targets, with what the URI said about port and transport
+    (RFC 3263 uses SRV only when the URI names no port)."""
+
+    host: str
+    port: int | None
+    transport: str
+
+
+class Resolver(Protocol):
+    """The I/O edge's name resolution: asynchronous, answered through the core's
+    ``resolved`` with the targets in the order to try, or none when the name failed."""
+
+    def request(self, query: ResolveQuery) -> None: ...
+
+
+class Unresolved(Exception):
+    """The work at hand needs ``query`` answered first (the edge has been asked)."""
+
+    def __init__(self, query: ResolveQuery) -> None:
+        super().__init__(query.host)
+        self.query = query
+
+
+Parked = Callable[[float], "list[Outbound]"]
+"""Work that waited for a name: run again with the current time once it is answered."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    asked_at: float
+    parked: list[Parked] = field(default_factory=list)
+
+
+class Lookups:
+    """Answers to name queries (bounded, with TTL) and the work parked on open ones."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self._cache: OrderedDict[ResolveQuery, tuple[tuple[Address, ...], float]] = OrderedDict()
+        self._pending: dict[ResolveQuery, _Pending] = {}
+
+    def targets(self, query: ResolveQuery, now: float) -> tuple[Address, ...]:
+        """The cached targets (empty: the name failed); :class:`Unresolved` if unknown."""
+        cached = self._cache.get(query)
+        if cached is not None and cached[1] > now:
+            self._cache.move_to_end(query)
+            return cached[0]
+        if cached is not None:
+            del self._cache[query]
+        if query not in self._pending:
+            if len(self._pending) >= MAX_PENDING:
+                raise Reject(503, "Service Unavailable", [("Retry-After", "5")])
+            self._pending[query] = _Pending(now)
+            self.resolver.request(query)
+        raise Unresolved(query)
+
+    def park(self, query: ResolveQuery, work: Parked) -> bool:
+        """Run ``work`` when ``query`` is answered; False when too much already waits."""
+        pending = self._pending.get(query)
+        if pending is None or len(pending.parked) >= MAX_PARKED:
+            return False
+        pending.parked.append(work)
+        return True
+
+    def answer(
+        self, query: ResolveQuery, targets: Sequence[Address], ttl_s: float, now: float
+    ) -> list[Parked]:
+        """Store the edge's answer; returns the work to run again now."""
+        ttl = ttl_s if targets else min(ttl_s, FAILURE_TTL_S)
+        self._cache[query] = (tuple(targets), now + max(ttl, 0.0))
+        self._cache.move_to_end(query)
+        while len(self._cache) > MAX_CACHED:
+            self._cache.popitem(last=False)
+        pending = self._pending.pop(query, None)
+        return pending.parked if pending is not None else []
+
+    def next_deadline(self) -> float | None:
+        if not self._pending:
+            return None
+        return min(p.asked_at for p in self._pending.values()) + LOOKUP_TIMEOUT_S
+
+    def expire(self, now: float) -> list[Parked]:
+        """Fail the lookups the edge never answered; returns their parked work."""
+        late = [q for q, p in self._pending.items() if p.asked_at + LOOKUP_TIMEOUT_S <= now]
+        work: list[Parked] = []
+        for query in late:
+            work += self.answer(query, (), FAILURE_TTL_S, now)
+        return work
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a new call or out-of-dialog request goes, and for which line."""
+
+    ruri: str
+    dest: Address
+    line: LineConfig | None
+
+
+class Router:
+    """The next hop of requests that start something, and of each leg's requests."""
+
+    def __init__(
+        self, config: Config, registrar: Registrar, lookups: Lookups, transports: Sequence[str]
+    ) -> None:
+        self.config = config
+        self.registrar = registrar
+        self.lookups = lookups
+        self.transports = tuple(transports)
+
+    def route(self, side: Side, request: Request, source: Address, now: float) -> Route:
+        """A new request from ``side``: where it goes. Raises :class:`Reject`."""
+        if side is Side.INSIDE:
+            line = self.caller_line(request, source)
+            if line is None and self.config.inside.unknown_users == "reject":
+                raise Reject(403, "Forbidden")
+            upstream = self.config.outside.upstream
+            if upstream:
+                dest = self.resolve(upstream, None, now)
+                return Route(self.retarget(request.uri, upstream), dest, line)
+            return Route(request.uri, self.resolve(request.uri, None, now), line)
+        try:
+            user = SipUri.parse(request.uri).user
+        except SipHeaderError as exc:
+            raise Reject(416, "Unsupported URI Scheme") from exc
+        line = self.config.line_for_user(digits(user)) if user else None
+        if line is None:
+            raise Reject(404, "Not Found")
+        binding = self.registrar.binding(line, now)
+        if binding is not None:
+            return Route(binding.contact, binding.flow, line)
+        if line.contact:
+            return Route(line.contact, self.resolve(line.contact, None, now), line)
+        raise Reject(480, "Temporarily Unavailable")
+
+    def retarget(self, ruri: str, upstream: str) -> str:
+        """A phone that uses the proxy as its server dials ``user@<proxy inside>``: the
+        upstream would not recognise itself in that URI, so its host:port becomes the
+        upstream's. Any other Request-URI (``user@pbx.example``) passes unchanged, which
+        keeps the phone's digest credentials valid upstream."""
+        try:
+            uri = SipUri.parse(ruri)
+            target = SipUri.parse(upstream)
+        except SipHeaderError:
+            return ruri
+        inside = self.config.inside
+        ours = {inside.advertised, (inside.listen_host, inside.listen_port)}
+        if (bare_host(uri.host), uri.port or uri.default_port) not in ours:
+            return ruri
+        return str(dataclasses_replace(uri, host=target.host, port=target.port))
+
+    def caller_line(self, request: Request, source: Address) -> LineConfig | None:
+        """The line a request from the inside claims (From), else the line whose phone
+        it came from (registered flow or static contact)."""
+        try:
+            user = request.from_.sip_uri().user
+        except SipHeaderError:
+            user = None
+        if user and digits(user).isdigit():
+            line = self.config.line_for_user(digits(user))
+            if line is not None:
+                return line
+        for line in self.config.lines:
+            binding = self.registrar.bindings.get(line.user_key)
+            if binding and (binding.flow.host, binding.flow.port) == (source.host, source.port):
+                return line
+            if line.contact:
+                try:
+                    uri = SipUri.parse(line.contact)
+                except SipHeaderError:
+                    continue
+                if (bare_host(uri.host), uri.port or 5060) == (source.host, source.port):
+                    return line
+        return None
+
+    def resolve(self, uri_text: str, transport_hint: str | None, now: float) -> Address:
+        """A SIP URI -> the address to send to. IP literals as they are; names through
+        :class:`Lookups` (raises :class:`Unresolved` the first time, :class:`Reject`
+        502 for a name that failed)."""
+        try:
+            uri = SipUri.parse(uri_text)
+        except SipHeaderError as exc:
+            raise Reject(416, "Unsupported URI Scheme") from exc
+        host = bare_host(uri.param("maddr") or uri.host)
+        transport = (uri.param("transport") or transport_hint or "udp").lower()
+        if transport not in self.transports:
+            raise Reject(503, "Service Unavailable", [("Warning", f'399 - "no {transport}"')])
+        port = uri.port or uri.default_port
+        try:
+            return Address(str(ipaddress.ip_address(host)), port, transport)
+        except ValueError:
+            pass
+        targets = self.lookups.targets(ResolveQuery(host, uri.port, transport), now)
+        if not targets:
+            raise Reject(502, "Bad Gateway", [("Warning", f'399 - "cannot resolve {host}"')])
+        first = targets[0]
+        return Address(first.host, first.port, transport)
+
+    def leg_dest(self, leg: Leg, now: float) -> Address | None:
+        """Where requests on ``leg`` go now: the phone's flow on the inside (NAT, TCP
+        reuse), else the first Route or the remote target. A name not known yet keeps the
+        current destination until the answer is in."""
+        if leg.side is Side.INSIDE and leg.flow is not None:
+            return leg.flow
+        target = leg.route_set[0] if leg.route_set else leg.remote_target
+        if target is None:
+            return leg.dest
+        try:
+            uri = NameAddr.parse(target).uri if target.startswith("<") or " " in target else target
+            transport = leg.dest.transport if leg.dest else None
+            return self.resolve(uri, transport, now)
+        except Unresolved as pending:
+
+            def again(now: float) -> list[Outbound]:
+                leg.dest = self.leg_dest(leg, now)
+                return []
+
+            self.lookups.park(pending.query, again)
+            return leg.dest or leg.flow  # meanwhile: where its messages came from
+        except (SipHeaderError, Reject):
+            return leg.dest
