@@ -238,6 +238,8 @@ class LimitsConfig:
     """Accepted TCP connections per listener (as many opened); None (``"auto"``): from
     the descriptor limit (:func:`proxy.sip.connections.auto_max_connections`)."""
     max_tcp_connections_per_source: int = 50
+    max_streams_per_call: int = 4
+    """Media streams (``m=`` lines) anchored per call; the others are declined (port 0)."""
 
 
 @dataclass(frozen=True)
@@ -568,7 +570,7 @@ def _key_source(t: Table, name: str) -> KeySource | None:
 
 def _limits(t: Table, inside: SideConfig, outside: SideConfig, media: MediaConfig) -> LimitsConfig:
     t.check_keys(("max_calls", "workers", "max_tcp_connections",
-                  "max_tcp_connections_per_source"))  # fmt: skip
+                  "max_tcp_connections_per_source", "max_streams_per_call"))  # fmt: skip
     max_calls = t.integer("max_calls", 0, minimum=0)
     # Each call holds one port pair per leg; when both legs' media share an address the
     # two pairs come from the same range, so the limit can never be reached past this.
@@ -588,6 +590,7 @@ def _limits(t: Table, inside: SideConfig, outside: SideConfig, media: MediaConfi
         if tcp == "auto"
         else t.integer("max_tcp_connections", 0, minimum=1),
         max_tcp_connections_per_source=t.integer("max_tcp_connections_per_source", 50, minimum=1),
+        max_streams_per_call=t.integer("max_streams_per_call", 4, minimum=1, maximum=64),
     )
 
 

@@ -40,8 +40,8 @@ from proxy.b2bua.messages import (
     ALLOW,
     ONE_SHOT_METHODS,
     Reject,
-    bad_request,
     check_addresses,
+    max_forwards,
     unsupported_requirements,
 )
 from proxy.b2bua.out_of_dialog import OneShot, OutOfDialog
@@ -53,6 +53,7 @@ from proxy.b2bua.teardown import Teardown
 from proxy.media.engine import MediaEngine, MediaSession, Side
 from proxy.sip.headers import SipHeaderError
 from proxy.sip.message import Request, SipParseError, parse_message
+from proxy.sip.stateless import stateless_response
 from proxy.sip.transaction import (
     AckReceived,
     Address,
@@ -177,13 +178,15 @@ class B2BUA:
     def receive(self, side: Side, data: bytes, source: Address, now: float) -> list[Outbound]:
         """One message from the network. Never raises for bad input."""
         try:
-            message = parse_message(data, stream=source.reliable)
+            message = parse_message(
+                data, stream=source.reliable, max_size=self.config.sip.max_message_bytes
+            )
             check_addresses(message)
         except SipParseError as exc:
             self.stats.bad_messages += 1
             log.info("%s: dropped malformed message from %s:%s: %s", side.value, source.host,
                      source.port, exc)  # fmt: skip
-            reply = bad_request(data, str(exc), exc.status)
+            reply = stateless_response(data, exc.status, str(exc))
             return [] if reply is None else [Outbound(side, reply, source)]
         try:
             events, transmits = self.sides.layers[side].receive(message, source, now)
@@ -211,6 +214,8 @@ class B2BUA:
             out += self._call_timers[kind](call, now)
         for work in self.lookups.expire(now):
             out += work(now)
+        self.registrar.expire(now)
+        self.sides.notes.flush(now, logging.WARNING)
         return out
 
     def next_deadline(self) -> float | None:
@@ -225,6 +230,7 @@ class B2BUA:
                 self.sides.layers[Side.OUTSIDE].next_deadline(),
                 self.table.next_deadline(),
                 self.lookups.next_deadline(),
+                self.registrar.next_deadline(),
             )
             if d is not None
         ]
@@ -248,11 +254,23 @@ class B2BUA:
 
     def _on_request_event(self, side: Side, event: RequestReceived, now: float) -> list[Outbound]:
         tx = event.tx
+        request = event.request
         try:
-            return self._on_request(side, tx, event.request, now)
+            return self._on_request(side, tx, request, now)
         except Reject as rejection:
+            if rejection.cause:
+                self.sides.refusal(rejection.status, rejection.cause, tx.source, now,
+                                   f"{request.method} {request.uri} from {tx.source.host}:"
+                                   f"{tx.source.port}")  # fmt: skip
             return self.sides.respond(side, tx, rejection.status, rejection.reason, now,
                                       to_tag=new_tag(), extra=rejection.extra)  # fmt: skip
+        except (SipHeaderError, SipParseError) as exc:
+            # A header the handlers read turned out malformed (``Expires: ²``): the
+            # request is answered, never left to leak its transaction.
+            self.stats.bad_messages += 1
+            log.info("%s: bad %s from %s:%s: %s", side.value, request.method, tx.source.host,
+                     tx.source.port, exc)  # fmt: skip
+            return self.sides.respond(side, tx, 400, "Bad Request", now, to_tag=new_tag())
         except Unresolved as pending:
 
             def again(now: float) -> list[Outbound]:
@@ -260,6 +278,9 @@ class B2BUA:
 
             if self.lookups.park(pending.query, again):
                 return []
+            self.sides.refusal(503, "name lookups backlog", tx.source, now,
+                               f"{request.method} {request.uri}: too many requests already "
+                               f"wait for {pending.query}")  # fmt: skip
             return self.sides.respond(side, tx, 503, "Service Unavailable", now,
                                       to_tag=new_tag(), extra=[("Retry-After", "5")])  # fmt: skip
 
@@ -269,8 +290,7 @@ class B2BUA:
         method = request.method
         if method == "CANCEL":
             return self.dialogs.on_cancel(side, tx, request, now)
-        max_forwards = request.get("max-forwards")
-        if max_forwards is not None and int(max_forwards.strip()) == 0:
+        if max_forwards(request) == 0:
             if method == "OPTIONS":
                 return self.out_of_dialog.options(side, tx, now)
             raise Reject(483, "Too Many Hops")  # in a dialog too: it cannot be relayed

@@ -62,7 +62,8 @@ class CallSetup:
     ) -> list[Outbound]:
         limit = self.config.limits.max_calls
         if limit and len(self.calls) >= limit:
-            raise Reject(503, "Service Unavailable", [("Retry-After", "5")])
+            raise Reject(503, "Service Unavailable", [("Retry-After", "5")],
+                         cause=f"max_calls ({limit}) reached")  # fmt: skip
         original = request  # the A leg's identity: responses copy its To unchanged
         forced: bool | None = None
         if side is Side.INSIDE:
@@ -165,15 +166,20 @@ class CallSetup:
         return out
 
     def _allocate(self, call: Call, streams: int) -> MediaHandle:
+        """Ports for the call's first ``streams`` m= lines, at most ``[limits]
+        max_streams_per_call``: four INVITEs with 62 m= lines each once bound 992 of
+        1,000 ports. Streams beyond are declined with port 0 (:class:`MediaHandle`)."""
+        anchored = max(1, min(streams, self.config.limits.max_streams_per_call))
         try:
-            session = self.media.allocate(call.a.call_id, max(1, streams))
+            session = self.media.allocate(call.a.call_id, anchored)
         except PortsExhausted as exc:
-            raise Reject(503, "Service Unavailable", [("Retry-After", "5")]) from exc
+            raise Reject(503, "Service Unavailable", [("Retry-After", "5")],
+                         cause="media ports exhausted") from exc  # fmt: skip
         media_ip = {
             Side.INSIDE: self.config.inside.media_ip,
             Side.OUTSIDE: self.config.outside.media_ip,
         }
-        return MediaHandle(session, max(1, streams), media_ip)
+        return MediaHandle(session, anchored, media_ip)
 
     def allocate_quietly(self, call: Call, offer: bytes) -> MediaHandle | None:
         """Media for an offer that arrives after the INVITE (late offer): None when no
@@ -259,7 +265,13 @@ class CallSetup:
     ) -> list[Outbound]:  # fmt: skip
         """A late offer in the 2xx, and no media ports for it: confirm and hang up the
         B leg, 503 to the caller."""
-        log.warning("call %d: no media ports for the offer in the answer", call.id)
+        self.sides.refusal(
+            503,
+            "media ports exhausted",
+            call.a.flow,
+            now,
+            f"call {call.id}: no media ports for the offer in the answer",
+        )
         self.learn_remote(leg, response, now)
         self.sides.stats.calls_failed += 1
         out = self.sides.ack(leg, tx.request.cseq.number)

@@ -41,7 +41,7 @@ class MediaHandle:
         ports: list[int | None] = []
         for index in range(len(sdp.media)):
             if index >= self.streams:
-                ports.append(None)  # beyond what was anchored: passes through as is
+                ports.append(0)  # beyond what was anchored: declined (RFC 3264 §6, §8.2)
                 continue
             ip, rtp_port, rtcp_port, rtcp_mux = connection_endpoint(sdp, index)
             self.session.set_remote(from_side, index, ip, rtp_port, rtcp_port, rtcp_mux)

@@ -11,6 +11,9 @@ registrar accepts it, with the expiry the registrar granted.
 from __future__ import annotations
 
 import contextlib
+import heapq
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,7 +22,7 @@ from proxy.b2bua.legs import new_call_id, new_tag
 from proxy.b2bua.messages import ALLOW, Reject, copy_end_to_end, digits, forwarded_max_forwards
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.media.engine import Side
-from proxy.sip.headers import NameAddr, SipHeaderError, SipUri, bare_host
+from proxy.sip.headers import NameAddr, SipHeaderError, SipUri, bare_host, parse_decimal
 from proxy.sip.message import Request, Response
 from proxy.sip.transaction import Address, ClientTransaction, ServerTransaction, response_to
 
@@ -36,6 +39,25 @@ class Binding:
     expires_at: float
 
 
+DEFAULT_EXPIRES = 3600
+"""A binding's lifetime when no Expires says otherwise (RFC 3261 §10.2.1.1)."""
+MAX_UPSTREAM_REGISTRATIONS = 10_000
+"""Upstream registrations remembered at most (the oldest is forgotten first)."""
+
+
+@dataclass(slots=True)
+class UpstreamRegistration:
+    """The proxy's own registration upstream for one phone registration (its Call-ID):
+    the Call-ID, CSeq space and From tag a refresh must reuse."""
+
+    call_id: str
+    cseq: int
+    from_tag: str
+    expires_at: float
+    """Forgotten after this: the binding's expiry, or a transaction's lifetime while the
+    registrar has not accepted it (a challenge is answered within that)."""
+
+
 @dataclass(slots=True)
 class RegisterRelay:
     """Client-transaction context: a REGISTER relayed upstream on behalf of a phone."""
@@ -48,6 +70,8 @@ class RegisterRelay:
     """The phone's Expires header: what it asked for when the registrar does not say."""
     sent: list[str] = field(default_factory=list)
     """The URIs of the Contacts the proxy registered in the phone's name."""
+    phone_call_id: str = ""
+    """The phone's REGISTER Call-ID (its :class:`UpstreamRegistration`'s key)."""
 
 
 class Registrar:
@@ -59,12 +83,77 @@ class Registrar:
         self.router: Router | None = None
         """Set once the router exists (it reads the bindings; the relay resolves)."""
         self.bindings: dict[str, Binding] = {}
-        self._register_ids: dict[str, tuple[str, int, str]] = {}
+        self.upstream: OrderedDict[str, UpstreamRegistration] = OrderedDict()
+        """By the phone's REGISTER Call-ID, oldest first."""
+        self.on_flow: Callable[[Address, bool], None] | None = None
+        """Set by the I/O edge: a binding's connection must be kept open however long it
+        is idle (True) or may be closed again (False): RFC 5626, inbound calls go down
+        the connection the phone registered on."""
+        self._expiries: list[tuple[float, int, str]] = []
+        """(when, kind, key) for bindings (kind 0, by line) and upstream registrations
+        (kind 1, by Call-ID); stale entries are skipped when popped."""
+        self._held: Counter[Address] = Counter()
 
     def binding(self, line: LineConfig, now: float) -> Binding | None:
         """The line's live binding, if it has one."""
         binding = self.bindings.get(line.user_key)
         return binding if binding is not None and binding.expires_at > now else None
+
+    # --- state with a lifetime --------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        while self._expiries:
+            when, kind, key = self._expiries[0]
+            if self._current(kind, key, when):
+                return when
+            heapq.heappop(self._expiries)
+        return None
+
+    def expire(self, now: float) -> None:
+        """Forget bindings and upstream registrations whose time is up."""
+        while self._expiries and self._expiries[0][0] <= now:
+            when, kind, key = heapq.heappop(self._expiries)
+            if not self._current(kind, key, when):
+                continue
+            if kind == _BINDING:
+                self._unbind(key)
+            else:
+                del self.upstream[key]
+
+    def _current(self, kind: int, key: str, when: float) -> bool:
+        entry = self.bindings.get(key) if kind == _BINDING else self.upstream.get(key)
+        return entry is not None and entry.expires_at == when
+
+    def _bind(self, user_key: str, binding: Binding) -> None:
+        old = self.bindings.get(user_key)
+        self.bindings[user_key] = binding
+        heapq.heappush(self._expiries, (binding.expires_at, _BINDING, user_key))
+        self._hold(binding.flow, True)
+        if old is not None:
+            self._hold(old.flow, False)
+
+    def _unbind(self, user_key: str) -> None:
+        old = self.bindings.pop(user_key, None)
+        if old is not None:
+            self._hold(old.flow, False)
+
+    def _hold(self, flow: Address, held: bool) -> None:
+        """Count the bindings on a stream connection; tell the edge on 0 <-> 1."""
+        if not flow.reliable or flow.conn is None:
+            return
+        self._held[flow] += 1 if held else -1
+        count = self._held[flow]
+        if count <= 0:
+            del self._held[flow]
+        if self.on_flow is not None and count == (1 if held else 0):
+            self.on_flow(flow, held)
+
+    def _remember(self, phone_call_id: str, registration: UpstreamRegistration) -> None:
+        self.upstream[phone_call_id] = registration
+        self.upstream.move_to_end(phone_call_id)
+        heapq.heappush(self._expiries, (registration.expires_at, _UPSTREAM, phone_call_id))
+        while len(self.upstream) > MAX_UPSTREAM_REGISTRATIONS:
+            self.upstream.popitem(last=False)
 
     def on_register(
         self, side: Side, tx: ServerTransaction, request: Request, now: float
@@ -100,18 +189,17 @@ class Registrar:
         confirmed: list[str] = []
         for value in contacts:
             if value.strip() == "*":
-                self.bindings.pop(line.user_key, None)
+                self._unbind(line.user_key)
                 return []
             try:
                 contact = NameAddr.parse(value)
             except SipHeaderError as exc:
                 raise Reject(400, "Bad Request") from exc
-            expires_text = granted or contact.param("expires") or default_expires or "3600"
-            expires = int(expires_text) if expires_text.strip().isdigit() else 3600
+            expires = first_expires(granted, contact.param("expires"), default_expires)
             if expires == 0:
-                self.bindings.pop(line.user_key, None)
+                self._unbind(line.user_key)
                 continue
-            self.bindings[line.user_key] = Binding(contact.uri, flow, now + expires)
+            self._bind(line.user_key, Binding(contact.uri, flow, now + expires))
             self.sides.stats.registrations += 1
             confirmed.append(str(contact.with_param("expires", str(expires))))
         return confirmed
@@ -123,12 +211,15 @@ class Registrar:
         assert self.router is not None
         dest = self.router.resolve(registrar, None, now)
         # One upstream registration (Call-ID, From tag, CSeq space) per phone registration.
-        host = self.sides.advertised(Side.OUTSIDE)[0]
-        call_id, cseq, from_tag = self._register_ids.get(
-            request.call_id, (new_call_id(host), 0, new_tag())
-        )
-        cseq += 1
-        self._register_ids[request.call_id] = (call_id, cseq, from_tag)
+        known = self.upstream.get(request.call_id)
+        pending_until = now + self.sides.layers[Side.OUTSIDE].timers.timeout
+        if known is None:
+            host = self.sides.advertised(Side.OUTSIDE)[0]
+            known = UpstreamRegistration(new_call_id(host), 0, new_tag(), pending_until)
+        known.cseq += 1
+        known.expires_at = max(known.expires_at, pending_until)
+        self._remember(request.call_id, known)
+        call_id, cseq, from_tag = known.call_id, known.cseq, known.from_tag
         outgoing = Request(method="REGISTER", uri=request.uri)
         outgoing.add("Via", self.sides.via(Side.OUTSIDE, dest.transport))
         max_forwards = forwarded_max_forwards(request, self.config.sip.max_forwards)
@@ -145,7 +236,7 @@ class Registrar:
         outgoing.body = request.body
         self.sides.advertise(Side.OUTSIDE, outgoing)
         relay = RegisterRelay(tx, line.user_key if line else None, contacts, tx.source,
-                              request.get("expires"), sent)  # fmt: skip
+                              request.get("expires"), sent, request.call_id)  # fmt: skip
         _, out = self.sides.send_request(Side.OUTSIDE, outgoing, dest, now, relay)
         return out
 
@@ -184,12 +275,41 @@ class Registrar:
                 line, relay.contacts, relay.default_expires, granted, relay.flow, now
             ):
                 relayed.add("Contact", contact)
+            self._accepted(relay, first_expires(granted, None, relay.default_expires), now)
         copy_end_to_end(response, relayed)
         relayed.body = response.body
         return self.sides.send_response(Side.INSIDE, stx, relayed, now)
 
+    def _accepted(self, relay: RegisterRelay, lifetime: int, now: float) -> None:
+        """The registrar accepted: remember the upstream registration as long as it
+        lives (forget it now for an unregistration)."""
+        known = self.upstream.get(relay.phone_call_id)
+        if known is None:
+            return
+        if lifetime == 0:
+            del self.upstream[relay.phone_call_id]
+            return
+        known.expires_at = now + lifetime
+        self._remember(relay.phone_call_id, known)
+
     def on_timeout(self, relay: RegisterRelay, tx: ClientTransaction, now: float) -> list[Outbound]:
         return self.sides.respond(Side.INSIDE, relay.server_tx, 408, "Request Timeout", now)
+
+
+_BINDING = 0
+_UPSTREAM = 1
+
+
+def first_expires(*candidates: str | None) -> int:
+    """The first well-formed expiry among ``candidates`` (seconds, ASCII digits only),
+    else :data:`DEFAULT_EXPIRES`: a malformed value (``Expires: ²``) is ignored, never
+    fatal."""
+    for text in candidates:
+        if text is None:
+            continue
+        with contextlib.suppress(SipHeaderError):
+            return parse_decimal(text, what="Expires")
+    return DEFAULT_EXPIRES
 
 
 def granted_expires(relay: RegisterRelay, response: Response) -> str | None:

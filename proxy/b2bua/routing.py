@@ -22,7 +22,7 @@ from proxy.b2bua.config import Config, LineConfig
 from proxy.b2bua.legs import Leg
 from proxy.b2bua.messages import Reject, digits
 from proxy.media.engine import Side
-from proxy.sip.headers import NameAddr, SipHeaderError, SipUri, bare_host
+from proxy.sip.headers import NameAddr, SipHeaderError, SipUri, bare_host, is_decimal
 from proxy.sip.message import Request
 from proxy.sip.transaction import Address
 
@@ -206,7 +206,7 @@ class Router:
             user = request.from_.sip_uri().user
         except SipHeaderError:
             user = None
-        if user and digits(user).isdigit():
+        if user and is_decimal(digits(user)):
             line = self.config.line_for_user(digits(user))
             if line is not None:
                 return line

@@ -82,6 +82,7 @@ class ProxyServer:
             )
             for side, cfg in ((Side.INSIDE, config.inside), (Side.OUTSIDE, config.outside))
         }
+        self.core.registrar.on_flow = self._hold_flow
         self._timer: asyncio.Handle | None = None
         self._timer_at: float | None = None
         """The deadline ``_timer`` was armed for: uvloop's ``call_at`` with a time already
@@ -156,6 +157,11 @@ class ProxyServer:
             self._timer = self._loop.call_at(deadline, self._fire)
             self._timer_at = deadline
 
+    def _hold_flow(self, flow: Address, held: bool) -> None:
+        """The registrar keeps (or lets go of) a phone's connection: bindings are only
+        ever made on the inside."""
+        self.transports[Side.INSIDE].hold_flow(flow, held)
+
     def _wake(self) -> None:
         """Media reported an event (SRTP authenticated): let the core act on it soon.
 
@@ -202,6 +208,7 @@ class ProxyServer:
                 "clear_reasons": stats.clear_reasons,
             },
             "bindings": {k: v.contact for k, v in self.core.bindings.items()},
+            "registrations_upstream": len(self.core.registrar.upstream),
             "sip": {
                 "transactions": {
                     side.value: layer.snapshot() for side, layer in self.core.layers.items()

@@ -11,6 +11,7 @@ transaction can never be matched across legs (decision 10).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -18,11 +19,13 @@ from proxy.b2bua.config import Config, SideConfig
 from proxy.b2bua.legs import Leg
 from proxy.b2bua.messages import XSIPURA
 from proxy.media.engine import Side
+from proxy.ratelimit import LogLimiter
 from proxy.sip.headers import format_hostport
 from proxy.sip.message import Request, Response, SipMessage
 from proxy.sip.transaction import (
     Address,
     ClientTransaction,
+    RetainedBytes,
     ServerTransaction,
     Timers,
     TransactionLayer,
@@ -30,6 +33,8 @@ from proxy.sip.transaction import (
     new_branch,
     response_to,
 )
+
+log = logging.getLogger("sipura.b2bua")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +72,16 @@ class SipSides:
         self.config = config
         self.stats = stats
         timers = Timers(config.sip.t1_s, config.sip.t2_s, config.sip.t4_s)
+        budget = RetainedBytes()
+        """One budget for both sides: a request relayed from one side holds a server
+        transaction there and a client transaction on the other."""
         self.layers = {
-            Side.INSIDE: TransactionLayer(timers),
-            Side.OUTSIDE: TransactionLayer(timers),
+            Side.INSIDE: TransactionLayer(timers, budget),
+            Side.OUTSIDE: TransactionLayer(timers, budget),
         }
+        self.notes = LogLimiter(log)
+        """Refusals of the proxy's own making, logged once per cause and source per
+        window (every 503 used to be silent)."""
         self.configs: dict[Side, SideConfig] = {
             Side.INSIDE: config.inside,
             Side.OUTSIDE: config.outside,
@@ -140,6 +151,14 @@ class SipSides:
         self.brand(response)
         self.stats.count_response(status)
         return self.wrap(side, self.layers[side].respond(tx, response, now))
+
+    def refusal(
+        self, status: int, cause: str, source: Address | None, now: float, detail: str
+    ) -> None:
+        """Log a refusal the proxy's own limits caused (rate-limited per cause and
+        source; the count of the lines held back comes with the next one)."""
+        host = source.host if source is not None else "-"
+        self.notes.log(logging.WARNING, cause, host, now, "%d (%s): %s", status, cause, detail)
 
     def send_response(
         self, side: Side, tx: ServerTransaction, response: Response, now: float

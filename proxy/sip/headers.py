@@ -31,6 +31,12 @@ _ASCII_DIGITS = re.compile(r"[0-9]+")
 or converts (``Expires: ²`` raised deep in the core and left a transaction unanswered)."""
 
 
+def is_decimal(text: str) -> bool:
+    """Only ASCII digits (at least one), as :func:`parse_decimal` reads them; for digit
+    strings that are not quantities (a telephone number's user part), so no range."""
+    return _ASCII_DIGITS.fullmatch(text) is not None
+
+
 def parse_decimal(text: str, *, maximum: int = 2**32 - 1, what: str = "value") -> int:
     """The one rule for every numeric SIP value: ASCII digits only, surrounding SP/HT
     ignored, leading zeros allowed, at most ``maximum`` (RFC 3261 §25.1 ``1*DIGIT``).

@@ -388,6 +388,20 @@ class TransactionLayer:
                 self.shed += 1
         return self.budget.admits(method)
 
+    def _unanswered(self, stx: ServerTransaction, now: float) -> list[Transmit]:
+        """A backstop, not a protocol timer: the transaction user answers every request
+        (a relayed one with the far side's answer or a 408 of its own at timer F), so a
+        non-INVITE request still unanswered after 64*T1 + T4 is a bug upstream of here.
+        It gets a 500, and the transaction ends like any answered one: no request is
+        left without an answer and no state outlives its timers."""
+        waited = self.timers.timeout + self.timers.t4
+        self._notes.log(logging.WARNING, "unanswered", stx.source.host, now,
+                        "%s from %s:%s unanswered for %.0f s: 500", stx.request.method,
+                        stx.source.host, stx.source.port, waited)  # fmt: skip
+        response = response_to(stx.request, 500, "Server Internal Error",
+                               to_tag=f"{_unique.getrandbits(48):012x}")  # fmt: skip
+        return self.respond(stx, response, now)
+
     def _overloaded(self, request: Request, source: Address, now: float) -> list[Transmit]:
         """A stateless 503: the transactions already hold the whole budget."""
         self.budget.refused += 1
@@ -545,6 +559,8 @@ class TransactionLayer:
             tx.last_response = trying.serialize()
             tx.last_status = 100
             out.append(Transmit(tx.last_response, source))
+        else:
+            tx.timeout_at = now + self.timers.timeout + self.timers.t4  # see _unanswered
         self._charge(tx)
         return [RequestReceived(tx, request)], out
 
@@ -657,6 +673,9 @@ class TransactionLayer:
         out: list[Transmit],
     ) -> None:  # fmt: skip
         if stx.timeout_at is not None and now >= stx.timeout_at:
+            if not stx.invite and stx.state in (State.TRYING, State.PROCEEDING):
+                out.extend(self._unanswered(stx, now))
+                return
             if stx.invite and stx.state in (State.COMPLETED, State.ACCEPTED):
                 events.append(TransactionTimeout(stx))  # timer H / L: no ACK (J is not)
             if stx.state is State.ACCEPTED:

@@ -616,7 +616,29 @@ def test_server_non_invite_provisional_resent_on_retransmission() -> None:
     sent = layer.respond(tx, trying, 0.1)
     assert state_of(tx) is State.PROCEEDING
     assert layer.receive(options(), UAC, 0.5) == ([], sent)
-    assert layer.next_deadline() is None
+    assert layer.next_deadline() == 37.0  # only the backstop: 64*T1 + T4 unanswered
+
+
+def test_unanswered_non_invite_gets_a_500_from_the_backstop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The transaction user answers every request; should it ever fail to, the request
+    still gets an answer and its transaction still ends (no state outlives its timers)."""
+    layer = TransactionLayer()
+    tx = server_tx(layer, options(), UAC, 0.0)
+    with caplog.at_level("WARNING", logger="sipura.transaction"):
+        log = drive(layer, 36.9)
+        assert log == []
+        [(when, events, out)] = drive(layer, 37.0)
+    assert when == 37.0 and events == []
+    reply = parse_response(out[0].data)
+    assert reply.status == 500 and reply.to.tag is not None
+    assert state_of(tx) is State.COMPLETED
+    assert "unanswered for 37 s: 500" in caplog.text
+    drive(layer, 100.0)
+    assert len(layer) == 0 and layer.retained == 0
+    invite_tx = server_tx(layer, invite(), UAC, 100.0)  # an INVITE may ring for ever
+    assert layer.next_deadline() is None and state_of(invite_tx) is State.PROCEEDING
 
 
 def test_server_non_invite_tcp_timer_j_zero() -> None:
