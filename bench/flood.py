@@ -14,7 +14,10 @@ Scenarios (``--scenarios``, comma separated; all by default):
 * ``uniq``: ``--uniq-count`` requests whose From carries a unique ~30 KB display name
   (every header value cache in the path sees a new key);
 * ``idle``: ``--idle-count`` TCP connections from ``--idle-sources`` loopback addresses
-  (127.0.1.x), opened and left idle for ``--hold`` s;
+  (127.0.1.x), opened and left idle for ``--hold`` s; ``idle_spread``: the same from 40
+  addresses (the total cap rather than the per-source one);
+* ``register``: ``--register-count`` REGISTERs, each a new phone registration (its own
+  Call-ID), relayed to the registrar (the bench's UAS grants 30 s);
 * ``slow``: ``--slow-count`` TCP connections that each send 60 KB of an unfinished
   header, then one byte per segment every ``--slow-interval`` s for ``--seconds``: the
   proxy's CPU time per segment received.
@@ -24,7 +27,7 @@ Everything is bounded in count and time and runs on 127.0.0.0/8; the proxy runs 
 the issue's idle-connection flood exhausted). Only processes started here are stopped,
 by PID. Usage::
 
-    python bench/flood.py                       # every scenario, ~4 min
+    python bench/flood.py                       # every scenario, ~7 min
     python bench/flood.py --scenarios big --rate 300 --seconds 20 --settle 60
     python bench/flood.py --json                # one JSON object on stdout at the end
 """
@@ -142,7 +145,7 @@ class Proxy:
         config.write_text(
             f'[inside]\nlisten = "{HOST}:{self.inside}"\nmedia_ip = "{HOST}"\n'
             f'[outside]\nlisten = "{HOST}:{self.outside}"\nmedia_ip = "{HOST}"\n'
-            f'upstream = "sip:{HOST}:{upstream}"\n'
+            f'upstream = "sip:{HOST}:{upstream}"\nregistrar = "sip:{HOST}:{upstream}"\n'
             f"[media]\nport_min = {media[0]}\nport_max = {media[1]}\nworkers = 0\n"
             f'[admin]\nlisten = "{HOST}:{self.admin}"\n[log]\nlevel = "warning"\n'
         )
@@ -446,6 +449,7 @@ class Options:
     hold: float
     slow_count: int
     slow_interval: float
+    register_count: int
     nofile: tuple[int, int]
     keep: bool
 
@@ -536,6 +540,36 @@ def flood_idle(proxy: Proxy, opts: Options, sampler: Sampler) -> dict[str, Any]:
     return {"connections": result, "sources": opts.idle_sources}
 
 
+def flood_idle_spread(proxy: Proxy, opts: Options, sampler: Sampler) -> dict[str, Any]:
+    """The same idle connections from 40 addresses: the total cap, not the per-source one."""
+    with idle_connections(proxy.inside, opts.idle_count, 40) as result:
+        time.sleep(opts.hold)
+    return {"connections": result, "sources": 40}
+
+
+def register_request(port: int, src_port: int, index: int) -> bytes:
+    call_id = secrets.token_hex(12)
+    user = f"1555{index % 10_000_000:07d}"
+    return (
+        f"REGISTER sip:{HOST}:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {HOST}:{src_port};branch=z9hG4bK{secrets.token_hex(8)};rport\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:{user}@{HOST}>;tag={call_id[:8]}\r\n"
+        f"To: <sip:{user}@{HOST}>\r\nCall-ID: {call_id}@flood\r\nCSeq: 1 REGISTER\r\n"
+        f"Contact: <sip:{user}@{HOST}:{src_port}>\r\nExpires: 30\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def flood_register(proxy: Proxy, opts: Options, sampler: Sampler) -> dict[str, Any]:
+    """``--register-count`` REGISTERs, each a new phone registration (Call-ID), relayed to
+    the registrar (the bench's UAS accepts them for 30 s)."""
+    sent = udp_flood(proxy.inside, opts.register_count, opts.rate,
+                     lambda index, src: register_request(proxy.inside, src, index))  # fmt: skip
+    time.sleep(1)
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return {"sent": sent, "registrations_upstream": proxy.status()["registrations_upstream"]}
+    return {"sent": sent}
+
+
 def flood_slow(proxy: Proxy, opts: Options, sampler: Sampler) -> dict[str, Any]:
     before = sample(proxy.pid)
     result = slow_flood(proxy.inside, opts.slow_count, opts.seconds, opts.slow_interval)
@@ -550,7 +584,9 @@ FLOODS: dict[str, Callable[[Proxy, Options, Sampler], dict[str, Any]]] = {
     "big": flood_big,
     "uniq": flood_uniq,
     "idle": flood_idle,
+    "idle_spread": flood_idle_spread,
     "slow": flood_slow,
+    "register": flood_register,
 }
 
 
@@ -566,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=float, default=10.0, help="idle connections held (s)")
     parser.add_argument("--slow-count", type=int, default=20)
     parser.add_argument("--slow-interval", type=float, default=0.005)
+    parser.add_argument("--register-count", type=int, default=5000)
     parser.add_argument("--nofile", default="1024:1024", help="the proxy's RLIMIT_NOFILE")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
@@ -590,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         args.hold,
         args.slow_count,
         args.slow_interval,
+        args.register_count,
         nofile,
         args.keep,
     )
