@@ -22,10 +22,10 @@ from proxy.media.engine import Side
 from proxy.ratelimit import LogLimiter
 from proxy.sip.headers import format_hostport
 from proxy.sip.message import Request, Response, SipMessage
+from proxy.sip.retention import RetainedBytes
 from proxy.sip.transaction import (
     Address,
     ClientTransaction,
-    RetainedBytes,
     ServerTransaction,
     Timers,
     TransactionLayer,

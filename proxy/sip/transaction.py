@@ -30,39 +30,17 @@ from enum import Enum
 
 from proxy.ratelimit import LogLimiter
 from proxy.sip.headers import MAGIC_COOKIE, Via, bare_host
-from proxy.sip.message import Request, Response, SipMessage, SipParseError, canonical
+from proxy.sip.message import Request, Response, SipMessage, SipParseError
+from proxy.sip.retention import (
+    CLIENT_KEEPS,
+    SERVER_KEEPS,
+    TX_OVERHEAD,
+    RetainedBytes,
+    slim_request,
+    text_size,
+)
 
 log = logging.getLogger("sipura.transaction")
-
-TX_OVERHEAD = 2560
-"""Bytes a transaction costs beyond the texts it keeps (its object, keys, dict slots and
-timer entries, the parsed header list): tracemalloc measured ~3.3 KB in all for an
-answered OPTIONS whose kept texts and response come to ~0.8 KB."""
-DEFAULT_BUDGET = 48 * 1024 * 1024
-"""What the transactions of one layer may hold (:class:`RetainedBytes`). With both
-sides full that is ~100 MB, which keeps the SIP process under 200 MB in any flood."""
-END_REQUESTS_HEADROOM = 1.25
-"""CANCEL and BYE free state, so they are admitted up to this multiple of the budget."""
-
-
-@dataclass(slots=True)
-class RetainedBytes:
-    """The bytes transactions hold, against a limit; may be shared by several layers.
-
-    Every transaction is charged :data:`TX_OVERHEAD` plus the texts it keeps (its slim
-    request, its last response or the request it retransmits). A request arriving while
-    the budget is spent first makes room by ending the oldest answered non-INVITE
-    transactions early (:meth:`TransactionLayer._shed`); when nothing can be ended it
-    gets a stateless ``503`` with ``Retry-After`` instead of a transaction. Either way
-    memory stays bounded under a flood, and legitimate peers are still answered."""
-
-    limit: int = DEFAULT_BUDGET
-    used: int = 0
-    refused: int = 0
-
-    def admits(self, method: str) -> bool:
-        limit = self.limit * END_REQUESTS_HEADROOM if method in ("CANCEL", "BYE") else self.limit
-        return self.used < limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,27 +180,6 @@ class _Timed:
     def _announce(self, when: float | None) -> None:
         if when is not None and self._heap is not None:
             heapq.heappush(self._heap, (when, self.id, self))
-
-
-SERVER_KEEPS = frozenset({"via", "from", "to", "call-id", "cseq", "record-route"})
-"""What a server transaction keeps of its request: what a response copies (§8.2.6.2)
-and the ACK of a 2xx is matched by. The transaction user gets the whole request once,
-in :class:`RequestReceived`; for the 32 s a transaction may live, the body and every
-other header are garbage (a 64 KB request kept whole cost 680 MB at 300 requests/s)."""
-CLIENT_KEEPS = frozenset({"via", "route", "from", "to", "call-id", "cseq"})
-"""What a client transaction keeps of its request: what its CANCEL and the ACK of an
-error response are built from (§9.1, §17.1.1.3). Retransmissions use ``data``."""
-
-
-def slim_request(request: Request, keep: frozenset[str]) -> Request:
-    """A copy of ``request`` with only the ``keep`` headers (canonical names), no body."""
-    headers = [(name, value) for name, value in request.headers if canonical(name) in keep]
-    return Request(headers=headers, method=request.method, uri=request.uri,
-                   version=request.version)  # fmt: skip
-
-
-def _text_size(request: Request) -> int:
-    return len(request.uri) + sum(len(name) + len(value) for name, value in request.headers)
 
 
 @dataclass(eq=False, slots=True)
@@ -385,8 +342,23 @@ class TransactionLayer:
             _, oldest = self._completed.popitem(last=False)
             if self._servers.get(oldest.key) is oldest:
                 self._end_server(oldest)
+                # Its timer entries stay on the heap until their time comes: they must
+                # not keep its texts alive (shedding would then free nothing).
+                oldest.request = slim_request(oldest.request, frozenset())
+                oldest.last_response = None
                 self.shed += 1
+        self._compact_heap()
         return self.budget.admits(method)
+
+    def _compact_heap(self) -> None:
+        """Drop stale timer entries once they outnumber the live ones: with lazy
+        deletion, every transaction ended before its deadline (shed, answered early)
+        leaves entries behind until their time, and a flood must not grow the heap."""
+        heap = self._heap
+        if len(heap) <= 4 * len(self) + 4096:
+            return
+        heap[:] = [entry for entry in heap if self._due(entry[2], entry[0])]
+        heapq.heapify(heap)
 
     def _unanswered(self, stx: ServerTransaction, now: float) -> list[Transmit]:
         """A backstop, not a protocol timer: the transaction user answers every request
@@ -448,7 +420,7 @@ class TransactionLayer:
         )
         tx.retransmit_at = None if dest.reliable else now + t.t1
         tx.timeout_at = now + t.timeout
-        tx.kept = _text_size(tx.request)
+        tx.kept = text_size(tx.request)
         replaced = self._clients.get(tx.key)
         if replaced is not None:
             self._release(replaced)
@@ -552,7 +524,7 @@ class TransactionLayer:
             _heap=self._heap,
         )
         self._servers[key] = tx
-        tx.kept = _text_size(tx.request)
+        tx.kept = text_size(tx.request)
         out: list[Transmit] = []
         if invite:
             trying = response_to(request, 100, "Trying")

@@ -381,3 +381,61 @@ def test_late_offer_without_ports_is_logged(caplog: pytest.LogCaptureFixture) ->
 
 def test_phone_contact_is_untouched_by_hostile_numbers() -> None:
     assert PHONE_CONTACT.startswith("<sip:")
+
+
+# --- the configuration keys of these limits ------------------------------------------------
+
+LIMITS_CONFIG = """\
+[inside]
+listen = "127.0.0.1:5070"
+media_ip = "127.0.0.1"
+[outside]
+listen = "127.0.0.1:5080"
+media_ip = "127.0.0.1"
+[sip]
+{sip}
+[limits]
+{limits}
+"""
+
+
+def test_limit_keys_defaults_and_values() -> None:
+    from proxy.b2bua.config import parse_config
+
+    default = parse_config(LIMITS_CONFIG.format(sip="", limits=""), "p.toml")
+    assert (default.sip.max_message_bytes, default.sip.tcp_idle_timeout_s,
+            default.sip.tcp_message_timeout_s) == (65535, 600.0, 10.0)  # fmt: skip
+    assert default.limits.max_tcp_connections is None  # "auto"
+    assert default.limits.max_tcp_connections_per_source == 50
+    assert default.limits.max_streams_per_call == 4
+    given = parse_config(LIMITS_CONFIG.format(
+        sip="max_message_bytes = 4000\ntcp_idle_timeout_s = 60\ntcp_message_timeout_s = 3",
+        limits='max_tcp_connections = 300\nmax_tcp_connections_per_source = 5\n'
+               'max_streams_per_call = 2'), "p.toml")  # fmt: skip
+    assert (given.sip.max_message_bytes, given.sip.tcp_idle_timeout_s,
+            given.sip.tcp_message_timeout_s) == (4000, 60.0, 3.0)  # fmt: skip
+    assert (given.limits.max_tcp_connections, given.limits.max_tcp_connections_per_source,
+            given.limits.max_streams_per_call) == (300, 5, 2)  # fmt: skip
+    auto = parse_config(LIMITS_CONFIG.format(sip="", limits='max_tcp_connections = "auto"'),
+                        "p.toml")  # fmt: skip
+    assert auto.limits.max_tcp_connections is None
+
+
+@pytest.mark.parametrize(
+    ("sip", "limits", "error"),
+    [
+        ("max_message_bytes = 100", "", "sip.max_message_bytes: must be 1500..1048576"),
+        ('max_message_bytes = "big"', "", "sip.max_message_bytes: expected an integer"),
+        ("tcp_idle_timeout_s = 0", "", "sip.tcp_idle_timeout_s: must be a positive integer"),
+        ("tcp_message_timeout_s = -1", "", "sip.tcp_message_timeout_s"),
+        ("", 'max_tcp_connections = "lots"', 'expected an integer >= 1 or "auto"'),
+        ("", "max_tcp_connections = 0", "limits.max_tcp_connections: must be a positive"),
+        ("", "max_tcp_connections_per_source = 0", "max_tcp_connections_per_source"),
+        ("", "max_streams_per_call = 65", "limits.max_streams_per_call: must be 1..64"),
+    ],
+)
+def test_limit_keys_refuse_bad_values(sip: str, limits: str, error: str) -> None:
+    from proxy.b2bua.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        parse_config(LIMITS_CONFIG.format(sip=sip, limits=limits), "p.toml")

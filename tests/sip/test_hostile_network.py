@@ -261,3 +261,23 @@ def test_tcp_connection_limits_and_timeouts(tmp_path: Path, udp: socket.socket) 
         assert log.count("refused: max_tcp_connections_per_source (5) reached") == 1
         assert "refused: max_tcp_connections (8) reached" in log
         assert "closed: message_timeout" in log and "closed: idle_timeout" in log
+
+
+def test_runtime_raises_the_descriptor_limit_and_trims_the_heap() -> None:
+    import asyncio
+
+    from proxy.runtime import descriptor_limit, raise_descriptor_limit, start_heap_trimming
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        assert raise_descriptor_limit() == descriptor_limit() == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    async def trimming() -> bool:
+        started = start_heap_trimming(0.01)
+        await asyncio.sleep(0.05)  # a few rounds run without error
+        return started
+
+    assert asyncio.run(trimming()) is True  # glibc: malloc_trim is there

@@ -11,14 +11,13 @@ import pytest
 
 from proxy.sip.headers import CSeq
 from proxy.sip.message import Request, Response, parse_message
+from proxy.sip.retention import TX_OVERHEAD, RetainedBytes
 from proxy.sip.transaction import (
-    TX_OVERHEAD,
     AckReceived,
     Address,
     ClientTransaction,
     RequestReceived,
     ResponseReceived,
-    RetainedBytes,
     ServerTransaction,
     State,
     StrayResponse,
@@ -935,3 +934,17 @@ def test_layers_can_share_one_budget() -> None:
     outside.send_request(options(branch="z9hG4bKout"), UAS, 0.0)
     assert budget.used == inside.retained + outside.retained
     assert inside.snapshot()["budget_used_bytes"] == budget.used
+
+
+def test_shed_transactions_free_their_texts_and_the_heap_stays_bounded() -> None:
+    """Shed transactions still have timer entries on the heap (lazy deletion): those
+    entries must not keep their texts alive, and must not pile up under a flood."""
+    budget = RetainedBytes(limit=50 * TX_OVERHEAD)
+    layer = TransactionLayer(budget=budget)
+    first = answered_options(layer, "z9hG4bKfirst", 0.0)
+    for index in range(6_000):
+        answered_options(layer, f"z9hG4bKh{index}", 0.001 * index)
+    assert layer.shed > 5_000 and len(layer) < 60
+    assert first.request.headers == [] and first.last_response is None
+    assert len(layer._heap) <= 4 * len(layer) + 4096 + 2
+    assert budget.used <= budget.limit + 2 * TX_OVERHEAD
