@@ -24,7 +24,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,10 @@ from proxy.sip.headers import NameAddr
 from proxy.sip.message import Request, Response, SipParseError, parse_message
 from proxy.sip.transaction import response_to
 from proxy.xsipura.handshake import CalleeHandshake, Secured, SecureSession, SendResponse
-from proxy.xsipura.keyfiles import CaKeyFormat, dump_ca_public, generate_ca_key
-from proxy.xsipura.mc import MiniCertificate, MiniCertificateParam, encode_private_key_param
-from proxy.xsipura.rsa import generate_subscriber_key
+from proxy.xsipura.mc import MiniCertificate
+from proxy.xsipura.rsa import PrivateKey
 from proxy.xsipura.trust import TrustStore
+from testkit.pki import TestCa
 
 HOST = "127.0.0.1"
 BENCH_HEADER = "X-Bench-Call"
@@ -85,26 +85,17 @@ class BenchPki:
     line_mc: Path = field(init=False)
     line_key: Path = field(init=False)
     peer_certificate: MiniCertificate = field(init=False)
-    peer_key: Any = field(init=False)
+    peer_key: PrivateKey = field(init=False)
     trust: TrustStore = field(init=False)
 
     def __post_init__(self) -> None:
-        ca = generate_ca_key()
-        self.ca_pub = self.directory / "ca.pub"
-        self.ca_pub.write_bytes(dump_ca_public(ca.public, CaKeyFormat.LINKSYS))
-        expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
-        key = generate_subscriber_key()
-        cert = MiniCertificate.issue(ca, "Bench Line", LINE_USER, expires, key.public)
-        self.line_mc = self.directory / f"{LINE_USER}.mc"
-        self.line_key = self.directory / f"{LINE_USER}.key"
-        self.line_mc.write_text(MiniCertificateParam(cert, ca.public).to_base64() + "\n")
-        self.line_key.write_text(encode_private_key_param(key) + "\n")
-        self.line_key.chmod(0o600)
-        self.peer_key = generate_subscriber_key()
-        self.peer_certificate = MiniCertificate.issue(
-            ca, "Bench SPA", PEER_USER, expires, self.peer_key.public
-        )
-        self.trust = TrustStore([ca.public])
+        ca = TestCa()
+        self.ca_pub = ca.write_public(self.directory / "ca.pub")
+        files = ca.issue("Bench Line", LINE_USER).write_files(self.directory)
+        self.line_mc, self.line_key = files.mini_certificate, files.srtp_private_key
+        peer = ca.issue("Bench SPA", PEER_USER)
+        self.peer_key, self.peer_certificate = peer.key, peer.certificate
+        self.trust = ca.trust
 
 
 # --------------------------------------------------------------------------- transport

@@ -70,6 +70,7 @@ from proxy.media.srtp import SrtpContext, libsrtp_key  # noqa: E402
 from proxy.xsipura import keyfiles, rsa  # noqa: E402
 from proxy.xsipura.handshake import CalleeHandshake, CallerHandshake, Secured  # noqa: E402
 from proxy.xsipura.mc import MiniCertificate  # noqa: E402
+from proxy.xsipura.provision import issue_line  # noqa: E402
 from proxy.xsipura.trust import TrustStore  # noqa: E402
 
 TARGET_RATIO = 1.3
@@ -267,9 +268,9 @@ class Pki:
 
 
 def make_user(ca: rsa.PrivateKey, name: str, user_id: str) -> User:
-    key = rsa.generate_subscriber_key()
     expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=365)
-    return User(key, MiniCertificate.issue(ca, name, user_id, expires, key.public))
+    line = issue_line(ca, name, user_id, expires)
+    return User(line.key, line.certificate)
 
 
 def costly_decoy_cas(signature: bytes, count: int) -> tuple[rsa.PublicKey, ...]:

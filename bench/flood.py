@@ -54,10 +54,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # this checkout's proxy and testkit (tests' and benches')
 
 from proxy.sip.message import Request, SipParseError, parse_message  # noqa: E402
 from proxy.sip.transaction import response_to  # noqa: E402
+from testkit.ports import free_port, media_range  # noqa: E402
 
 HOST = "127.0.0.1"
 MB = 1024 * 1024
@@ -71,20 +72,6 @@ SDP = (
 
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def free_port(kind: socket.SocketKind = socket.SOCK_DGRAM) -> int:
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = int(tcp.getsockname()[1])
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            try:
-                udp.bind((HOST, port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
 
 
 # --------------------------------------------------------------------------- the process
@@ -459,9 +446,8 @@ def run_scenario(name: str, opts: Options, work: Path) -> dict[str, Any]:
     directory.mkdir()
     uas = Uas()
     uas.start()
-    base = 30000 + secrets.randbelow(1000) * 20
     proxy = Proxy(directory, opts.nofile)
-    proxy.start(uas.port, (base, base + 199))
+    proxy.start(uas.port, media_range(100))
     sampler = Sampler(proxy.pid)
     prober = Prober(proxy.inside)
     result: dict[str, Any] = {"scenario": name}

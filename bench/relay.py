@@ -23,11 +23,11 @@ All variants use the same event loop: uvloop when installed, else the stdlib loo
 * ``engine``: a :class:`RelayEngine` session with one stream. The generator is the
   phone: it sends plain RTP to the session's inside RTP port, where it latches; the
   relay forwards it from the outside RTP port to the sink, which is the outside remote
-  (``set_remote``). This is the full per-packet path of a plain call: source check,
+  (a ``SetRemote`` command). This is the full per-packet path of a plain call: source check,
   counters, ``transport.sendto(data, addr)``. The child reads the session's
   ``stats()`` every 2 ms and takes its CPU snapshots at those polls (the polling costs
   well under 1 % of a core).
-* ``secure-out``: the same session after ``switch_srtp(OUTSIDE, ...)``: plain RTP in on
+* ``secure-out``: the same session after a ``SwitchSrtp`` to the outside: plain RTP in on
   the inside, SRTP (AES_CM_128_HMAC_SHA1_80) out on the outside. Adds one
   ``SrtpContext.protect`` per packet.
 * ``secure-in``: the reverse: SRTP in on the outside (the generator latches there, as
@@ -49,7 +49,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import random
 import socket
 import struct
 import subprocess
@@ -62,13 +61,14 @@ from typing import Any
 import loop_forward as lf  # bench/ is sys.path[0] when this file runs as a script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if importlib.util.find_spec("proxy") is None:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's proxy and testkit (tests' and benches')
 
+from proxy.media.commands import SetRemote, SrtpKeys, SwitchSrtp  # noqa: E402
 from proxy.media.engine import Side  # noqa: E402
 from proxy.media.relay import RelayEngine  # noqa: E402
 from proxy.media.srtp import SrtpContext  # noqa: E402
 from proxy.media.tones import PCMU, Tone, ToneMixer  # noqa: E402
+from testkit.ports import free_port_range  # noqa: E402
 
 HOST = lf.HOST
 VARIANTS = ("engine", "secure-out", "secure-in", "minimal", "minimal-sendto")
@@ -124,13 +124,13 @@ def run_engine(args: argparse.Namespace) -> None:
     )
 
     async def main() -> dict[str, Any]:
-        base = random.randrange(30000, 60000, 2)  # taken ports are skipped by the engine
-        engine = RelayEngine(HOST, HOST, base, base + 199)
+        engine = RelayEngine(HOST, HOST, *free_port_range(200))
         session = engine.allocate("bench", 1)
-        session.set_remote(src, 0, HOST, 9, 10)  # latches on the generator's port
-        session.set_remote(dst, 0, HOST, args.dest, args.dest + 1)
+        sid = session.id
+        engine.apply(SetRemote(sid, src, 0, HOST, 9, 10))  # latches on the generator's port
+        engine.apply(SetRemote(sid, dst, 0, HOST, args.dest, args.dest + 1))
         if variant != "engine":
-            session.switch_srtp(Side.OUTSIDE, SrtpContext(BENCH_KEY, BENCH_SALT), 2.0)
+            engine.apply(SwitchSrtp(sid, Side.OUTSIDE, SrtpKeys(BENCH_KEY, BENCH_SALT), 2.0))
         print(json.dumps({"port": session.local(src, 0)[1]}), flush=True)
 
         def relayed() -> int:

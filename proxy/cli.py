@@ -47,22 +47,47 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
     demo.set_defaults(handler=_cmd_demo)
     calls = commands.add_parser("calls", help="list active calls of a running proxy")
-    calls.add_argument("--admin", default="127.0.0.1:5099", metavar="HOST:PORT")
+    _admin_arguments(calls)
     calls.add_argument("--json", action="store_true")
     calls.set_defaults(handler=_cmd_calls)
+    reload = commands.add_parser(
+        "reload", help="make a running proxy reload its configuration file (as SIGHUP does)"
+    )
+    _admin_arguments(reload)
+    reload.set_defaults(handler=_cmd_reload)
     return parser
 
 
+def _admin_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="the admin endpoint, host:port or [v6addr]:port (default: the --config file's "
+        "[admin] listen, else 127.0.0.1:5099)",
+    )
+    command.add_argument(
+        "--config", metavar="FILE", help="take the endpoint and [admin] token from this config"
+    )
+    command.add_argument(
+        "--token-file", metavar="FILE", help="file holding the admin bearer token (mode 0600)"
+    )
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    from proxy.admin.routes import load_token
     from proxy.b2bua.config import load_config
     from proxy.b2bua.line_keys import load_security
     from proxy.b2bua.server import run
 
     config = load_config(args.config)  # ConfigError is a UsageError: one line, exit 2
     security = load_security(config)  # keys and certificates: checked before any socket
+    load_token(config)  # the token file's mode, like a key's
     if args.check:
         for warning in security.warnings:
             print(f"warning: {warning}", file=sys.stderr)
+        if security.errors:
+            # An expired line MC: `run` would start with that line in the clear.
+            raise UsageError(security.errors[0])
         print(f"{args.config}: OK ({len(config.lines)} lines, {len(security.lines)} secure)")
         return 0
     return run(config)
@@ -78,30 +103,53 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_calls(args: argparse.Namespace) -> int:
     import json
-    import socket
 
-    host, _, port = args.admin.rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5) as conn:
-            conn.sendall(b"GET /calls HTTP/1.0\r\n\r\n")
-            data = b""
-            while chunk := conn.recv(65536):
-                data += chunk
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot reach the admin endpoint {args.admin}: {exc}") from exc
-    body = data.split(b"\r\n\r\n", 1)[-1]
+    from proxy.admin.client import admin_request
+
+    _, body = admin_request(args.admin, args.config, args.token_file, "GET", "/calls")
     try:
         calls = json.loads(body)
     except ValueError as exc:
-        raise UsageError(f"admin endpoint {args.admin} did not answer JSON") from exc
+        raise UsageError("the admin endpoint did not answer JSON") from exc
     if args.json:
         print(json.dumps(calls))
         return 0
     if not calls:
         print("no active calls")
-    for call in calls:
-        print(f"{call['id']:>6} {call['direction']:<16} {call['state']:<11} "
-              f"line={call['line'] or '-'} a={call['a_call_id']}")  # fmt: skip
+        return 0
+    rows = [("ID", "DIRECTION", "STATE", "SECURE", "LINE", "CALL-ID (A LEG)")]
+    rows += [
+        (str(call["id"]), str(call["direction"]), str(call["state"]),
+         _secure_state(call.get("secure")), str(call["line"] or "-"), str(call["a_call_id"]))
+        for call in calls
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+              + "  " + row[-1])  # fmt: skip
+    return 0
+
+
+def _secure_state(secure: object) -> str:
+    """``secure``, ``clear (reason)`` or ``pending``, from a call's ``secure`` field."""
+    if not isinstance(secure, dict):
+        return "clear (not requested)"
+    state = secure.get("state")
+    if state == "secure":
+        return "secure"
+    if state == "clear":
+        return f"clear ({secure.get('reason') or 'unknown'})"
+    return "pending"
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from proxy.admin.client import admin_request
+
+    status, body = admin_request(args.admin, args.config, args.token_file, "POST", "/reload")
+    text = body.decode("utf-8", "replace").strip()
+    if status != 200:
+        raise UsageError(text or f"reload failed: HTTP {status}")
+    print(text)
     return 0
 
 

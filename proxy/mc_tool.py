@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.errors import UsageError
+from proxy.keyperms import write_private
 from proxy.xsipura.keyfiles import (
     CaKeyFormat,
     KeyFileError,
@@ -43,11 +44,11 @@ from proxy.xsipura.mc import (
     MiniCertificate,
     MiniCertificateParam,
     as_utc,
-    encode_private_key_param,
     iso_z,
     strict_b64decode,
 )
-from proxy.xsipura.rsa import PrivateKey, PublicKey, generate_subscriber_key, verify_raw
+from proxy.xsipura.provision import issue_line
+from proxy.xsipura.rsa import PrivateKey, PublicKey, verify_raw
 from proxy.xsipura.trust import (
     SAMPLE_CA_MODULUS,
     McStatus,
@@ -100,6 +101,10 @@ def add_mc_commands(commands: Any) -> None:
     expiry.add_argument("--expires", metavar="YYYY-MM-DD[THH:MM:SS]", help="expiry, UTC")
     expiry.add_argument("--days", type=int, metavar="N", help="expire N days from now")
     issue.add_argument("--json", action="store_true", help="print one JSON object")
+    issue.add_argument(
+        "--out", metavar="FILE", help="write to FILE, mode 0600 (it holds the private key)"
+    )
+    issue.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
     issue.set_defaults(handler=cmd_issue)
 
     show = sub.add_parser("show", help="decode a Mini Certificate and print its fields")
@@ -240,17 +245,7 @@ def _expiry(args: argparse.Namespace, now: datetime) -> datetime:
 def cmd_ca_new(args: argparse.Namespace) -> int:
     fmt = CaKeyFormat(args.format)
     key = generate_ca_key()
-    data = dump_ca_key(key, fmt)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
-    try:
-        fd = os.open(args.out, flags, 0o600)
-    except FileExistsError as exc:
-        raise UsageError(f"{args.out!r} exists; use --force to overwrite it") from exc
-    except OSError as exc:
-        raise UsageError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
-    with os.fdopen(fd, "wb") as handle:
-        os.fchmod(handle.fileno(), 0o600)  # also when --force reuses a laxer file
-        handle.write(data)
+    write_private(args.out, dump_ca_key(key, fmt), force=args.force)
     print(f"wrote RSA-1024 CA key ({fmt.value}) to {args.out}")
     print(f"CA SHA-256: {ca_fingerprint(key.public)}")
     return 0
@@ -271,28 +266,30 @@ def cmd_issue(args: argparse.Namespace) -> int:
     ca_key = _load_ca_private(args.ca)
     if is_sample_ca(ca_key.public):
         _warn(SAMPLE_CA_WARNING)
-    subscriber = generate_subscriber_key()
-    certificate = MiniCertificate.issue(ca_key, name, user_id, expires, subscriber.public)
-    param = MiniCertificateParam(certificate, ca_key.public)
-    private_param = encode_private_key_param(subscriber)
+    line = issue_line(ca_key, name, user_id, expires)
     if args.json:
-        print(
+        certificate = line.certificate
+        output = (
             json.dumps(
                 {
-                    "mini_certificate": param.to_base64(),
-                    "srtp_private_key": private_param,
+                    "mini_certificate": line.mini_certificate,
+                    "srtp_private_key": line.srtp_private_key,
                     "name": certificate.name,
                     "user_id": certificate.user_id,
                     "expires": iso_z(certificate.expires),
                     "key_sha256": certificate.key_sha256,
-                    "ca_sha256": param.ca_sha256,
+                    "ca_sha256": line.param.ca_sha256,
                 }
             )
+            + "\n"
         )
     else:
-        # Byte for byte what gen_mc prints (the Sipura admin manual's format).
-        sys.stdout.write(f"\n<Mini Certificate>\n{param.to_base64()}\n")
-        sys.stdout.write(f"\n<SRTP Private Key>\n{private_param}\n\n")
+        output = line.gen_mc_text()  # byte for byte what gen_mc prints
+    if args.out:
+        write_private(args.out, output.encode("ascii"), force=args.force)
+        print(f"wrote the Mini Certificate and its private key to {args.out} (mode 0600)")
+    else:
+        sys.stdout.write(output)
     return 0
 
 

@@ -31,7 +31,10 @@ def install_fast_loop() -> str:
     try:
         import uvloop
     except ImportError:
-        log.warning("uvloop is not installed: media relay will cost ~6x more CPU per packet")
+        log.warning(
+            "uvloop is not installed (it is a dependency where it builds): "
+            "the stdlib event loop costs ~6x more CPU per packet"
+        )
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -12,32 +13,32 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the package imports as `proxy` from the repo root
+if str(ROOT) not in sys.path:  # `proxy` and `testkit` import from the repo root
     sys.path.insert(0, str(ROOT))
 
 from proxy.xsipura import keyfiles, rsa  # noqa: E402
-from proxy.xsipura.mc import MiniCertificate, MiniCertificateParam  # noqa: E402
+from proxy.xsipura.mc import MiniCertificateParam  # noqa: E402
+from proxy.xsipura.provision import LineCredentials, issue_line  # noqa: E402
 from proxy.xsipura.trust import TrustStore  # noqa: E402
+
+# Files the tests write (keys, configs holding inline keys) are private, as an operator's
+# are: `run` refuses a private key that group or others can read (proxy/keyperms.py).
+# The tests of that refusal loosen the mode explicitly.
+os.umask(0o077)
 
 VECTORS_PATH = ROOT / "tests" / "data" / "xsipura_vectors.json"
 
 NOW_UTC = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 """A wall-clock instant at which every vector and test-PKI MC is valid."""
 
+Party = LineCredentials
+"""One subscriber: its MC (``certificate``), private key and provisioning ``param``."""
+
 
 def load_vectors() -> dict[str, Any]:
     with VECTORS_PATH.open(encoding="utf-8") as fh:
         data: dict[str, Any] = json.load(fh)
     return data
-
-
-@dataclass(frozen=True)
-class Party:
-    """One subscriber: its MC, its private key and its provisioning param."""
-
-    certificate: MiniCertificate
-    key: rsa.PrivateKey
-    param: MiniCertificateParam
 
 
 @dataclass(frozen=True)
@@ -56,24 +57,15 @@ class Pki:
         key: rsa.PrivateKey | None = None,
         ca: rsa.PrivateKey | None = None,
     ) -> Party:
-        key = key or rsa.generate_subscriber_key()
-        ca = ca or self.ca
-        certificate = MiniCertificate.issue(ca, name, user_id, expires, key.public)
-        return Party(certificate, key, MiniCertificateParam(certificate, ca.public))
+        return issue_line(ca or self.ca, name, user_id, expires, key)
 
 
 def make_pki() -> Pki:
     ca = keyfiles.generate_ca_key()
     other_ca = keyfiles.generate_ca_key()
-    parties = []
-    for name, user_id, expires in (
-        ("Alice Caller", "15550001111", datetime(2031, 1, 1, tzinfo=UTC)),
-        ("Bob Callee", "15550002222", datetime(2032, 2, 2, 2, 2, 2, tzinfo=UTC)),
-    ):
-        key = rsa.generate_subscriber_key()
-        certificate = MiniCertificate.issue(ca, name, user_id, expires, key.public)
-        parties.append(Party(certificate, key, MiniCertificateParam(certificate, ca.public)))
-    return Pki(ca, other_ca, parties[0], parties[1], TrustStore([ca.public]))
+    alice = issue_line(ca, "Alice Caller", "15550001111", datetime(2031, 1, 1, tzinfo=UTC))
+    bob = issue_line(ca, "Bob Callee", "15550002222", datetime(2032, 2, 2, 2, 2, 2, tzinfo=UTC))
+    return Pki(ca, other_ca, alice, bob, TrustStore([ca.public]))
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +87,7 @@ def vector_users(vectors: dict[str, Any]) -> dict[str, Party]:
     for name, user in vectors["users"].items():
         param = MiniCertificateParam.from_base64(user["mini_certificate_param_b64"])
         key = decode_private_key_param(user["srtp_private_key_param_b64"], param.certificate)
-        users[name] = Party(param.certificate, key, param)
+        users[name] = Party(param, key)
     return users
 
 

@@ -38,6 +38,8 @@ class CallTable:
         self._heap: list[tuple[float, int, int, CallTimer]] = []
         self._armed: dict[tuple[int, CallTimer], float] = {}
         self._seq = itertools.count()
+        self._media: dict[int, Call] = {}
+        """Calls by the id of their media session: what media events name."""
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -52,6 +54,14 @@ class CallTable:
     def find(self, side: Side, call_id: str, local_tag: str) -> tuple[Call, Leg] | None:
         return self._legs.get((side, call_id, local_tag))
 
+    def media_allocated(self, call: Call, session_id: int) -> None:
+        """``call``'s media is media session ``session_id`` (:meth:`by_media`)."""
+        self._media[session_id] = call
+
+    def by_media(self, session_id: int) -> Call | None:
+        """The live call whose media is session ``session_id``, if any."""
+        return self._media.get(session_id)
+
     def indexed(self) -> list[tuple[Call, Leg]]:
         """Every (call, leg) pair in the index (for invariant checks)."""
         return list(self._legs.values())
@@ -64,6 +74,7 @@ class CallTable:
         for kind in CallTimer:
             self._armed.pop((call.id, kind), None)
         if call.media is not None:
+            self._media.pop(call.media.session.id, None)
             call.media.release()
             call.media = None
 

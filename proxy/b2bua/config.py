@@ -62,6 +62,7 @@ __all__ = [
     "LineConfig",
     "LogConfig",
     "MediaConfig",
+    "RunConfig",
     "SideConfig",
     "SipConfig",
     "XsipuraConfig",
@@ -248,10 +249,20 @@ class AdminConfig:
 
     listen_host: str | None = None
     listen_port: int | None = None
+    token: str | None = None
+    """``"@path"`` of a file (mode 0600) holding the bearer token, as written; read and
+    checked by :func:`proxy.admin.routes.load_token`, relative to the config's directory."""
 
     @property
     def enabled(self) -> bool:
         return self.listen_host is not None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Process lifecycle: ``drain_s`` is how long SIGTERM waits for calls to end."""
+
+    drain_s: int = 30
 
 
 @dataclass(frozen=True)
@@ -272,6 +283,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     xsipura: XsipuraConfig = field(default_factory=XsipuraConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     source: str = "<string>"
     _by_key: Mapping[str, LineConfig] = field(init=False, repr=False, compare=False)
 
@@ -342,7 +354,7 @@ def _syntax_error(text: str, source: str, exc: tomllib.TOMLDecodeError) -> Confi
 
 def _build(root: Table) -> Config:
     root.check_keys(
-        ("inside", "outside", "media", "sip", "line", "log", "limits", "admin", "xsipura")
+        ("inside", "outside", "media", "sip", "line", "log", "limits", "admin", "xsipura", "run")
     )
     inside = _side(root.table(name="inside", required=True), inside=True)
     outside = _side(root.table(name="outside", required=True), inside=False)
@@ -358,6 +370,7 @@ def _build(root: Table) -> Config:
         limits=_limits(root.table("limits"), inside, outside, media),
         admin=_admin(root.table("admin"), inside, outside),
         xsipura=_xsipura(root.table("xsipura")),
+        run=_run(root.table("run")),
         source=root.source,
     )
 
@@ -595,14 +608,23 @@ def _limits(t: Table, inside: SideConfig, outside: SideConfig, media: MediaConfi
 
 
 def _admin(t: Table, inside: SideConfig, outside: SideConfig) -> AdminConfig:
-    t.check_keys(("listen",))
+    t.check_keys(("listen", "token"))
+    token = t.string("token", "") or None
+    if token is not None and (not token.startswith("@") or len(token) < 2):
+        # A secret written into the config file would be readable wherever the config is.
+        raise t.error("token", 'expected "@path" of a file holding the token')
     if not t.has("listen"):
-        return AdminConfig()
+        return AdminConfig(token=token)
     host, port = t.parse("listen", host_port)
     for name, side in (("inside", inside), ("outside", outside)):
         if _same_socket(host, port, side):
             raise t.error("listen", f"same address and port as {name}.listen")
-    return AdminConfig(listen_host=host, listen_port=port)
+    return AdminConfig(listen_host=host, listen_port=port, token=token)
+
+
+def _run(t: Table) -> RunConfig:
+    t.check_keys(("drain_s",))
+    return RunConfig(drain_s=t.integer("drain_s", 30, minimum=0, maximum=3600))
 
 
 def _xsipura(t: Table) -> XsipuraConfig:

@@ -25,7 +25,7 @@ What passes through unchanged is everything the B2BUA does not own
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,7 +50,8 @@ from proxy.b2bua.routing import Lookups, ResolveQuery, Resolver, Router, Unresol
 from proxy.b2bua.secure_leg import SecureLegs
 from proxy.b2bua.sides import Outbound, SipSides, Stats
 from proxy.b2bua.teardown import Teardown
-from proxy.media.engine import MediaEngine, MediaSession, Side
+from proxy.media.commands import MediaEvent, SessionsLost, SrtpAuthenticated
+from proxy.media.engine import MediaEngine, Side
 from proxy.sip.headers import SipHeaderError
 from proxy.sip.message import Request, SipParseError, parse_message
 from proxy.sip.stateless import stateless_response
@@ -95,7 +96,7 @@ class B2BUA:
         self.router = Router(config, self.registrar, self.lookups, config.sip.transports)
         self.registrar.router = self.router
         self.teardown = Teardown(self.sides, self.table)
-        self.secure = SecureLegs(self.sides, self.table, self.teardown, security, utc_now)
+        self.secure = SecureLegs(self.sides, self.table, self.teardown, security, utc_now, media)
         self.watch = MediaWatch(config, self.table, self.teardown)
         self.dialogs = Dialogs(self.sides, self.table, self.router, self.teardown, self.secure,
                                self.watch)  # fmt: skip
@@ -133,6 +134,10 @@ class B2BUA:
             CallTimer.SECURITY: self.secure.on_timer,
             CallTimer.RTP_TIMEOUT: self.watch.on_timer,
         }
+        self._media_events: dict[type[MediaEvent], Handler] = {
+            SrtpAuthenticated: self.secure.on_srtp_authenticated,
+            SessionsLost: self.watch.on_sessions_lost,
+        }
 
     # --- state the edge and the operator read -----------------------------------------
 
@@ -148,16 +153,6 @@ class B2BUA:
     def layers(self) -> dict[Side, TransactionLayer]:
         return self.sides.layers
 
-    @property
-    def on_wakeup(self) -> Callable[[], None] | None:
-        """Set by the I/O edge: called when media reports an event (SRTP authenticated),
-        so that :meth:`poll` runs soon."""
-        return self.secure.on_wakeup
-
-    @on_wakeup.setter
-    def on_wakeup(self, callback: Callable[[], None] | None) -> None:
-        self.secure.on_wakeup = callback
-
     def active_calls(self) -> list[dict[str, object]]:
         return [
             {
@@ -172,6 +167,23 @@ class B2BUA:
             }
             for call in self.calls.values()
         ]
+
+    def reload(self, config: Config, security: Security | None) -> None:
+        """A new configuration for new calls; calls up keep the line and legs they have.
+
+        Transaction timers and listen addresses are the edge's to restart; everything a
+        new request reads (lines, routes, limits, x-sipura settings and keys) switches now.
+        """
+        self.config = config
+        self.security = security
+        self.sides.config = config
+        self.sides.configs = {Side.INSIDE: config.inside, Side.OUTSIDE: config.outside}
+        self.registrar.config = config
+        self.router.config = config
+        self.router.transports = tuple(config.sip.transports)
+        self.setup.config = config
+        self.watch.config = config
+        self.secure.security = security
 
     # --- input ------------------------------------------------------------------------
 
@@ -200,16 +212,14 @@ class B2BUA:
         return out
 
     def poll(self, now: float) -> list[Outbound]:
-        """Run everything due at ``now``: transaction timers, call deadlines, media
-        reports, lookups the edge never answered."""
+        """Run everything due at ``now``: transaction timers, call deadlines, lookups
+        the edge never answered."""
         out: list[Outbound] = []
         for side, layer in self.sides.layers.items():
             events, transmits = layer.poll(now)
             out += self.sides.wrap(side, transmits)
             for event in events:
                 out += self._events[type(event)](side, event, now)
-        if self.secure.authenticated_pending():
-            out += self.secure.on_authenticated(now)
         for call, kind in self.table.due(now):
             out += self._call_timers[kind](call, now)
         for work in self.lookups.expire(now):
@@ -221,8 +231,6 @@ class B2BUA:
     def next_deadline(self) -> float | None:
         """When :meth:`poll` must run next (None: only on input). Cost independent of
         the number of calls: every source keeps its deadlines on a heap."""
-        if self.secure.authenticated_pending():
-            return 0.0
         deadlines = [
             d
             for d in (
@@ -246,9 +254,11 @@ class B2BUA:
             out += work(now)
         return out
 
-    def media_lost(self, sessions: Iterable[MediaSession], now: float) -> list[Outbound]:
-        """The media engine lost these sessions (a worker process died)."""
-        return self.watch.media_lost(sessions, now)
+    def on_media_event(self, event: MediaEvent, now: float) -> list[Outbound]:
+        """What the media engine reported (SRTP authenticated, sessions lost), handed
+        over by the I/O edge on a loop iteration of its own, never from inside a call
+        into the engine."""
+        return self._media_events[type(event)](event, now)
 
     # --- dispatch ---------------------------------------------------------------------
 

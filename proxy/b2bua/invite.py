@@ -179,7 +179,8 @@ class CallSetup:
             Side.INSIDE: self.config.inside.media_ip,
             Side.OUTSIDE: self.config.outside.media_ip,
         }
-        return MediaHandle(session, anchored, media_ip)
+        self.calls.media_allocated(call, session.id)
+        return MediaHandle(self.media, session, anchored, media_ip)
 
     def allocate_quietly(self, call: Call, offer: bytes) -> MediaHandle | None:
         """Media for an offer that arrives after the INVITE (late offer): None when no

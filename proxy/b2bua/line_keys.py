@@ -15,9 +15,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from proxy.b2bua.config import Config, ConfigError, KeySource, LineConfig, XsipuraConfig
+from proxy.keyperms import holds_private_ca_key, too_open
 from proxy.xsipura.keyfiles import KeyFileError, extract_param_text, load_trust_anchor
 from proxy.xsipura.mc import (
     MalformedCertificate,
@@ -52,13 +54,30 @@ class Security:
     warnings: tuple[str, ...] = ()
     trust_anchors: tuple[PublicKey, ...] = ()
     """The keys loaded from ``xsipura.trusted_ca``, in the file's order."""
+    expired: Mapping[str, LineSecurity] = field(default_factory=dict)
+    """Lines whose own Mini Certificate has expired, by ``user_key`` (not in ``lines``):
+    ``run`` keeps their calls in the clear (``local_mc_expired``) so one line cannot
+    take a site down; ``run --check`` refuses them (:attr:`errors`)."""
+    errors: tuple[str, ...] = ()
+    """What ``run --check`` refuses but ``run`` starts with (logged as warnings)."""
+
+    def mc_expiry(self) -> dict[str, datetime]:
+        """When each line's Mini Certificate expires, by ``user_key``."""
+        both = {**self.lines, **self.expired}
+        return {key: line.param.certificate.expires for key, line in both.items()}
+
+
+EXPIRY_WARNING_DAYS = 30
+"""A line's Mini Certificate expiring sooner than this is a start-up warning."""
 
 
 _PRIVATE_TAG = re.compile(r"<SRTP[ _]Private[ _]Key[^>]*>\s*([A-Za-z0-9+/]+={0,2})")
 
 
-def load_security(config: Config) -> Security:
-    """Load and check every trust anchor and line key the configuration names."""
+def load_security(config: Config, now: datetime | None = None) -> Security:
+    """Load and check every trust anchor and line key the configuration names; ``now``
+    (UTC wall clock, default the current time) judges the lines' MC expiry."""
+    now = now or datetime.now(UTC)
     source = config.source
     warnings: list[str] = []
     anchors: list[PublicKey] = []
@@ -69,25 +88,49 @@ def load_security(config: Config) -> Security:
             warnings.append(f"{key}: the public sample CA is trusted: secure calls are NOT secure")
         anchors.append(anchor)
     lines: dict[str, LineSecurity] = {}
+    expired: dict[str, LineSecurity] = {}
+    errors: list[str] = []
     for index, line in enumerate(config.lines):
-        if line.mini_certificate is not None:
-            lines[line.user_key] = _line(line, f"line[{index}]", anchors, source, warnings)
-    return Security(config.xsipura, lines, tuple(warnings), tuple(anchors))
+        if line.mini_certificate is None:
+            continue
+        prefix = f"line[{index}]"
+        secured = _line(line, prefix, anchors, source, warnings)
+        expires = secured.param.certificate.expires
+        when = expires.strftime("%Y-%m-%dT%H:%M:%SZ")
+        if expires <= now:
+            expired[line.user_key] = secured
+            errors.append(f"{source}: {prefix}.mini_certificate: expired on {when}: calls on "
+                          f"line {line.user_id} stay in the clear (local_mc_expired)")  # fmt: skip
+            continue
+        if expires - now < timedelta(days=EXPIRY_WARNING_DAYS):
+            days = (expires - now).days
+            warnings.append(f"{prefix}.mini_certificate: expires on {when}, in {days} days")
+        lines[line.user_key] = secured
+    return Security(config.xsipura, lines, tuple(warnings), tuple(anchors), expired, tuple(errors))
 
 
 def _anchor(path: Path, source: str, key: str) -> PublicKey:
     try:
-        return load_trust_anchor(path.read_bytes())
+        data = path.read_bytes()
+        if holds_private_ca_key(data) and (reason := too_open(path)) is not None:
+            raise ConfigError(source, key, f"a CA private key, and {reason}")
+        return load_trust_anchor(data)
     except OSError as exc:
         raise ConfigError(source, key, f"cannot read {path}: {exc.strerror or exc}") from None
     except KeyFileError as exc:
         raise ConfigError(source, key, f"{path}: {exc}") from None
 
 
-def _text(where: KeySource, source: str, key: str) -> str:
+def _text(where: KeySource, source: str, key: str, *, private: bool = False) -> str:
+    """The key material. A private one is refused from a file that group or others can
+    access, including the configuration file itself when the key is written inline."""
     if where.path is None:
         assert where.inline is not None  # the parser sets exactly one
+        if private and not source.startswith("<") and (reason := too_open(source)):
+            raise ConfigError(source, key, f"inline private key, but {reason}")
         return where.inline
+    if private and (reason := too_open(where.path)) is not None:
+        raise ConfigError(source, key, reason)
     try:
         return where.path.read_text(encoding="ascii", errors="strict")
     except (OSError, UnicodeDecodeError) as exc:
@@ -109,7 +152,7 @@ def _line(
         warnings.append(f"{mc_key}: the MC's user id {param.certificate.user_id!r} differs from "
                         f"the line's user_id: peers checking caller ID will refuse it")  # fmt: skip
     key_name = f"{prefix}.srtp_private_key"
-    key_text = _text(line.srtp_private_key, source, key_name)
+    key_text = _text(line.srtp_private_key, source, key_name, private=True)
     tagged = _PRIVATE_TAG.search(key_text)
     try:
         private = decode_private_key_param(

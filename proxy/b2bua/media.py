@@ -2,26 +2,35 @@
 
 Every SDP body that crosses the B2BUA, in either direction and in any message (INVITE,
 18x, 2xx, ACK, UPDATE, re-INVITE), goes through :meth:`MediaHandle.relay_sdp`: the
-sender's media addresses become the engine's expected peers on the sender's side, and
-the body handed to the other side advertises the proxy's ports on that side. Nothing
-else in the SDP changes, so codecs, ptime, telephone-event and direction attributes
-reach the far end as the near end wrote them.
+sender's media addresses become the engine's expected peers on the sender's side (one
+:class:`~proxy.media.commands.SetRemote` per stream), and the body handed to the other
+side advertises the proxy's ports on that side. Nothing else in the SDP changes, so
+codecs, ptime, telephone-event and direction attributes reach the far end as the near
+end wrote them.
 """
 
 from __future__ import annotations
 
 import logging
 
-from proxy.media.engine import MediaSession, Side
+from proxy.media.commands import Release, SetRemote
+from proxy.media.engine import MediaEngine, MediaSession, Side
 from proxy.sip.sdp import Sdp, connection_endpoint, parse_sdp, rewrite_sdp
 
 log = logging.getLogger("sipura.media")
 
 
 class MediaHandle:
-    __slots__ = ("_media_ip", "last_sent", "session", "streams")
+    __slots__ = ("_engine", "_media_ip", "last_sent", "session", "streams")
 
-    def __init__(self, session: MediaSession, streams: int, media_ip: dict[Side, str]) -> None:
+    def __init__(
+        self,
+        engine: MediaEngine,
+        session: MediaSession,
+        streams: int,
+        media_ip: dict[Side, str],
+    ) -> None:
+        self._engine = engine
         self.session = session
         self.streams = streams
         self._media_ip = media_ip
@@ -44,11 +53,13 @@ class MediaHandle:
                 ports.append(0)  # beyond what was anchored: declined (RFC 3264 §6, §8.2)
                 continue
             ip, rtp_port, rtcp_port, rtcp_mux = connection_endpoint(sdp, index)
-            self.session.set_remote(from_side, index, ip, rtp_port, rtcp_port, rtcp_mux)
+            self._engine.apply(
+                SetRemote(self.session.id, from_side, index, ip, rtp_port, rtcp_port, rtcp_mux)
+            )
             ports.append(None if rtp_port == 0 else self.session.local(to_side, index)[1])
         rewritten = rewrite_sdp(body, self._media_ip[to_side], ports)
         self.last_sent[to_side] = rewritten
         return rewritten
 
     def release(self) -> None:
-        self.session.release()
+        self._engine.apply(Release(self.session.id))

@@ -11,14 +11,13 @@ cleanly (BYE with a Reason, or CANCEL while ringing) instead of going silent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 from proxy.b2bua.calls import CallTable, CallTimer
 from proxy.b2bua.config import Config
 from proxy.b2bua.legs import Call, CallState
 from proxy.b2bua.sides import Outbound
 from proxy.b2bua.teardown import Teardown
-from proxy.media.engine import MediaSession
+from proxy.media.commands import SessionsLost
 
 log = logging.getLogger("sipura.b2bua")
 
@@ -51,17 +50,16 @@ class MediaWatch:
         log.warning("call %d: no RTP for %d s; hanging up", call.id, timeout)
         return self.teardown.hang_up(call, now, "RTP timeout")
 
-    def media_lost(self, sessions: Iterable[MediaSession], now: float) -> list[Outbound]:
+    def on_sessions_lost(self, event: SessionsLost, now: float) -> list[Outbound]:
         """The engine lost these sessions (a media worker process died): their calls
         cannot carry audio any more, so they end cleanly instead of going silent. An
         answered call gets a BYE with a Reason on both legs (it finishes when they are
         answered or time out); one still ringing is cancelled toward the callee and
         answered 487 toward the caller. Calls on other sessions are not touched."""
-        lost = {id(session) for session in sessions}
         out: list[Outbound] = []
-        for call in list(self.calls.calls.values()):
-            media = call.media
-            if media is None or id(media.session) not in lost:
+        for session_id in event.sessions:
+            call = self.calls.by_media(session_id)
+            if call is None:
                 continue
             log.warning("call %d: its media relay process died; hanging up", call.id)
             out += self.teardown.hang_up(call, now, "media relay failed")

@@ -15,13 +15,16 @@ for MC expiry).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
+from typing import Any, ClassVar
 
 from proxy.b2bua.config import XsipuraConfig
 from proxy.b2bua.line_keys import LineSecurity
-from proxy.media.srtp import SrtpContext
+from proxy.media.commands import AcceptSrtp, ClearSrtp, SrtpKeys, SwitchSrtp
+from proxy.media.engine import Side
 from proxy.xsipura import handshake as hs
 
 log = logging.getLogger("sipura.secure")
@@ -72,21 +75,9 @@ class RespondInfo:
     content_type: str
 
 
-@dataclass(frozen=True, slots=True)
-class AcceptSrtp:
-    context: SrtpContext
-
-
-@dataclass(frozen=True, slots=True)
-class SwitchSrtp:
-    context: SrtpContext
-    grace_s: float
-    srtcp: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ClearSrtp:
-    pass
+UNBOUND = 0
+"""The session id in the media commands this module returns: the policy does not know
+the call's media session; :mod:`proxy.b2bua.secure_leg` binds the command to it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +131,6 @@ class CallSecurity:
         self._caller: hs.CallerHandshake | None = None
         self._callee: hs.CalleeHandshake | None = None
         self._start_at: float | None = None
-        self._accepted: tuple[int, SrtpContext] | None = None
         self._expect_by: float | None = None
 
     # --- caller role --------------------------------------------------------------------
@@ -249,32 +239,44 @@ class CallSecurity:
     def _translate(self, events: list[hs.Event]) -> list[Action]:
         actions: list[Action] = []
         for event in events:
-            if isinstance(event, hs.SendInfo):
-                actions.append(SendInfo(event.body, event.content_type))
-            elif isinstance(event, hs.SendResponse):
-                actions.append(
-                    RespondInfo(event.status, event.reason, event.body, event.content_type)
-                )
-                log.info("call %s: x-sipura callee answers %d %s", self.label, event.status,
-                         event.reason)  # fmt: skip
-            elif isinstance(event, hs.AcceptSrtp):
-                keys, peer = event.session.keys, event.session.peer
-                context = SrtpContext(keys.master_key, keys.master_salt)
-                self._accepted = (event.session.generation, context)
-                actions.append(AcceptSrtp(context))
-                log.info(
-                    "call %s: x-sipura step 2: Callee Hello from %s <%s> verified; "
-                    "step 3: Caller Final sent",
-                    self.label, peer.name, peer.user_id,
-                )  # fmt: skip
-            elif isinstance(event, hs.Secured):
-                actions.extend(self._secured(event.session))
-            elif isinstance(event, hs.StayClear):
-                actions.extend(self._clear(event.reason, event.detail))
-            elif isinstance(event, hs.RekeyFailed):
-                log.warning("call %s: x-sipura re-key failed (%s): %s; keeping the current key",
-                            self.label, event.reason.value, event.detail)  # fmt: skip
+            actions += self._on_event[type(event)](self, event)
         return actions
+
+    def _send_info(self, event: hs.SendInfo) -> list[Action]:
+        return [SendInfo(event.body, event.content_type)]
+
+    def _send_response(self, event: hs.SendResponse) -> list[Action]:
+        log.info("call %s: x-sipura callee answers %d %s", self.label, event.status,
+                 event.reason)  # fmt: skip
+        return [RespondInfo(event.status, event.reason, event.body, event.content_type)]
+
+    def _expect_srtp(self, event: hs.ExpectSrtp) -> list[Action]:
+        peer = event.session.peer
+        log.info("call %s: x-sipura step 2: Callee Hello from %s <%s> verified; "
+                 "step 3: Caller Final sent", self.label, peer.name, peer.user_id)  # fmt: skip
+        keys = _media_keys(event.session.keys)
+        return [AcceptSrtp(UNBOUND, Side.OUTSIDE, keys, self.settings.srtcp)]
+
+    def _on_secured(self, event: hs.Secured) -> list[Action]:
+        return self._secured(event.session)
+
+    def _stay_clear(self, event: hs.StayClear) -> list[Action]:
+        return self._clear(event.reason, event.detail)
+
+    def _rekey_failed(self, event: hs.RekeyFailed) -> list[Action]:
+        log.warning("call %s: x-sipura re-key failed (%s): %s; keeping the current key",
+                    self.label, event.reason.value, event.detail)  # fmt: skip
+        return []
+
+    _on_event: ClassVar[dict[type, Callable[[CallSecurity, Any], list[Action]]]] = {
+        hs.SendInfo: _send_info,
+        hs.SendResponse: _send_response,
+        hs.ExpectSrtp: _expect_srtp,
+        hs.Secured: _on_secured,
+        hs.StayClear: _stay_clear,
+        hs.RekeyFailed: _rekey_failed,
+    }
+    """What each handshake event means for the call (dispatch by type)."""
 
     def _secured(self, session: hs.SecureSession) -> list[Action]:
         rekey = self.state is SecureState.SECURE
@@ -282,21 +284,14 @@ class CallSecurity:
         self.peer = session.peer
         self.generation = session.generation
         self.reason = None
-        keys = session.keys
         warn = " (peer MC under the PUBLIC SAMPLE CA: not secure)" if session.peer.sample_ca else ""
         log.info("call %s: x-sipura step 4: %s, peer %s <%s>, ssrc local %08x peer %08x%s",
                  self.label, "re-keyed" if rekey else "SECURE", session.peer.name,
                  session.peer.user_id, session.local_ssrc, session.peer_ssrc, warn)  # fmt: skip
-        # The key accepted before the switch keeps its libsrtp state (replay window, ROC).
-        accepted, self._accepted = self._accepted, None
-        if accepted is not None and accepted[0] == session.generation:
-            context = accepted[1]
-        else:
-            context = SrtpContext(keys.master_key, keys.master_salt)
-        return [
-            SwitchSrtp(context, self.settings.grace_s, self.settings.srtcp),
-            Secured(session.peer, rekey),
-        ]
+        keys = _media_keys(session.keys)
+        settings = self.settings
+        switch = SwitchSrtp(UNBOUND, Side.OUTSIDE, keys, settings.grace_s, settings.srtcp)
+        return [switch, Secured(session.peer, rekey)]
 
     def _clear(self, reason: hs.ClearReason, detail: str) -> list[Action]:
         was_secure = self.state is SecureState.SECURE
@@ -307,7 +302,7 @@ class CallSecurity:
                     reason.value, detail)  # fmt: skip
         actions: list[Action] = [Cleared(reason, detail)]
         if was_secure or self._caller:
-            actions.append(ClearSrtp())
+            actions.append(ClearSrtp(UNBOUND, Side.OUTSIDE))
         if self.require_secure:
             actions.append(HangUp(f"x-sipura: {reason.value}"))
         return actions
@@ -322,3 +317,8 @@ class CallSecurity:
             "peer_sample_ca": self.peer.sample_ca if self.peer else None,
             "generation": self.generation,
         }
+
+
+def _media_keys(keys: hs.MasterKeys) -> SrtpKeys:
+    """The agreed x-sipura keys as media key material (AES_CM_128_HMAC_SHA1_80, §3)."""
+    return SrtpKeys(keys.master_key, keys.master_salt)

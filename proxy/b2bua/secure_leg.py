@@ -16,6 +16,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -26,7 +27,16 @@ from proxy.b2bua.line_keys import Security
 from proxy.b2bua.messages import TARGET_REFRESH
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.teardown import Teardown
-from proxy.media.engine import Side
+from proxy.media.commands import (
+    AcceptSrtp,
+    ClearSrtp,
+    PlayTone,
+    SetTxSsrc,
+    SrtpAuthenticated,
+    SwitchSrtp,
+    WatchSrtp,
+)
+from proxy.media.engine import MediaEngine, Side
 from proxy.sip.headers import SipHeaderError, SipUri, format_hostport
 from proxy.sip.message import Request, Response
 from proxy.sip.sdp import SdpError
@@ -44,20 +54,19 @@ class SecureLegs:
 
     def __init__(
         self, sides: SipSides, calls: CallTable, teardown: Teardown, security: Security | None,
-        utc_now: Callable[[], datetime],
+        utc_now: Callable[[], datetime], media: MediaEngine,
     ) -> None:  # fmt: skip
         self.sides = sides
         self.calls = calls
         self.teardown = teardown
         self.security = security
         self.utc_now = utc_now
-        self.on_wakeup: Callable[[], None] | None = None
-        self._authenticated: list[int] = []
+        self.media = media
         self._execute: dict[type, Callable[[Call, Any, float], list[Outbound]]] = {
             sec.SendInfo: self._send_info,
-            sec.AcceptSrtp: self._accept_srtp,
-            sec.SwitchSrtp: self._switch_srtp,
-            sec.ClearSrtp: self._clear_srtp,
+            AcceptSrtp: self._new_keys,
+            SwitchSrtp: self._new_keys,
+            ClearSrtp: self._clear_srtp,
             sec.Secured: self._secured,
             sec.Cleared: self._cleared,
             sec.HangUp: self._hang_up,
@@ -125,25 +134,21 @@ class SecureLegs:
             if not _phone_media_flows(call):
                 security.postpone(now)  # profile §2: after the dialog *and* media
             elif call.media is not None:
-                call.media.session.set_tx_ssrc(Side.OUTSIDE, call.secure_ssrc)
+                sid = call.media.session.id
+                self.media.apply(SetTxSsrc(sid, Side.OUTSIDE, call.secure_ssrc))
                 out += self._run(call, security.start(now, call.secure_ssrc), now)
         deadline = security.next_deadline()
         if deadline is not None and deadline <= now:
             out += self._run(call, security.poll(now), now)
         return out + self._rearm(call)
 
-    def authenticated_pending(self) -> bool:
-        return bool(self._authenticated)
-
-    def on_authenticated(self, now: float) -> list[Outbound]:
-        """Media reported SRTP that authenticated under the key last handed to it."""
-        out: list[Outbound] = []
-        pending, self._authenticated = self._authenticated, []
-        for call_id in pending:
-            call = self.calls.calls.get(call_id)
-            if call is not None and call.security is not None:
-                out += self._run(call, call.security.srtp_authenticated(now), now)
-        return out
+    def on_srtp_authenticated(self, event: SrtpAuthenticated, now: float) -> list[Outbound]:
+        """Media reports SRTP that authenticated under the key last handed to it (a
+        ``WatchSrtp`` fired): the handshake may switch over (decision 13)."""
+        call = self.calls.by_media(event.session)
+        if call is None or call.security is None:
+            return []
+        return self._run(call, call.security.srtp_authenticated(now), now)
 
     def on_info(
         self, call: Call, tx: ServerTransaction, request: Request, now: float
@@ -156,7 +161,7 @@ class SecureLegs:
             warning = [("Warning", '399 - "x-sipura: only the caller starts stage 2"')]
             return self.sides.respond(Side.OUTSIDE, tx, 400, "Bad Request", now, extra=warning)
         if call.media is not None:
-            call.media.session.set_tx_ssrc(Side.OUTSIDE, call.secure_ssrc)
+            self.media.apply(SetTxSsrc(call.media.session.id, Side.OUTSIDE, call.secure_ssrc))
         actions = security.on_info(request.body, now, self.utc_now(), call.secure_ssrc)
         out: list[Outbound] = []
         for action in actions:
@@ -194,24 +199,19 @@ class SecureLegs:
         return self.send_own_request(call, leg, "INFO", now, XSIPURA_PURPOSE,
             body=action.body.encode("ascii"), content_type=action.content_type)  # fmt: skip
 
-    def _accept_srtp(self, call: Call, action: sec.AcceptSrtp, now: float) -> list[Outbound]:
-        if call.media is not None and call.security is not None:
-            session = call.media.session
-            session.accept_srtp(Side.OUTSIDE, action.context, call.security.settings.srtcp)
-            session.on_srtp_authenticated(Side.OUTSIDE, self._reporter(call))
+    def _new_keys(self, call: Call, action: AcceptSrtp | SwitchSrtp, now: float) -> list[Outbound]:
+        """Accept or switch to new keys, and hear when the first packet authenticates."""
+        if call.media is not None:
+            sid = call.media.session.id
+            self.media.apply(replace(action, session=sid))
+            self.media.apply(WatchSrtp(sid, action.side))
         return []
 
-    def _switch_srtp(self, call: Call, action: sec.SwitchSrtp, now: float) -> list[Outbound]:
+    def _clear_srtp(self, call: Call, action: ClearSrtp, now: float) -> list[Outbound]:
         if call.media is not None:
-            session = call.media.session
-            session.switch_srtp(Side.OUTSIDE, action.context, action.grace_s, srtcp=action.srtcp)
-            session.on_srtp_authenticated(Side.OUTSIDE, self._reporter(call))
-        return []
-
-    def _clear_srtp(self, call: Call, action: sec.ClearSrtp, now: float) -> list[Outbound]:
-        if call.media is not None:
-            call.media.session.clear_srtp(Side.OUTSIDE)
-            call.media.session.set_tx_ssrc(Side.OUTSIDE, None)
+            sid = call.media.session.id
+            self.media.apply(replace(action, session=sid))
+            self.media.apply(SetTxSsrc(sid, action.side, None))
         return []
 
     def _secured(self, call: Call, action: sec.Secured, now: float) -> list[Outbound]:
@@ -230,16 +230,6 @@ class SecureLegs:
         out = self.teardown.send_bye(call, call.a, now, action.reason)
         return out + self.teardown.send_bye(call, call.b, now, action.reason)
 
-    def _reporter(self, call: Call) -> Callable[[], None]:
-        call_id = call.id
-
-        def authenticated() -> None:  # runs inside the relay's packet handler
-            self._authenticated.append(call_id)
-            if self.on_wakeup is not None:
-                self.on_wakeup()
-
-        return authenticated
-
     # --- what the phone's user perceives ----------------------------------------------
 
     def _user_indication(self, call: Call, peer: PeerIdentity, now: float) -> list[Outbound]:
@@ -248,7 +238,7 @@ class SecureLegs:
         if settings is None:
             return []
         if call.media is not None and settings.tone is not None:
-            call.media.session.play_tone(Side.INSIDE, 0, settings.tone)
+            self.media.apply(PlayTone(call.media.session.id, Side.INSIDE, 0, settings.tone))
         mode = settings.callerid_refresh
         if mode == "off":
             return []

@@ -9,22 +9,28 @@ monotonic clock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import signal
 import sys
 from typing import Any
 
-from proxy.b2bua.config import Config
+from proxy.admin.exporter import Snapshot
+from proxy.admin.http import AdminHttp
+from proxy.admin.routes import build_routes, load_token, warn_if_exposed
+from proxy.b2bua.config import Config, load_config
 from proxy.b2bua.core import B2BUA, Outbound
-from proxy.b2bua.line_keys import load_security
+from proxy.b2bua.lifecycle import Lifecycle
+from proxy.b2bua.line_keys import Security, load_security
+from proxy.b2bua.reload import plan_reload
 from proxy.b2bua.resolver import SystemResolver
 from proxy.b2bua.routing import ResolveQuery
-from proxy.logsetup import configure_logging
+from proxy.b2bua.secure import SecureState
+from proxy.errors import UsageError
+from proxy.logsetup import configure_logging, set_level
+from proxy.media.commands import MediaEvent
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
-from proxy.media.workers import WorkerEngine, WorkerSession
+from proxy.media.worker_pool import WorkerPool
+from proxy.metrics import CallMetrics, MediaTotals
 from proxy.runtime import (
     descriptor_limit,
     install_fast_loop,
@@ -45,9 +51,9 @@ class ProxyServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         workers = config.media.worker_count()
-        self.media: RelayEngine | WorkerEngine
+        self.media: RelayEngine | WorkerPool
         if workers:
-            self.media = WorkerEngine(
+            self.media = WorkerPool(
                 port_min=config.media.port_min,
                 port_max=config.media.port_max,
                 inside_ip=config.inside.media_ip,
@@ -56,7 +62,6 @@ class ProxyServer:
                 log_level=config.log.level,
                 log_format=config.log.format,
             )
-            self.media.on_lost = self._media_lost
             self.media.on_wakeup = self._wake
         else:
             self.media = RelayEngine(
@@ -66,11 +71,13 @@ class ProxyServer:
                 outside_ip=config.outside.media_ip,
             )
         self.security = load_security(config)
-        for warning in self.security.warnings:
-            log.warning("%s: %s", config.source, warning)
+        _log_security(config, self.security)
+        self.admin_token = load_token(config)
         self.resolver = SystemResolver(self._resolved)
         self.core = B2BUA(config, self.media, self.security, resolver=self.resolver)
-        self.core.on_wakeup = self._wake
+        self.metrics = CallMetrics()
+        self.draining = False
+        self.media.on_event = self._media_event_soon
         limits = transport_limits(config)
         self.transports = {
             side: SipTransport(
@@ -88,18 +95,20 @@ class ProxyServer:
         """The deadline ``_timer`` was armed for: uvloop's ``call_at`` with a time already
         past returns a plain Handle, which has no ``when()``."""
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._admin: asyncio.Server | None = None
+        self._admin: AdminHttp | None = None
+        self.admin_address: tuple[str, int] | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if isinstance(self.media, WorkerEngine):
+        if isinstance(self.media, WorkerPool):
             self.media.start()
         for transport in self.transports.values():
             await transport.start(self.config.sip.transports)
-        if self.config.admin.enabled:
-            self._admin = await asyncio.start_server(
-                self._admin_client, self.config.admin.listen_host, self.config.admin.listen_port
-            )
+        admin = self.config.admin
+        if admin.listen_host is not None and admin.listen_port is not None:
+            self._admin = AdminHttp(build_routes(self), self.admin_token)
+            self.admin_address = await self._admin.start(admin.listen_host, admin.listen_port)
+            warn_if_exposed(self.config, self.admin_token)
         log.info(
             "listening: inside %s:%s, outside %s:%s (%s); media ports %d-%d",
             self.config.inside.listen_host, self.config.inside.listen_port,
@@ -138,8 +147,8 @@ class ProxyServer:
         self._send(out)
 
     def _send(self, out: list[Outbound]) -> None:
-        if out and isinstance(self.media, WorkerEngine):
-            self.media.flush()  # media commands first: see WorkerEngine.flush
+        if out and isinstance(self.media, WorkerPool):
+            self.media.flush()  # media commands first: see WorkerPool.flush
         for item in out:
             self.transports[item.side].send(item.data, item.dest)
         self._arm()
@@ -163,20 +172,23 @@ class ProxyServer:
         self.transports[Side.INSIDE].hold_flow(flow, held)
 
     def _wake(self) -> None:
-        """Media reported an event (SRTP authenticated): let the core act on it soon.
-
-        Called from inside a packet handler, so the core is not re-entered here."""
+        """Media counters arrived that may let the core act (a first packet): poll soon."""
         if self._loop is not None:
             self._loop.call_soon(self._poll)
 
-    def _media_lost(self, sessions: list[WorkerSession]) -> None:
-        """A media worker died: hang up the calls whose media it carried."""
-        if self._loop is None:
-            return
+    def _media_event_soon(self, event: MediaEvent) -> None:
+        """The media engine reports an event (SRTP authenticated, sessions lost). Called
+        from inside a packet handler or a channel reader: the core gets it on the next
+        loop iteration, not from in there."""
+        if self._loop is not None:
+            self._loop.call_soon(self._media_event, event)
+
+    def _media_event(self, event: MediaEvent) -> None:
+        assert self._loop is not None
         try:
-            out = self.core.media_lost(sessions, self._loop.time())
+            out = self.core.on_media_event(event, self._loop.time())
         except Exception:
-            log.exception("internal error hanging up the calls of a lost media worker")
+            log.exception("internal error handling a media event (%s)", type(event).__name__)
             return
         self._send(out)
 
@@ -197,6 +209,7 @@ class ProxyServer:
         stats = self.core.stats
         return {
             "calls": self.core.active_calls(),
+            "draining": self.draining,
             "stats": {
                 "calls_total": stats.calls_total,
                 "calls_answered": stats.calls_answered,
@@ -225,29 +238,102 @@ class ProxyServer:
                 "sessions": self.media.sessions,
                 "pooled_pairs": self.media.pooled,
                 "pooled_rtp_ports": self.media.pooled_ports(),
-                "workers": self.media.workers() if isinstance(self.media, WorkerEngine) else [],
+                "workers": self.media.workers(),
             },
+            "lines_mc_expired": sorted(self.security.expired),
         }
 
-    async def _admin_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """Minimal HTTP/1.0: ``GET /calls`` or ``GET /status`` returns JSON."""
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Stop taking calls: ``/health`` turns 503 so a dispatcher in front fails over."""
+        self.draining = True
+
+    def hang_up_all(self) -> None:
+        """End every call now (the end of a drain)."""
+        log.warning("exiting with %d calls up", len(self.core.calls))
+
+    # --- admin endpoint -----------------------------------------------------------------
+
+    def health(self) -> str | None:
+        if self.draining:
+            return "draining"
+        if isinstance(self.media, WorkerPool) and not any(w["alive"] for w in self.media.workers()):
+            return "no live media worker"
+        return None
+
+    def metrics_snapshot(self) -> Snapshot:
+        core = self.core
+        active = {"yes": 0, "no": 0}
+        live = MediaTotals()
+        for call in core.calls.values():
+            secure = call.security is not None and call.security.state is SecureState.SECURE
+            active["yes" if secure else "no"] += 1
+            if call.media is not None:
+                live.add(call.media.session.stats())
+        if isinstance(self.media, WorkerPool):
+            workers = self.media.workers()
+            ports_free = sum(int(w["ports_free"]) for w in workers)
+            alive = sum(1 for w in workers if w["alive"])
+            restarts = sum(int(w["restarts"]) for w in workers)
+        else:
+            ports_free, alive, restarts = self.media.ports.available + self.media.pooled, 0, 0
+        user_ids = {line.user_key: line.user_id for line in self.config.lines}
+        m = self.metrics
+        return Snapshot(
+            calls_active=active,
+            calls_total=m.calls_by_direction,
+            secure_calls_total=m.secure_by_role,
+            clear_calls_total=core.stats.clear_reasons,
+            handshake_seconds=m.handshake_seconds,
+            media=m.media_released.plus(live),
+            media_ports_free=ports_free,
+            media_workers_alive=alive,
+            media_worker_restarts=restarts,
+            sip_responses=core.stats.responses,
+            line_mc_expiry={
+                user_ids.get(key, key): when.timestamp()
+                for key, when in self.security.mc_expiry().items()
+            },
+        )
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration file; apply what new calls use (proxy/b2bua/reload.py).
+
+        An invalid file changes nothing: its error is logged and returned."""
+        source = self.config.source
         try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            path = request.decode("latin-1").split(" ")[1] if request.count(b" ") >= 2 else "/"
-            status = self.status()
-            body = json.dumps(status["calls"] if path == "/calls" else status, default=str)
-            writer.write(
-                b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body.encode()
-            )
-            await writer.drain()
-        except (OSError, TimeoutError, IndexError):
-            pass
-        finally:
-            writer.close()
+            new = load_config(source)
+            security = load_security(new)
+            token = load_token(new)
+        except UsageError as exc:
+            log.error("reload rejected, running configuration kept: %s", exc)
+            return False, f"rejected: {exc}"
+        plan = plan_reload(self.config, new)
+        self.config = plan.config
+        self.security = security
+        self.admin_token = token
+        self.core.reload(plan.config, security)
+        if self._admin is not None:
+            self._admin.token = token
+        set_level(plan.config.log.level)
+        _log_security(plan.config, security)
+        if plan.restart_needed:
+            log.warning("reload: %s changed; takes effect only after a restart",
+                        ", ".join(plan.restart_needed))  # fmt: skip
+        summary = (
+            f"reloaded {source}: {len(plan.config.lines)} lines, {len(security.lines)} secure; "
+            f"changed: {', '.join(plan.changed) or 'nothing'}"
+        )
+        log.info("%s", summary)
+        return True, summary
+
+
+def _log_security(config: Config, security: Security) -> None:
+    for warning in security.warnings:
+        log.warning("%s: %s", config.source, warning)
+    for error in security.errors:
+        log.warning("%s", error)
 
 
 def transport_limits(config: Config) -> TransportLimits:
@@ -276,16 +362,9 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     except OSError as exc:
         server.close()
         raise RuntimeError(f"cannot listen: {exc}") from exc
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     start_heap_trimming()
-    if ready is not None:
-        ready.set()
     try:
-        await stop.wait()
+        await Lifecycle(server).run(ready)
     finally:
         log.info("shutting down")
         server.close()

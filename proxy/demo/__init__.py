@@ -14,12 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,129 +22,70 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from proxy.demo.loopback import (
+    LOOPBACK,
+    ProxyProcess,
+    ProxyStartError,
+    config_text,
+    free_port,
+    free_port_block,
+)
 from proxy.demo.phone import Phone
 from proxy.xsipura.keyfiles import CaKeyFormat, dump_ca_public, generate_ca_key
-from proxy.xsipura.mc import MiniCertificate, MiniCertificateParam, encode_private_key_param
-from proxy.xsipura.rsa import generate_subscriber_key
+from proxy.xsipura.provision import LineFiles, issue_line
+from proxy.xsipura.rsa import PrivateKey
 
 LINE_A = ("14085551234", "Alice Smith")
 LINE_B = ("14085559876", "Bob Jones")
+MEDIA_PAIRS = 8
 
 
-def _free_udp_tcp_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-
-
-def _free_range(pairs: int) -> tuple[int, int]:
-    """An even-aligned block of free UDP ports for one proxy's media."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            start = int(probe.getsockname()[1]) & ~1
-        if start < 20000 or start + 2 * pairs > 65000:
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for port in range(start, start + 2 * pairs):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return start, start + 2 * pairs - 1
-    raise RuntimeError("no free block of UDP ports for media")
-
-
-def _issue(ca: Any, user_id: str, name: str, directory: Path) -> tuple[Path, Path]:
-    key = generate_subscriber_key()
+def _issue(ca: PrivateKey, user_id: str, name: str, directory: Path) -> LineFiles:
     expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
-    certificate = MiniCertificate.issue(ca, name, user_id, expires, key.public)
-    mc_file = directory / f"{user_id}.mc"
-    key_file = directory / f"{user_id}.key"
-    mc_file.write_text(MiniCertificateParam(certificate, ca.public).to_base64() + "\n")
-    key_file.write_text(encode_private_key_param(key) + "\n")
-    key_file.chmod(0o600)
-    return mc_file, key_file
+    return issue_line(ca, name, user_id, expires).write_files(directory)
 
 
 def _config(
-    directory: Path, site: str, ports: dict[str, int], media: tuple[int, int],
-    upstream: int | None, line: tuple[str, str], phone_port: int, files: tuple[Path, Path],
+    directory: Path, site: str, ports: dict[str, int], upstream: int | None,
+    line: tuple[str, str], phone_port: int, files: LineFiles,
 ) -> Path:  # fmt: skip
-    lines = [
-        "[inside]",
-        f'listen = "127.0.0.1:{ports["inside"]}"',
-        'media_ip = "127.0.0.1"',
-        "[outside]",
-        f'listen = "127.0.0.1:{ports["outside"]}"',
-        'media_ip = "127.0.0.1"',
-    ]
-    if upstream is not None:
-        lines.append(f'upstream = "sip:127.0.0.1:{upstream}"')
-    lines += [
-        "[media]",
-        f"port_min = {media[0]}",
-        f"port_max = {media[1]}",
-        "[sip]",
-        'transports = ["udp"]',
-        "[admin]",
-        f'listen = "127.0.0.1:{ports["admin"]}"',
-        "[log]",
-        'level = "info"',
-        "[xsipura]",
-        'trusted_ca = ["ca.pub"]',  # relative: resolved against this file's directory
-        "grace_ms = 2000",
-        "handshake_timeout_ms = 5000",
-        "[[line]]",
-        f'user_id = "{line[0]}"',
-        f'contact = "sip:{line[0]}@127.0.0.1:{phone_port}"',
-        f'mini_certificate = "@{files[0].relative_to(directory)}"',
-        f'srtp_private_key = "@{files[1].relative_to(directory)}"',
-        "secure_by_default = true",
-    ]
+    media = free_port_block(2 * MEDIA_PAIRS, tcp=False)
+    tables: dict[str, dict[str, Any]] = {
+        "inside": {"listen": f"{LOOPBACK}:{ports['inside']}", "media_ip": LOOPBACK},
+        "outside": {
+            "listen": f"{LOOPBACK}:{ports['outside']}",
+            "media_ip": LOOPBACK,
+            "upstream": None if upstream is None else f"sip:{LOOPBACK}:{upstream}",
+        },
+        "media": {"port_min": media, "port_max": media + 2 * MEDIA_PAIRS - 1},
+        "sip": {"transports": ["udp"]},
+        "admin": {"listen": f"{LOOPBACK}:{ports['admin']}"},
+        "log": {"level": "info"},
+        "xsipura": {
+            "trusted_ca": ["ca.pub"],  # relative: resolved against this file's directory
+            "grace_ms": 2000,
+            "handshake_timeout_ms": 5000,
+        },
+    }
+    lines = [{
+        "user_id": line[0],
+        "contact": f"sip:{line[0]}@{LOOPBACK}:{phone_port}",
+        "mini_certificate": f"@{files.mini_certificate.relative_to(directory)}",
+        "srtp_private_key": f"@{files.srtp_private_key.relative_to(directory)}",
+        "secure_by_default": True,
+    }]  # fmt: skip
     path = directory / f"site-{site}.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(config_text(tables, lines))
     return path
 
 
-def _admin(port: int, path: str = "/calls") -> Any:
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
-        conn.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-        data = b""
-        while chunk := conn.recv(65536):
-            data += chunk
-    return json.loads(data.split(b"\r\n\r\n", 1)[1])
-
-
 @contextlib.contextmanager
-def _proxy(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", str(config)],
-            stdout=sink, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+def _proxy(config: Path, log: Path, admin_port: int) -> Iterator[ProxyProcess]:
+    process = ProxyProcess.start(config, log, admin_port)
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        process.stop(timeout=5)
 
 
 class _LogTail:
@@ -192,40 +128,34 @@ async def _run(seconds: float, directory: Path) -> int:
     files_b = _issue(ca, *LINE_B, directory)
     print(f"  CA created; Mini Certificates issued for {LINE_A[1]} <{LINE_A[0]}> (site A)"
           f" and {LINE_B[1]} <{LINE_B[0]}> (site B)")  # fmt: skip
-    ports = {site: {k: _free_udp_tcp_port() for k in ("inside", "outside", "admin")}
-             for site in "AB"}  # fmt: skip
-    phone_ports = {k: _free_udp_tcp_port() for k in ("a_sip", "b_sip")}
-    rtp_a, rtp_b = _free_range(1)[0], _free_range(1)[0]
-    config_a = _config(directory, "A", ports["A"], _free_range(8), ports["B"]["outside"],
+    ports = {site: {k: free_port() for k in ("inside", "outside", "admin")} for site in "AB"}
+    phone_ports = {k: free_port() for k in ("a_sip", "b_sip")}
+    rtp_a, rtp_b = free_port_block(2, tcp=False), free_port_block(2, tcp=False)
+    config_a = _config(directory, "A", ports["A"], ports["B"]["outside"],
                        LINE_A, phone_ports["a_sip"], files_a)  # fmt: skip
-    config_b = _config(directory, "B", ports["B"], _free_range(8), None,
+    config_b = _config(directory, "B", ports["B"], None,
                        LINE_B, phone_ports["b_sip"], files_b)  # fmt: skip
     logs = {"A": directory / "site-A.log", "B": directory / "site-B.log"}
     tail = _LogTail(logs)
     phone_a = Phone(LINE_A[1], LINE_A[0], phone_ports["a_sip"], rtp_a, 0xA, 0xB)
     phone_b = Phone(LINE_B[1], LINE_B[0], phone_ports["b_sip"], rtp_b, 0xB, 0xA)
-    with _proxy(config_a, logs["A"]) as proc_a, _proxy(config_b, logs["B"]) as proc_b:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                _admin(ports["A"]["admin"])
-                _admin(ports["B"]["admin"])
-                break
-            except (OSError, ValueError, IndexError):
-                if (
-                    time.monotonic() > deadline
-                    or proc_a.poll() is not None
-                    or (proc_b.poll() is not None)
-                ):
-                    tail.show()
-                    print("\nVERDICT: FAIL - the proxies did not start")
-                    return 1
-                await asyncio.sleep(0.1)
+    with (
+        _proxy(config_a, logs["A"], ports["A"]["admin"]) as proxy_a,
+        _proxy(config_b, logs["B"], ports["B"]["admin"]) as proxy_b,
+    ):
+        try:
+            for proxy in (proxy_a, proxy_b):
+                await asyncio.to_thread(proxy.wait_ready, 10)
+        except ProxyStartError:
+            tail.show()
+            print("\nVERDICT: FAIL - the proxies did not start")
+            return 1
         print("  proxies up: site A and site B\n")
         await phone_a.start()
         await phone_b.start()
         try:
-            return await _call(seconds, ports, phone_a, phone_b, tail)
+            return await _call(seconds, ports["A"]["inside"], (proxy_a, proxy_b),
+                               phone_a, phone_b, tail)  # fmt: skip
         finally:
             phone_a.close()
             phone_b.close()
@@ -234,11 +164,12 @@ async def _run(seconds: float, directory: Path) -> int:
 
 
 async def _call(
-    seconds: float, ports: dict[str, dict[str, int]], phone_a: Phone, phone_b: Phone,
-    tail: _LogTail,
+    seconds: float, inside_a: int, proxies: tuple[ProxyProcess, ProxyProcess],
+    phone_a: Phone, phone_b: Phone, tail: _LogTail,
 ) -> int:  # fmt: skip
+    sites = dict(zip("AB", proxies, strict=True))
     print(f"{LINE_A[1]} dials {LINE_B[0]} (plain SIP/RTP phone -> proxy A)")
-    phone_a.call(LINE_B[0], ("127.0.0.1", ports["A"]["inside"]))
+    phone_a.call(LINE_B[0], (LOOPBACK, inside_a))
     try:
         await asyncio.wait_for(phone_a.answered.wait(), 10)
     except TimeoutError:
@@ -251,7 +182,7 @@ async def _call(
     while time.monotonic() < deadline and len(secure) < 2:
         tail.show()
         for site in "AB":
-            calls = _admin(ports[site]["admin"])
+            calls = sites[site].calls()
             if calls and (calls[0].get("secure") or {}).get("state") in ("secure", "clear"):
                 secure[site] = calls[0]
         await asyncio.sleep(0.2)
@@ -268,7 +199,7 @@ async def _call(
     for tick in range(int(seconds)):
         await asyncio.sleep(1)
         for site in "AB":
-            calls = _admin(ports[site]["admin"])
+            calls = sites[site].calls()
             if calls:
                 last[site] = _outside_stats(calls[0])
         a, b = last.get("A", {}), last.get("B", {})
@@ -276,7 +207,7 @@ async def _call(
               f" {b.get('encrypted', 0):12d} {b.get('decrypted', 0):12d}"
               f" {a.get('dropped', 0) + b.get('dropped', 0):8d}")  # fmt: skip
     for site in "AB":
-        calls = _admin(ports[site]["admin"])
+        calls = sites[site].calls()
         if calls:
             last[site] = _outside_stats(calls[0])
     phone_a.hang_up()

@@ -5,6 +5,12 @@ It places or answers one call, sends 20 ms u-law packets whose payload encodes t
 sequence number (so the far phone can prove every packet arrived byte for byte), and
 records what it receives. It answers the proxy's in-dialog requests (the caller-ID
 refresh UPDATE or re-INVITE) with 200 and remembers the identity it was given.
+
+The interop tests build their phone on this one (``tests/interop/secure_setup.py``), so
+what they need is public here: :meth:`Phone.start` on sockets bound beforehand,
+:meth:`Phone.dial` of any Request-URI, :meth:`Phone.send_reinvite` with another direction
+(hold / resume), :meth:`Phone.stop_media` / :meth:`Phone.start_media` with a chosen first
+sequence number, and the :meth:`Phone.on_sip` / :meth:`Phone.on_rtp` hooks.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.sip.headers import NameAddr
@@ -20,6 +28,7 @@ from proxy.sip.message import Request, Response, SipParseError, parse_message
 from proxy.sip.sdp import SdpError, connection_endpoint, parse_sdp
 from proxy.sip.transaction import response_to
 
+HOST = "127.0.0.1"
 PAYLOAD = 160
 PTIME = 0.02
 
@@ -55,6 +64,17 @@ class _Sip(asyncio.DatagramProtocol):
             self.phone.on_sip(parse_message(data), (str(addr[0]), int(addr[1])))
 
 
+async def _open(
+    protocol: Callable[[], asyncio.DatagramProtocol], port: int, sock: socket.socket | None
+) -> asyncio.DatagramTransport:
+    loop = asyncio.get_running_loop()
+    if sock is None:
+        transport, _ = await loop.create_datagram_endpoint(protocol, local_addr=(HOST, port))
+    else:
+        transport, _ = await loop.create_datagram_endpoint(protocol, sock=sock)
+    return transport
+
+
 class Phone:
     def __init__(
         self, name: str, user: str, sip_port: int, rtp_port: int, marker: int, peer_marker: int
@@ -71,6 +91,10 @@ class Phone:
         self.answered = asyncio.Event()
         self.ended = asyncio.Event()
         self.identities: list[str] = []
+        self.direction = "sendrecv"
+        """The SDP direction attribute this phone offers and answers with."""
+        self.sdp_version = 1
+        self.last_sent_seq = 0
         self._sip: asyncio.DatagramTransport | None = None
         self._rtp: asyncio.DatagramTransport | None = None
         self._remote_media: tuple[str, int] | None = None
@@ -80,14 +104,13 @@ class Phone:
         self._cseq = 1
         self._invite_branch = ""
 
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._sip, _ = await loop.create_datagram_endpoint(
-            lambda: _Sip(self), local_addr=("127.0.0.1", self.sip_port)
-        )
-        self._rtp, _ = await loop.create_datagram_endpoint(
-            lambda: _Rtp(self), local_addr=("127.0.0.1", self.rtp_port)
-        )
+    async def start(
+        self, sip_socket: socket.socket | None = None, rtp_socket: socket.socket | None = None
+    ) -> None:
+        """Listen on ``sip_port`` / ``rtp_port``, or on sockets already bound to them (a
+        caller that reserved its ports before writing them into a proxy's config)."""
+        self._sip = await _open(lambda: _Sip(self), self.sip_port, sip_socket)
+        self._rtp = await _open(lambda: _Rtp(self), self.rtp_port, rtp_socket)
 
     def close(self) -> None:
         if self._sender is not None:
@@ -98,10 +121,15 @@ class Phone:
 
     def _sdp(self) -> bytes:
         return (
-            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=demo phone\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+            f"v=0\r\no=- 1 {self.sdp_version} IN IP4 {HOST}\r\ns=demo phone\r\n"
+            f"c=IN IP4 {HOST}\r\nt=0 0\r\n"
             f"m=audio {self.rtp_port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\n"
-            "a=sendrecv\r\n"
+            f"a={self.direction}\r\n"
         ).encode()
+
+    @property
+    def contact(self) -> str:
+        return f"sip:{self.user}@{HOST}:{self.sip_port}"
 
     def _send(self, message: Request | Response, dest: tuple[str, int]) -> None:
         if self._sip is not None:
@@ -115,7 +143,7 @@ class Phone:
         """A request in this phone's dialog (the INVITE, its ACK, BYE)."""
         request = Request(method=method, uri=uri)
         branch = branch or f"z9hG4bK{secrets.token_hex(6)}"
-        request.add("Via", f"SIP/2.0/UDP 127.0.0.1:{self.sip_port};branch={branch};rport")
+        request.add("Via", f"SIP/2.0/UDP {HOST}:{self.sip_port};branch={branch};rport")
         request.add("Max-Forwards", "70")
         request.add("From", self._dialog["from"])
         request.add("To", to or self._dialog["to"])
@@ -124,26 +152,46 @@ class Phone:
         return request
 
     def call(self, target_user: str, proxy: tuple[str, int]) -> None:
+        """Dial ``target_user`` at ``proxy`` (the proxy's inside address)."""
+        self.dial(f"sip:{target_user}@{proxy[0]}:{proxy[1]}", proxy)
+
+    def dial(self, uri: str, proxy: tuple[str, int]) -> None:
+        """INVITE any Request-URI (``sip:*18123@host:port`` ...) through ``proxy``."""
         self._proxy = proxy
-        host = f"{proxy[0]}:{proxy[1]}"
         self._dialog = {
             "call_id": f"{secrets.token_hex(8)}@demo",
-            "from": f'"{self.name}" <sip:{self.user}@127.0.0.1>;tag={secrets.token_hex(4)}',
-            "to": f"<sip:{target_user}@{host}>",
+            "from": f'"{self.name}" <sip:{self.user}@{HOST}>;tag={secrets.token_hex(4)}',
+            "to": f"<{uri}>",
         }
-        invite = self._request("INVITE", f"sip:{target_user}@{host}", 1)
+        invite = self._request("INVITE", uri, 1)
         self._invite_branch = invite.top_via.branch or ""
-        invite.add("Contact", f"<sip:{self.user}@127.0.0.1:{self.sip_port}>")
+        invite.add("Contact", f"<{self.contact}>")
         invite.add("Content-Type", "application/sdp")
         invite.body = self._sdp()
         self._send(invite, proxy)
+
+    def send_reinvite(self, direction: str) -> int:
+        """A re-INVITE in the confirmed dialog this phone placed, offering ``direction``
+        (``sendonly`` puts the call on hold, ``sendrecv`` resumes it). Returns its CSeq
+        number, so the caller can find the final response."""
+        if self._proxy is None or "remote_target" not in self._dialog:
+            raise RuntimeError(f"{self.name}: no confirmed dialog to re-INVITE in")
+        self._cseq += 1
+        self.direction = direction
+        self.sdp_version += 1
+        invite = self._request("INVITE", self._dialog["remote_target"], self._cseq)
+        invite.add("Contact", f"<{self.contact}>")
+        invite.add("Content-Type", "application/sdp")
+        invite.body = self._sdp()
+        self._send(invite, self._proxy)
+        return self._cseq
 
     def hang_up(self) -> None:
         if self._proxy is None or "remote_target" not in self._dialog:
             return
         self._cseq += 1
         self._send(self._request("BYE", self._dialog["remote_target"], self._cseq), self._proxy)
-        self._stop_media()
+        self.stop_media()
 
     # --- SIP input -------------------------------------------------------------------------
 
@@ -172,7 +220,7 @@ class Phone:
                                 branch=self._invite_branch)  # fmt: skip
         self._send(ack, source)
         if 200 <= response.status < 300:
-            self._start_media()
+            self.start_media()
 
     def _on_request(self, request: Request, source: tuple[str, int]) -> None:
         method = request.method
@@ -191,26 +239,26 @@ class Phone:
             for status, reason in ((180, "Ringing"), (200, "OK")):
                 response = response_to(request, status, reason, to_tag=tag)
                 if status == 200:
-                    response.add("Contact", f"<sip:{self.user}@127.0.0.1:{self.sip_port}>")
+                    response.add("Contact", f"<{self.contact}>")
                     response.add("Content-Type", "application/sdp")
                     response.body = self._sdp()
                 self._send(response, source)
             self._learn_media(request.body)
             self.answered.set()
-            self._start_media()
+            self.start_media()
             return
         reply = response_to(request, 200, "OK", to_tag=self._dialog.get("tag"))
         identity = request.get("p-asserted-identity")
         if identity:
             self.identities.append(identity)
         if method == "INVITE":  # a re-INVITE (caller-ID refresh or hold): same media
-            reply.add("Contact", f"<sip:{self.user}@127.0.0.1:{self.sip_port}>")
+            reply.add("Contact", f"<{self.contact}>")
             reply.add("Content-Type", "application/sdp")
             reply.body = self._sdp()
             self._learn_media(request.body)
         self._send(reply, source)
         if method == "BYE":
-            self._stop_media()
+            self.stop_media()
             self.ended.set()
 
     # --- media -----------------------------------------------------------------------------
@@ -225,18 +273,20 @@ class Phone:
         if endpoint.rtp_port:
             self._remote_media = (endpoint.ip, endpoint.rtp_port)
 
-    def _start_media(self) -> None:
+    def start_media(self, first_seq: int | None = None) -> None:
+        """Start sending RTP (no-op while sending); ``first_seq`` fixes the first sequence
+        number, else it is random (RFC 3550)."""
         if self._sender is None:
-            self._sender = asyncio.get_running_loop().create_task(self._send_media())
+            self._sender = asyncio.get_running_loop().create_task(self._send_media(first_seq))
 
-    def _stop_media(self) -> None:
+    def stop_media(self) -> None:
         if self._sender is not None:
             self._sender.cancel()
             self._sender = None
 
-    async def _send_media(self) -> None:
+    async def _send_media(self, first_seq: int | None) -> None:
         loop = asyncio.get_running_loop()
-        seq = secrets.randbelow(1000)
+        seq = secrets.randbelow(1000) if first_seq is None else first_seq
         timestamp = secrets.randbits(31)
         next_at = loop.time()
         while True:
@@ -246,6 +296,7 @@ class Phone:
                 )
                 self._rtp.sendto(header + payload_for(seq, self.marker), self._remote_media)
                 self.sent += 1
+                self.last_sent_seq = seq & 0xFFFF
             seq += 1
             timestamp += PAYLOAD
             next_at += PTIME

@@ -1,13 +1,15 @@
 """The media engine interface: what the B2BUA asks of whatever relays the media.
 
 The B2BUA anchors media: each leg of a call sends RTP/RTCP to ports of the proxy, and the
-engine relays between them. The B2BUA only ever talks to these two protocols, so the
-in-process asyncio relay (:mod:`proxy.media.relay`) can later be swapped for one that
-runs in worker processes without touching the SIP side. That constrains the interface:
-it deals in plain values (strings, ints, an :class:`SrtpContext`), never in sockets or
-transports, and every call is synchronous, so the sans-IO B2BUA core can make it while
-handling a message (an engine in other processes reserves ports locally and sends the
-rest as fire-and-forget commands).
+engine relays between them. The B2BUA only ever talks to these two protocols, which two
+engines implement: the in-process asyncio relay (:class:`proxy.media.relay.RelayEngine`)
+and the pool of media worker processes (:class:`proxy.media.worker_pool.WorkerPool`),
+each running that relay. That constrains the interface: allocation is synchronous (the
+SDP must name bound ports, so the sans-IO core allocates while handling an INVITE),
+and everything else is a command value (:mod:`proxy.media.commands`) given to
+:meth:`MediaEngine.apply`, never a socket, a transport or a libsrtp context, so a
+worker pool can send it to another process as-is. What the engine has to say comes back
+as event values through :attr:`MediaEngine.on_event`.
 
 Vocabulary: a *session* is one call's media; it has ``streams`` streams (one per ``m=``
 line, in order); each stream has two *sides*, the phone side (:attr:`Side.INSIDE`) and
@@ -17,13 +19,15 @@ on the proxy.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from proxy.media.ports import PortsExhausted
-from proxy.media.srtp import SrtpContext
-from proxy.media.tones import Tone
+
+if TYPE_CHECKING:  # commands.py imports Side from here
+    from proxy.media.commands import MediaCommand, MediaEvent
 
 __all__ = [
     "DROP_REASONS",
@@ -31,8 +35,8 @@ __all__ = [
     "MediaSession",
     "PortsExhausted",
     "Side",
-    "SrtpCallback",
     "StreamStats",
+    "check_remote",
 ]
 
 
@@ -58,9 +62,6 @@ DROP_REASONS = (
 """Why the relay dropped a packet. A drop is counted on the side where it happened:
 ``wrong_source``, ``srtp_auth`` and ``srtp_replay`` on the side the packet arrived from;
 ``no_destination``, ``srtp_protect`` and ``send_error`` on the side it was going to."""
-
-SrtpCallback = Callable[[], object]
-"""What :meth:`MediaSession.on_srtp_authenticated` calls: no argument, result ignored."""
 
 
 class StreamStats(TypedDict):
@@ -94,7 +95,13 @@ class StreamStats(TypedDict):
 
 
 class MediaSession(Protocol):
-    """One call's media, as allocated by :meth:`MediaEngine.allocate`."""
+    """One call's media, as allocated by :meth:`MediaEngine.allocate`. Everything it does
+    is asked of its engine with a command naming :attr:`id`."""
+
+    @property
+    def id(self) -> int:
+        """Assigned by the engine, unique among its sessions: what commands name."""
+        ...
 
     @property
     def call_id(self) -> str: ...
@@ -107,100 +114,17 @@ class MediaSession(Protocol):
         SDP sent to that side. RTCP is rtp_port + 1."""
         ...
 
-    def set_remote(
-        self,
-        side: Side,
-        index: int,
-        ip: str,
-        rtp_port: int,
-        rtcp_port: int,
-        rtcp_mux: bool = False,
-    ) -> None:
-        """The peer of ``side`` for stream ``index``, as its SDP says.
-
-        Until a packet arrives the engine sends to this address; the first packet from
-        ``ip`` (any port, for NAT) becomes the peer (symmetric RTP latching), and after
-        that packets from anywhere else are dropped. Hold (``ip`` 0.0.0.0 / ``::`` or
-        ``rtp_port`` 0) stops sending to that side until a new address is set; a changed
-        address re-arms latching. ``rtcp_mux``: RTCP shares the RTP port on that side.
-        """
-        ...
-
-    def set_srtp(self, side: Side, context: SrtpContext | None, srtcp: bool = True) -> None:
-        """SRTP both ways on ``side`` now, no grace: packets sent toward it are protected
-        with ``context``, packets from it must unprotect or are dropped and counted.
-        ``srtcp`` (default on here, unlike the switch-over calls): RTCP as well. None is
-        :meth:`clear_srtp`."""
-        ...
-
-    def accept_srtp(self, side: Side, context: SrtpContext, srtcp: bool = False) -> None:
-        """Start accepting SRTP under ``context`` from ``side`` without sending it (the
-        caller after sending Caller Final, profile §3). Packets from ``side`` are tried
-        with ``context``; if that fails they are tried with the key being sent now, if
-        any (a re-key), and otherwise relayed as plain RTP when the side sends plain now
-        (no plain is accepted once the side's grace window has passed). Only an
-        authenticated packet latches. ``srtcp``: RTCP from ``side`` is SRTCP too."""
-        ...
-
-    def switch_srtp(
-        self,
-        side: Side,
-        context: SrtpContext,
-        grace_s: float,
-        now: float | None = None,
-        srtcp: bool = False,
-    ) -> None:
-        """Switch-over (profile §3): from now on, packets sent toward ``side`` are
-        protected with ``context``. Packets from ``side`` are tried with ``context``,
-        then with the previous key (a re-key: it stays valid until ``now`` + ``grace_s``),
-        then, if ``side`` was plain before this switch and the grace window is still
-        open, relayed as plain RTP; otherwise dropped and counted (``srtp_auth`` or
-        ``srtp_replay``, and ``plain_after_grace`` if the packet looked like plain). A
-        re-key does not reopen plain, and a replayed SRTP packet is never relayed as
-        plain (its ciphertext would reach the phone as noise). Only an authenticated
-        packet latches. The grace window is a deadline computed here, read against the
-        clock only when a packet fails to authenticate.
-
-        ``now`` is on the engine's clock (``time.monotonic``, which asyncio's
-        ``loop.time()`` is on too); None reads that clock. ``srtcp``: protect and
-        unprotect RTCP with ``context`` as well; otherwise RTCP stays in the clear."""
-        ...
-
-    def on_srtp_authenticated(self, side: Side, callback: SrtpCallback) -> None:
-        """Call ``callback()`` once, the first time a packet from ``side`` authenticates
-        under the key given last to :meth:`accept_srtp` / :meth:`switch_srtp` (the
-        handshakes' ``srtp_authenticated``). Called from the packet handler; if that key
-        already authenticated, it is called on the next loop iteration instead. Giving
-        the side another key (or clearing it) forgets a callback that has not fired."""
-        ...
-
-    def clear_srtp(self, side: Side) -> None:
-        """Back to plain RTP and RTCP both ways on ``side`` (a handshake fell back)."""
-        ...
-
-    def set_tx_ssrc(self, side: Side, ssrc: int | None) -> None:
-        """Write ``ssrc`` into RTP sent toward ``side`` while it is SRTP (None: the
-        sender's own). x-sipura announces the SSRC it will encrypt with."""
-        ...
-
-    def play_tone(self, side: Side, index: int, tone: Tone | None) -> None:
-        """Mix ``tone`` into the audio of stream ``index`` sent toward ``side`` (G.711
-        PT 0/8; other payload types are counted as ``tone_skipped``), starting with the
-        next packet; a tone already playing there is replaced. None stops it."""
-        ...
-
     def stats(self) -> dict[Side, list[StreamStats]]:
         """Counters per side, one :class:`StreamStats` per stream (a snapshot)."""
         ...
 
-    def release(self) -> None:
-        """End the session: its sockets are closed and their ports given back, or kept
-        open in the engine's pool for a later call (the in-process relay pools them to
-        spare call set-up; a pooled pair relays nothing until reallocated). Idempotent."""
-        ...
-
 
 class MediaEngine(Protocol):
+    on_event: Callable[[MediaEvent], None] | None
+    """Set by the I/O edge: called with every event the engine reports, from the event
+    loop (a packet handler, a channel reader or a callback), never from inside
+    :meth:`apply`; the edge hands the event to the core on a later loop iteration."""
+
     def allocate(self, call_id: str, streams: int) -> MediaSession:
         """Bind an RTP/RTCP port pair per side for each of ``streams`` streams; the ports
         are known (:meth:`MediaSession.local`) when it returns.
@@ -212,6 +136,13 @@ class MediaEngine(Protocol):
         """
         ...
 
+    def apply(self, command: MediaCommand) -> None:
+        """Carry out ``command`` (see :mod:`proxy.media.commands` for what each does):
+        one handler per command type, looked up in a table. A command for a session that
+        was released (or lost) is ignored. Raises ``ValueError`` / ``IndexError`` for a
+        command the session cannot take (the commands say which)."""
+        ...
+
     def close_now(self) -> None:
         """Release every session (sockets close on the next loop iterations)."""
         ...
@@ -219,3 +150,38 @@ class MediaEngine(Protocol):
     async def close(self) -> None:
         """Release every session and wait until their sockets are closed."""
         ...
+
+    @property
+    def sessions(self) -> int:
+        """Sessions allocated and not released (``/status``)."""
+        ...
+
+    @property
+    def pooled(self) -> int:
+        """Released port pairs kept open for reuse (``/status``)."""
+        ...
+
+    def pooled_ports(self) -> list[int]:
+        """The RTP ports of the pooled pairs (``/status``)."""
+        ...
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Per media worker process: index, pid, alive, sessions, ports, restarts
+        (``/status``); empty when the relay runs in this process."""
+        ...
+
+
+def check_remote(
+    local_ip: str, ip: str, rtp_port: int, rtcp_port: int
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A peer's media address as a :class:`~proxy.media.commands.SetRemote` gives it,
+    checked against the local address it is to be reached from: ports in range, same
+    address family. Raises ``ValueError``. Both engines check it when the command is
+    applied, so the core learns of a bad address at once, wherever the relay runs."""
+    for port, what in ((rtp_port, "rtp_port"), (rtcp_port, "rtcp_port")):
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{what} out of range: {port}")
+    address = ipaddress.ip_address(ip)
+    if address.version != ipaddress.ip_address(local_ip).version:
+        raise ValueError(f"{ip} is not of the address family of {local_ip}")
+    return address

@@ -1,4 +1,8 @@
-"""SRTP for one secured leg: AES_CM_128_HMAC_SHA1_80 over libsrtp (pylibsrtp).
+"""SRTP for one secured leg: AES_CM_128_HMAC_SHA1_80 (or _32) over libsrtp (pylibsrtp).
+
+Only the relay builds these contexts (from the :class:`~proxy.media.commands.SrtpKeys`
+of a media command, :meth:`SrtpContext.from_keys`): the call core deals in key values,
+which can cross to a media worker process, never in libsrtp state.
 
 Profile §3: RFC 3711, key derivation rate 0, initial ROC 0, the *same* master key in
 both directions (the two sides' SSRCs differ, so the keystreams do), and libsrtp's
@@ -21,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pylibsrtp
+
+from proxy.media.commands import SrtpKeys
 
 MASTER_KEY_LENGTH = 16
 MASTER_SALT_LENGTH = 16
@@ -69,12 +75,16 @@ def libsrtp_key(master_key: bytes, master_salt: bytes) -> bytes:
     return master_key + master_salt[:LIBSRTP_SALT_LENGTH]
 
 
-def _session(key: bytes, ssrc_type: int) -> pylibsrtp.Session:
-    policy = pylibsrtp.Policy(
-        key=key,
-        ssrc_type=ssrc_type,
-        srtp_profile=pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
-    )
+_PROFILES = {
+    "AES_CM_128_HMAC_SHA1_80": pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
+    "AES_CM_128_HMAC_SHA1_32": pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_32,
+}
+"""libsrtp's profile for each :data:`~proxy.media.commands.SRTP_PROFILES` name (the _32
+suite shortens the RTP tag only; SRTCP keeps 80 bits, RFC 4568 §6.2)."""
+
+
+def _session(key: bytes, ssrc_type: int, profile: str) -> pylibsrtp.Session:
+    policy = pylibsrtp.Policy(key=key, ssrc_type=ssrc_type, srtp_profile=_PROFILES[profile])
     return pylibsrtp.Session(policy=policy)
 
 
@@ -82,18 +92,32 @@ class SrtpContext:
     """Both directions of one leg under one master key."""
 
     __slots__ = (
-        "_master",
         "_protect",
         "_protect_rtcp",
         "_unprotect",
         "_unprotect_rtcp",
+        "keys",
     )
 
     def __init__(self, master_key: bytes, master_salt: bytes) -> None:
-        key = libsrtp_key(master_key, master_salt)
-        self._master = (master_key, master_salt)
-        outbound = _session(key, pylibsrtp.Policy.SSRC_ANY_OUTBOUND)
-        inbound = _session(key, pylibsrtp.Policy.SSRC_ANY_INBOUND)
+        """x-sipura's keys (profile §3): a 16-byte master key and a 16-byte master salt
+        (``ValueError`` otherwise). Any :class:`SrtpKeys`: :meth:`from_keys`."""
+        libsrtp_key(master_key, master_salt)  # checks the lengths
+        self._start(SrtpKeys(master_key, master_salt))
+
+    @classmethod
+    def from_keys(cls, keys: SrtpKeys) -> SrtpContext:
+        """A fresh context (new replay windows, ROC 0) for ``keys``."""
+        context = cls.__new__(cls)
+        context._start(keys)
+        return context
+
+    def _start(self, keys: SrtpKeys) -> None:
+        self.keys = keys
+        """What it was made from: equal keys mean this very context (never log them)."""
+        key = keys.master_key + keys.master_salt[:LIBSRTP_SALT_LENGTH]
+        outbound = _session(key, pylibsrtp.Policy.SSRC_ANY_OUTBOUND, keys.profile)
+        inbound = _session(key, pylibsrtp.Policy.SSRC_ANY_INBOUND, keys.profile)
         # Bound methods resolved once: the per-packet path is a single call.
         self._protect: Callable[[bytes], bytes] = outbound.protect
         self._protect_rtcp: Callable[[bytes], bytes] = outbound.protect_rtcp
@@ -101,17 +125,7 @@ class SrtpContext:
         self._unprotect_rtcp: Callable[[bytes], bytes] = inbound.unprotect_rtcp
 
     def __repr__(self) -> str:
-        return "SrtpContext(AES_CM_128_HMAC_SHA1_80)"  # never show key material
-
-    @property
-    def master_key(self) -> bytes:
-        """The master key it was made from: a media worker process builds its own
-        context from it (never log it)."""
-        return self._master[0]
-
-    @property
-    def master_salt(self) -> bytes:
-        return self._master[1]
+        return f"SrtpContext({self.keys.profile})"  # never show key material
 
     def protect(self, packet: bytes) -> bytes:
         """RTP -> SRTP. Raises :class:`SrtpProtectError` if libsrtp refuses."""

@@ -4,7 +4,7 @@ A transaction may live 32 s (timers J, L, F over UDP), so everything it holds is
 that long for every request of a flood: a 64 KB request kept whole cost 680 MB at 300
 requests/s. So a transaction keeps only what a retransmission or a response needs
 (:func:`slim_request`), and every transaction is charged against one
-:class:`RetainedBytes` budget (docs/decisions.md §26).
+:class:`RetainedBytes` budget (docs/decisions.md §37).
 """
 
 from __future__ import annotations

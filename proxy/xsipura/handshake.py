@@ -65,7 +65,7 @@ _VERDICT_REASONS = {
 
 
 @dataclass(frozen=True, slots=True)
-class SrtpKeys:
+class MasterKeys:
     master_key: bytes = field(repr=False)
     master_salt: bytes = field(repr=False)
 
@@ -110,7 +110,7 @@ class PeerIdentity:
 class SecureSession:
     """Everything the media layer needs to run SRTP on a leg."""
 
-    keys: SrtpKeys
+    keys: MasterKeys
     local_ssrc: int
     peer_ssrc: int
     peer: PeerIdentity
@@ -140,7 +140,7 @@ class SendResponse:
 
 
 @dataclass(frozen=True, slots=True)
-class AcceptSrtp:
+class ExpectSrtp:
     """Caller: start accepting SRTP under these keys (its Final may be overtaken)."""
 
     session: SecureSession
@@ -169,7 +169,7 @@ class RekeyFailed:
     detail: str
 
 
-Event = SendInfo | SendResponse | AcceptSrtp | Secured | StayClear | RekeyFailed
+Event = SendInfo | SendResponse | ExpectSrtp | Secured | StayClear | RekeyFailed
 
 
 def normalize_user_id(user: str) -> str:
@@ -308,7 +308,7 @@ class CallerHandshake:
             return self._fail(ClearReason.SSRC_CLASH, f"callee uses our SSRC {reply.ssrc:#010x}")
         if self.session is not None and reply.ssrc != self.session.peer_ssrc:
             return self._fail(ClearReason.SSRC_CLASH, "callee changed its SSRC on re-key")
-        keys = SrtpKeys(
+        keys = MasterKeys(
             self._random_bytes(MASTER_KEY_LENGTH), self._random_bytes(MASTER_SALT_LENGTH)
         )
         final = msg.CallerFinal(
@@ -319,7 +319,7 @@ class CallerHandshake:
         self._pending = SecureSession(keys, self._local_ssrc, reply.ssrc, identity, generation)
         self.state = CallerState.FINAL_SENT
         self._deadline = now + self._timeout  # the Final's INFO gets a full timeout (§2a)
-        return [AcceptSrtp(self._pending), SendInfo(msg.encode_body(final))]
+        return [ExpectSrtp(self._pending), SendInfo(msg.encode_body(final))]
 
     def _on_final_response(self, status: int, body: bytes | str | None) -> list[Event]:
         if status >= 300:
@@ -516,7 +516,7 @@ class CalleeHandshake:
                 "Caller Final without an accepted Hello",
             )
         try:
-            keys = SrtpKeys(
+            keys = MasterKeys(
                 decrypt_type2(self._key, final.encrypted_key, MASTER_KEY_LENGTH),
                 decrypt_type2(self._key, final.encrypted_salt, MASTER_SALT_LENGTH),
             )

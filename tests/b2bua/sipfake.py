@@ -15,15 +15,29 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import cast
+from typing import Any, TypeVar, cast
 
 from proxy.b2bua.config import Config, parse_config
 from proxy.b2bua.core import B2BUA, Outbound
 from proxy.b2bua.line_keys import Security
 from proxy.b2bua.routing import ResolveQuery
+from proxy.media.commands import (
+    AcceptSrtp,
+    ClearSrtp,
+    MediaCommand,
+    MediaEvent,
+    PlayTone,
+    Release,
+    SetRemote,
+    SetSrtp,
+    SetTxSsrc,
+    SrtpAuthenticated,
+    SrtpKeys,
+    SwitchSrtp,
+    WatchSrtp,
+)
 from proxy.media.engine import Side, StreamStats
 from proxy.media.ports import PortsExhausted
-from proxy.media.srtp import SrtpContext
 from proxy.sip.headers import NameAddr
 from proxy.sip.message import Request, Response, SipParseError, parse_message
 from proxy.sip.transaction import Address
@@ -99,22 +113,26 @@ def make_config(
 
 
 class FakeSession:
-    """Records every call the core makes; ports come from the engine's pool."""
+    """Records every command the core gives it; ports come from the engine's pool."""
 
-    def __init__(self, engine: FakeMedia, call_id: str, streams: int, ports: list[int]) -> None:
+    def __init__(
+        self, engine: FakeMedia, sid: int, call_id: str, streams: int, ports: list[int]
+    ) -> None:
         self.engine = engine
+        self.id = sid
         self._call_id = call_id
         self._streams = streams
         self._ports = ports  # [inside0, outside0, inside1, outside1, ...]
-        self.calls: list[tuple[object, ...]] = []
+        self.calls: list[MediaCommand] = []
+        """Every command for this session, in order, as the core made it."""
         self.remotes: dict[tuple[Side, int], tuple[str, int, int, bool]] = {}
-        self.srtp: dict[Side, SrtpContext | None] = {}
+        self.srtp: dict[Side, SrtpKeys | None] = {}
         self.released = False
         self.packets_in = 0
         """What stats() reports as received from the phone (tests move it)."""
-        self.srtp_callbacks: dict[Side, Callable[[], object]] = {}
-        """The latest ``on_srtp_authenticated`` callback per side: a test fires it to
-        play "a packet from that side authenticated"."""
+        self.watched: set[Side] = set()
+        """Sides the core asked to watch (``WatchSrtp``): :meth:`authenticate` plays "a
+        packet from that side authenticated"."""
         self.tx_ssrc: dict[Side, int | None] = {}
 
     @property
@@ -131,53 +149,15 @@ class FakeSession:
         ip = self.engine.ips[side]
         return ip, self._ports[2 * index + (0 if side is Side.INSIDE else 1)]
 
-    def set_remote(
-        self,
-        side: Side,
-        index: int,
-        ip: str,
-        rtp_port: int,
-        rtcp_port: int,
-        rtcp_mux: bool = False,
-    ) -> None:
-        if not 0 <= index < self._streams:
-            raise IndexError(index)
-        assert not self.released, "set_remote on a released session"
-        self.calls.append(("set_remote", side, index, ip, rtp_port, rtcp_port, rtcp_mux))
-        self.remotes[(side, index)] = (ip, rtp_port, rtcp_port, rtcp_mux)
+    def recorded(self, kind: type[C]) -> list[C]:
+        """The recorded commands of one type, in order."""
+        return [c for c in self.calls if isinstance(c, kind)]
 
-    def set_srtp(self, side: Side, context: SrtpContext | None, srtcp: bool = True) -> None:
-        self.calls.append(("set_srtp", side, context))
-        self.srtp[side] = context
-
-    def accept_srtp(self, side: Side, context: SrtpContext, srtcp: bool = False) -> None:
-        self.calls.append(("accept_srtp", side, context))
-
-    def switch_srtp(
-        self, side: Side, context: SrtpContext, grace_s: float, now: float | None = None,
-        srtcp: bool = False,
-    ) -> None:  # fmt: skip
-        self.calls.append(("switch_srtp", side, context, grace_s))
-        self.srtp[side] = context
-
-    def on_srtp_authenticated(self, side: Side, callback: Callable[[], object]) -> None:
-        self.calls.append(("on_srtp_authenticated", side))
-        self.srtp_callbacks[side] = callback
-
-    def set_tx_ssrc(self, side: Side, ssrc: int | None) -> None:
-        self.calls.append(("set_tx_ssrc", side, ssrc))
-        self.tx_ssrc[side] = ssrc
-
-    def recorded(self, name: str) -> list[tuple[object, ...]]:
-        """The recorded calls of one method, in order."""
-        return [c for c in self.calls if c[0] == name]
-
-    def clear_srtp(self, side: Side) -> None:
-        self.calls.append(("clear_srtp", side))
-        self.srtp[side] = None
-
-    def play_tone(self, side: Side, index: int, tone: object) -> None:
-        self.calls.append(("play_tone", side, index, tone))
+    def authenticate(self, side: Side) -> None:
+        """The engine reports that SRTP from ``side`` authenticated (it must have been
+        watched once)."""
+        assert side in self.watched, f"no WatchSrtp for the {side} side"
+        self.engine.report(SrtpAuthenticated(self.id, side))
 
     def stats(self) -> dict[Side, list[StreamStats]]:
         def zero() -> StreamStats:
@@ -190,29 +170,87 @@ class FakeSession:
         stats[Side.INSIDE][0]["packets_in"] = self.packets_in
         return stats
 
-    def release(self) -> None:
-        self.calls.append(("release",))
+    # --- what each command does to the fake (see FakeMedia.apply) ---------------------
+
+    def set_remote(self, c: SetRemote) -> None:
+        if not 0 <= c.index < self._streams:
+            raise IndexError(c.index)
+        assert not self.released, "SetRemote on a released session"
+        self.remotes[(c.side, c.index)] = (c.ip, c.rtp_port, c.rtcp_port, c.rtcp_mux)
+
+    def set_keys(self, c: SetSrtp | SwitchSrtp) -> None:
+        self.srtp[c.side] = c.keys
+
+    def clear_srtp(self, c: ClearSrtp) -> None:
+        self.srtp[c.side] = None
+
+    def set_tx_ssrc(self, c: SetTxSsrc) -> None:
+        self.tx_ssrc[c.side] = c.ssrc
+
+    def watch_srtp(self, c: WatchSrtp) -> None:
+        self.watched.add(c.side)
+
+    def release(self, c: Release) -> None:
         if not self.released:
             self.released = True
             self.engine.free.extend(self._ports)
 
+    def nothing(self, c: MediaCommand) -> None:
+        """Recorded only (AcceptSrtp, PlayTone)."""
+
+
+C = TypeVar("C", bound=MediaCommand)
+
+_FAKE_HANDLERS: dict[type, Callable[[FakeSession, Any], None]] = {
+    SetRemote: FakeSession.set_remote,
+    SetSrtp: FakeSession.set_keys,
+    AcceptSrtp: FakeSession.nothing,
+    SwitchSrtp: FakeSession.set_keys,
+    ClearSrtp: FakeSession.clear_srtp,
+    SetTxSsrc: FakeSession.set_tx_ssrc,
+    PlayTone: FakeSession.nothing,
+    WatchSrtp: FakeSession.watch_srtp,
+    Release: FakeSession.release,
+}
+
 
 class FakeMedia:
-    """``allocate`` takes two RTP ports (inside, outside) per stream from a small pool."""
+    """``allocate`` takes two RTP ports (inside, outside) per stream from a small pool;
+    ``apply`` records each command on its session."""
 
     def __init__(self, pairs: int = 40, port_min: int = 30000) -> None:
         self.free = list(range(port_min, port_min + 2 * pairs, 2))
         self.capacity = pairs
         self.sessions: list[FakeSession] = []
+        self.by_id: dict[int, FakeSession] = {}
         self.ips = {Side.INSIDE: "10.0.0.1", Side.OUTSIDE: "192.0.2.1"}
+        self.on_event: Callable[[MediaEvent], None] | None = None
+        self._ids = itertools.count(1)
 
     def allocate(self, call_id: str, streams: int) -> FakeSession:
         if len(self.free) < 2 * streams:
             raise PortsExhausted("fake pool empty")
         ports = [self.free.pop(0) for _ in range(2 * streams)]
-        session = FakeSession(self, call_id, streams, ports)
+        session = FakeSession(self, next(self._ids), call_id, streams, ports)
         self.sessions.append(session)
+        self.by_id[session.id] = session
         return session
+
+    def apply(self, command: MediaCommand) -> None:
+        session = self.by_id[command.session]
+        session.calls.append(command)
+        _FAKE_HANDLERS[type(command)](session, command)
+
+    def report(self, event: MediaEvent) -> None:
+        assert self.on_event is not None, "nobody listens to media events"
+        self.on_event(event)
+
+    def close_now(self) -> None:
+        for session in self.active:
+            self.apply(Release(session.id))
+
+    async def close(self) -> None:
+        self.close_now()
 
     @property
     def active(self) -> list[FakeSession]:
@@ -220,6 +258,17 @@ class FakeMedia:
 
     def all_returned(self) -> bool:
         return not self.active and len(self.free) == self.capacity
+
+    # what /status reads
+    @property
+    def pooled(self) -> int:
+        return 0
+
+    def pooled_ports(self) -> list[int]:
+        return []
+
+    def workers(self) -> list[dict[str, Any]]:
+        return []
 
 
 # --- messages ----------------------------------------------------------------------------
@@ -516,8 +565,15 @@ class World:
             self.core = B2BUA(self.config, self.media, security, utc_now, resolver=self.resolver)
         self.now = 1000.0
         self.sent: list[Wire] = []
+        self.media_out: list[Outbound] = []
+        """What the core answered to media events, returned by the next :meth:`advance`
+        (the server sends it on the loop iteration after the event)."""
+        self.media.on_event = self._media_event
         self.auto_lookups = True
         """Answer the core's name lookups after each message (False: the test does)."""
+
+    def _media_event(self, event: MediaEvent) -> None:
+        self.media_out += self.core.on_media_event(event, self.now)
 
     def answer_lookups(self) -> list[Outbound]:
         """Answer the name lookups the core asked for (from :data:`NAMES`)."""
@@ -546,7 +602,7 @@ class World:
     def advance(self, seconds: float) -> list[Wire]:
         """Move the clock, polling at every deadline on the way."""
         end = self.now + seconds
-        out: list[Outbound] = []
+        out, self.media_out = self.media_out, []
         for _ in range(100_000):
             deadline = self.core.next_deadline()
             if deadline is None or deadline > end:

@@ -26,10 +26,10 @@ from proxy.media.tones import SECURE_CALL_TONE, Tone
 from proxy.xsipura import rsa
 from proxy.xsipura.keyfiles import CaKeyFormat, dump_ca_key, dump_ca_public, generate_ca_key
 from proxy.xsipura.mc import (
-    MiniCertificate,
     MiniCertificateParam,
     encode_private_key_param,
 )
+from proxy.xsipura.provision import issue_line
 from proxy.xsipura.trust import SAMPLE_CA_MODULUS, McStatus
 
 LINE_ID = "14085551234"
@@ -77,9 +77,8 @@ def issue(
     user_id: str,
     expires: datetime = datetime(2031, 1, 1, tzinfo=UTC),
 ) -> Subscriber:
-    key = rsa.generate_subscriber_key()
-    certificate = MiniCertificate.issue(ca, name, user_id, expires, key.public)
-    return Subscriber(key, MiniCertificateParam(certificate, ca.public))
+    line = issue_line(ca, name, user_id, expires)
+    return Subscriber(line.key, line.param)
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,15 @@ from sipfake import (
 
 from proxy.b2bua.config import Config, parse_config
 from proxy.b2bua.line_keys import load_security
+from proxy.media.commands import (
+    EVENT_TYPES,
+    AcceptSrtp,
+    ClearSrtp,
+    PlayTone,
+    SetRemote,
+    SetTxSsrc,
+    SwitchSrtp,
+)
 from proxy.media.engine import Side
 from proxy.media.srtp import SrtpContext
 from proxy.media.tones import SECURE_CALL_TONE, Tone
@@ -58,7 +67,8 @@ from proxy.xsipura import handshake as hs
 from proxy.xsipura import messages as msg
 from proxy.xsipura import rsa
 from proxy.xsipura.keyfiles import generate_ca_key
-from proxy.xsipura.mc import MiniCertificate, MiniCertificateParam, encode_private_key_param
+from proxy.xsipura.mc import encode_private_key_param
+from proxy.xsipura.provision import LineCredentials, issue_line
 from proxy.xsipura.trust import TrustStore
 
 IN, OUT = Side.INSIDE, Side.OUTSIDE
@@ -77,14 +87,8 @@ RTP = bytes([0x80, 0x00, 0x00, 0x01, 0, 0, 0, 160]) + FAR_SSRC.to_bytes(4, "big"
 # --- key material -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Party:
-    key: rsa.PrivateKey
-    param: MiniCertificateParam
-
-    @property
-    def certificate(self) -> MiniCertificate:
-        return self.param.certificate
+Party = LineCredentials
+"""A subscriber: ``key``, ``param`` and its ``certificate``."""
 
 
 @dataclass(frozen=True)
@@ -109,9 +113,7 @@ def issue(
     user_id: str,
     expires: datetime = datetime(2031, 1, 1, tzinfo=UTC),
 ) -> Party:
-    key = rsa.generate_subscriber_key()
-    certificate = MiniCertificate.issue(ca, name, user_id, expires, key.public)
-    return Party(key, MiniCertificateParam(certificate, ca.public))
+    return issue_line(ca, name, user_id, expires)
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +355,7 @@ def test_caller_role_secures_the_outside_leg(w: World, pki: Pki) -> None:
     caller_hello = msg.decode_body(req.body)
     assert isinstance(caller_hello, msg.CallerHello)
     assert caller_hello.mc == pki.line1.certificate.raw
-    assert session.recorded("set_tx_ssrc") == [("set_tx_ssrc", OUT, caller_hello.ssrc)]
+    assert session.recorded(SetTxSsrc) == [SetTxSsrc(session.id, OUT, caller_hello.ssrc)]
     assert secure_state(w)["state"] == "handshaking"
     # step 2: the far end's Callee Hello -> Caller Final, and SRTP accepted already
     callee = far_callee(pki)
@@ -363,23 +365,23 @@ def test_caller_role_secures_the_outside_leg(w: World, pki: Pki) -> None:
     assert methods(out, IN) == []
     assert final.request.content_type == XS and final.request.cseq == CSeq(3, "INFO")
     assert isinstance(msg.decode_body(final.request.body), msg.CallerFinal)
-    (accept,) = session.recorded("accept_srtp")
-    assert accept[1] is OUT and session.recorded("switch_srtp") == []
-    assert OUT in session.srtp_callbacks
+    (accept,) = session.recorded(AcceptSrtp)
+    assert accept.side is OUT and session.recorded(SwitchSrtp) == []
+    assert OUT in session.watched
     # step 4: the Callee Final -> switch-over, tone, caller-ID refresh
     events = callee.receive_request(final.request.body, w.now, NOW_UTC)
     assert [type(e) for e in events] == [hs.SendResponse, hs.Secured]
     far_session = events[1].session  # type: ignore[union-attr]
     assert far_session.peer_ssrc == caller_hello.ssrc
     out = answer_info(w, final, events[0])
-    (switch,) = session.recorded("switch_srtp")
-    assert switch[1] is OUT and switch[3] == 2.0
-    assert switch[2] is accept[2]  # the accepted context keeps its libsrtp state
-    assert session.recorded("play_tone") == [("play_tone", IN, 0, SECURE_CALL_TONE)]
-    assert session.recorded("clear_srtp") == []
+    (switch,) = session.recorded(SwitchSrtp)
+    assert switch.side is OUT and switch.grace_s == 2.0
+    assert switch.keys == accept.keys  # the relay keeps the accepted context's libsrtp state
+    assert session.recorded(PlayTone) == [PlayTone(session.id, IN, 0, SECURE_CALL_TONE)]
+    assert session.recorded(ClearSrtp) == []
     # both ends hold the same key: the far end's SRTP unprotects with the proxy's context
     far_ctx = SrtpContext(far_session.keys.master_key, far_session.keys.master_salt)
-    proxy_ctx = switch[2]
+    proxy_ctx = SrtpContext.from_keys(switch.keys)
     assert isinstance(proxy_ctx, SrtpContext)
     assert proxy_ctx.unprotect(far_ctx.protect(RTP)) == RTP
     # the phone learns who it talks to: "$" + the MC's name, the MC's user id
@@ -422,7 +424,7 @@ def test_caller_role_media_callbacks_and_late_responses(w: World, pki: Pki) -> N
     assert session.calls == before
     assert w.core.stats.secured == 1
     # an SRTP-authenticated report after the switch is harmless
-    session.srtp_callbacks[OUT]()
+    session.authenticate(OUT)
     assert w.advance(0) == []
     assert secure_state(w)["state"] == "secure"
 
@@ -431,7 +433,8 @@ def test_no_caller_id_refresh_when_off(pki: Pki) -> None:
     w = make_world(pki, xsipura='callerid_refresh = "off"')
     secured = secure_outbound(w, pki)
     assert secured.indication == []
-    assert secured.call.session.recorded("play_tone") == [("play_tone", IN, 0, SECURE_CALL_TONE)]
+    session = secured.call.session
+    assert session.recorded(PlayTone) == [PlayTone(session.id, IN, 0, SECURE_CALL_TONE)]
     assert w.core.stats.secured == 1
     w.settle()
     assert [x for x in w.sent if x.side is IN and isinstance(x.msg, Request)] == []
@@ -440,12 +443,13 @@ def test_no_caller_id_refresh_when_off(pki: Pki) -> None:
 def test_custom_tone_and_no_tone(pki: Pki) -> None:
     w = make_world(pki, xsipura='tone = "350@-19;10(*/0/1)"')
     secured = secure_outbound(w, pki)
-    assert secured.call.session.recorded("play_tone") == [
-        ("play_tone", IN, 0, Tone.parse("350@-19;10(*/0/1)"))
+    session = secured.call.session
+    assert session.recorded(PlayTone) == [
+        PlayTone(session.id, IN, 0, Tone.parse("350@-19;10(*/0/1)"))
     ]
     w = make_world(pki, xsipura="tone = false")
     secured = secure_outbound(w, pki)
-    assert secured.call.session.recorded("play_tone") == []
+    assert secured.call.session.recorded(PlayTone) == []
     assert only(pick(secured.indication, IN, method="UPDATE"))
 
 
@@ -510,18 +514,18 @@ def test_lost_callee_final_caller_switches_on_authenticated_srtp(w: World, pki: 
     session = call.session
     out = w.advance(1.0)  # the Final is retransmitted; its 200 never arrives
     assert [x.request.method for x in out] == ["INFO"] * len(out) and out
-    assert session.recorded("switch_srtp") == []
-    session.srtp_callbacks[OUT]()  # the far end's SRTP authenticated under our key
-    assert w.core.next_deadline() is not None and w.core.next_deadline() <= w.now  # type: ignore[operator]
+    assert session.recorded(SwitchSrtp) == []
+    session.authenticate(OUT)  # the far end's SRTP authenticated under our key
+    assert session.recorded(SwitchSrtp)  # acted on at once, not at a later deadline
     out = w.advance(0)
-    (switch,) = session.recorded("switch_srtp")
-    assert switch[2] is session.recorded("accept_srtp")[0][2]
+    (switch,) = session.recorded(SwitchSrtp)
+    assert switch.keys == session.recorded(AcceptSrtp)[0].keys
     assert only(pick(out, IN, method="UPDATE"))
-    assert session.recorded("play_tone")
+    assert session.recorded(PlayTone)
     assert secure_state(w)["state"] == "secure" and w.core.stats.secured == 1
     # the late Callee Final changes nothing
     assert respond(w, final.request, 200, "AAAABA==") == []
-    assert len(session.recorded("switch_srtp")) == 1 and w.core.stats.secured == 1
+    assert len(session.recorded(SwitchSrtp)) == 1 and w.core.stats.secured == 1
 
 
 def test_lost_callee_final_without_srtp_stays_clear(w: World, pki: Pki) -> None:
@@ -532,14 +536,14 @@ def test_lost_callee_final_without_srtp_stays_clear(w: World, pki: Pki) -> None:
     state = secure_state(w)
     assert state["state"] == "clear" and state["reason"] == "timeout"
     session = call.session
-    assert session.recorded("switch_srtp") == []
-    assert session.recorded("clear_srtp") == [("clear_srtp", OUT)]
-    assert session.recorded("set_tx_ssrc")[-1] == ("set_tx_ssrc", OUT, None)
+    assert session.recorded(SwitchSrtp) == []
+    assert session.recorded(ClearSrtp) == [ClearSrtp(session.id, OUT)]
+    assert session.recorded(SetTxSsrc)[-1] == SetTxSsrc(session.id, OUT, None)
     assert w.core.stats.clear_reasons == {"timeout": 1} and w.core.stats.secured == 0
-    # a callback from the old key after the fallback does nothing
-    session.srtp_callbacks[OUT]()
+    # a report for the old key after the fallback does nothing
+    session.authenticate(OUT)
     w.advance(0)
-    assert session.recorded("switch_srtp") == []
+    assert session.recorded(SwitchSrtp) == []
 
 
 # --- the callee role: a call to a line ----------------------------------------------------
@@ -610,7 +614,7 @@ def run_peer_caller(
     first = send_info(w, call, send.body)
     hello_ok = only(pick(first, OUT, status=200), "Callee Hello")
     events = caller.receive_response(200, hello_ok.response.body, w.now, NOW_UTC)
-    assert [type(e) for e in events] == [hs.AcceptSrtp, hs.SendInfo], events
+    assert [type(e) for e in events] == [hs.ExpectSrtp, hs.SendInfo], events
     final = events[1]
     assert isinstance(final, hs.SendInfo)
     second = send_info(w, call, final.body)
@@ -634,19 +638,19 @@ def test_callee_role_answers_x_sipura_infos_itself(w: World, pki: Pki) -> None:
     assert isinstance(callee_hello, msg.CalleeHello)
     assert callee_hello.mc == pki.line2.certificate.raw
     assert callee_hello.ssrc != FAR_SSRC
-    assert {c[1:] for c in session.recorded("set_tx_ssrc")} == {(OUT, callee_hello.ssrc)}
+    assert {(c.side, c.ssrc) for c in session.recorded(SetTxSsrc)} == {(OUT, callee_hello.ssrc)}
     assert hello_ok.to.tag == call.pbx.remote_tag
     # the Final: 200 Callee Final, switch-over at once, then tone and caller-ID refresh
     final_ok = only(pick(second, OUT, status=200)).response
     assert isinstance(msg.decode_body(final_ok.body), msg.CalleeFinal)
     assert [type(e) for e in done] == [hs.Secured]
-    (switch,) = session.recorded("switch_srtp")
-    assert switch[1] is OUT and switch[3] == 2.0
-    assert session.recorded("accept_srtp") == []
+    (switch,) = session.recorded(SwitchSrtp)
+    assert switch.side is OUT and switch.grace_s == 2.0
+    assert session.recorded(AcceptSrtp) == []
     far_keys = done[0].session.keys  # type: ignore[union-attr]
     far_ctx = SrtpContext(far_keys.master_key, far_keys.master_salt)
-    assert switch[2].unprotect(far_ctx.protect(RTP)) == RTP  # type: ignore[union-attr]
-    assert session.recorded("play_tone") == [("play_tone", IN, 0, SECURE_CALL_TONE)]
+    assert SrtpContext.from_keys(switch.keys).unprotect(far_ctx.protect(RTP)) == RTP
+    assert session.recorded(PlayTone) == [PlayTone(session.id, IN, 0, SECURE_CALL_TONE)]
     update = only(pick(second, IN, method="UPDATE"), "caller-ID refresh").request
     assert update.to.tag == call.phone_tag and update.call_id == call.phone_invite.call_id
     pai = NameAddr.parse(update.get("p-asserted-identity") or "")
@@ -656,10 +660,10 @@ def test_callee_role_answers_x_sipura_infos_itself(w: World, pki: Pki) -> None:
     assert state["state"] == "secure" and state["peer_name"] == "Far End"
     assert w.core.stats.secured == 1
     # SRTP from the caller authenticates: no fallback after the grace window
-    session.srtp_callbacks[OUT]()
+    session.authenticate(OUT)
     w.advance(5.0)
     assert secure_state(w)["state"] == "secure"
-    assert session.recorded("clear_srtp") == []
+    assert session.recorded(ClearSrtp) == []
 
 
 def test_callee_role_relays_other_infos(w: World, pki: Pki) -> None:
@@ -683,7 +687,7 @@ def test_callee_role_relays_other_infos(w: World, pki: Pki) -> None:
     out = send_info(w, call, xml, "application/media_control+xml")
     assert only(pick(out, IN, method="INFO")).request.body == xml
     assert secure_state(w)["state"] == "waiting"
-    assert call.session.recorded("set_tx_ssrc") == []
+    assert call.session.recorded(SetTxSsrc) == []
 
 
 def test_callee_role_garbage_is_x_sipura_and_answered_400(w: World, pki: Pki) -> None:
@@ -717,7 +721,7 @@ def test_callee_role_untrusted_caller_488(w: World, pki: Pki) -> None:
     state = secure_state(w)
     assert state["state"] == "clear" and state["reason"] == "untrusted_ca"
     assert w.core.stats.clear_reasons == {"untrusted_ca": 1}
-    assert call.session.recorded("switch_srtp") == []
+    assert call.session.recorded(SwitchSrtp) == []
 
 
 def test_callee_role_require_secure_hangs_up_on_refusal(pki: Pki) -> None:
@@ -747,7 +751,7 @@ def test_callee_role_falls_back_without_authenticated_srtp(w: World, pki: Pki) -
     w.advance(2.1)  # the grace window passes, no SRTP from the caller authenticated
     state = secure_state(w)
     assert state["state"] == "clear" and state["reason"] == "no_authenticated_srtp"
-    assert call.session.recorded("clear_srtp") == [("clear_srtp", OUT)]
+    assert call.session.recorded(ClearSrtp) == [ClearSrtp(call.session.id, OUT)]
     assert w.core.stats.clear_reasons == {"no_authenticated_srtp": 1}
 
 
@@ -768,15 +772,15 @@ def test_callee_role_rekey_switches_again_without_a_second_indication(w: World, 
     call = call_in(w)
     caller = far_caller(pki)
     run_peer_caller(w, call, caller, caller.start(w.now))
-    call.session.srtp_callbacks[OUT]()
+    call.session.authenticate(OUT)
     w.advance(1.0)
     first, second, done = run_peer_caller(w, call, caller, caller.rekey(w.now))
     assert [type(e) for e in done] == [hs.Secured]
     assert done[0].session.generation == 1  # type: ignore[union-attr]
-    contexts = [c[2] for c in call.session.recorded("switch_srtp")]
-    assert len(contexts) == 2 and contexts[0] is not contexts[1]
+    keys = [c.keys for c in call.session.recorded(SwitchSrtp)]
+    assert len(keys) == 2 and keys[0] != keys[1]
     assert pick(first + second, IN) == []  # no second tone/caller-ID refresh
-    assert len(call.session.recorded("play_tone")) == 1
+    assert len(call.session.recorded(PlayTone)) == 1
     assert w.core.stats.secured == 1
     assert secure_state(w)["generation"] == 1
 
@@ -807,8 +811,8 @@ def test_peer_without_supported_gets_no_info(w: World, pki: Pki) -> None:
     state = secure_state(w)
     assert state["state"] == "clear" and state["reason"] == "peer_unsupported"
     assert w.core.stats.clear_reasons == {"peer_unsupported": 1}
-    assert call.session.recorded("set_tx_ssrc") == []
-    assert call.session.recorded("clear_srtp") == []
+    assert call.session.recorded(SetTxSsrc) == []
+    assert call.session.recorded(ClearSrtp) == []
 
 
 def test_probing_an_unadvertised_peer(pki: Pki) -> None:
@@ -840,10 +844,10 @@ def test_hello_answered_without_a_callee_hello(
     assert state["state"] == "clear" and state["reason"] == reason
     assert w.core.stats.clear_reasons == {reason: 1} and w.core.stats.secured == 0
     session = call.session
-    assert session.recorded("accept_srtp") == [] and session.recorded("switch_srtp") == []
-    assert session.recorded("clear_srtp") == [("clear_srtp", OUT)]
-    assert session.recorded("set_tx_ssrc")[-1] == ("set_tx_ssrc", OUT, None)
-    assert session.recorded("play_tone") == []
+    assert session.recorded(AcceptSrtp) == [] and session.recorded(SwitchSrtp) == []
+    assert session.recorded(ClearSrtp) == [ClearSrtp(session.id, OUT)]
+    assert session.recorded(SetTxSsrc)[-1] == SetTxSsrc(session.id, OUT, None)
+    assert session.recorded(PlayTone) == []
 
 
 @pytest.mark.parametrize(
@@ -863,7 +867,7 @@ def test_callee_hello_contents_refused(w: World, pki: Pki, party: str, reason: s
     assert pick(out, OUT, method="INFO") == []
     assert secure_state(w)["reason"] == reason
     assert w.core.stats.clear_reasons == {reason: 1}
-    assert call.session.recorded("accept_srtp") == []
+    assert call.session.recorded(AcceptSrtp) == []
 
 
 def test_ssrc_clash(w: World, pki: Pki) -> None:
@@ -995,7 +999,7 @@ def test_star19_forces_a_clear_call(w: World, pki: Pki) -> None:
     out = w.advance(10.0)
     assert pick(out, OUT, method="INFO") == []
     assert w.core.active_calls()[0]["secure"] is None
-    assert call.session.recorded("set_tx_ssrc") == []
+    assert call.session.recorded(SetTxSsrc) == []
     assert w.core.stats.clear_reasons == {} and w.core.stats.secured == 0
     # and an outside INFO is just relayed
     out = w.upstream(call.pbx.request("INFO", body=b"AAAAAQ==", content_type=XS))
@@ -1032,7 +1036,7 @@ def test_line_without_mc_plain_outbound(w: World) -> None:
     assert relayed.request.content_type == XS
     out = w.phone(build_response(relayed.request, 200), PHONE3)
     assert only(pick(out, OUT, status=200))
-    assert call.session.calls == [c for c in call.session.calls if c[0] == "set_remote"]
+    assert call.session.calls == call.session.recorded(SetRemote)
 
 
 def test_line_without_mc_plain_inbound(w: World, pki: Pki) -> None:
@@ -1107,11 +1111,11 @@ def test_two_calls_secured_independently(w: World, pki: Pki) -> None:
     first = secure_outbound(w, pki)
     second = secure_outbound(w, pki)
     assert w.core.stats.secured == 2
-    ctx1 = first.call.session.recorded("switch_srtp")[0][2]
-    ctx2 = second.call.session.recorded("switch_srtp")[0][2]
-    assert ctx1 is not ctx2
-    ssrc1 = first.call.session.recorded("set_tx_ssrc")[0][2]
-    ssrc2 = second.call.session.recorded("set_tx_ssrc")[0][2]
+    keys1 = first.call.session.recorded(SwitchSrtp)[0].keys
+    keys2 = second.call.session.recorded(SwitchSrtp)[0].keys
+    assert keys1 != keys2
+    ssrc1 = first.call.session.recorded(SetTxSsrc)[0].ssrc
+    ssrc2 = second.call.session.recorded(SetTxSsrc)[0].ssrc
     assert ssrc1 != ssrc2 or ssrc1 is None
     assert [c["secure"]["state"] for c in w.core.active_calls()] == ["secure", "secure"]  # type: ignore[index]
 
@@ -1137,3 +1141,7 @@ def test_star19_cannot_defeat_require_secure(pki: Pki) -> None:
     call = call_out(w, uri=f"sip:*19{FAR_ID}@itsp.example.net")
     assert call.b_invite.uri == CALLEE  # the prefix is still removed
     assert w.core.active_calls()[0]["secure"] is not None  # ...but the call is secured
+
+
+def test_the_core_handles_every_media_event(w: World) -> None:
+    assert set(w.core._media_events) == set(EVENT_TYPES)

@@ -7,16 +7,10 @@ skip only when ``sipp`` is not installed (CI installs it, see ``.ci/run``).
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
-import os
-import random
 import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Generator
@@ -26,65 +20,13 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from testkit.ports import HOST, free_port, media_range, port_free, wait_bound
+from testkit.processes import Processes
+from testkit.proxy import LocalProxy
+
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
-HOST = "127.0.0.1"
 SIPP_TIMEOUT_S = 20
 """SIPp's own global timeout; the subprocess gets a few seconds more before a kill."""
-
-# --------------------------------------------------------------------------- free ports
-
-_taken: set[int] = set()
-"""Ports handed out in this session: never give the same one twice."""
-
-
-def _bindable(port: int, kind: socket.SocketKind) -> bool:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that is free for both UDP and TCP."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = int(tcp.getsockname()[1])
-        if port not in _taken and _bindable(port, socket.SOCK_DGRAM):
-            _taken.add(port)
-            return port
-    raise RuntimeError("no free UDP+TCP port on 127.0.0.1")
-
-
-def free_port_range(count: int) -> tuple[int, int]:
-    """``count`` consecutive UDP ports from an even base, below the ephemeral range."""
-    for _ in range(500):
-        base = random.randrange(20000, 32000, 2)
-        ports = range(base, base + count)
-        if _taken.isdisjoint(ports) and all(_bindable(p, socket.SOCK_DGRAM) for p in ports):
-            _taken.update(ports)
-            return base, base + count - 1
-    raise RuntimeError(f"no {count} consecutive free UDP ports on 127.0.0.1")
-
-
-def wait_bound(
-    port: int, transport: str, timeout: float = 5.0, process: subprocess.Popen[bytes] | None = None
-) -> bool:
-    """Wait until some process holds ``port`` (a bind of ours fails with EADDRINUSE)."""
-    kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (process is None or process.poll() is None):
-        with socket.socket(socket.AF_INET, kind) as sock:
-            try:
-                sock.bind((HOST, port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return True
-        time.sleep(0.02)
-    return False
 
 
 # --------------------------------------------------------------------------- SIP helpers
@@ -132,26 +74,8 @@ def status_of(message: bytes) -> int:
 # --------------------------------------------------------------------------- the proxy
 
 
-@dataclass
-class Proxy:
-    """A running ``python -m proxy run`` and what it listens on."""
-
-    inside: int
-    outside: int
-    admin: int
-    media: tuple[int, int]
-    config: Path
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def status(self) -> dict[str, Any]:
-        with socket.create_connection((HOST, self.admin), timeout=2) as conn:
-            conn.sendall(b"GET /status HTTP/1.0\r\n\r\n")
-            data = b""
-            while chunk := conn.recv(65536):
-                data += chunk
-        result: dict[str, Any] = json.loads(data.split(b"\r\n\r\n", 1)[1])
-        return result
+class Proxy(LocalProxy):
+    """A running ``python -m proxy run`` and what it listens on (all transports)."""
 
     def options(self, side: str = "inside", timeout: float = 2.0) -> bytes | None:
         """OPTIONS over UDP to one side; the final response, or None."""
@@ -160,15 +84,6 @@ class Proxy:
             if status_of(reply) >= 200:
                 return reply
         return None
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
     def wait_idle(self, timeout: float = 5.0) -> None:
         """No active call and every media port free again, within ``timeout``."""
@@ -187,33 +102,11 @@ class Proxy:
             # other port must be free again, and no media session may be left.
             pooled = {p + k for p in media["pooled_rtp_ports"] for k in (0, 1)}
             ports = range(self.media[0], self.media[1] + 1)
-            busy = [p for p in ports if p not in pooled and not _bindable(p, socket.SOCK_DGRAM)]
+            busy = [p for p in ports if p not in pooled and not port_free(p, tcp=False)]
             if not busy and media["sessions"] == 0:
                 return
             time.sleep(0.05)
         raise AssertionError(f"media ports still bound after the calls ended: {busy}")
-
-
-_CONFIG = """\
-[inside]
-listen = "{host}:{inside}"
-media_ip = "{host}"
-
-[outside]
-listen = "{host}:{outside}"
-media_ip = "{host}"
-upstream = "{upstream}"
-
-[media]
-port_min = {media_min}
-port_max = {media_max}
-
-[admin]
-listen = "{host}:{admin}"
-
-[log]
-level = "debug"
-"""
 
 
 class ProxyFactory:
@@ -221,54 +114,22 @@ class ProxyFactory:
         self.tmp_path = tmp_path
         self.started: list[Proxy] = []
 
-    def __call__(self, upstream: str, *, media_pairs: int = 8) -> Proxy:
-        index = len(self.started)
-        media = free_port_range(2 * media_pairs)
-        proxy = Proxy(
-            inside=free_port(),
-            outside=free_port(),
-            admin=free_port(),
-            media=media,
-            config=self.tmp_path / f"proxy{index}.toml",
-            log_path=self.tmp_path / f"proxy{index}.log",
-        )
-        text = _CONFIG.format(
-            host=HOST, inside=proxy.inside, outside=proxy.outside, admin=proxy.admin,
-            upstream=upstream, media_min=media[0], media_max=media[1],
-        )  # fmt: skip
-        proxy.config.write_text(text)
+    def __call__(
+        self, upstream: str, *, media_pairs: int = 8, token: str | None = None,
+        **tables: dict[str, Any],
+    ) -> Proxy:  # fmt: skip
+        """``tables``: more config keys per table (``admin={"token": "@admin.token"}``,
+        ``run={"drain_s": 20}``); ``token``: the admin token the tests send."""
+        proxy = Proxy(f"proxy{len(self.started)}", self.tmp_path, media=media_range(media_pairs),
+                      token=token)  # fmt: skip
+        proxy.write_config(upstream=upstream, **tables)
         self.started.append(proxy)
-        with proxy.log_path.open("wb") as log:
-            proxy.process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "--config", str(proxy.config)],
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if not proxy.alive():
-                raise AssertionError(f"the proxy exited at start-up:\n{proxy.log()}")
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                proxy.status()
-                if proxy.options("inside", 0.5) and proxy.options("outside", 0.5):
-                    return proxy
-            time.sleep(0.05)
-        raise AssertionError(f"the proxy did not come up within 15 s:\n{proxy.log()}")
+        proxy.run(ready=lambda _: proxy.options("inside", 0.5) and proxy.options("outside", 0.5))
+        return proxy
 
     def stop_all(self) -> None:
         for proxy in self.started:
-            process = proxy.process
-            if process is None or process.poll() is not None:
-                continue
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+            proxy.stop(timeout=5)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -298,7 +159,7 @@ def start_proxy(
     factory.stop_all()
     if _failed(request):
         for proxy in factory.started:
-            print(f"===== proxy log {proxy.log_path} =====\n{proxy.log()}")
+            print(f"===== proxy log {proxy.log_path} =====\n{proxy.log_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +182,7 @@ def shared_proxy(
             factory.stop_all()
             if request.session.testsfailed != failed_before:
                 for proxy in factory.started:
-                    print(f"===== proxy log {proxy.log_path} =====\n{proxy.log()}")
+                    print(f"===== proxy log {proxy.log_path} =====\n{proxy.log_text()}")
 
 
 # --------------------------------------------------------------------------- SIPp
@@ -370,6 +231,7 @@ class Sipp:
         self.binary = binary
         self.tmp_path = tmp_path
         self.runs: list[SippRun] = []
+        self.procs = Processes()
 
     def _start(
         self, name: str, scenario: str, port: int, transport: str, target: str | None,
@@ -393,11 +255,7 @@ class Sipp:
             "-trace_logs", "-log_file", str(files["logs"]),
             *extra,
         ]  # fmt: skip
-        with files["stdout"].open("wb") as out:
-            process = subprocess.Popen(
-                command, cwd=self.tmp_path, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
+        process = self.procs.start(command, files["stdout"], cwd=self.tmp_path)
         run = SippRun(name, process, files)
         self.runs.append(run)
         return run
@@ -447,10 +305,7 @@ class Sipp:
             raise AssertionError(f"SIPp failed: {summary}\n{dumps}")
 
     def stop_all(self) -> None:
-        for run in self.runs:
-            if run.process.poll() is None:
-                run.process.kill()
-                run.process.wait(timeout=5)
+        self.procs.stop_all(timeout=2)
 
 
 @pytest.fixture

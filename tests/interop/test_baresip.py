@@ -25,16 +25,15 @@ from typing import Any
 
 import pytest
 
+from testkit.ports import PortBlock
+from testkit.processes import Processes, wait_for
+from testkit.proxy import LocalProxy
 from tests.interop.baresip import (
     Baresip,
     Capture,
-    Ports,
-    Processes,
-    Proxy,
     count_between,
     in_range,
     missing_tools,
-    wait_for,
     write_tone,
 )
 
@@ -51,6 +50,7 @@ MIN_RELAYED = 40
 """Packets each counter must reach in the snapshot taken while the call is up."""
 CALLER_HZ, CALLEE_HZ = 1000.0, 440.0
 LINE = "1001"
+UDP_ONLY = {"transports": ["udp"]}
 
 
 @dataclass
@@ -59,9 +59,9 @@ class Rig:
 
     tmp: Path
     procs: Processes
-    proxy: Proxy
+    proxy: LocalProxy
     capture: Capture
-    ports: Ports
+    ports: PortBlock
     media: tuple[int, int]
     ues: list[Baresip] = field(default_factory=list)
 
@@ -79,7 +79,7 @@ class Rig:
         for ue in self.ues:
             parts.append(f"--- {ue.name} log (tail)\n{ue.log_text()[-3000:]}")
         if self.capture.file.exists():
-            sip_ports = [self.proxy.inside_port, self.proxy.outside_port]
+            sip_ports = [self.proxy.inside, self.proxy.outside]
             sip_ports += [ue.sip_port for ue in self.ues]
             sip = self.capture.sip_messages(sip_ports)
             parts.append("--- SIP on the wire\n" + "\n".join(" ".join(r) for r in sip))
@@ -88,11 +88,11 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
-    ports = Ports.block(64)
+    ports = PortBlock.take_block(64)
     inside, outside, admin = ports.take(1), ports.take(1), ports.take(1)
     media_min = ports.take(8)
     media = (media_min, media_min + 7)
-    proxy = Proxy(tmp_path, inside, outside, admin, media)
+    proxy = LocalProxy("proxy", tmp_path, inside=inside, outside=outside, admin=admin, media=media)
     bpf = f"udp and (portrange {media[0]}-{media[1]} or port {inside} or port {outside})"
     procs = Processes()
     try:
@@ -149,7 +149,7 @@ def early_packets(rig: Rig, offerer: Baresip, answerer: Baresip) -> int:
     relay drops such packets as ``wrong_source`` (by design, see
     ``tests/media/test_relay.py::test_packets_before_the_remote_is_known``).
     """
-    sip_ports = [rig.proxy.inside_port, rig.proxy.outside_port, offerer.sip_port]
+    sip_ports = [rig.proxy.inside, rig.proxy.outside, offerer.sip_port]
     relayed = [
         float(row[0]) for row in rig.capture.sip_messages(sip_ports)
         if int(row[2]) == offerer.sip_port and row[4] == "200" and row[5] == "INVITE"
@@ -236,11 +236,11 @@ def test_inside_phone_calls_outside_through_proxy(rig: Rig) -> None:
                        "audio_codecs=PCMU,PCMA", CALLEE_HZ)  # fmt: skip
     caller = rig.phone("caller", f"<sip:{LINE}@127.0.0.1>;regint=0;audio_codecs=PCMU,PCMA",
                        CALLER_HZ)  # fmt: skip
-    rig.proxy.write_config(upstream=f"sip:127.0.0.1:{callee.sip_port}", lines=[(LINE, None)])
-    rig.proxy.start(rig.procs)
+    rig.proxy.write_config(upstream=callee.sip_port, lines=[{"user_id": LINE}], sip=UDP_ONLY)
+    rig.proxy.run(rig.procs)
     callee.start(rig.procs)
 
-    result = place_call(rig, caller, callee, f"sip:callee@127.0.0.1:{rig.proxy.inside_port}")
+    result = place_call(rig, caller, callee, f"sip:callee@127.0.0.1:{rig.proxy.inside}")
 
     check_call(rig, result, caller, callee, "inside")
     (call,) = result.during
@@ -249,17 +249,17 @@ def test_inside_phone_calls_outside_through_proxy(rig: Rig) -> None:
 
 
 def test_outside_calls_registered_inside_phone(rig: Rig) -> None:
-    phone = rig.phone("phone", f"<sip:{LINE}@127.0.0.1:{rig.proxy.inside_port}>;regint=60;"
+    phone = rig.phone("phone", f"<sip:{LINE}@127.0.0.1:{rig.proxy.inside}>;regint=60;"
                       "answermode=auto;audio_codecs=PCMU,PCMA", CALLEE_HZ)  # fmt: skip
     caller = rig.phone("far", "<sip:5550100@127.0.0.1>;regint=0;audio_codecs=PCMU,PCMA",
                        CALLER_HZ)  # fmt: skip
-    rig.proxy.write_config(upstream=None, lines=[(LINE, None)])
-    rig.proxy.start(rig.procs)
+    rig.proxy.write_config(lines=[{"user_id": LINE}], sip=UDP_ONLY)
+    rig.proxy.run(rig.procs)
     phone.start(rig.procs)
     wait_for(lambda: LINE in rig.proxy.get("/status")["bindings"], 10,
              f"line {LINE} to register")  # fmt: skip
 
-    result = place_call(rig, caller, phone, f"sip:{LINE}@127.0.0.1:{rig.proxy.outside_port}")
+    result = place_call(rig, caller, phone, f"sip:{LINE}@127.0.0.1:{rig.proxy.outside}")
 
     check_call(rig, result, caller, phone, "outside")
     (call,) = result.during

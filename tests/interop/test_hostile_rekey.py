@@ -29,9 +29,6 @@ from secure_setup import (
     Watcher,
     audio_report,
     dump_on_failure,
-    processes,
-    start_proxies,
-    until,
 )
 from xsipura_ua import (
     MSG_CALLEE_HELLO,
@@ -47,6 +44,9 @@ from xsipura_ua import (
     pattern_source,
 )
 
+from testkit.processes import processes, until
+from testkit.proxy import start_proxies
+
 UA_TAG = 0x77
 GRACE_S = 1.0
 
@@ -60,7 +60,7 @@ def test_bad_rekey_hello_during_grace_falls_back_to_clear(tmp_path: Path) -> Non
     spec = PhoneSpec("Rita Rekey", "14155550101", 0x51)
     proxy = ProxyProc("R", tmp_path)
     line = Line(spec.user, pki.line_mc(spec.name, spec.user), contact=spec.contact)
-    proxy.write_config([line], xsipura={"grace_ms": int(GRACE_S * 1000), "tone": False})
+    proxy.configure([line], xsipura={"grace_ms": int(GRACE_S * 1000), "tone": False})
     expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
     identity = Subscriber.issue(pki.ca, "Uma Agent", "16505550100", expires)
     try:

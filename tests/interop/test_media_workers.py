@@ -9,13 +9,9 @@ message or a state, never an assertion on elapsed time.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
 import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,37 +21,9 @@ from typing import Any
 import pytest
 
 from proxy.sip.message import Request, Response, parse_message
-
-HOST = "127.0.0.1"
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = int(tcp.getsockname()[1])
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            try:
-                udp.bind((HOST, port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
-
-
-def free_range(count: int) -> tuple[int, int]:
-    for _ in range(500):
-        base = random.randrange(40000, 48000, 2)
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(base, base + count):
-                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-                    sock.bind((HOST, port))
-        except OSError:
-            continue
-        return base, base + count - 1
-    raise RuntimeError("no free port range")
+from testkit.ports import HOST, media_range
+from testkit.processes import wait_for
+from testkit.proxy import LocalProxy
 
 
 def rtp(seq: int) -> bytes:
@@ -134,63 +102,28 @@ def is_request(method: str, call_id: str | None = None) -> Callable[[Request | R
     return lambda m: isinstance(m, Request) and m.method == method and call_id in (None, m.call_id)
 
 
-class Proxy:
+class Proxy(LocalProxy):
+    """The proxy with media workers; its upstream is the PBX endpoint :attr:`pbx`."""
+
     def __init__(self, tmp_path: Path, *, workers: int, max_calls: int = 0) -> None:
-        self.inside, self.outside, self.admin = free_port(), free_port(), free_port()
+        super().__init__("proxy", tmp_path, media=media_range(8))
         self.pbx = Endpoint()
-        self.media = free_range(16)
-        config = tmp_path / "proxy.toml"
-        config.write_text(
-            f'[inside]\nlisten = "{HOST}:{self.inside}"\nmedia_ip = "{HOST}"\n'
-            f'[outside]\nlisten = "{HOST}:{self.outside}"\nmedia_ip = "{HOST}"\n'
-            f'upstream = "sip:{HOST}:{self.pbx.port}"\n'
-            f"[media]\nport_min = {self.media[0]}\nport_max = {self.media[1]}\n"
-            f"workers = {workers}\n[limits]\nmax_calls = {max_calls}\n"
-            f'[admin]\nlisten = "{HOST}:{self.admin}"\n[log]\nlevel = "debug"\n'
+        self.write_config(
+            upstream=self.pbx.port, media={"workers": workers}, limits={"max_calls": max_calls}
         )
-        self.log_path = tmp_path / "proxy.log"
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "--config", str(config)],
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
-        deadline = time.monotonic() + 15
-        while True:
-            assert self.process.poll() is None, self.log()
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                if all(w["alive"] for w in self.status()["media"]["workers"]):
-                    break
-            assert time.monotonic() < deadline, f"the proxy did not come up\n{self.log()}"
-            time.sleep(0.05)
+        self.run(ready=lambda status: all(w["alive"] for w in status["media"]["workers"]))
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def status(self) -> dict[str, Any]:
-        with socket.create_connection((HOST, self.admin), timeout=2) as conn:
-            conn.sendall(b"GET /status HTTP/1.0\r\n\r\n")
-            data = b""
-            while chunk := conn.recv(65536):
-                data += chunk
-        result: dict[str, Any] = json.loads(data.split(b"\r\n\r\n", 1)[1])
-        return result
-
-    def stop(self) -> None:
-        """SIGTERM: the proxy stops its workers and exits cleanly."""
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGINT (SIGTERM would drain calls first): the proxy stops its workers and
+        exits cleanly."""
         pids = []
         with contextlib.suppress(OSError, ValueError, IndexError):
             pids = [w["pid"] for w in self.status()["media"]["workers"]]
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        code = super().stop(timeout)
         self.pbx.close()
         for pid in pids:  # no orphan: every worker is gone (reaped by the proxy)
             assert not Path(f"/proc/{pid}").exists() or _zombie(pid), f"worker {pid} left"
+        return code
 
 
 def _zombie(pid: int) -> bool:
@@ -217,7 +150,7 @@ def proxy_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Ca
     for proxy in started:
         proxy.stop()
         if failed:
-            print(f"===== proxy log =====\n{proxy.log()}")
+            print(f"===== proxy log =====\n{proxy.log_text()}")
 
 
 class Call:
@@ -298,13 +231,6 @@ class Call:
         return reasons[0], reasons[1]
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.05)
-
-
 def worker_of(proxy: Proxy, port: int) -> dict[str, Any]:
     for worker in proxy.status()["media"]["workers"]:
         if worker["port_min"] <= port <= worker["port_max"]:
@@ -341,11 +267,11 @@ def test_killed_worker_hangs_up_its_calls_only_and_is_replaced(
             worker = proxy.status()["media"]["workers"][victim["index"]]
             return bool(worker["alive"]) and worker["pid"] != victim["pid"]
 
-        wait_for(replaced, "a replacement worker")
+        wait_for(replaced, 15, "a replacement worker")
         worker = proxy.status()["media"]["workers"][victim["index"]]
         assert worker["restarts"] == 1 and worker["sessions"] == 0
-        assert f"media worker {victim['index']} (pid {victim['pid']}) died" in proxy.log()
-        assert "killed by signal 9" in proxy.log()
+        assert f"media worker {victim['index']} (pid {victim['pid']}) died" in proxy.log_text()
+        assert "killed by signal 9" in proxy.log_text()
 
         fresh = Call(proxy)
         fresh.establish()

@@ -42,11 +42,6 @@ from secure_setup import (
     classify_outside_flows,
     dump_on_failure,
     leg_stats,
-    media_range,
-    processes,
-    reserve_udp,
-    start_proxies,
-    until,
 )
 from xsipura_ua import (
     MSG_CALLEE_HELLO,
@@ -62,6 +57,9 @@ from xsipura_ua import (
 )
 
 from proxy.demo.phone import payload_for
+from testkit.ports import media_range, reserve_udp
+from testkit.processes import processes, until
+from testkit.proxy import start_proxies
 
 SRTP_DROPS = ("srtp_auth", "srtp_replay", "srtp_protect")
 SECURE_SECONDS = 1.5
@@ -129,7 +127,7 @@ def test_two_proxies_secure_both_directions_srtp_on_the_wire(pki: Pki, tmp_path:
         settings = {"grace_ms": 1000, "handshake_timeout_ms": 3000}
         for proxy, site, other in ((proxy_a, (a1, a2), proxy_b), (proxy_b, (b1, b2), proxy_a)):
             lines = [Line(p.user, mcs[p.user], contact=p.contact) for p in site]
-            proxy.write_config(lines, upstream=other.outside, xsipura=settings)
+            proxy.configure(lines, upstream=other.outside, xsipura=settings)
         start_proxies(procs, proxy_a, proxy_b)
         if capture is not None:
             capture.wait_ready()
@@ -279,7 +277,7 @@ def upstream(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ups
         lines.append(Line(number, pki.line_mc(name, number), contact=spec.contact,
                           secure_by_default=by_default))  # fmt: skip
     settings = {"grace_ms": 1000, "handshake_timeout_ms": 3000, "tone": SHORT_TONE}
-    rig.proxy.write_config(lines, upstream=rig.ua_port, xsipura=settings)
+    rig.proxy.configure(lines, upstream=rig.ua_port, xsipura=settings)
     with processes() as procs:
         start_proxies(procs, rig.proxy)
         yield rig
@@ -595,7 +593,7 @@ def matrix(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matri
     lines = [Line(spec.user, pki.line_mc(spec.name, spec.user), contact=spec.contact,
                   require_secure=case.require) for case, spec in zip(CASES, specs.values(),
                                                                     strict=True)]  # fmt: skip
-    proxy.write_config(
+    proxy.configure(
         lines, xsipura={"grace_ms": 1000, "handshake_timeout_ms": 1500, "tone": SHORT_TONE}
     )
     with processes() as procs:

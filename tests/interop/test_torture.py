@@ -96,7 +96,7 @@ def throw(proxy: Proxy, side: str, data: bytes) -> list[bytes]:
     Asserts the OPTIONS got its 200 and the proxy logged no traceback meanwhile.
     """
     port = port_of(proxy, side)
-    log_before = len(proxy.log())
+    log_before = len(proxy.log_text())
     probe_id = f"probe-{uuid.uuid4().hex}@{HOST}".encode()
     replies: list[bytes] = []
     alive = False
@@ -117,8 +117,8 @@ def throw(proxy: Proxy, side: str, data: bytes) -> list[bytes]:
                     break
             else:
                 replies.append(reply)
-    log = proxy.log()[log_before:]
-    assert proxy.alive(), f"the proxy died:\n{proxy.log()[-5000:]}"
+    log = proxy.log_text()[log_before:]
+    assert proxy.alive(), f"the proxy died:\n{proxy.log_text()[-5000:]}"
     assert alive, f"no 200 to OPTIONS on the {side} after the message:\n{log[-5000:]}"
     assert "Traceback" not in log, f"internal error:\n{log[-5000:]}"
     return replies

@@ -2,9 +2,9 @@
 
 Why it exists: the proxy implements both sides of x-sipura (it secures one leg as caller and
 another as callee), so a misreading of the wire profile shared by both of its sides would
-pass every proxy-to-proxy test. This module is written from the profile
-(/work/shared/xsipura/PROFILE.md, "x-sipura wire profile v1") and the test vectors only, and
-deliberately imports nothing from the ``proxy`` package. Dependencies: stdlib,
+pass every proxy-to-proxy test. This module is written from the wire profile only
+(``docs/profile.md``, "x-sipura wire profile v1") and the test vectors, and deliberately
+imports nothing from the ``proxy`` package. Dependencies: stdlib,
 ``cryptography`` (RSA numbers, PKCS#1 v1.5 type-2 encryption, type-1 signature recovery) and
 ``pylibsrtp``. Do not "simplify" it by importing proxy code: that defeats its purpose.
 

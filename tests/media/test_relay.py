@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import random
 import socket
 import struct
 from collections.abc import Callable, Coroutine
@@ -18,11 +17,26 @@ from typing import Any, cast
 
 import pytest
 
+from proxy.media.commands import (
+    AcceptSrtp,
+    ClearSrtp,
+    MediaEvent,
+    PlayTone,
+    Release,
+    SetRemote,
+    SetSrtp,
+    SetTxSsrc,
+    SrtpAuthenticated,
+    SrtpKeys,
+    SwitchSrtp,
+    WatchSrtp,
+)
 from proxy.media.engine import DROP_REASONS, MediaEngine, Side
 from proxy.media.ports import PortsExhausted
 from proxy.media.relay import RelayEngine, RelaySession
 from proxy.media.srtp import SrtpContext
 from proxy.media.tones import Tone
+from testkit.ports import media_range as free_range
 
 HOST = "127.0.0.1"
 OTHER_HOST = "127.0.0.2"  # also loopback on Linux: "another machine" for source checks
@@ -64,25 +78,6 @@ def rtp(seq: int, ssrc: int = 0x11223344, pt: int = 0, payload: bytes = b"\xd5" 
 def rtcp_sr(ssrc: int = 0x11223344) -> bytes:
     """A minimal RTCP sender report (PT 200), 28 bytes."""
     return struct.pack("!BBHIIIIII", 0x80, 200, 6, ssrc, 0, 0, 0, 0, 0)
-
-
-def free_range(pairs: int) -> tuple[int, int]:
-    """A random even port range whose ports are all free right now."""
-    for _ in range(50):
-        low = random.randrange(20000, 60000, 2)
-        socks = []
-        try:
-            for port in range(low, low + 2 * pairs):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.bind((HOST, port))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return low, low + 2 * pairs - 1
-    raise RuntimeError("no free port range")
 
 
 def make_engine(pairs: int = 8, pool: int = 256) -> RelayEngine:
@@ -165,8 +160,8 @@ async def call(engine: RelayEngine) -> tuple[RelaySession, Peer, Peer]:
     """A one-stream call with a phone inside and a PBX outside, both remotes set."""
     session = engine.allocate("call-1", 1)
     phone, pbx = await peer(), await peer()
-    session.set_remote(INSIDE, 0, HOST, phone.port, phone.port + 1)
-    session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+    engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone.port + 1))
+    engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx.port + 1))
     return session, phone, pbx
 
 
@@ -208,8 +203,8 @@ def test_rtcp_is_relayed_between_rtcp_ports(run: Runner) -> None:
         engine = make_engine()
         session = engine.allocate("c", 1)
         phone_rtcp, pbx_rtcp = await peer(), await peer()
-        session.set_remote(INSIDE, 0, HOST, phone_rtcp.port - 1, phone_rtcp.port)
-        session.set_remote(OUTSIDE, 0, HOST, pbx_rtcp.port - 1, pbx_rtcp.port)
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone_rtcp.port - 1, phone_rtcp.port))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx_rtcp.port - 1, pbx_rtcp.port))
         ip, inside_rtp = session.local(INSIDE, 0)
         outside_rtcp = (ip, session.local(OUTSIDE, 0)[1] + 1)
         phone_rtcp.send(rtcp_sr(), (ip, inside_rtp + 1))
@@ -229,8 +224,8 @@ def test_rtcp_mux_on_one_side(run: Runner) -> None:
         engine = make_engine()
         session = engine.allocate("c", 1)
         phone, pbx, pbx_rtcp = await peer(), await peer(), await peer()
-        session.set_remote(INSIDE, 0, HOST, phone.port, phone.port, rtcp_mux=True)
-        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx_rtcp.port)
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone.port, rtcp_mux=True))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx_rtcp.port))
         inside = session.local(INSIDE, 0)
         outside_ip, outside_rtp = session.local(OUTSIDE, 0)
 
@@ -298,13 +293,13 @@ def test_packets_before_the_remote_is_known(run: Runner) -> None:
         await settle()
         assert stat(session, INSIDE, "wrong_source") == 1
 
-        session.set_remote(INSIDE, 0, HOST, phone.port, phone.port + 1)
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone.port + 1))
         phone.send(rtp(2), inside)  # accepted, but nowhere to send it
         await settle()
         assert stat(session, INSIDE, "packets_in") == 1
         assert stat(session, OUTSIDE, "no_destination") == 1
 
-        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx.port + 1))
         phone.send(rtp(3), inside)
         assert (await pbx.recv())[0] == rtp(3)
         await engine.close()
@@ -323,7 +318,7 @@ def test_hold_and_resume(run: Runner) -> None:
         await phone.recv()
 
         # The PBX puts the call on hold, old style (c=0.0.0.0) ...
-        session.set_remote(OUTSIDE, 0, "0.0.0.0", pbx.port, pbx.port + 1)
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, "0.0.0.0", pbx.port, pbx.port + 1))
         phone.send(rtp(2), inside)
         # ... but still sends music on hold from where it was: relayed to the phone.
         pbx.send(rtp(50), outside)
@@ -331,14 +326,14 @@ def test_hold_and_resume(run: Runner) -> None:
         assert stat(session, OUTSIDE, "no_destination") == 1
 
         # ... then with port 0.
-        session.set_remote(OUTSIDE, 0, HOST, 0, 0)
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, 0, 0))
         phone.send(rtp(3), inside)
         pbx.send(rtp(51), outside)
         assert (await phone.recv())[0] == rtp(51)
         assert stat(session, OUTSIDE, "no_destination") == 2
 
         # Resume at the same address: the latch is kept, media flows again.
-        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx.port + 1))
         phone.send(rtp(4), inside)
         assert (await pbx.recv())[0] == rtp(4)
         assert pbx.queue.empty()
@@ -356,7 +351,7 @@ def test_retarget_with_set_remote_rearms_latching(run: Runner) -> None:
         await phone.recv()
 
         new_pbx = await peer(OTHER_HOST)  # re-INVITE: media moves to another host
-        session.set_remote(OUTSIDE, 0, OTHER_HOST, new_pbx.port, new_pbx.port + 1)
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, OTHER_HOST, new_pbx.port, new_pbx.port + 1))
         phone.send(rtp(2), inside)
         assert await new_pbx.recv() == (rtp(2), outside)
 
@@ -368,7 +363,7 @@ def test_retarget_with_set_remote_rearms_latching(run: Runner) -> None:
 
         # Same host, new port (the PBX re-bound): also re-arms.
         newer = await peer(OTHER_HOST)
-        session.set_remote(OUTSIDE, 0, OTHER_HOST, newer.port, newer.port + 1)
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, OTHER_HOST, newer.port, newer.port + 1))
         newer.send(rtp(4), outside)
         assert (await phone.recv())[0] == rtp(4)
         phone.send(rtp(5), inside)
@@ -383,13 +378,13 @@ def test_set_remote_validation(run: Runner) -> None:
         engine = make_engine()
         session = engine.allocate("c", 2)
         with pytest.raises(ValueError):
-            session.set_remote(INSIDE, 0, "::1", 4000, 4001)  # IPv4 socket
+            engine.apply(SetRemote(session.id, INSIDE, 0, "::1", 4000, 4001))  # IPv4 socket
         with pytest.raises(ValueError):
-            session.set_remote(INSIDE, 0, "pbx.example.com", 4000, 4001)
+            engine.apply(SetRemote(session.id, INSIDE, 0, "pbx.example.com", 4000, 4001))
         with pytest.raises(ValueError):
-            session.set_remote(INSIDE, 0, HOST, 70000, 4001)
+            engine.apply(SetRemote(session.id, INSIDE, 0, HOST, 70000, 4001))
         with pytest.raises(IndexError):
-            session.set_remote(INSIDE, 2, HOST, 4000, 4001)
+            engine.apply(SetRemote(session.id, INSIDE, 2, HOST, 4000, 4001))
         with pytest.raises(IndexError):
             session.local(OUTSIDE, -1)
         assert session.streams == 2 and session.call_id == "c"
@@ -417,13 +412,13 @@ def test_release_frees_ports_and_exhaustion(run: Runner, pool: int) -> None:
         assert engine.sessions == 1
         ports_before = {first.local(INSIDE, 0), first.local(OUTSIDE, 0)}
 
-        first.release()
-        first.release()  # idempotent
+        engine.apply(Release(first.id))
+        engine.apply(Release(first.id))  # idempotent
         await first.wait_closed()
         assert free(engine) == 2
         second = engine.allocate("a", 1)  # the same call id is free again too
         assert {second.local(INSIDE, 0), second.local(OUTSIDE, 0)} == ports_before
-        second.release()
+        engine.apply(Release(second.id))
         await engine.close()
         assert engine.ports.available == 2 and engine.sessions == 0
 
@@ -474,18 +469,18 @@ def test_sync_allocation_relays_before_attach_and_releases_at_once(run: Runner, 
         # Allocated, remotes set and a packet sent, all before the loop ran once: the
         # packet waits in the kernel buffer until the transports are attached.
         session = engine.allocate("c", 1)
-        session.set_remote(INSIDE, 0, HOST, phone.port, phone.port + 1)
-        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone.port + 1))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx.port + 1))
         phone.send(rtp(1), session.local(INSIDE, 0))
         assert (await pbx.recv())[0] == rtp(1)
-        session.release()
+        engine.apply(Release(session.id))
         await session.wait_closed()
 
         # Released before the transports were ever attached: ports are back at once
         # (pooled pairs are attached already, and back in the pool at once).
         session = engine.allocate("d", 1)
         assert free(engine) == 0
-        session.release()
+        engine.apply(Release(session.id))
         assert free(engine) == 2
         await asyncio.sleep(0.01)  # the attach task finds nothing to do
         assert free(engine) == 2
@@ -523,7 +518,7 @@ async def pooled_call(engine: RelayEngine) -> tuple[RelaySession, Peer, Peer]:
     """A call whose both sides latched and relayed, released into the pool."""
     session, phone, pbx = await live_call(engine)
     pooled = engine.pooled
-    session.release()
+    engine.apply(Release(session.id))
     await session.wait_closed()
     assert engine.pooled == pooled + 2
     return session, phone, pbx
@@ -548,8 +543,8 @@ def test_released_pairs_are_reused_first_in_first_out(run: Runner) -> None:
         engine = make_engine(pairs=8)
         first, _, _ = await live_call(engine)
         second, _, _ = await live_call(engine)
-        first.release()
-        second.release()
+        engine.apply(Release(first.id))
+        engine.apply(Release(second.id))
         assert (
             engine.pooled == 4 and engine.ports.available == 4
         )  # pooled ports stay out of the allocator
@@ -580,7 +575,7 @@ def test_released_pairs_are_reused_first_in_first_out(run: Runner) -> None:
         fourth = engine.allocate("d", 1)
         assert len(binds) == 2 and engine.pooled == 0
         for s in (session, third, fourth):
-            s.release()
+            engine.apply(Release(s.id))
         await engine.close()
 
     run(test)
@@ -603,8 +598,8 @@ def test_stale_packets_of_the_previous_call_are_dropped(run: Runner) -> None:
 
         # The new peers are at the old ones' IP: the old addresses still cannot latch.
         phone, pbx = await peer(), await peer()
-        session.set_remote(INSIDE, 0, HOST, phone.port, phone.port + 1)
-        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone.port + 1))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx.port + 1))
         old_phone.send(rtp(7), inside)
         old_phone.send(rtcp_sr(), (inside[0], inside[1] + 1))
         old_pbx.send(rtp(8), outside)
@@ -620,7 +615,7 @@ def test_stale_packets_of_the_previous_call_are_dropped(run: Runner) -> None:
 
         # After the quarantine the address is an ordinary one: a new SDP address latches.
         clock.now += 5
-        session.set_remote(OUTSIDE, 0, HOST, 9, 10)  # re-arms latching
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, 9, 10))  # re-arms latching
         old_pbx.send(rtp(11), outside)
         await expect(phone, rtp(11))
         await engine.close()
@@ -633,8 +628,8 @@ def test_the_new_sdp_may_name_the_previous_peers_address(run: Runner) -> None:
         engine = make_engine()
         _, phone, pbx = await pooled_call(engine)  # a phone with a fixed RTP port calls again
         session = engine.allocate("again", 1)
-        session.set_remote(INSIDE, 0, HOST, phone.port, phone.port + 1)
-        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone.port + 1))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx.port + 1))
         phone.send(rtp(1), session.local(INSIDE, 0))
         await expect(pbx, rtp(1))
         await engine.close()
@@ -648,17 +643,17 @@ def test_a_reused_pair_starts_plain_with_nothing_of_the_previous_call(run: Runne
         session, phone, pbx = await call(engine)
         inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
         far_end = SrtpContext(KEY, SALT)
-        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
-        session.on_srtp_authenticated(OUTSIDE, lambda: None)
-        session.set_tx_ssrc(OUTSIDE, 0x5555)
-        session.play_tone(INSIDE, 0, Tone.parse("1000@-10;5(5/0/1)"))
-        session.set_remote(OUTSIDE, 0, HOST, pbx.port, 0, rtcp_mux=True)
+        engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
+        engine.apply(WatchSrtp(session.id, OUTSIDE))
+        engine.apply(SetTxSsrc(session.id, OUTSIDE, 0x5555))
+        engine.apply(PlayTone(session.id, INSIDE, 0, Tone.parse("1000@-10;5(5/0/1)")))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, 0, rtcp_mux=True))
         phone.send(rtp(1), inside)
         assert far_end.unprotect((await pbx.recv())[0])[8:12] == b"\x00\x00\x55\x55"
         pbx.send(far_end.protect(rtp(2, FAR_SSRC)), outside)
         await phone.recv()
         await settle()
-        session.release()
+        engine.apply(Release(session.id))
         assert engine.pooled == 2
 
         reused = engine.allocate("next", 1)
@@ -671,11 +666,11 @@ def test_a_reused_pair_starts_plain_with_nothing_of_the_previous_call(run: Runne
                 assert getattr(leg, name) == getattr(new, name), (side, name)
             assert all(sock.session is reused and sock.a is leg for sock in leg.sockets)
         with pytest.raises(ValueError):
-            reused.on_srtp_authenticated(OUTSIDE, lambda: None)  # no key: plain
+            engine.apply(WatchSrtp(reused.id, OUTSIDE))  # no key: plain
 
         phone2, pbx2 = await peer(), await peer()
-        reused.set_remote(INSIDE, 0, HOST, phone2.port, phone2.port + 1)
-        reused.set_remote(OUTSIDE, 0, HOST, pbx2.port, pbx2.port + 1)
+        engine.apply(SetRemote(reused.id, INSIDE, 0, HOST, phone2.port, phone2.port + 1))
+        engine.apply(SetRemote(reused.id, OUTSIDE, 0, HOST, pbx2.port, pbx2.port + 1))
         phone2.send(rtp(100, payload=b"\xff" * 160), inside)
         await expect(pbx2, rtp(100, payload=b"\xff" * 160))  # plain, own SSRC and seq
         pbx2.send(rtp(200), outside)
@@ -700,7 +695,7 @@ def test_the_pool_is_bounded_and_close_empties_it(run: Runner) -> None:
         await settle()
         pooled = [s.local(side, 0)[1] for s, _, _ in sessions[:1] for side in (INSIDE, OUTSIDE)]
         for s, _, _ in sessions:
-            s.release()
+            engine.apply(Release(s.id))
         await asyncio.sleep(0.01)
         assert engine.pooled == 2 and engine.ports.available == 4  # the rest was closed
         await engine.close()
@@ -731,7 +726,7 @@ def test_srtp_on_the_outside(run: Runner) -> None:
         engine = make_engine()
         session, phone, pbx = await call(engine)
         inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
-        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
         far_end = SrtpContext(KEY, SALT)  # the remote SPA's context: same key, own SSRC
 
         # Leaving toward the outside: SRTP that the far end's context decrypts.
@@ -761,13 +756,13 @@ def test_srtp_on_the_outside(run: Runner) -> None:
 
         # SRTCP too.
         pbx_rtcp = await peer()
-        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx_rtcp.port)
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx_rtcp.port))
         phone.send(rtcp_sr(), (inside[0], inside[1] + 1))
         wire, _ = await pbx_rtcp.recv()
         assert far_end.unprotect_rtcp(wire) == rtcp_sr()
 
         # Back to clear.
-        session.set_srtp(OUTSIDE, None)
+        engine.apply(SetSrtp(session.id, OUTSIDE, None))
         phone.send(rtp(5), inside)
         assert (await pbx.recv())[0] == rtp(5)
         await engine.close()
@@ -781,15 +776,15 @@ def test_announced_ssrc_replaces_the_phones_on_the_srtp_side(run: Runner) -> Non
         session, phone, pbx = await call(engine)
         inside = session.local(INSIDE, 0)
         far_end = SrtpContext(KEY, SALT)
-        session.set_tx_ssrc(OUTSIDE, 0xCAFEF00D)
+        engine.apply(SetTxSsrc(session.id, OUTSIDE, 0xCAFEF00D))
         phone.send(rtp(1), inside)  # still plain: the phone's SSRC passes
         assert (await pbx.recv())[0] == rtp(1)
-        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
         phone.send(rtp(2), inside)
         wire, _ = await pbx.recv()
         assert wire[8:12] == bytes.fromhex("cafef00d")
         assert far_end.unprotect(wire) == rtp(2, ssrc=0xCAFEF00D)
-        session.set_tx_ssrc(OUTSIDE, None)
+        engine.apply(SetTxSsrc(session.id, OUTSIDE, None))
         phone.send(rtp(3), inside)
         assert far_end.unprotect((await pbx.recv())[0]) == rtp(3)
         await engine.close()
@@ -807,8 +802,8 @@ def test_a_new_stream_from_the_phone_carries_on_the_srtp_numbering(run: Runner) 
         session, phone, pbx = await call(engine)
         inside = session.local(INSIDE, 0)
         far_end = SrtpContext(KEY, SALT)
-        session.set_tx_ssrc(OUTSIDE, 0xCAFEF00D)
-        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        engine.apply(SetTxSsrc(session.id, OUTSIDE, 0xCAFEF00D))
+        engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
 
         async def relayed(packet: bytes) -> bytes:
             phone.send(packet, inside)
@@ -838,7 +833,7 @@ def test_srtp_first_packet_latches_only_once_authenticated(run: Runner) -> None:
     async def test() -> None:
         engine = make_engine()
         session, phone, pbx = await call(engine)
-        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
         far_end = SrtpContext(KEY, SALT)
         outside = session.local(OUTSIDE, 0)
         forger = await peer()  # same IP as the PBX, no key
@@ -862,9 +857,10 @@ def test_engine_satisfies_the_interface(run: Runner) -> None:
     async def test() -> None:
         engine: MediaEngine = make_engine()
         session = engine.allocate("c", 2)
+        assert isinstance(session.id, int)
         assert len(session.stats()[INSIDE]) == 2
         assert session.local(Side("outside"), 1)[0] == HOST
-        session.release()
+        engine.apply(Release(session.id))
         await engine.close()
 
     run(test)
@@ -939,7 +935,7 @@ def test_accept_before_switch(run: Runner) -> None:
         session, phone, pbx = await call(engine)
         inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
         far_end = SrtpContext(KEY, SALT)
-        session.accept_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
 
         # Accepting, not sending: the phone's RTP still leaves in the clear ...
         phone.send(rtp(1), inside)
@@ -957,8 +953,9 @@ def test_accept_before_switch(run: Runner) -> None:
         assert stat(session, OUTSIDE, "packets_decrypted") == 1
         assert stat(session, OUTSIDE, "packets_encrypted") == 0
 
-        # The Callee Final arrives: switch-over. From now on the phone's RTP is SRTP.
-        session.switch_srtp(OUTSIDE, session_context(session), 2.0)
+        # The Callee Final arrives: switch-over (with the same keys: the context that
+        # accepted carries on). From now on the phone's RTP is SRTP.
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), 2.0))
         phone.send(rtp(2), inside)
         wire, _ = await pbx.recv()
         assert far_end.unprotect(wire) == rtp(2)
@@ -969,13 +966,6 @@ def test_accept_before_switch(run: Runner) -> None:
     run(test)
 
 
-def session_context(session: RelaySession) -> SrtpContext:
-    """The context the side is accepting under (the caller switches with the same one)."""
-    context = session._legs[OUTSIDE][0].rx
-    assert context is not None
-    return context
-
-
 def test_switch_grace_window_then_plain_is_dropped_and_counted(run: Runner) -> None:
     async def test() -> None:
         clock = FakeClock()
@@ -984,7 +974,7 @@ def test_switch_grace_window_then_plain_is_dropped_and_counted(run: Runner) -> N
         inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
         far_end = SrtpContext(KEY, SALT)
         # The callee: switches when it sends the Callee Final, without accepting first.
-        session.switch_srtp(OUTSIDE, SrtpContext(KEY, SALT), grace_s=2.0, now=clock())
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), grace_s=2.0))
         phone.send(rtp(1), inside)
         assert far_end.unprotect((await pbx.recv())[0]) == rtp(1)
 
@@ -1032,7 +1022,7 @@ def test_grace_window_on_the_real_clock(run: Runner) -> None:
         engine = make_engine()
         session, phone, pbx = await call(engine)
         outside = session.local(OUTSIDE, 0)
-        session.switch_srtp(OUTSIDE, SrtpContext(KEY, SALT), grace_s=0.2)  # now=None
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), grace_s=0.2))  # now=None
         pbx.send(far(1), outside)
         await expect(phone, far(1))
         await asyncio.sleep(0.25)
@@ -1041,7 +1031,7 @@ def test_grace_window_on_the_real_clock(run: Runner) -> None:
         await expect(phone, far(3))
         assert stat(session, OUTSIDE, "plain_after_grace") == 1
         with pytest.raises(ValueError):
-            session.switch_srtp(OUTSIDE, SrtpContext(KEY, SALT), grace_s=-1)
+            engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), grace_s=-1))
         await engine.close()
 
     run(test)
@@ -1053,13 +1043,13 @@ def test_rekey_keeps_the_old_key_until_switch_plus_grace(run: Runner) -> None:
         engine = clocked_engine(clock)
         session, phone, pbx = await call(engine)
         inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
-        old, new = SrtpContext(KEY, SALT), SrtpContext(OTHER_KEY, OTHER_SALT)
+        old, new = SrtpKeys(KEY, SALT), SrtpKeys(OTHER_KEY, OTHER_SALT)
         far_old, far_new = SrtpContext(KEY, SALT), SrtpContext(OTHER_KEY, OTHER_SALT)
-        session.switch_srtp(OUTSIDE, old, 2.0)
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, old, 2.0))
         clock.now += 10  # a secured call, long past its first grace window
 
         # Caller re-keys: accepts the new key, still sends and accepts the old one.
-        session.accept_srtp(OUTSIDE, new)
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, new))
         pbx.send(far_old.protect(far(1)), outside)
         await expect(phone, far(1))
         pbx.send(far_new.protect(far(2)), outside)
@@ -1072,7 +1062,7 @@ def test_rekey_keeps_the_old_key_until_switch_plus_grace(run: Runner) -> None:
         assert far_old.unprotect((await pbx.recv())[0]) == rtp(1)
 
         # Switch-over to the new key: sent with it; the old key is taken for the grace.
-        session.switch_srtp(OUTSIDE, new, 2.0)
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, new, 2.0))
         phone.send(rtp(2), inside)
         assert far_new.unprotect((await pbx.recv())[0]) == rtp(2)
         clock.now += 1.5
@@ -1093,23 +1083,44 @@ def test_rekey_keeps_the_old_key_until_switch_plus_grace(run: Runner) -> None:
     run(test)
 
 
-def test_authenticated_callback_fires_once_per_key(run: Runner) -> None:
+class Watcher:
+    """Watches the outside of ``session`` and records the engine's reports, each under
+    the label of the watch given last: ``fired == ["k1"]`` reads "one report, while the
+    watch labelled k1 was the latest"."""
+
+    def __init__(self, engine: RelayEngine, session: RelaySession) -> None:
+        self.engine, self.session = engine, session
+        self.fired: list[str] = []
+        self.label = ""
+        engine.on_event = self.on_event
+
+    def on_event(self, event: MediaEvent) -> None:
+        assert event == SrtpAuthenticated(self.session.id, OUTSIDE)
+        self.fired.append(self.label)
+
+    def watch(self, label: str) -> None:
+        self.label = label
+        self.engine.apply(WatchSrtp(self.session.id, OUTSIDE))
+
+
+def test_authenticated_report_fires_once_per_key(run: Runner) -> None:
     async def test() -> None:
         clock = FakeClock()
         engine = clocked_engine(clock)
         session, phone, pbx = await call(engine)
         outside = session.local(OUTSIDE, 0)
-        k1, k2 = SrtpContext(KEY, SALT), SrtpContext(OTHER_KEY, OTHER_SALT)
+        k1, k2 = SrtpKeys(KEY, SALT), SrtpKeys(OTHER_KEY, OTHER_SALT)
         far1, far2 = SrtpContext(KEY, SALT), SrtpContext(OTHER_KEY, OTHER_SALT)
-        fired: list[str] = []
+        watcher = Watcher(engine, session)
+        fired = watcher.fired
         with pytest.raises(ValueError):  # nothing to authenticate yet
-            session.on_srtp_authenticated(OUTSIDE, lambda: fired.append("none"))
+            watcher.watch("none")
 
-        # A callback for a key that is replaced before it authenticates is forgotten.
-        session.accept_srtp(OUTSIDE, SrtpContext(OTHER_KEY, SALT))
-        session.on_srtp_authenticated(OUTSIDE, lambda: fired.append("stale"))
-        session.accept_srtp(OUTSIDE, k1)
-        session.on_srtp_authenticated(OUTSIDE, lambda: fired.append("k1"))
+        # A watch for a key that is replaced before it authenticates is forgotten.
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(OTHER_KEY, SALT)))
+        watcher.watch("stale")
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, k1))
+        watcher.watch("k1")
         pbx.send(far(1), outside)  # plain: not an authentication
         await expect(phone, far(1))
         assert fired == []
@@ -1118,21 +1129,22 @@ def test_authenticated_callback_fires_once_per_key(run: Runner) -> None:
             await expect(phone, far(seq))
         assert fired == ["k1"]
         # Switching to the key that already authenticated does not re-arm it; asking
-        # again gets an answer on the next loop iteration, not from inside the call.
-        session.switch_srtp(OUTSIDE, k1, 2.0)
-        session.on_srtp_authenticated(OUTSIDE, lambda: fired.append("k1 again"))
+        # again gets an answer on the next loop iteration, not from inside apply().
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, k1, 2.0))
+        watcher.watch("k1 again")
         assert fired == ["k1"]
         await asyncio.sleep(0)
         assert fired == ["k1", "k1 again"]
 
-        # Re-key: the callback is for the new key; the old one still authenticating
-        # does not count. A failing callback is logged, and the packet still relayed.
-        def broken() -> None:
+        # Re-key: the watch is for the new key; the old one still authenticating
+        # does not count. A failing handler is logged, and the packet still relayed.
+        def broken(event: MediaEvent) -> None:
             fired.append("k2")
             raise RuntimeError("handshake machine bug")
 
-        session.switch_srtp(OUTSIDE, k2, 2.0)
-        session.on_srtp_authenticated(OUTSIDE, broken)
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, k2, 2.0))
+        watcher.watch("k2")
+        engine.on_event = broken
         pbx.send(far1.protect(far(4)), outside)
         await expect(phone, far(4))
         assert fired == ["k1", "k1 again"]
@@ -1141,23 +1153,78 @@ def test_authenticated_callback_fires_once_per_key(run: Runner) -> None:
             await expect(phone, far(seq))
         assert fired == ["k1", "k1 again", "k2"]
 
-        session.clear_srtp(OUTSIDE)
+        engine.apply(ClearSrtp(session.id, OUTSIDE))
         with pytest.raises(ValueError):
-            session.on_srtp_authenticated(OUTSIDE, lambda: fired.append("clear"))
+            watcher.watch("clear")
         await engine.close()
 
     run(test)
 
 
-def test_callback_may_switch_over_from_inside_the_packet_handler(run: Runner) -> None:
+def test_a_watch_is_forgotten_when_the_key_changes(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        outside = session.local(OUTSIDE, 0)
+        watcher = Watcher(engine, session)
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(OTHER_KEY, OTHER_SALT)))
+        watcher.watch("other key")
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))  # no new watch
+        pbx.send(SrtpContext(KEY, SALT).protect(far(1)), outside)
+        await expect(phone, far(1))
+        await asyncio.sleep(0)
+        assert watcher.fired == []
+        # Equal keys are the same key: giving them again keeps an armed watch.
+        other = SrtpKeys(OTHER_KEY, OTHER_SALT)
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, other))
+        watcher.watch("other")
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(OTHER_KEY, OTHER_SALT)))
+        pbx.send(SrtpContext(OTHER_KEY, OTHER_SALT).protect(far(2)), outside)
+        await expect(phone, far(2))
+        assert watcher.fired == ["other"]
+        await engine.close()
+
+    run(test)
+
+
+def test_switch_with_the_accepted_keys_keeps_the_libsrtp_state(run: Runner) -> None:
+    """The relay builds one libsrtp context per key: switching with the keys it accepted
+    under keeps that context's replay window (a fresh one would take a replay)."""
+
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        outside = session.local(OUTSIDE, 0)
+        far_end = SrtpContext(KEY, SALT)
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
+        accepted = far_end.protect(far(1))
+        pbx.send(accepted, outside)
+        await expect(phone, far(1))
+        context = session.legs(OUTSIDE)[0].rx
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), 2.0))
+        assert session.legs(OUTSIDE)[0].rx is context and session.legs(OUTSIDE)[0].tx is context
+        pbx.send(accepted, outside)  # the same packet again: a replay, not audio
+        pbx.send(far_end.protect(far(2)), outside)
+        await expect(phone, far(2))
+        assert stat(session, OUTSIDE, "srtp_replay") == 1
+        # Other keys (or another profile) are another key: a new context.
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT[:14]), 2.0))
+        assert session.legs(OUTSIDE)[0].tx is not context
+        await engine.close()
+
+    run(test)
+
+
+def test_handler_may_switch_over_from_inside_the_packet_handler(run: Runner) -> None:
     async def test() -> None:
         # The caller's machine switches as soon as the callee's SRTP authenticates.
         engine = make_engine()
         session, phone, pbx = await call(engine)
         inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
-        key, far_end = SrtpContext(KEY, SALT), SrtpContext(KEY, SALT)
-        session.accept_srtp(OUTSIDE, key)
-        session.on_srtp_authenticated(OUTSIDE, lambda: session.switch_srtp(OUTSIDE, key, 2.0))
+        key, far_end = SrtpKeys(KEY, SALT), SrtpContext(KEY, SALT)
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, key))
+        engine.on_event = lambda event: engine.apply(SwitchSrtp(session.id, OUTSIDE, key, 2.0))
+        engine.apply(WatchSrtp(session.id, OUTSIDE))
         pbx.send(far_end.protect(far(1)), outside)
         await expect(phone, far(1))
         phone.send(rtp(1), inside)
@@ -1169,20 +1236,21 @@ def test_callback_may_switch_over_from_inside_the_packet_handler(run: Runner) ->
     run(test)
 
 
-def test_srtcp_authenticates_too_and_fires_the_callback(run: Runner) -> None:
+def test_srtcp_authenticates_too_and_fires_the_report(run: Runner) -> None:
     async def test() -> None:
         engine = make_engine()
         session = engine.allocate("c", 1)
         phone, pbx = await peer(), await peer()
-        session.set_remote(INSIDE, 0, HOST, phone.port, phone.port, rtcp_mux=True)
-        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx.port, rtcp_mux=True)
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone.port, rtcp_mux=True))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx.port, rtcp_mux=True))
         outside = session.local(OUTSIDE, 0)
-        fired: list[int] = []
-        session.accept_srtp(OUTSIDE, SrtpContext(KEY, SALT), srtcp=True)
-        session.on_srtp_authenticated(OUTSIDE, lambda: fired.append(1))
+        fired: list[MediaEvent] = []
+        engine.on_event = fired.append
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), srtcp=True))
+        engine.apply(WatchSrtp(session.id, OUTSIDE))
         pbx.send(SrtpContext(KEY, SALT).protect_rtcp(rtcp_sr(FAR_SSRC)), outside)
         await expect(phone, rtcp_sr(FAR_SSRC))
-        assert fired == [1]
+        assert fired == [SrtpAuthenticated(session.id, OUTSIDE)]
         await engine.close()
 
     run(test)
@@ -1193,7 +1261,7 @@ def test_latching_while_accepting_needs_an_authenticated_packet(run: Runner) -> 
         engine = make_engine()
         session, phone, pbx = await call(engine)
         outside = session.local(OUTSIDE, 0)
-        session.accept_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
         far_end = SrtpContext(KEY, SALT)
         forger = await peer()  # the PBX's IP, another port, no key
         forger.send(far(1), outside)  # plain is accepted while accepting ...
@@ -1217,15 +1285,15 @@ def test_rtcp_in_the_clear_unless_srtcp_is_on(run: Runner) -> None:
         engine = clocked_engine(clock)
         session = engine.allocate("c", 1)
         phone, phone_rtcp, pbx, pbx_rtcp = await peer(), await peer(), await peer(), await peer()
-        session.set_remote(INSIDE, 0, HOST, phone.port, phone_rtcp.port)
-        session.set_remote(OUTSIDE, 0, HOST, pbx.port, pbx_rtcp.port)
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone_rtcp.port))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx_rtcp.port))
         ip, inside_rtp = session.local(INSIDE, 0)
         inside_rtcp = (ip, inside_rtp + 1)
         outside_rtcp = (ip, session.local(OUTSIDE, 0)[1] + 1)
         far_end = SrtpContext(KEY, SALT)
 
         # Default: RTCP stays in the clear both ways, even after the grace window.
-        session.switch_srtp(OUTSIDE, SrtpContext(KEY, SALT), 2.0)
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), 2.0))
         clock.now += 10
         phone_rtcp.send(rtcp_sr(), inside_rtcp)
         await expect(pbx_rtcp, rtcp_sr())
@@ -1233,9 +1301,9 @@ def test_rtcp_in_the_clear_unless_srtcp_is_on(run: Runner) -> None:
         await expect(phone_rtcp, rtcp_sr(FAR_SSRC))
 
         # SRTCP switched on: protected out, unprotected in, plain dropped after grace.
-        context = SrtpContext(OTHER_KEY, OTHER_SALT)
+        context = SrtpKeys(OTHER_KEY, OTHER_SALT)
         far_end = SrtpContext(OTHER_KEY, OTHER_SALT)
-        session.switch_srtp(OUTSIDE, context, 2.0, srtcp=True)
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, context, 2.0, srtcp=True))
         phone_rtcp.send(rtcp_sr(), inside_rtcp)
         wire, _ = await pbx_rtcp.recv()
         assert far_end.unprotect_rtcp(wire) == rtcp_sr()
@@ -1261,21 +1329,21 @@ def test_clear_srtp_goes_back_to_plain(run: Runner) -> None:
         engine = make_engine()
         session, phone, pbx = await call(engine)
         inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
-        session.accept_srtp(OUTSIDE, SrtpContext(KEY, SALT))
-        session.switch_srtp(OUTSIDE, session_context(session), 0.0)
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), 0.0))
         pbx.send(far(1), outside)  # no grace at all
         await settle()
-        session.clear_srtp(OUTSIDE)  # the handshake fell back
+        engine.apply(ClearSrtp(session.id, OUTSIDE))  # the handshake fell back
         pbx.send(far(2), outside)
         await expect(phone, far(2))
         phone.send(rtp(3), inside)
         await expect(pbx, rtp(3))
         assert stat(session, OUTSIDE, "srtp_auth") == 1
         # set_srtp(None) is the same thing; set_srtp(context) is SRTP at once, no grace.
-        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
         pbx.send(far(4), outside)
         await settle()
-        session.set_srtp(OUTSIDE, None)
+        engine.apply(SetSrtp(session.id, OUTSIDE, None))
         pbx.send(far(5), outside)
         await expect(phone, far(5))
         assert stat(session, OUTSIDE, "srtp_auth") == 2
@@ -1293,12 +1361,12 @@ def test_tone_is_mixed_toward_the_phone_only_while_it_sounds(run: Runner) -> Non
         session, phone, pbx = await call(engine)
         inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
         # The outside is SRTP: the tone is mixed into what the relay decrypted.
-        session.set_srtp(OUTSIDE, SrtpContext(KEY, SALT))
+        engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
         far_end = SrtpContext(KEY, SALT)
         # 60 ms of 1 kHz, 60 ms gap, 60 ms of 1 kHz, cut at 200 ms: with 20 ms packets,
         # packets 0-2 and 6-8 carry it.
         tone = Tone.parse("1000@-10;.2(.06/.06/1)")
-        session.play_tone(INSIDE, 0, tone)
+        engine.apply(PlayTone(session.id, INSIDE, 0, tone))
         silence = b"\xff" * 160  # u-law
         received = []
         for seq in range(12):
@@ -1315,7 +1383,7 @@ def test_tone_is_mixed_toward_the_phone_only_while_it_sounds(run: Runner) -> Non
         assert far_end.unprotect((await pbx.recv())[0]) == rtp(1, payload=silence)
 
         # A-law is mixed too; another payload type is counted and left alone.
-        session.play_tone(INSIDE, 0, tone)
+        engine.apply(PlayTone(session.id, INSIDE, 0, tone))
         pbx.send(far_end.protect(rtp(20, FAR_SSRC, 18, b"\x12" * 20)), outside)  # G.729
         assert (await phone.recv())[0] == rtp(20, FAR_SSRC, 18, b"\x12" * 20)
         pbx.send(far_end.protect(rtp(21, FAR_SSRC, 8, b"\xd5" * 160)), outside)
@@ -1323,7 +1391,7 @@ def test_tone_is_mixed_toward_the_phone_only_while_it_sounds(run: Runner) -> Non
         assert data[1] == 8 and data[12:] != b"\xd5" * 160
         assert stat(session, INSIDE, "tone_skipped") == 1
         assert stat(session, INSIDE, "tone_packets") == 7
-        session.play_tone(INSIDE, 0, None)  # stopped
+        engine.apply(PlayTone(session.id, INSIDE, 0, None))  # stopped
         pbx.send(far_end.protect(rtp(22, FAR_SSRC, 8, b"\xd5" * 160)), outside)
         assert (await phone.recv())[0] == rtp(22, FAR_SSRC, 8, b"\xd5" * 160)
         await engine.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -20,29 +19,34 @@ from pathlib import Path
 import pytest
 
 from proxy.media import channel as ch
-from proxy.media.engine import Side
+from proxy.media.commands import (
+    COMMAND_TYPES,
+    AcceptSrtp,
+    ClearSrtp,
+    MediaCommand,
+    MediaEvent,
+    PlayTone,
+    Release,
+    SessionsLost,
+    SetRemote,
+    SetSrtp,
+    SetTxSsrc,
+    SrtpAuthenticated,
+    SrtpKeys,
+    SwitchSrtp,
+    WatchSrtp,
+)
+from proxy.media.counters import stats_from
+from proxy.media.engine import MediaEngine, Side
 from proxy.media.ports import PortsExhausted
-from proxy.media.relay import RelayEngine, stats_from
+from proxy.media.relay import RelayEngine
 from proxy.media.srtp import SrtpContext
-from proxy.media.workers import WorkerEngine, WorkerSession, _Worker
+from proxy.media.tones import SECURE_CALL_TONE
+from proxy.media.worker_link import WorkerSlot
+from proxy.media.worker_pool import WorkerPool, WorkerSession
+from testkit.ports import free_port_range as free_range
 
 HOST = "127.0.0.1"
-
-
-def free_range(count: int) -> tuple[int, int]:
-    for _ in range(500):
-        base = random.randrange(33000, 40000, 2)
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                try:
-                    sock.bind((HOST, port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base, base + count - 1
-    raise RuntimeError("no free port range")
 
 
 def rtp(seq: int, ssrc: int = 0x1234, payload: bytes = b"\xd5" * 160) -> bytes:
@@ -98,16 +102,22 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
         runner.run(asyncio.wait_for(scenario(), 60))
 
 
-def connect(session: WorkerSession, phone: Peer, pbx: Peer) -> None:
-    session.set_remote(Side.INSIDE, 0, HOST, phone.port, phone.port + 1)
-    session.set_remote(Side.OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+def connect(engine: MediaEngine, session: WorkerSession, phone: Peer, pbx: Peer) -> None:
+    engine.apply(SetRemote(session.id, Side.INSIDE, 0, HOST, phone.port, phone.port + 1))
+    engine.apply(SetRemote(session.id, Side.OUTSIDE, 0, HOST, pbx.port, pbx.port + 1))
+
+
+def lost_sessions(events: list[MediaEvent]) -> list[tuple[int, ...]]:
+    """The sessions of each SessionsLost event, in order."""
+    assert all(isinstance(event, SessionsLost) and event.reason for event in events)
+    return [event.sessions for event in events if isinstance(event, SessionsLost)]
 
 
 def test_worker_engine_relays_plain_and_srtp_and_reports_counters() -> None:
     lo, hi = free_range(32)
 
     async def scenario() -> None:
-        engine = WorkerEngine(HOST, HOST, lo, hi, 2)
+        engine = WorkerPool(HOST, HOST, lo, hi, 2)
         wakeups: list[int] = []
         engine.on_wakeup = lambda: wakeups.append(1)
         engine.start()
@@ -121,7 +131,7 @@ def test_worker_engine_relays_plain_and_srtp_and_reports_counters() -> None:
             inside, outside = session.local(Side.INSIDE, 0), session.local(Side.OUTSIDE, 0)
             slice_lo = lo + 16 * session.worker_index
             assert slice_lo <= inside[1] < slice_lo + 16 and slice_lo <= outside[1] < slice_lo + 16
-            connect(session, phone, pbx)
+            connect(engine, session, phone, pbx)
 
             # Plain RTP both ways through the worker.
             phone.send(rtp(1), inside)
@@ -138,9 +148,10 @@ def test_worker_engine_relays_plain_and_srtp_and_reports_counters() -> None:
 
             # RTP -> SRTP toward the outside; SRTP from the outside -> RTP to the phone.
             key, salt = os.urandom(16), os.urandom(16)
-            authenticated: list[int] = []
-            session.switch_srtp(Side.OUTSIDE, SrtpContext(key, salt), 2.0)
-            session.on_srtp_authenticated(Side.OUTSIDE, lambda: authenticated.append(1))
+            authenticated: list[MediaEvent] = []
+            engine.on_event = authenticated.append
+            engine.apply(SwitchSrtp(session.id, Side.OUTSIDE, SrtpKeys(key, salt), 2.0))
+            engine.apply(WatchSrtp(session.id, Side.OUTSIDE))
             far_tx, far_rx = SrtpContext(key, salt), SrtpContext(key, salt)
             # Commands are asynchronous: a packet may overtake the switch (relayed plain).
             seq, plain = 2, 0
@@ -157,7 +168,8 @@ def test_worker_engine_relays_plain_and_srtp_and_reports_counters() -> None:
             for seq in range(8, 13):
                 pbx.send(far_tx.protect(rtp(seq, 0x99)), outside)
                 assert await phone.recv() == rtp(seq, 0x99)
-            await until(lambda: authenticated == [1], "the SRTP-authenticated callback")
+            report = [SrtpAuthenticated(session.id, Side.OUTSIDE)]
+            await until(lambda: authenticated == report, "the SRTP-authenticated report")
 
             def counted() -> bool:
                 out = session.stats()[Side.OUTSIDE][0]
@@ -171,14 +183,14 @@ def test_worker_engine_relays_plain_and_srtp_and_reports_counters() -> None:
             owner = engine._workers[session.worker_index]
             capacity = owner.ports.capacity
             assert owner.ports.available == capacity - 2
-            session.release()
-            session.release()  # idempotent
+            engine.apply(Release(session.id))
+            engine.apply(Release(session.id))  # idempotent
             assert engine.sessions == 1
             await until(lambda: owner.ports.available == capacity, "ports released")
             for port in (inside[1], inside[1] + 1, outside[1], outside[1] + 1):
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
                     probe.bind((HOST, port))  # really free
-            other.release()
+            engine.apply(Release(other.id))
         finally:
             phone.close()
             pbx.close()
@@ -194,28 +206,28 @@ def test_worker_death_loses_only_its_sessions_and_a_replacement_starts() -> None
     lo, hi = free_range(16)
 
     async def scenario() -> None:
-        engine = WorkerEngine(HOST, HOST, lo, hi, 2)
-        lost: list[list[WorkerSession]] = []
-        engine.on_lost = lost.append
+        engine = WorkerPool(HOST, HOST, lo, hi, 2)
+        lost: list[MediaEvent] = []
+        engine.on_event = lost.append
         engine.start()
         peers = [Peer() for _ in range(4)]
         try:
             doomed = engine.allocate("doomed", 1)
             survivor = engine.allocate("survivor", 1)
-            connect(doomed, peers[0], peers[1])
-            connect(survivor, peers[2], peers[3])
+            connect(engine, doomed, peers[0], peers[1])
+            connect(engine, survivor, peers[2], peers[3])
             victim = engine._workers[doomed.worker_index]
             assert victim.proc is not None
             old_pid = victim.proc.pid
             os.kill(old_pid, signal.SIGKILL)
             await until(lambda: lost, "the lost sessions reported")
-            assert lost == [[doomed]]
+            assert lost_sessions(lost) == [(doomed.id,)]
             # The other worker's call goes on.
             peers[2].send(rtp(1), survivor.local(Side.INSIDE, 0))
             assert await peers[3].recv() == rtp(1)
             # A replacement takes the slice; the dead session's commands go nowhere.
-            doomed.set_remote(Side.INSIDE, 0, HOST, 9, 9)
-            doomed.release()
+            engine.apply(SetRemote(doomed.id, Side.INSIDE, 0, HOST, 9, 9))
+            engine.apply(Release(doomed.id))
             described = engine.workers()[victim.index]
             await until(lambda: engine.workers()[victim.index]["alive"], "a replacement")
             described = engine.workers()[victim.index]
@@ -223,7 +235,7 @@ def test_worker_death_loses_only_its_sessions_and_a_replacement_starts() -> None
             assert described["sessions"] == 0
             fresh = engine.allocate("fresh", 1)
             assert fresh.worker_index == victim.index  # the least loaded again
-            connect(fresh, peers[0], peers[1])
+            connect(engine, fresh, peers[0], peers[1])
             peers[0].send(rtp(5), fresh.local(Side.INSIDE, 0))
             assert await peers[1].recv() == rtp(5)
         finally:
@@ -239,13 +251,13 @@ def test_a_worker_that_stops_reading_is_killed_not_waited_for(
 ) -> None:
     """SIGSTOP: the channel fills, commands queue up to the bound, then the worker is
     treated as dead; nothing blocks and the queue does not grow past the bound."""
-    monkeypatch.setattr("proxy.media.workers.MAX_QUEUE", 20)
+    monkeypatch.setattr("proxy.media.worker_link.MAX_QUEUE", 20)
     lo, hi = free_range(8)
 
     async def scenario() -> None:
-        engine = WorkerEngine(HOST, HOST, lo, hi, 1)
-        lost: list[list[WorkerSession]] = []
-        engine.on_lost = lost.append
+        engine = WorkerPool(HOST, HOST, lo, hi, 1)
+        lost: list[MediaEvent] = []
+        engine.on_event = lost.append
         engine.start()
         w = engine._workers[0]
         assert w.proc is not None
@@ -258,12 +270,13 @@ def test_a_worker_that_stops_reading_is_killed_not_waited_for(
                 if not w.alive:
                     break
                 for _ in range(64):
-                    session.set_remote(Side.INSIDE, 0, HOST, 1000 + round_ % 1000, 0)
+                    port = 1000 + round_ % 1000
+                    engine.apply(SetRemote(session.id, Side.INSIDE, 0, HOST, port, 0))
                 engine.flush()
                 assert len(w.queue) <= 20
             assert not w.alive, "never declared stuck"
             await until(lambda: lost, "the lost session reported")
-            assert lost == [[session]]
+            assert lost_sessions(lost) == [(session.id,)]
             await until(lambda: engine.workers()[0]["alive"], "a replacement")
             assert engine.workers()[0]["pid"] != stopped
         finally:
@@ -275,11 +288,61 @@ def test_a_worker_that_stops_reading_is_killed_not_waited_for(
     run(scenario)
 
 
+def test_every_command_type_reaches_the_worker_and_applies(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """One of each command, as the pool sends it (sent as-is, whatever its table
+    checks): the worker's relay applies them all (no "cannot apply" in its log), keeps
+    relaying, and the final Release gives the ports back."""
+    lo, hi = free_range(8)
+
+    async def scenario() -> None:
+        engine = WorkerPool(HOST, HOST, lo, hi, 1)
+        engine.start()
+        phone, pbx = Peer(), Peer()
+        try:
+            session = engine.allocate("every", 1)
+            sid, out = session.id, Side.OUTSIDE
+            keys = SrtpKeys(os.urandom(16), os.urandom(16))
+            commands: list[MediaCommand] = [
+                SetRemote(sid, Side.INSIDE, 0, HOST, phone.port, phone.port + 1),
+                SetRemote(sid, out, 0, HOST, pbx.port, pbx.port + 1),
+                SetSrtp(sid, out, keys),
+                AcceptSrtp(sid, out, keys),
+                SwitchSrtp(sid, out, keys, 2.0),
+                WatchSrtp(sid, out),
+                SetTxSsrc(sid, out, 0x5555),
+                PlayTone(sid, Side.INSIDE, 0, SECURE_CALL_TONE),
+                PlayTone(sid, Side.INSIDE, 0, None),
+                ClearSrtp(sid, out),
+            ]
+            assert {type(c) for c in commands} | {Release} == set(COMMAND_TYPES)
+            for command in commands:
+                engine.apply(command)
+            inside = session.local(Side.INSIDE, 0)
+            seq = 1
+            while (relayed := await pbx.recv_after(phone, rtp(seq), inside)) != rtp(seq):
+                seq += 1  # a packet may overtake the last commands (then it is SRTP)
+                assert seq < 100, "the worker never applied ClearSrtp"
+            owner = engine._workers[session.worker_index]
+            engine.apply(Release(sid))
+            await until(lambda: owner.ports.available == owner.ports.capacity, "ports back")
+            assert relayed == rtp(seq) and engine.workers()[0]["alive"]
+        finally:
+            phone.close()
+            pbx.close()
+            await engine.close()
+
+    run(scenario)
+    err = capfd.readouterr().err
+    assert "cannot apply" not in err and "unexpected" not in err, err
+
+
 def test_no_live_worker_means_ports_exhausted() -> None:
     lo, hi = free_range(8)
 
     async def scenario() -> None:
-        engine = WorkerEngine(HOST, HOST, lo, hi, 1)
+        engine = WorkerPool(HOST, HOST, lo, hi, 1)
         with pytest.raises(PortsExhausted):
             engine.allocate("before start", 1)
         engine.start()
@@ -288,10 +351,10 @@ def test_no_live_worker_means_ports_exhausted() -> None:
             second = engine.allocate("b", 1)  # 4 pairs: full now
             with pytest.raises(PortsExhausted):
                 engine.allocate("c", 1)
-            first.release()
-            second.release()
+            engine.apply(Release(first.id))
+            engine.apply(Release(second.id))
             await until(lambda: engine._workers[0].ports.available == 4, "ports back")
-            engine.allocate("d", 1).release()
+            engine.apply(Release(engine.allocate("d", 1).id))
         finally:
             await engine.close()
 
@@ -303,22 +366,22 @@ def test_a_malformed_report_marks_the_worker_broken() -> None:
     lo, hi = free_range(8)
 
     async def scenario() -> None:
-        engine = WorkerEngine(HOST, HOST, lo, hi, 1)
+        engine = WorkerPool(HOST, HOST, lo, hi, 1)
         engine._closing = True  # no replacement in this test
         engine._loop = asyncio.get_running_loop()
-        lost: list[list[WorkerSession]] = []
-        engine.on_lost = lost.append
-        w: _Worker = engine._workers[0]
+        lost: list[MediaEvent] = []
+        engine.on_event = lost.append
+        w: WorkerSlot = engine._workers[0]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         theirs.setblocking(False)
         w.sock, w.alive = theirs, True
         w.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-        session = WorkerSession(engine, w, 1, "x", 1, {Side.INSIDE: [], Side.OUTSIDE: []})
+        session = WorkerSession(w, 1, "x", 1, {Side.INSIDE: [], Side.OUTSIDE: []})
         w.sessions[1] = session
         ours.send(b"\xff garbage")
-        engine._readable(w)
+        w._readable()
         await until(lambda: lost, "the session reported lost")
-        assert lost == [[session]] and not w.alive
+        assert lost_sessions(lost) == [(1,)] and not w.alive
         assert w.proc.poll() is not None  # killed and reaped
         ours.close()
 
@@ -329,7 +392,7 @@ def test_a_worker_exits_on_a_malformed_command_and_on_end_of_file() -> None:
     for payload in (b"not json", None):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.media.worker", "--fd", str(theirs.fileno()),
+            [sys.executable, "-m", "proxy.media.worker_process", "--fd", str(theirs.fileno()),
              "--inside-ip", HOST, "--outside-ip", HOST, "--port-min", "40000",
              "--port-max", "40007"],
             pass_fds=(theirs.fileno(),), stderr=subprocess.PIPE,
@@ -374,13 +437,13 @@ def test_relay_engine_adopts_prebound_sockets() -> None:
         assert session.local(Side.OUTSIDE, 0) == (HOST, lo + 6)
         phone, pbx = Peer(), Peer()
         try:
-            session.set_remote(Side.INSIDE, 0, HOST, phone.port, phone.port + 1)
-            session.set_remote(Side.OUTSIDE, 0, HOST, pbx.port, pbx.port + 1)
+            engine.apply(SetRemote(session.id, Side.INSIDE, 0, HOST, phone.port, phone.port + 1))
+            engine.apply(SetRemote(session.id, Side.OUTSIDE, 0, HOST, pbx.port, pbx.port + 1))
             phone.send(rtp(3), (HOST, lo + 4))
             assert await pbx.recv() == rtp(3)
             flat = session.counters()
             assert stats_from(flat, 1) == session.stats()
-            session.release()
+            engine.apply(Release(session.id))
             await session.wait_closed()
             assert closed == [session]
             for port in range(lo + 4, lo + 8):
@@ -403,7 +466,7 @@ def test_stats_from_short_counters_is_all_zero() -> None:
 
 def test_channel_message_sizes_fit() -> None:
     """A full stats batch of single-stream sessions stays under the message limit."""
-    from proxy.media.worker import STATS_BATCH
+    from proxy.media.worker_process import STATS_BATCH
 
     counters = tuple(2**40 for _ in range(36))
     batch = ch.Stats(tuple((2**40 + i, counters) for i in range(STATS_BATCH)))

@@ -9,13 +9,10 @@ segment, latency) are measured by ``bench/flood.py``; the bounds here are wide.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import resource
 import secrets
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,101 +21,64 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-HOST = "127.0.0.1"
+from testkit.ports import HOST, media_range
+from testkit.processes import processes
+from testkit.proxy import LocalProxy, dump_logs_on_failure
+
 MB = 1024 * 1024
-
-
-def free_port() -> int:
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = int(tcp.getsockname()[1])
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            try:
-                udp.bind((HOST, port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
 
 
 @dataclass
 class RunningProxy:
-    process: subprocess.Popen[bytes]
-    inside: int
-    admin: int
-    log_path: Path
+    """A :class:`~testkit.proxy.LocalProxy` and what these tests read of its process."""
+
+    proxy: LocalProxy
+
+    @property
+    def inside(self) -> int:
+        return self.proxy.inside
+
+    @property
+    def pid(self) -> int:
+        return self.proxy.pid
 
     def status(self) -> dict[str, Any]:
-        with socket.create_connection((HOST, self.admin), timeout=5) as conn:
-            conn.sendall(b"GET /status HTTP/1.0\r\n\r\n")
-            data = b""
-            while chunk := conn.recv(65536):
-                data += chunk
-        result: dict[str, Any] = json.loads(data.split(b"\r\n\r\n", 1)[1])
-        return result
+        return self.proxy.status()
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.proxy.log_text()
 
     def rss(self) -> int:
-        with open(f"/proc/{self.process.pid}/statm") as statm:
+        with open(f"/proc/{self.pid}/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
 
 @contextlib.contextmanager
 def running_proxy(
-    tmp_path: Path, sip: str = "", limits: str = "", nofile: tuple[int, int] | None = None
-) -> Iterator[RunningProxy]:
-    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sink.bind((HOST, 0))
-    inside, outside, admin = free_port(), free_port(), free_port()
-    media = 30000 + secrets.randbelow(1500) * 20
-    config = tmp_path / "proxy.toml"
-    config.write_text(
-        f'[inside]\nlisten = "{HOST}:{inside}"\nmedia_ip = "{HOST}"\n'
-        f'[outside]\nlisten = "{HOST}:{outside}"\nmedia_ip = "{HOST}"\n'
-        f'upstream = "sip:{HOST}:{sink.getsockname()[1]}"\n'
-        f"[media]\nport_min = {media}\nport_max = {media + 15}\nworkers = 0\n"
-        f"[sip]\n{sip}\n[limits]\n{limits}\n"
-        f'[admin]\nlisten = "{HOST}:{admin}"\n[log]\nlevel = "info"\n'
-    )
-    log_path = tmp_path / "proxy.log"
-
-    def limit() -> None:
-        if nofile is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
-
-    with log_path.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", str(config)],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            preexec_fn=limit,
-        )  # fmt: skip
-    proxy = RunningProxy(process, inside, admin, log_path)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert process.poll() is None, f"the proxy exited:\n{proxy.log()}"
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                proxy.status()
-                break
-            assert time.monotonic() < deadline, f"the proxy did not start:\n{proxy.log()}"
-            time.sleep(0.05)
-        yield proxy
-        assert process.poll() is None, f"the proxy died:\n{proxy.log()}"
-    finally:
-        process.terminate()
+    tmp_path: Path, sip: dict[str, Any] | None = None, limits: dict[str, Any] | None = None,
+    soft_nofile: int | None = None,
+) -> Iterator[RunningProxy]:  # fmt: skip
+    """A proxy whose upstream is a UDP socket that never answers; ``soft_nofile``: the
+    soft descriptor limit it starts with (it inherits this process's)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink, processes() as procs:
+        sink.bind((HOST, 0))
+        proxy = LocalProxy("hostile", tmp_path, media=media_range(8))
+        proxy.write_config(upstream=sink.getsockname()[1], log_level="info",
+                           media={"workers": 0}, sip=sip or {}, limits=limits or {})  # fmt: skip
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        sink.close()
+            if soft_nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft_nofile, hard))
+            proxy.start(procs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        with dump_logs_on_failure(proxy):
+            proxy.wait_up()
+            yield RunningProxy(proxy)
+            assert proxy.alive(), f"the proxy died:\n{proxy.log_text()}"
 
 
 def options(port: int, *, pad: int = 0, where: str = "", tag: str | None = None) -> bytes:
@@ -186,7 +146,7 @@ def test_unique_huge_header_values_do_not_fill_the_caches(
 def test_message_cap_413_and_a_spent_transaction_budget_still_answers(
     tmp_path: Path, udp: socket.socket
 ) -> None:
-    with running_proxy(tmp_path, sip="max_message_bytes = 4000") as proxy:
+    with running_proxy(tmp_path, sip={"max_message_bytes": 4000}) as proxy:
         reply = exchange(udp, proxy.inside, options(proxy.inside, pad=5000, where="body"))
         assert reply.startswith(b"SIP/2.0 413 Request Entity Too Large")
         assert exchange(udp, proxy.inside, options(proxy.inside)).startswith(b"SIP/2.0 200")
@@ -217,11 +177,11 @@ def test_tcp_connection_limits_and_timeouts(tmp_path: Path, udp: socket.socket) 
     """Regression: idle, partial and slow connections were never closed; 1,100 idle
     connections took every descriptor with nothing logged. Also: the soft descriptor
     limit is raised to the hard one at start."""
-    sip = "tcp_message_timeout_s = 2\ntcp_idle_timeout_s = 3"
-    limits = "max_tcp_connections = 8\nmax_tcp_connections_per_source = 5"
+    sip = {"tcp_message_timeout_s": 2, "tcp_idle_timeout_s": 3}
+    limits = {"max_tcp_connections": 8, "max_tcp_connections_per_source": 5}
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    with running_proxy(tmp_path, sip, limits, nofile=(256, hard)) as proxy:
-        limits_text = Path(f"/proc/{proxy.process.pid}/limits").read_text()
+    with running_proxy(tmp_path, sip, limits, soft_nofile=256) as proxy:
+        limits_text = Path(f"/proc/{proxy.pid}/limits").read_text()
         soft = next(line for line in limits_text.splitlines() if line.startswith("Max open"))
         assert soft.split()[3] == str(hard)
         idle_fds = proxy.fds()

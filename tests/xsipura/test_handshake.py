@@ -271,10 +271,10 @@ def test_success(any_setup: Setup) -> None:
     assert messages.decode_body(trace.exchanges[0].request).msg_id == 1
     assert messages.decode_body(trace.exchanges[1].request).msg_id == 3
 
-    # Caller: AcceptSrtp (with the Final) strictly before Secured (on the Callee Final).
+    # Caller: ExpectSrtp (with the Final) strictly before Secured (on the Callee Final).
     outcomes = trace.caller_outcomes()
-    assert [type(e) for e in outcomes] == [hs.AcceptSrtp, hs.Secured]
-    assert isinstance(trace.exchanges[0].caller_events[0], hs.AcceptSrtp)
+    assert [type(e) for e in outcomes] == [hs.ExpectSrtp, hs.Secured]
+    assert isinstance(trace.exchanges[0].caller_events[0], hs.ExpectSrtp)
     assert outcomes[0].session == outcomes[1].session
     assert trace.callee_outcomes() == [hs.Secured(callee.session)]  # type: ignore[arg-type]
 
@@ -329,9 +329,9 @@ def test_session_repr_hides_keys(setup: Setup) -> None:
         assert keys.master_salt.hex() not in text
     assert keys.libsrtp_key == keys.master_key + keys.master_salt[:14]
     with pytest.raises(ValueError):
-        hs.SrtpKeys(b"k" * 15, b"s" * 16)
+        hs.MasterKeys(b"k" * 15, b"s" * 16)
     with pytest.raises(ValueError):
-        hs.SrtpKeys(b"k" * 16, b"s" * 14)
+        hs.MasterKeys(b"k" * 16, b"s" * 14)
 
 
 def test_callee_refuses_a_private_key_not_matching_its_certificate(pki: Pki) -> None:
@@ -413,7 +413,7 @@ def test_bad_message_in_callee_hello(setup: Setup, reply: str) -> None:
     caller, callee = setup.caller(), setup.callee()
     trace = run(caller, callee, on_response=response_on_step(0, lambda s, b: (200, reply)))
     assert only(trace.caller_outcomes(), hs.StayClear).reason is R.BAD_MESSAGE
-    assert not any(isinstance(e, hs.AcceptSrtp) for e in trace.caller_events)
+    assert not any(isinstance(e, hs.ExpectSrtp) for e in trace.caller_events)
     assert caller.state is hs.CallerState.CLEAR
     assert caller.session is None
 
@@ -444,7 +444,7 @@ def test_caller_final_under_the_wrong_key_is_400(setup: Setup, pki: Pki) -> None
 def test_bad_message_in_callee_final(setup: Setup, reply: str) -> None:
     caller, callee = setup.caller(), setup.callee()
     trace = run(caller, callee, on_response=response_on_step(1, lambda s, b: (200, reply)))
-    assert isinstance(trace.caller_outcomes()[0], hs.AcceptSrtp)
+    assert isinstance(trace.caller_outcomes()[0], hs.ExpectSrtp)
     assert only(trace.caller_outcomes(), hs.StayClear).reason is R.BAD_MESSAGE
     assert caller.session is None
     assert caller.state is hs.CallerState.CLEAR
@@ -800,7 +800,7 @@ def lose_callee_final(setup: Setup) -> tuple[hs.CallerHandshake, hs.CalleeHandsh
     assert trace.dropped.status == 200
     assert callee.state is hs.CalleeState.SECURED
     assert caller.state is hs.CallerState.FINAL_SENT
-    assert [type(e) for e in trace.caller_outcomes()] == [hs.AcceptSrtp]
+    assert [type(e) for e in trace.caller_outcomes()] == [hs.ExpectSrtp]
     return caller, callee, trace
 
 
@@ -992,7 +992,7 @@ def test_rekey_inside_a_secured_dialog(any_setup: Setup) -> None:
 
     trace = run(caller, callee, now=100.0, rekey=True)
     assert trace.statuses == [200, 200]
-    assert [type(e) for e in trace.caller_outcomes()] == [hs.AcceptSrtp, hs.Secured]
+    assert [type(e) for e in trace.caller_outcomes()] == [hs.ExpectSrtp, hs.Secured]
     assert [type(e) for e in trace.callee_outcomes()] == [hs.Secured]
     new_a, new_b = caller.session, callee.session
     assert new_a is not None

@@ -429,7 +429,7 @@ def test_valid_final_with_whitespace_secures(
     events = callee.receive_request(body, 1.0, NOW_UTC)
     check_callee_events(events, frozenset({200}))
     assert callee.session is not None
-    assert callee.session.keys == hs.SrtpKeys(b"k" * 16, b"s" * 16)
+    assert callee.session.keys == hs.MasterKeys(b"k" * 16, b"s" * 16)
 
 
 # --- the caller (bonus): any response is handled ------------------------------------------------

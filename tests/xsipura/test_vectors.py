@@ -344,7 +344,7 @@ def test_vector_users_full_handshake_reproduces_vector_bodies(
     [response] = callee.receive_request(hello.body, 0.1, NOW_UTC)
     assert response.body == m["callee_hello"]["body_b64"]
     accept, final = caller.receive_response(response.status, response.body, 0.2, NOW_UTC)
-    assert isinstance(accept, hs.AcceptSrtp)
+    assert isinstance(accept, hs.ExpectSrtp)
     assert isinstance(final, hs.SendInfo)
     callee_response, callee_secured = callee.receive_request(final.body, 0.3, NOW_UTC)
     assert callee_response.body == m["callee_final"]["body_b64"]

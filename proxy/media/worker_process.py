@@ -1,14 +1,16 @@
 """A media worker process: the in-process relay (:mod:`proxy.media.relay`) driven over a
 channel (:mod:`proxy.media.channel`) by the signalling process.
 
-Started by :class:`proxy.media.workers.WorkerEngine` as
-``python -m proxy.media.worker --fd N ...`` with one end of a SOCK_SEQPACKET socketpair
-as fd N. It runs one :class:`RelayEngine` on uvloop (the stdlib loop with a warning when
-uvloop is missing), builds sessions from the sockets that arrive with ``Allocate``, and
-applies the other commands to them; the per-packet path is the relay's own, untouched.
+Started by :class:`proxy.media.worker_pool.WorkerPool` as
+``python -m proxy.media.worker_process --fd N ...`` with one end of a SOCK_SEQPACKET
+socketpair as fd N. It runs one :class:`RelayEngine` on uvloop (the stdlib loop with a
+warning when uvloop is missing), builds sessions from the sockets that arrive with
+``Allocate`` (under the session id the pool chose), and hands every media command to
+the relay's own :meth:`RelayEngine.apply`, as it came; the per-packet path is the
+relay's own, untouched.
 
 What goes back: ``Closed`` when a released session's sockets are all closed (its ports
-may be handed out again), ``Authenticated`` once per watched key, and ``Stats``:
+may be handed out again), ``Authenticated`` once per fired ``WatchSrtp``, and ``Stats``:
 every :data:`FLUSH_S` the counters of the sessions whose counters changed, and, checked
 every :data:`FIRST_PACKET_S`, at once for a session whose stream 0 just received its
 first packet on a side, because the B2BUA starts x-sipura only after the phone's first
@@ -33,13 +35,19 @@ import socket
 import sys
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from proxy.logsetup import configure_logging
 from proxy.media import channel as ch
+from proxy.media.commands import (
+    COMMAND_TYPES,
+    MediaEvent,
+    Release,
+    SrtpAuthenticated,
+    WatchSrtp,
+)
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine, RelaySession
-from proxy.media.srtp import SrtpContext
-from proxy.media.tones import Tone
 from proxy.runtime import install_fast_loop, tune_gc
 
 log = logging.getLogger("sipura.media.worker")
@@ -56,15 +64,17 @@ MAX_QUEUE = 100_000
 """Messages waiting for the signalling process to read them: beyond, it is stuck."""
 
 
-class Worker:
+class WorkerProcess:
+    """The worker's side of the channel around its :class:`RelayEngine`."""
+
     def __init__(self, sock: socket.socket, engine: RelayEngine, index: int) -> None:
         self.sock = sock
         self.engine = engine
         self.index = index
         self.sessions: dict[int, RelaySession] = {}
-        self.sids: dict[RelaySession, int] = {}
-        self.keys: dict[int, dict[int, SrtpContext]] = {}
-        """Per session: key id -> the one context the relay sees for it."""
+        """Allocated here and not released, by id."""
+        self.watches: dict[tuple[int, Side], int] = {}
+        """Per session and side: the WatchSrtp commands received (see ch.Authenticated)."""
         self.last: dict[int, tuple[int, ...]] = {}
         """Per session: the counters last reported."""
         self.fresh: dict[int, tuple[int, int]] = {}
@@ -79,7 +89,15 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.status = 0
         """Exit status: 1 when the channel failed or carried something undecodable."""
+        self.handlers: dict[type, Callable[[Any], None]] = {
+            **dict.fromkeys(COMMAND_TYPES, engine.apply),
+            WatchSrtp: self._watch,
+            Release: self._release,
+        }
+        """What to do with each message from the signalling process, but ``Allocate``
+        (which comes with sockets): a media command goes to the relay as it is."""
         engine.on_closed = self._closed
+        engine.on_event = self._event
 
     async def run(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
@@ -127,7 +145,7 @@ class Worker:
                 if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                     raise ch.ChannelError("truncated message")
                 messages = ch.decode_all(data)
-                wanted = sum(4 * m.streams for m in messages if isinstance(m, ch.Allocate))
+                wanted = sum(4 * m.streams for m in messages if type(m) is ch.Allocate)
                 if wanted != len(fds):
                     raise ch.ChannelError(f"{len(fds)} sockets for {wanted}")
             except ch.ChannelError as exc:
@@ -138,95 +156,61 @@ class Worker:
                 self.stop(1)
                 return
             for message in messages:
-                mine: list[int] = []
-                if isinstance(message, ch.Allocate):
-                    mine, fds = fds[: 4 * message.streams], fds[4 * message.streams :]
                 try:
-                    self._apply(message, mine)
+                    if isinstance(message, ch.Allocate):
+                        mine, fds = fds[: 4 * message.streams], fds[4 * message.streams :]
+                        self._allocate(message, mine)
+                    else:
+                        self.handlers.get(type(message), self._unexpected)(message)
                 except (ValueError, IndexError, KeyError) as exc:
                     log.error("worker %d: cannot apply %s: %s", self.index,
                               type(message).__name__, exc)  # fmt: skip
 
-    def _apply(self, message: ch.Message, fds: list[int]) -> None:
-        if isinstance(message, ch.Allocate):
-            self._allocate(message, fds)
-            return
-        sid = getattr(message, "sid", None)
-        session = self.sessions.get(sid) if isinstance(sid, int) else None
-        if session is None:
-            return  # released meanwhile, or never allocated here
-        if isinstance(message, ch.SetRemote):
-            session.set_remote(Side(message.side), message.index, message.ip, message.rtp_port,
-                               message.rtcp_port, message.rtcp_mux)  # fmt: skip
-        elif isinstance(message, ch.SetSrtp):
-            key = self._key(message.sid, message.kid, message.master_key, message.master_salt)
-            session.set_srtp(Side(message.side), key, message.srtcp)
-        elif isinstance(message, ch.AcceptSrtp):
-            key = self._key(message.sid, message.kid, message.master_key, message.master_salt)
-            if key is not None:
-                session.accept_srtp(Side(message.side), key, message.srtcp)
-        elif isinstance(message, ch.SwitchSrtp):
-            key = self._key(message.sid, message.kid, message.master_key, message.master_salt)
-            if key is not None:
-                session.switch_srtp(Side(message.side), key, message.grace_s, message.now,
-                                    message.srtcp)  # fmt: skip
-        elif isinstance(message, ch.WatchAuth):
-            session.on_srtp_authenticated(
-                Side(message.side), self._reporter(message.sid, message.side, message.token)
-            )
-        elif isinstance(message, ch.ClearSrtp):
-            session.clear_srtp(Side(message.side))
-        elif isinstance(message, ch.SetTxSsrc):
-            session.set_tx_ssrc(Side(message.side), message.ssrc)
-        elif isinstance(message, ch.PlayTone):
-            tone = None if message.tone is None else Tone.parse(message.tone)
-            session.play_tone(Side(message.side), message.index, tone)
-        elif isinstance(message, ch.Release):
-            self._release(message.sid, session)
-
     def _allocate(self, message: ch.Allocate, fds: list[int]) -> None:
         sockets = [socket.socket(fileno=fd) for fd in fds]
-        if message.sid in self.sessions or len(sockets) != 4 * message.streams:
+        sid = message.session
+        if sid in self.sessions or len(sockets) != 4 * message.streams:
             for sock in sockets:
                 sock.close()
-            raise ValueError(f"session {message.sid}: {len(fds)} sockets, or a duplicate")
+            raise ValueError(f"session {sid}: {len(fds)} sockets, or a duplicate")
         pairs = [(sockets[i], sockets[i + 1]) for i in range(0, len(sockets), 2)]
-        session = self.engine.allocate(message.call_id, message.streams, sockets=pairs)
-        self.sessions[message.sid] = session
-        self.sids[session] = message.sid
-        self.fresh[message.sid] = (0, 0)
+        session = self.engine.allocate(message.call_id, message.streams, pairs, session_id=sid)
+        self.sessions[sid] = session
+        self.fresh[sid] = (0, 0)
 
-    def _key(self, sid: int, kid: int, master_key: bytes, master_salt: bytes) -> SrtpContext | None:
-        if kid == 0:
-            return None
-        keys = self.keys.setdefault(sid, {})
-        key = keys.get(kid)
-        if key is None:
-            key = keys[kid] = SrtpContext(master_key, master_salt)
-        return key
+    def _watch(self, command: WatchSrtp) -> None:
+        if command.session in self.sessions:
+            key = (command.session, Side(command.side))
+            self.watches[key] = self.watches.get(key, 0) + 1
+        self.engine.apply(command)
 
-    def _reporter(self, sid: int, side: str, token: int) -> Callable[[], None]:
-        def report() -> None:  # runs in a packet handler, once per key at most
-            self._flush_one(sid)  # the counters that go with it first
-            self.send(ch.Authenticated(sid, side, token))
-
-        return report
-
-    def _release(self, sid: int, session: RelaySession) -> None:
-        del self.sessions[sid]
-        self.keys.pop(sid, None)
+    def _release(self, command: Release) -> None:
+        sid = command.session
+        if self.sessions.pop(sid, None) is None:
+            return  # released before, or never allocated here
         self.last.pop(sid, None)
         self.fresh.pop(sid, None)
-        session.release()
+        for side in Side:
+            self.watches.pop((sid, side), None)
+        self.engine.apply(command)
+
+    def _unexpected(self, message: ch.ChannelMessage) -> None:
+        log.error("worker %d: unexpected %s from the signalling process", self.index,
+                  type(message).__name__)  # fmt: skip
+
+    def _event(self, event: MediaEvent) -> None:
+        """The relay reports an event (from a packet handler, once per watch at most)."""
+        if isinstance(event, SrtpAuthenticated):
+            sid, side = event.session, event.side
+            self._flush_one(sid)  # the counters that go with it first
+            self.send(ch.Authenticated(sid, side, self.watches.get((sid, side), 0)))
 
     def _closed(self, session: RelaySession) -> None:
-        sid = self.sids.pop(session, None)
-        if sid is not None:
-            self.send(ch.Closed(sid))
+        self.send(ch.Closed(session.id))
 
     # --- sending ----------------------------------------------------------------------
 
-    def send(self, message: ch.Message) -> None:
+    def send(self, message: ch.ChannelMessage) -> None:
         """Queue a report: the reports of one loop iteration leave as one batch."""
         if self.done is None or self.done.done():
             return  # stopping: nobody is listening any more
@@ -330,7 +314,7 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m proxy.media.worker")
+    parser = argparse.ArgumentParser(prog="python -m proxy.media.worker_process")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--inside-ip", required=True)
@@ -350,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     async def serve() -> int:
         engine = RelayEngine(args.inside_ip, args.outside_ip, args.port_min, args.port_max,
                              pool_pairs=0)  # fmt: skip
-        worker = Worker(sock, engine, args.index)
+        worker = WorkerProcess(sock, engine, args.index)
         await worker.run()
         return worker.status
 

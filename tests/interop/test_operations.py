@@ -1,0 +1,184 @@
+"""Operations against a real running proxy with SIPp calls: the admin endpoint (health,
+token, 404/405), ``/metrics`` parsed with prometheus_client's parser, SIGHUP reload,
+SIGTERM drain, and ``sipura-proxy calls`` / ``reload``."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from conftest import Proxy, ProxyFactory, Sipp
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "t0ken-for-tests-0123456789"
+
+
+def request(
+    proxy: Proxy, method: str, path: str, token: str | None = None
+) -> tuple[int, bytes, dict[str, str]]:
+    conn = http.client.HTTPConnection(HOST, proxy.admin, timeout=5)
+    try:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read(), dict(response.getheaders())
+    finally:
+        conn.close()
+
+
+def scrape(proxy: Proxy, token: str | None = TOKEN) -> dict[str, float]:
+    """Every sample of ``/metrics`` as ``name{label="v",...}`` -> value, via the parser."""
+    status, body, headers = request(proxy, "GET", "/metrics", token)
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=30, check=False,
+    )  # fmt: skip
+
+
+def token_proxy(
+    start_proxy: ProxyFactory, new_port: Callable[[], int], tmp_path: Path,
+    **tables: dict[str, Any],
+) -> tuple[Proxy, int]:  # fmt: skip
+    """A proxy with an admin token whose upstream is a fresh port (for a SIPp uas);
+    ``tables``: more config keys per table."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    uas_port = new_port()
+    admin = {"token": "@admin.token"}
+    proxy = start_proxy(f"sip:{HOST}:{uas_port}", token=TOKEN, admin=admin, **tables)
+    return proxy, uas_port
+
+
+def test_admin_endpoint_and_metrics_with_calls(
+    start_proxy: ProxyFactory, sipp: Sipp, new_port: Callable[[], int], tmp_path: Path
+) -> None:
+    proxy, uas_port = token_proxy(start_proxy, new_port, tmp_path)
+    assert request(proxy, "GET", "/health")[:2] == (200, b"ok")
+    assert request(proxy, "GET", "/status")[0] == 401
+    assert request(proxy, "GET", "/status", "wrong")[0] == 401
+    assert request(proxy, "GET", "/status", TOKEN)[0] == 200
+    assert request(proxy, "GET", "/nope", TOKEN)[0] == 404
+    status, _, headers = request(proxy, "DELETE", "/metrics", TOKEN)
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
+    head = request(proxy, "HEAD", "/metrics", TOKEN)
+    assert head[0] == 200 and head[1] == b""
+
+    before = scrape(proxy)
+    assert before["sipura_media_workers_alive"] >= 1
+    free_before = before["sipura_media_ports_free"]
+    assert free_before > 0
+    assert "process_cpu_seconds_total" in before and "process_resident_memory_bytes" in before
+    assert before['sipura_calls_active{secure="no"}'] == 0
+
+    callee = sipp.uas("uas_call.xml", uas_port, "udp", calls=3)
+    caller = sipp.uac("uac_call.xml", proxy.inside, "udp", calls=3,
+                      extra=["-cid_str", "caller-cid-%u-%p@%s", "-l", "1"])  # fmt: skip
+    sipp.check(caller, callee)
+    proxy.wait_idle()
+
+    after = scrape(proxy)
+    assert after['sipura_sip_responses_total{code="200"}'] >= 3
+    assert after['sipura_calls_active{secure="no"}'] == 0
+    assert after["sipura_media_ports_free"] == free_before  # every pair back
+    assert after["sipura_media_worker_restarts_total"] == 0
+    for side in ("inside", "outside"):
+        for direction in ("in", "out"):
+            key = f'sipura_media_packets_total{{direction="{direction}",side="{side}"}}'
+            assert key in after
+    assert 'sipura_media_drops_total{reason="wrong_source"}' in after
+    assert after["sipura_handshake_seconds_count"] == 0
+
+
+def test_sighup_reload_applies_and_rejects(
+    start_proxy: ProxyFactory, new_port: Callable[[], int], tmp_path: Path
+) -> None:
+    proxy, _ = token_proxy(start_proxy, new_port, tmp_path)
+    assert proxy.process is not None
+    original = proxy.config_path.read_text()
+    # A new line and a new log level: applied. A new inside listen port: needs a restart.
+    changed = original.replace('level = "debug"', 'level = "info"') + (
+        '\n[[line]]\nuser_id = "15550001234"\n'
+    )
+    changed = changed.replace(f"{HOST}:{proxy.inside}", f"{HOST}:{new_port()}")
+    proxy.config_path.write_text(changed)
+    proxy.process.send_signal(signal.SIGHUP)
+    _wait_for_log(proxy, "reloaded ")
+    assert "inside.listen changed; takes effect only after a restart" in proxy.log_text()
+    assert proxy.alive() and proxy.options("inside") is not None  # still on the old port
+
+    proxy.config_path.write_text(original.replace('level = "debug"', 'level = "loud"'))
+    proxy.process.send_signal(signal.SIGHUP)
+    _wait_for_log(proxy, "reload rejected")
+    assert proxy.alive()
+    assert "log.level" in proxy.log_text().split("reload rejected", 1)[1].split("\n", 1)[0]
+
+    # The same through the admin endpoint and the CLI (token from the config file).
+    proxy.config_path.write_text(original)
+    done = cli("reload", "--config", str(proxy.config_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("reloaded ")
+    proxy.config_path.write_text("[inside]\n")
+    refused = cli("reload", "--admin", f"{HOST}:{proxy.admin}", "--token-file",
+                  str(tmp_path / "admin.token"))  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "rejected" in refused.stderr
+    proxy.config_path.write_text(original)
+    assert cli("reload", "--admin", f"{HOST}:{proxy.admin}").returncode == 2  # no token: 401
+
+
+def test_sigterm_drains_calls_then_exits_zero(
+    start_proxy: ProxyFactory, sipp: Sipp, new_port: Callable[[], int], tmp_path: Path
+) -> None:
+    proxy, uas_port = token_proxy(start_proxy, new_port, tmp_path, run={"drain_s": 20})
+    assert proxy.process is not None
+    callee = sipp.uas("uas_call.xml", uas_port, "udp", calls=2)
+    hold = ["-cid_str", "caller-cid-%u-%p@%s", "-l", "2", "-d", "3000"]
+    caller = sipp.uac("uac_call_long.xml", proxy.inside, "udp", calls=2, extra=hold)
+    deadline = time.monotonic() + 10
+    while len(proxy.status()["calls"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    listed = cli("calls", "--config", str(proxy.config_path))
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[:4] == ["ID", "DIRECTION", "STATE", "SECURE"]
+    assert len(rows) == 2 and all("clear (not requested)" in row for row in rows)
+
+    sent = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert proxy.alive()  # calls in progress keep it up
+    assert request(proxy, "GET", "/health")[:2] == (503, b"draining\n")
+    sipp.check(caller, callee)  # both calls completed normally
+    code = proxy.process.wait(timeout=10)
+    drained = time.monotonic() - sent
+    assert code == 0
+    assert drained < 5, drained
+    assert "drained in" in proxy.log_text()
+
+
+def _wait_for_log(proxy: Proxy, text: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in proxy.log_text():
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{proxy.log_text()}"
+        time.sleep(0.05)
