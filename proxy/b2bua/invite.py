@@ -54,12 +54,17 @@ class CallSetup:
         self.teardown = teardown
         self.dialogs = dialogs
         self.secure = secure
+        self.draining = False
+        """New calls are refused (503, logged): the process is shutting down."""
 
     # --- the INVITE that creates a call -----------------------------------------------
 
     def on_invite(
         self, side: Side, tx: ServerTransaction, request: Request, now: float
     ) -> list[Outbound]:
+        if self.draining:
+            raise Reject(503, "Service Unavailable", [("Retry-After", "5")],
+                         cause="draining")  # fmt: skip
         limit = self.config.limits.max_calls
         if limit and len(self.calls) >= limit:
             raise Reject(503, "Service Unavailable", [("Retry-After", "5")],

@@ -248,6 +248,7 @@ class ProxyServer:
     def begin_drain(self) -> None:
         """Stop taking calls: ``/health`` turns 503 so a dispatcher in front fails over."""
         self.draining = True
+        self.core.setup.draining = True
 
     def hang_up_all(self) -> None:
         """End every call now (the end of a drain)."""
