@@ -78,17 +78,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from proxy.b2bua.config import load_config
     from proxy.b2bua.line_keys import load_security
     from proxy.b2bua.server import run
+    from proxy.b2bua.tls_keys import load_tls
 
     config = load_config(args.config)  # ConfigError is a UsageError: one line, exit 2
     security = load_security(config)  # keys and certificates: checked before any socket
+    tls = load_tls(config)  # the TLS certificate, key and their match, the trust store
     load_token(config)  # the token file's mode, like a key's
     if args.check:
-        for warning in security.warnings:
+        for warning in (*security.warnings, *tls.warnings):
             print(f"warning: {warning}", file=sys.stderr)
         if security.errors:
             # An expired line MC: `run` would start with that line in the clear.
             raise UsageError(security.errors[0])
-        print(f"{args.config}: OK ({len(config.lines)} lines, {len(security.lines)} secure)")
+        tls_note = f", TLS as {tls.subject}" if tls.subject else ""
+        print(f"{args.config}: OK ({len(config.lines)} lines, {len(security.lines)} secure"
+              f"{tls_note})")  # fmt: skip
         return 0
     return run(config)
 

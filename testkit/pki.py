@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from proxy.keyperms import write_private
+from proxy.xsipura import keyfiles, rsa
 from proxy.xsipura.keyfiles import (
     CaKeyFormat,
     dump_ca_key,
@@ -63,3 +64,39 @@ class TestCa:
         """The trust anchor file, as ``mc ca-pub`` writes it (``[xsipura] trusted_ca``)."""
         path.write_bytes(dump_ca_public(self.key.public, fmt))
         return path
+
+
+# --- an in-memory subscriber PKI for the unit tests ---------------------------------
+
+NOW_UTC = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
+"""A wall-clock instant at which every vector and test-PKI MC is valid."""
+
+Party = LineCredentials
+"""One subscriber: its MC (``certificate``), private key and provisioning ``param``."""
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: rsa.PrivateKey
+    other_ca: rsa.PrivateKey
+    alice: Party
+    bob: Party
+    trust: TrustStore
+
+    def issue(
+        self,
+        name: str,
+        user_id: str,
+        expires: datetime,
+        key: rsa.PrivateKey | None = None,
+        ca: rsa.PrivateKey | None = None,
+    ) -> Party:
+        return issue_line(ca or self.ca, name, user_id, expires, key)
+
+
+def make_pki() -> Pki:
+    ca = keyfiles.generate_ca_key()
+    other_ca = keyfiles.generate_ca_key()
+    alice = issue_line(ca, "Alice Caller", "15550001111", datetime(2031, 1, 1, tzinfo=UTC))
+    bob = issue_line(ca, "Bob Callee", "15550002222", datetime(2032, 2, 2, 2, 2, 2, tzinfo=UTC))
+    return Pki(ca, other_ca, alice, bob, TrustStore([ca.public]))

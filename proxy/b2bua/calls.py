@@ -15,6 +15,7 @@ import logging
 from enum import Enum
 
 from proxy.b2bua.legs import Call, CallState, Leg
+from proxy.b2bua.sdes_leg import method_of
 from proxy.media.engine import Side
 
 log = logging.getLogger("sipura.b2bua")
@@ -84,7 +85,7 @@ class CallTable:
             return
         call.state = CallState.TERMINATED
         self.drop(call)
-        log.info("call %d ended", call.id)
+        log.info("call %d ended (%s)", call.id, method_of(call))
 
     # --- deadlines --------------------------------------------------------------------
 

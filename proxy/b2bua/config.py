@@ -51,12 +51,22 @@ from proxy.b2bua.config_reader import (
     sip_uri,
     user_id,
 )
+from proxy.b2bua.config_transport import (
+    SDES_CHOICES,
+    DnsConfig,
+    TlsConfig,
+    dns_config,
+    sip_uri_list,
+    tls_config,
+    uses_tls,
+)
 from proxy.media.tones import SECURE_CALL_TONE, Tone
 
 __all__ = [
     "AdminConfig",
     "Config",
     "ConfigError",
+    "DnsConfig",
     "KeySource",
     "LimitsConfig",
     "LineConfig",
@@ -65,13 +75,15 @@ __all__ = [
     "RunConfig",
     "SideConfig",
     "SipConfig",
+    "TlsConfig",
     "XsipuraConfig",
     "load_config",
     "parse_config",
 ]
 
 UNKNOWN_USERS_CHOICES: Final = ("relay", "reject")
-TRANSPORT_CHOICES: Final = ("udp", "tcp")
+TRANSPORT_CHOICES: Final = ("udp", "tcp", "tls")
+DEFAULT_TRANSPORTS: Final = ("udp", "tcp")
 LOG_LEVEL_CHOICES: Final = ("debug", "info", "warning", "error")
 LOG_FORMAT_CHOICES: Final = ("text", "json")
 CALLERID_REFRESH_CHOICES: Final = ("update", "reinvite", "off")
@@ -106,8 +118,38 @@ class SideConfig:
     advertise_host: str | None = None
     advertise_port: int | None = None
     upstream: str | None = None
+    """The first of :attr:`upstreams` (None: no upstream)."""
     registrar: str | None = None
+    """The first of :attr:`registrars` (None: the proxy is the registrar)."""
     unknown_users: str = "relay"
+    tls_listen_host: str | None = None
+    tls_listen_port: int | None = None
+    """SIP over TLS listen address (``tls_listen``); None: no TLS listener on this side."""
+    upstreams: tuple[str, ...] = ()
+    """``upstream`` as configured, tried in order (failover on 503, 408, timeout or a
+    transport failure). Use :attr:`upstream_uris`, which also covers ``upstream``
+    set alone (a dataclass built by hand)."""
+    registrars: tuple[str, ...] = ()
+    sdes: str = "off"
+    """Outside only: SDES-SRTP (RFC 4568) ``off``, ``offer`` or ``require``."""
+    sdes_over_insecure_transport: bool = False
+    """Outside only: allow SDES keys in SDP sent over UDP/TCP (they are readable there)."""
+    failover_hold_down_s: float = 30.0
+    """Outside only: a target that failed is skipped this long while others remain."""
+
+    @property
+    def upstream_uris(self) -> tuple[str, ...]:
+        return self.upstreams or ((self.upstream,) if self.upstream else ())
+
+    @property
+    def registrar_uris(self) -> tuple[str, ...]:
+        return self.registrars or ((self.registrar,) if self.registrar else ())
+
+    @property
+    def tls_listen(self) -> tuple[str, int] | None:
+        if self.tls_listen_host is None or self.tls_listen_port is None:
+            return None
+        return self.tls_listen_host, self.tls_listen_port
 
     @property
     def advertised(self) -> tuple[str, int]:
@@ -152,7 +194,7 @@ class SipConfig:
     t1_s: float = 0.5
     t2_s: float = 4.0
     t4_s: float = 5.0
-    transports: tuple[str, ...] = TRANSPORT_CHOICES
+    transports: tuple[str, ...] = DEFAULT_TRANSPORTS
     user_agent: str | None = DEFAULT_USER_AGENT
     """``None`` (configured as ``""``) means no User-Agent/Server header at all."""
     max_forwards: int = 70
@@ -283,6 +325,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     xsipura: XsipuraConfig = field(default_factory=XsipuraConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: str = "<string>"
     _by_key: Mapping[str, LineConfig] = field(init=False, repr=False, compare=False)
@@ -354,50 +398,115 @@ def _syntax_error(text: str, source: str, exc: tomllib.TOMLDecodeError) -> Confi
 
 def _build(root: Table) -> Config:
     root.check_keys(
-        ("inside", "outside", "media", "sip", "line", "log", "limits", "admin", "xsipura", "run")
-    )
+        ("inside", "outside", "media", "sip", "line", "log", "limits", "admin", "xsipura",
+         "tls", "dns", "run")
+    )  # fmt: skip
     inside = _side(root.table(name="inside", required=True), inside=True)
     outside = _side(root.table(name="outside", required=True), inside=False)
     _check_distinct_listen(root.source, inside, outside)
     media = _media(root.table("media"), root.table("limits"))
+    sip = _sip(root.table("sip"))
+    tls = tls_config(root.table("tls"))
+    _check_tls(root, sip, tls, inside, outside)
+    outside = _sdes(root.table("outside"), outside)
     return Config(
         inside=inside,
         outside=outside,
         media=media,
-        sip=_sip(root.table("sip")),
-        lines=_lines(root),
+        sip=sip,
+        lines=_lines(root, outside),
         log=_log(root.table("log")),
         limits=_limits(root.table("limits"), inside, outside, media),
         admin=_admin(root.table("admin"), inside, outside),
         xsipura=_xsipura(root.table("xsipura")),
+        tls=tls,
+        dns=dns_config(root.table("dns")),
         run=_run(root.table("run")),
         source=root.source,
     )
 
 
+def _check_tls(
+    root: Table, sip: SipConfig, tls: TlsConfig, inside: SideConfig, outside: SideConfig
+) -> None:
+    """A TLS listener needs "tls" in ``[sip] transports`` and a certificate; so does a
+    TLS upstream (without the certificate: the proxy is only a client there)."""
+    for name, side in (("inside", inside), ("outside", outside)):
+        if side.tls_listen is None:
+            continue
+        table = root.table(name)
+        if "tls" not in sip.transports:
+            raise table.error("tls_listen", 'needs "tls" in sip.transports')
+        if not tls.has_identity:
+            raise table.error("tls_listen", "needs tls.certificate and tls.private_key")
+        host, port = side.tls_listen
+        for other_name, other in (("inside", inside), ("outside", outside)):
+            if _same_socket(host, port, other):  # TCP and TLS listeners share TCP ports
+                raise table.error("tls_listen", f"same address and port as {other_name}.listen")
+    if inside.tls_listen is not None and outside.tls_listen is not None:
+        as_listen = replace(inside, listen_host=inside.tls_listen[0],
+                            listen_port=inside.tls_listen[1])  # fmt: skip
+        if _same_socket(*outside.tls_listen, as_listen):
+            raise root.table("outside").error("tls_listen", "same address and port as inside")
+    table = root.table("outside")
+    for key, uris in (("upstream", outside.upstream_uris), ("registrar", outside.registrar_uris)):
+        for uri in uris:
+            if uses_tls(uri) and "tls" not in sip.transports:
+                raise table.error(key, f'{quote(uri)} needs "tls" in sip.transports')
+
+
+def _sdes(t: Table, outside: SideConfig) -> SideConfig:
+    """``sdes`` defaults to "offer" when the outside leg runs over TLS (a TLS listener or
+    a TLS upstream), else "off"; SDES keys travel in the SDP, so offering them over
+    plain UDP/TCP needs ``sdes_over_insecure_transport`` (and gets a warning)."""
+    tls_outside = _outside_tls(outside)
+    insecure_ok = t.boolean("sdes_over_insecure_transport", False)
+    sdes = t.choice("sdes", SDES_CHOICES, "offer" if tls_outside else "off")
+    if sdes != "off" and not tls_outside and not insecure_ok:
+        raise t.error(
+            "sdes",
+            f'"{sdes}" sends SRTP keys in SDP, but the outside leg has no TLS '
+            "(set tls_listen or a sips:/transport=tls upstream, or "
+            "sdes_over_insecure_transport = true)",
+        )
+    return replace(outside, sdes=sdes, sdes_over_insecure_transport=insecure_ok)
+
+
 def _side(t: Table, *, inside: bool) -> SideConfig:
     only_inside = ("unknown_users",)
-    only_outside = ("upstream", "registrar")
+    only_outside = ("upstream", "registrar", "sdes", "sdes_over_insecure_transport",
+                    "failover_hold_down_s")  # fmt: skip
     own, other = (only_inside, only_outside) if inside else (only_outside, only_inside)
     elsewhere = {name: "outside" if inside else "inside" for name in other}
-    t.check_keys(("listen", "media_ip", "advertise", *own), elsewhere)
+    t.check_keys(("listen", "media_ip", "advertise", "tls_listen", *own), elsewhere)
 
     listen_host, listen_port = t.parse("listen", host_port, required=True)
     advertise_host: str | None = None
     advertise_port: int | None = None
     if t.has("advertise"):
         advertise_host, advertise_port = t.parse("advertise", host_optional_port)
+    tls_host: str | None = None
+    tls_port: int | None = None
+    if t.has("tls_listen"):
+        tls_host, tls_port = t.parse("tls_listen", host_port)
+    upstreams = sip_uri_list(t, "upstream") if t.has("upstream") else ()
+    registrars = sip_uri_list(t, "registrar") if t.has("registrar") else ()
     return SideConfig(
         listen_host=listen_host,
         listen_port=listen_port,
         media_ip=t.parse("media_ip", media_ip, required=True),
         advertise_host=advertise_host,
         advertise_port=advertise_port,
-        upstream=t.parse("upstream", sip_uri) if t.has("upstream") else None,
-        registrar=t.parse("registrar", sip_uri) if t.has("registrar") else None,
+        upstream=upstreams[0] if upstreams else None,
+        registrar=registrars[0] if registrars else None,
         unknown_users=t.choice("unknown_users", UNKNOWN_USERS_CHOICES, "relay")
         if inside
         else "relay",
+        tls_listen_host=tls_host,
+        tls_listen_port=tls_port,
+        upstreams=upstreams,
+        registrars=registrars,
+        failover_hold_down_s=float(t.integer("failover_hold_down_s", 30, minimum=0)),
     )
 
 
@@ -487,10 +596,10 @@ def _sip(t: Table) -> SipConfig:
 
 def _transports(t: Table) -> tuple[str, ...]:
     if not t.has("transports"):
-        return TRANSPORT_CHOICES
+        return DEFAULT_TRANSPORTS
     items = t.array("transports")
     if not items:
-        raise t.error("transports", 'must name at least one of "udp", "tcp"')
+        raise t.error("transports", 'must name at least one of "udp", "tcp", "tls"')
     seen: list[str] = []
     for index, item in enumerate(items):
         key = f"{t.key('transports')}[{index}]"
@@ -512,7 +621,7 @@ def _log(t: Table) -> LogConfig:
     )
 
 
-def _lines(root: Table) -> tuple[LineConfig, ...]:
+def _lines(root: Table, outside: SideConfig) -> tuple[LineConfig, ...]:
     if not root.has("line"):
         return ()
     raw = root.data["line"]
@@ -524,7 +633,7 @@ def _lines(root: Table) -> tuple[LineConfig, ...]:
         path = f"line[{index}]"
         if not isinstance(item, dict):
             raise ConfigError(root.source, path, f"expected a table, got {show(item)}")
-        line = _line(root.item(path, item))
+        line = _line(root.item(path, item), sdes=outside.sdes != "off")
         if line.user_key in first_index:
             raise ConfigError(
                 root.source, f"{path}.user_id", f"duplicate of line[{first_index[line.user_key]}]"
@@ -534,7 +643,12 @@ def _lines(root: Table) -> tuple[LineConfig, ...]:
     return tuple(lines)
 
 
-def _line(t: Table) -> LineConfig:
+def _outside_tls(outside: SideConfig) -> bool:
+    """The outside leg runs over TLS: a TLS listener there, or a TLS upstream."""
+    return outside.tls_listen is not None or any(uses_tls(u) for u in outside.upstream_uris)
+
+
+def _line(t: Table, *, sdes: bool) -> LineConfig:
     t.check_keys(
         ("user_id", "contact", "mini_certificate", "srtp_private_key", "secure_by_default",
          "require_secure")
@@ -551,10 +665,12 @@ def _line(t: Table) -> LineConfig:
     srtp_private_key = _key_source(t, "srtp_private_key")
     require_secure = t.boolean("require_secure", False)
     if mini_certificate is None:
-        # Without an MC the line is never secured: a key or a policy alone is a mistake.
-        for name in ("srtp_private_key", "require_secure"):
-            if t.has(name):
-                raise t.error(name, "needs mini_certificate too")
+        # Without an MC x-sipura cannot secure the line: a key alone is a mistake, and so
+        # is a policy when SDES cannot secure its calls either.
+        if t.has("srtp_private_key"):
+            raise t.error("srtp_private_key", "needs mini_certificate too")
+        if t.has("require_secure") and not sdes:
+            raise t.error("require_secure", "needs mini_certificate too (or outside.sdes)")
     elif srtp_private_key is None:
         raise t.error("srtp_private_key", "required with mini_certificate")
     return LineConfig(

@@ -47,6 +47,7 @@ from proxy.b2bua.messages import (
 from proxy.b2bua.out_of_dialog import OneShot, OutOfDialog
 from proxy.b2bua.registrar import Binding, RegisterRelay, Registrar
 from proxy.b2bua.routing import Lookups, ResolveQuery, Resolver, Router, Unresolved
+from proxy.b2bua.sdes_leg import SdesLegs, method_of
 from proxy.b2bua.secure_leg import SecureLegs
 from proxy.b2bua.sides import Outbound, SipSides, Stats
 from proxy.b2bua.teardown import Teardown
@@ -98,11 +99,13 @@ class B2BUA:
         self.teardown = Teardown(self.sides, self.table)
         self.secure = SecureLegs(self.sides, self.table, self.teardown, security, utc_now, media)
         self.watch = MediaWatch(config, self.table, self.teardown)
+        self.sdes = SdesLegs(config)
         self.dialogs = Dialogs(self.sides, self.table, self.router, self.teardown, self.secure,
-                               self.watch)  # fmt: skip
+                               self.watch, self.sdes)  # fmt: skip
         self.setup = CallSetup(config, self.sides, self.table, self.router, media,
-                               self.teardown, self.dialogs, self.secure)  # fmt: skip
+                               self.teardown, self.dialogs, self.secure, self.sdes)  # fmt: skip
         self.dialogs.setup = self.setup
+        self.registrar.failovers = self.setup.failovers
         self.out_of_dialog = OutOfDialog(self.sides, self.router)
         self._events: dict[type, Handler] = {
             RequestReceived: self._on_request_event,
@@ -162,7 +165,9 @@ class B2BUA:
                 "a_call_id": call.a.call_id,
                 "b_call_id": call.b.call_id,
                 "line": call.line.user_id if call.line else None,
+                "method": method_of(call),
                 "secure": call.security.describe() if call.security else None,
+                "sdes": call.sdes.describe() if call.sdes else None,
                 "media": call.media.session.stats() if call.media else None,
             }
             for call in self.calls.values()
@@ -177,6 +182,7 @@ class B2BUA:
         self.config = config
         self.security = security
         self.sides.config = config
+        self.sdes.config = config
         self.sides.configs = {Side.INSIDE: config.inside, Side.OUTSIDE: config.outside}
         self.registrar.config = config
         self.router.config = config
@@ -252,6 +258,14 @@ class B2BUA:
         out: list[Outbound] = []
         for work in self.lookups.answer(query, targets, ttl_s, now):
             out += work(now)
+        return out
+
+    def transport_failed(self, side: Side, dest: Address, now: float) -> list[Outbound]:
+        """The edge could not connect to ``dest`` (TCP refused, TLS handshake or
+        certificate check failed): what waited on it times out now (and fails over)."""
+        out: list[Outbound] = []
+        for event in self.sides.layers[side].fail_transport(dest, now):
+            out += self._events[type(event)](side, event, now)
         return out
 
     def on_media_event(self, event: MediaEvent, now: float) -> list[Outbound]:

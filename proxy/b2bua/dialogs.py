@@ -27,6 +27,7 @@ from proxy.b2bua.messages import (
     rewrite_rack,
 )
 from proxy.b2bua.routing import Router
+from proxy.b2bua.sdes_leg import SdesLegs
 from proxy.b2bua.secure_leg import SecureLegs
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.teardown import Teardown
@@ -45,7 +46,7 @@ log = logging.getLogger("sipura.b2bua")
 class Dialogs:
     def __init__(
         self, sides: SipSides, calls: CallTable, router: Router, teardown: Teardown,
-        secure: SecureLegs, watch: MediaWatch,
+        secure: SecureLegs, watch: MediaWatch, sdes: SdesLegs,
     ) -> None:  # fmt: skip
         self.sides = sides
         self.calls = calls
@@ -53,6 +54,7 @@ class Dialogs:
         self.teardown = teardown
         self.secure = secure
         self.watch = watch
+        self.sdes = sdes
         self.setup: CallSetup | None = None
         """Set once call set-up exists (it relays INVITE responses for the calls)."""
 
@@ -141,7 +143,8 @@ class Dialogs:
             rewrite_rack(outgoing, other.invite_cseq)
         outgoing.body = request.body
         if request.body and request.content_type == "application/sdp":
-            outgoing.body = self.relay_sdp(call, leg.side, request.body)
+            offer = method not in ("ACK", "PRACK")  # PRACK: the answer to an offer in a 18x
+            outgoing.body = self.relay_sdp(call, leg.side, request.body, offer=offer)
         self.sides.advertise(other.side, outgoing)
         context = RelayedRequest(call, leg, tx)
         _, out = self.sides.send_request(other.side, outgoing, other.dest, now, context)
@@ -161,7 +164,7 @@ class Dialogs:
             call.media_seen_at = now
         body = request.body
         if body and request.content_type == "application/sdp":
-            body = self.relay_sdp(call, side, body)
+            body = self.relay_sdp(call, side, body, offer=False)
         out = self.sides.ack(other, other.invite_cseq, body, request.get("content-type") or "")
         if confirmed:
             self.watch.on_confirmed(call, now)
@@ -209,7 +212,8 @@ class Dialogs:
             return []
         out: list[Outbound] = []
         if context.server_tx is not None:  # else our own BYE: nothing to relay
-            out = self.relay_response(origin, context.server_tx, response, call, now)
+            out = self.relay_response(origin, context.server_tx, response, call, now,
+                                      offered=bool(tx.request.body))  # fmt: skip
         if method == "BYE" and response.status >= 200:
             self.calls.finish(call)
         return out
@@ -221,12 +225,17 @@ class Dialogs:
         the call."""
         call = context.call
         method = tx.request.method
+        initial = method == "INVITE" and context.server_tx is call.invite_server
+        if initial and self.setup is not None:
+            retried = self.setup.failovers.invite_failed(call, tx, "timeout", now)
+            if retried is not None:
+                return retried
         out: list[Outbound] = []
         if context.server_tx is not None and method != "ACK":
             origin = context.origin
             out = self.sides.respond(origin.side, context.server_tx, 408, "Request Timeout", now,
                                      to_tag=origin.local_tag)  # fmt: skip
-        if method == "INVITE" and context.server_tx is call.invite_server:
+        if initial:
             log.info("call %d: no answer from the %s side (timeout)", call.id,
                      call.other(context.origin).side.value)  # fmt: skip
             self.sides.stats.calls_failed += 1
@@ -236,9 +245,12 @@ class Dialogs:
         return out
 
     def relay_response(
-        self, origin: Leg, stx: ServerTransaction, response: Response, call: Call, now: float
-    ) -> list[Outbound]:
-        """The far side's response, as the response on ``origin``'s server transaction."""
+        self, origin: Leg, stx: ServerTransaction, response: Response, call: Call, now: float,
+        *, offered: bool,
+    ) -> list[Outbound]:  # fmt: skip
+        """The far side's response, as the response on ``origin``'s server transaction.
+        ``offered``: the relayed request carried a body (read from the client
+        transaction, which keeps its request whole; the server transaction keeps none)."""
         status = response.status
         relayed = response_to(stx.request, status, response.reason, to_tag=origin.local_tag)
         if 300 <= status < 400:  # redirect targets are the payload of a 3xx, not our contact
@@ -249,11 +261,15 @@ class Dialogs:
         copy_end_to_end(response, relayed)
         relayed.body = response.body
         if response.body and response.content_type == "application/sdp":
-            relayed.body = self.relay_sdp(call, origin.side.other, response.body)
+            offer = not offered  # a late offer, in the answer to a bodiless INVITE
+            relayed.body = self.relay_sdp(call, origin.side.other, response.body, offer=offer,
+                                          final=status >= 200)  # fmt: skip
         self.sides.advertise(origin.side, relayed)
         return self.sides.send_response(origin.side, stx, relayed, now)
 
-    def relay_sdp(self, call: Call, from_side: Side, body: bytes) -> bytes:
+    def relay_sdp(
+        self, call: Call, from_side: Side, body: bytes, *, offer: bool, final: bool = True
+    ) -> bytes:
         """Anchor an SDP body from ``from_side`` on the proxy's ports; allocate media if
         the call has none yet (a late offer). Unusable SDP passes through as it is."""
         if call.media is None:
@@ -266,7 +282,8 @@ class Dialogs:
                 return body
         assert call.media is not None
         try:
-            return call.media.relay_sdp(from_side, body)
+            anchored = call.media.relay_sdp(from_side, body)
         except SdpError as exc:
             log.info("call %d: unparsable SDP passed through as is: %s", call.id, exc)
             return body
+        return self.sdes.crossing(call, from_side, anchored, offer=offer, final=final)

@@ -17,6 +17,7 @@ import logging
 from proxy.b2bua.calls import CallTable
 from proxy.b2bua.config import Config
 from proxy.b2bua.dialogs import Dialogs
+from proxy.b2bua.failover import FAILOVER_STATUSES, Failovers
 from proxy.b2bua.legs import Call, CallState, Leg, RelayedRequest, new_call_id, new_tag
 from proxy.b2bua.media import MediaHandle
 from proxy.b2bua.messages import (
@@ -28,6 +29,8 @@ from proxy.b2bua.messages import (
     supports_xsipura,
 )
 from proxy.b2bua.routing import Route, Router
+from proxy.b2bua.sdes import SdesRefused
+from proxy.b2bua.sdes_leg import SdesLegs
 from proxy.b2bua.secure_leg import SecureLegs
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.teardown import Teardown
@@ -45,6 +48,7 @@ class CallSetup:
     def __init__(
         self, config: Config, sides: SipSides, calls: CallTable, router: Router,
         media: MediaEngine, teardown: Teardown, dialogs: Dialogs, secure: SecureLegs,
+        sdes: SdesLegs,
     ) -> None:  # fmt: skip
         self.config = config
         self.sides = sides
@@ -54,6 +58,8 @@ class CallSetup:
         self.teardown = teardown
         self.dialogs = dialogs
         self.secure = secure
+        self.sdes = sdes
+        self.failovers = Failovers(sides, router, sdes)
         self.draining = False
         """New calls are refused (503, logged): the process is shutting down."""
 
@@ -77,16 +83,23 @@ class CallSetup:
         offer = self._offer(request)
         call = self._new_call(side, tx, original, request, route, now)
         call.security = self.secure.for_new_call(call, request, forced)
+        call.sdes = self.sdes.for_new_call(call, route.dest if side is Side.INSIDE else tx.source)
+        if forced is False:
+            call.sdes = None  # *19: this call in the clear
         body = request.body
         if offer is not None:
             call.media = self._allocate(call, len(offer.media))
             try:
                 body = call.media.relay_sdp(side, body, offer)
+                body = self.sdes.crossing(call, side, body, offer=True)
             except SdpError as exc:
                 self.calls.drop(call)
                 raise Reject(
                     488, "Not Acceptable Here", [("Warning", f'399 - "bad SDP: {exc}"')]
                 ) from exc
+            except Reject:
+                self.calls.drop(call)
+                raise
         self.calls.add(call)
         self.sides.stats.calls_total += 1
         return self._send_invite(call, request, route, body, tx, now)
@@ -145,7 +158,8 @@ class CallSetup:
         if out_side is Side.INSIDE:
             b.flow = route.dest  # the registered flow (NAT, TCP connection) stays the path
         a.dest = self.router.leg_dest(a, now)
-        call = Call(a=a, b=b, line=route.line, invite_server=tx, created=now)
+        call = Call(a=a, b=b, line=route.line, invite_server=tx, created=now,
+                    failover=route.failover)  # fmt: skip
         tx.context = call
         return call
 
@@ -234,15 +248,29 @@ class CallSetup:
                 call.state = CallState.ANSWERED
                 self.sides.stats.calls_answered += 1
                 log.info("call %d answered: %d %s", call.id, status, response.reason)
-        elif initial:
-            self.sides.stats.calls_failed += 1
-            log.info("call %d failed: %d %s", call.id, status, response.reason)
+        elif initial and (retried := self._failed(call, tx, response, now)) is not None:
+            return retried
         if stx is None:
             return []
-        out = self.dialogs.relay_response(context.origin, stx, response, call, now)
+        out = self._relay(call, leg, tx, stx, response, now, context)
         if initial and status >= 300:
             self.calls.finish(call)
         return out
+
+    def _failed(
+        self, call: Call, tx: ClientTransaction, response: Response, now: float
+    ) -> list[Outbound] | None:
+        """A final failure of the initial INVITE: failover (what was sent instead), or
+        None when it stands and is relayed to the caller."""
+        status = response.status
+        if status in FAILOVER_STATUSES:
+            why = f"{status} {response.reason}"
+            retried = self.failovers.invite_failed(call, tx, why, now)
+            if retried is not None:
+                return retried
+        self.sides.stats.calls_failed += 1
+        log.info("call %d failed: %d %s", call.id, status, response.reason)
+        return None
 
     def _ack_again(self, leg: Leg, tx: ClientTransaction) -> list[Outbound]:
         cseq = tx.request.cseq.number
@@ -288,6 +316,33 @@ class CallSetup:
             retry = [("Retry-After", "5")]
             out += self.sides.respond(origin.side, stx, 503, "Service Unavailable", now,
                                       to_tag=origin.local_tag, extra=retry)  # fmt: skip
+        return out
+
+    def _relay(
+        self, call: Call, leg: Leg, tx: ClientTransaction, stx: ServerTransaction,
+        response: Response, now: float, context: RelayedRequest,
+    ) -> list[Outbound]:  # fmt: skip
+        """The response on to the caller; an answer SDES must refuse ends the call."""
+        try:
+            return self.dialogs.relay_response(context.origin, stx, response, call, now,
+                                               offered=bool(tx.request.body))  # fmt: skip
+        except SdesRefused as refused:
+            return self._refused(call, leg, tx, stx, str(refused), now)
+
+    def _refused(
+        self, call: Call, leg: Leg, tx: ClientTransaction, stx: ServerTransaction, why: str,
+        now: float,
+    ) -> list[Outbound]:  # fmt: skip
+        """``sdes = "require"`` and the answer has no keys: confirm and hang up the B leg,
+        488 to the caller (the call never reaches the phone in the clear)."""
+        log.warning("call %d: SRTP required: %s; call refused", call.id, why)
+        self.sides.stats.calls_failed += 1
+        out = self.sides.ack(leg, tx.request.cseq.number)
+        out += self.teardown.send_bye(call, leg, now, "SRTP required", cause=488)
+        origin = call.other(leg)
+        warning = [("Warning", '399 - "the far end did not accept SRTP"')]
+        out += self.sides.respond(origin.side, stx, 488, "Not Acceptable Here", now,
+                                  to_tag=origin.local_tag, extra=warning)  # fmt: skip
         return out
 
     def _provisional(

@@ -22,6 +22,8 @@ from proxy.sip.transaction import Address, ClientTransaction, ServerTransaction
 if TYPE_CHECKING:
     from proxy.b2bua.config import LineConfig
     from proxy.b2bua.media import MediaHandle
+    from proxy.b2bua.routing import Failover
+    from proxy.b2bua.sdes import SdesCall
     from proxy.b2bua.secure import CallSecurity
 
 
@@ -127,6 +129,10 @@ class Call:
     media_packets: int = -1
     secure_ssrc: int = 0
     """The SSRC the proxy announces and encrypts with toward the outside."""
+    failover: Failover | None = None
+    """Where the initial INVITE may go next if its target fails (RFC 3263 §4.3)."""
+    sdes: SdesCall | None = None
+    """SDES-SRTP on the outside leg (None: not considered for this call)."""
     id: int = field(default_factory=lambda: next(_call_ids))
 
     def other(self, leg: Leg) -> Leg:

@@ -12,16 +12,20 @@ end wrote them.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from proxy.media.commands import Release, SetRemote
+from proxy.media.commands import Release, SetRemote, SetSrtp, SrtpKeys
 from proxy.media.engine import MediaEngine, MediaSession, Side
+
+if TYPE_CHECKING:
+    from proxy.b2bua.sdes import StreamKeys
 from proxy.sip.sdp import Sdp, connection_endpoint, parse_sdp, rewrite_sdp
 
 log = logging.getLogger("sipura.media")
 
 
 class MediaHandle:
-    __slots__ = ("_engine", "_media_ip", "last_sent", "session", "streams")
+    __slots__ = ("_engine", "_media_ip", "last_sent", "sdes_keys", "session", "streams")
 
     def __init__(
         self,
@@ -37,6 +41,8 @@ class MediaHandle:
         self.last_sent: dict[Side, bytes] = {}
         """The last SDP handed to each side: a proxy-originated re-INVITE (caller-ID
         refresh) offers it again unchanged, so the media stays where it is."""
+        self.sdes_keys: dict[int, StreamKeys] = {}
+        """The SDES keys of each outside stream, as last agreed."""
 
     def relay_sdp(self, from_side: Side, body: bytes, parsed: Sdp | None = None) -> bytes:
         """Learn the sender's endpoints and return the body for the other side.
@@ -60,6 +66,21 @@ class MediaHandle:
         rewritten = rewrite_sdp(body, self._media_ip[to_side], ports)
         self.last_sent[to_side] = rewritten
         return rewritten
+
+    def set_sdes_keys(self, keys: list[StreamKeys]) -> None:
+        """SRTP on the outside leg from now on, per stream, with the SDES keys: ours to
+        send with, the peer's to check what it sends (SRTCP as well, as SDES peers do)."""
+        for stream in keys:
+            self.sdes_keys[stream.index] = stream
+            send, receive = stream.send, stream.receive
+            self._engine.apply(
+                SetSrtp(
+                    self.session.id, Side.OUTSIDE,
+                    SrtpKeys(send.key, send.salt, send.suite), srtcp=True,
+                    remote_keys=SrtpKeys(receive.key, receive.salt, receive.suite),
+                    index=stream.index,
+                )
+            )  # fmt: skip
 
     def release(self) -> None:
         self._engine.apply(Release(self.session.id))

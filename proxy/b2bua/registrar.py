@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from proxy.b2bua.config import Config, LineConfig
+from proxy.b2bua.failover import retargeted
 from proxy.b2bua.legs import new_call_id, new_tag
 from proxy.b2bua.messages import ALLOW, Reject, copy_end_to_end, digits, forwarded_max_forwards
 from proxy.b2bua.sides import Outbound, SipSides
@@ -27,7 +28,8 @@ from proxy.sip.message import Request, Response
 from proxy.sip.transaction import Address, ClientTransaction, ServerTransaction, response_to
 
 if TYPE_CHECKING:
-    from proxy.b2bua.routing import Router
+    from proxy.b2bua.failover import Failovers
+    from proxy.b2bua.routing import Failover, Router
 
 
 @dataclass(slots=True)
@@ -70,8 +72,10 @@ class RegisterRelay:
     """The phone's Expires header: what it asked for when the registrar does not say."""
     sent: list[str] = field(default_factory=list)
     """The URIs of the Contacts the proxy registered in the phone's name."""
+    failover: Failover | None = None
+    """The registrar targets still to try if this one fails (503, 408, timeout)."""
     phone_call_id: str = ""
-    """The phone's REGISTER Call-ID (its :class:`UpstreamRegistration`'s key)."""
+    """The phone's Call-ID: the key of the upstream registration's CSeq space."""
 
 
 class Registrar:
@@ -82,6 +86,8 @@ class Registrar:
         self.sides = sides
         self.router: Router | None = None
         """Set once the router exists (it reads the bindings; the relay resolves)."""
+        self.failovers: Failovers | None = None
+        """Set with the router: re-sends a REGISTER whose registrar failed."""
         self.bindings: dict[str, Binding] = {}
         self.upstream: OrderedDict[str, UpstreamRegistration] = OrderedDict()
         """By the phone's REGISTER Call-ID, oldest first."""
@@ -148,6 +154,19 @@ class Registrar:
         if self.on_flow is not None and count == (1 if held else 0):
             self.on_flow(flow, held)
 
+    def _upstream_for(self, phone_call_id: str, now: float) -> UpstreamRegistration:
+        """The upstream registration of a phone registration (a new one if it has none),
+        kept at least a transaction's lifetime from now: the registrar is about to be
+        asked, and a challenge or a failover reuses it."""
+        known = self.upstream.get(phone_call_id)
+        pending_until = now + self.sides.layers[Side.OUTSIDE].timers.timeout
+        if known is None:
+            host = self.sides.advertised(Side.OUTSIDE)[0]
+            known = UpstreamRegistration(new_call_id(host), 0, new_tag(), pending_until)
+        known.expires_at = max(known.expires_at, pending_until)
+        self._remember(phone_call_id, known)
+        return known
+
     def _remember(self, phone_call_id: str, registration: UpstreamRegistration) -> None:
         self.upstream[phone_call_id] = registration
         self.upstream.move_to_end(phone_call_id)
@@ -168,9 +187,9 @@ class Registrar:
         if line is None and self.config.inside.unknown_users == "reject":
             raise Reject(403, "Forbidden")
         contacts = request.get_all("contact")
-        registrar = self.config.outside.registrar
-        if registrar:
-            return self._relay(tx, request, line, contacts, registrar, now)
+        registrars = self.config.outside.registrar_uris
+        if registrars:
+            return self._relay(tx, request, line, contacts, registrars, now)
         bound = self._apply(line, contacts, request.get("expires"), None, tx.source, now)
         extra = [("Contact", c) for c in bound]
         return self.sides.respond(side, tx, 200, "OK", now, to_tag=new_tag(), extra=extra)
@@ -206,19 +225,14 @@ class Registrar:
 
     def _relay(
         self, tx: ServerTransaction, request: Request, line: LineConfig | None,
-        contacts: list[str], registrar: str, now: float,
+        contacts: list[str], registrars: tuple[str, ...], now: float,
     ) -> list[Outbound]:  # fmt: skip
         assert self.router is not None
-        dest = self.router.resolve(registrar, None, now)
+        route = self.router.plan(registrars, (request.uri,) * len(registrars), line, now)
+        dest = route.dest
         # One upstream registration (Call-ID, From tag, CSeq space) per phone registration.
-        known = self.upstream.get(request.call_id)
-        pending_until = now + self.sides.layers[Side.OUTSIDE].timers.timeout
-        if known is None:
-            host = self.sides.advertised(Side.OUTSIDE)[0]
-            known = UpstreamRegistration(new_call_id(host), 0, new_tag(), pending_until)
+        known = self._upstream_for(request.call_id, now)
         known.cseq += 1
-        known.expires_at = max(known.expires_at, pending_until)
-        self._remember(request.call_id, known)
         call_id, cseq, from_tag = known.call_id, known.cseq, known.from_tag
         outgoing = Request(method="REGISTER", uri=request.uri)
         outgoing.add("Via", self.sides.via(Side.OUTSIDE, dest.transport))
@@ -236,9 +250,28 @@ class Registrar:
         outgoing.body = request.body
         self.sides.advertise(Side.OUTSIDE, outgoing)
         relay = RegisterRelay(tx, line.user_key if line else None, contacts, tx.source,
-                              request.get("expires"), sent, request.call_id)  # fmt: skip
+                              request.get("expires"), sent, route.failover,
+                              request.call_id)  # fmt: skip
         _, out = self.sides.send_request(Side.OUTSIDE, outgoing, dest, now, relay)
         return out
+
+    def _failed(
+        self, relay: RegisterRelay, tx: ClientTransaction, why: str, now: float
+    ) -> list[Outbound] | None:
+        """The registrar target failed: the same registration to the next target (next
+        CSeq of the same upstream registration); None when none is left."""
+        if self.failovers is None:
+            return None
+
+        def resend(ruri: str, target: Address, now: float) -> list[Outbound]:
+            known = self._upstream_for(relay.phone_call_id, now)
+            known.cseq += 1
+            via = self.sides.via(Side.OUTSIDE, target.transport)
+            request = retargeted(tx.request, tx.request.uri, via, known.cseq, None)
+            _, out = self.sides.send_request(Side.OUTSIDE, request, target, now, relay)
+            return out
+
+        return self.failovers.next(relay.failover, tx.dest, why, now, resend, "REGISTER")
 
     def _relay_contacts(
         self, outgoing: Request, contacts: list[str], transport: str, user: str | None
@@ -266,6 +299,10 @@ class Registrar:
     ) -> list[Outbound]:
         if response.status < 200:
             return []
+        if response.status in (408, 503):
+            retried = self._failed(relay, tx, f"{response.status} {response.reason}", now)
+            if retried is not None:
+                return retried
         stx = relay.server_tx
         relayed = response_to(stx.request, response.status, response.reason, to_tag=new_tag())
         if 200 <= response.status < 300:
@@ -293,6 +330,9 @@ class Registrar:
         self._remember(relay.phone_call_id, known)
 
     def on_timeout(self, relay: RegisterRelay, tx: ClientTransaction, now: float) -> list[Outbound]:
+        retried = self._failed(relay, tx, "timeout", now)
+        if retried is not None:
+            return retried
         return self.sides.respond(Side.INSIDE, relay.server_tx, 408, "Request Timeout", now)
 
 

@@ -6,7 +6,8 @@ everything a *new call* reads is taken from the new file (lines, their Mini Cert
 and keys, trusted CAs and the other ``[xsipura]`` keys, upstream/registrar/advertise,
 ``unknown_users``, limits, log level, the admin token, ``drain_s``); what is bound to
 sockets and processes made at start (listen addresses, transports, the media port range,
-media addresses and workers, the admin listener, SIP timers) keeps its running value and
+media addresses and workers, the admin listener, SIP timers, TLS listeners, ``[tls]``
+certificates and ``[dns]`` servers) keeps its running value and
 is reported, so the operator knows a restart is needed. Active calls hold their own line
 and security objects, so nothing here touches them.
 """
@@ -31,12 +32,15 @@ class ReloadPlan:
 
 
 def _side(old: SideConfig, new: SideConfig, name: str, restart: list[str]) -> SideConfig:
-    for key in ("listen_host", "listen_port", "media_ip"):
+    for key in ("listen_host", "listen_port", "media_ip", "tls_listen_host", "tls_listen_port"):
         if getattr(old, key) != getattr(new, key):
-            restart.append(f"{name}.{'listen' if key.startswith('listen') else key}")
+            shown = key.removesuffix("_host").removesuffix("_port")
+            if f"{name}.{shown}" not in restart:
+                restart.append(f"{name}.{shown}")
     return replace(
-        new, listen_host=old.listen_host, listen_port=old.listen_port, media_ip=old.media_ip
-    )
+        new, listen_host=old.listen_host, listen_port=old.listen_port, media_ip=old.media_ip,
+        tls_listen_host=old.tls_listen_host, tls_listen_port=old.tls_listen_port,
+    )  # fmt: skip
 
 
 def plan_reload(old: Config, new: Config) -> ReloadPlan:
@@ -54,6 +58,9 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
         restart.append("admin.listen")
     if old.log.format != new.log.format:
         restart.append("log.format")
+    for table in ("tls", "dns"):  # contexts and the resolver are built at start
+        if getattr(old, table) != getattr(new, table):
+            restart.append(table)
     merged = replace(
         new,
         inside=inside,
@@ -64,6 +71,8 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
             new.admin, listen_host=old.admin.listen_host, listen_port=old.admin.listen_port
         ),
         log=replace(new.log, format=old.log.format),
+        tls=old.tls,
+        dns=old.dns,
     )
     changed = tuple(
         name

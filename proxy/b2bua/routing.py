@@ -7,6 +7,14 @@ edge, never here (the core is sans-IO, decision 10): :class:`Lookups` caches ans
 with their TTL, and a name it does not know yet raises :class:`Unresolved` after asking
 the edge's :class:`Resolver`; the core parks the work that needed it and runs it again
 when :meth:`Lookups.answer` delivers the targets (or the failure).
+
+A resolved name is an ordered list of targets (RFC 3263: NAPTR, SRV priority and
+weight, then every address), and ``upstream`` may be a list of URIs: a request that
+starts something toward them carries a :class:`Failover` plan, and when a target answers
+503 or 408, times out or cannot be reached, :meth:`Router.next_target` gives the next
+target of that URI, then the first of the next URI (RFC 3263 §4.3). A target that failed
+is held down for ``[outside] failover_hold_down_s``: while other targets remain, new
+requests skip it.
 """
 
 from __future__ import annotations
@@ -42,14 +50,19 @@ FAILURE_TTL_S = 30.0
 """How long a failed lookup is remembered (so a flood does not re-ask every time)."""
 
 
+MAX_HELD_DOWN = 1024
+"""Failed targets remembered for the hold-down; the oldest are forgotten first."""
+
+
 @dataclass(frozen=True, slots=True)
 class ResolveQuery:
     """A host name to turn into targets, with what the URI said about port and transport
-    (RFC 3263 uses SRV only when the URI names no port)."""
+    (RFC 3263 uses SRV only when the URI names no port; NAPTR only when it names no
+    transport either: ``transport`` None)."""
 
     host: str
     port: int | None
-    transport: str
+    transport: str | None
 
 
 class Resolver(Protocol):
@@ -138,6 +151,17 @@ class Lookups:
         return len(self._pending)
 
 
+@dataclass(slots=True)
+class Failover:
+    """What a request that starts something (an INVITE, a relayed REGISTER) may try next:
+    the URIs in order (``upstream`` / ``registrar``), with the Request-URI to use toward
+    each, and the targets already tried."""
+
+    uris: tuple[str, ...]
+    ruris: tuple[str, ...]
+    tried: list[Address] = field(default_factory=list)
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """Where a new call or out-of-dialog request goes, and for which line."""
@@ -145,6 +169,7 @@ class Route:
     ruri: str
     dest: Address
     line: LineConfig | None
+    failover: Failover | None = None
 
 
 class Router:
@@ -157,6 +182,7 @@ class Router:
         self.registrar = registrar
         self.lookups = lookups
         self.transports = tuple(transports)
+        self._held_down: OrderedDict[tuple[str, int, str], float] = OrderedDict()
 
     def route(self, side: Side, request: Request, source: Address, now: float) -> Route:
         """A new request from ``side``: where it goes. Raises :class:`Reject`."""
@@ -164,10 +190,10 @@ class Router:
             line = self.caller_line(request, source)
             if line is None and self.config.inside.unknown_users == "reject":
                 raise Reject(403, "Forbidden")
-            upstream = self.config.outside.upstream
-            if upstream:
-                dest = self.resolve(upstream, None, now)
-                return Route(self.retarget(request.uri, upstream), dest, line)
+            upstreams = self.config.outside.upstream_uris
+            if upstreams:
+                ruris = tuple(self.retarget(request.uri, upstream) for upstream in upstreams)
+                return self.plan(upstreams, ruris, line, now)
             return Route(request.uri, self.resolve(request.uri, None, now), line)
         try:
             user = SipUri.parse(request.uri).user
@@ -197,7 +223,9 @@ class Router:
         ours = {inside.advertised, (inside.listen_host, inside.listen_port)}
         if (bare_host(uri.host), uri.port or uri.default_port) not in ours:
             return ruri
-        return str(dataclasses_replace(uri, host=target.host, port=target.port))
+        return str(
+            dataclasses_replace(uri, scheme=target.scheme, host=target.host, port=target.port)
+        )
 
     def caller_line(self, request: Request, source: Address) -> LineConfig | None:
         """The line a request from the inside claims (From), else the line whose phone
@@ -223,28 +251,119 @@ class Router:
                     return line
         return None
 
+    # --- targets, failover, hold-down -------------------------------------------------
+
+    def plan(
+        self, uris: tuple[str, ...], ruris: tuple[str, ...], line: LineConfig | None, now: float
+    ) -> Route:
+        """The first usable target of ``uris`` (tried in order), with the plan for the rest.
+        A URI whose name failed is skipped when another follows; raises what
+        :meth:`resolve` raises for the last one."""
+        failover = Failover(uris, ruris)
+        found = self.next_target(failover, now)
+        if found is None:
+            self.resolve(uris[-1], None, now)  # raises the last URI's reason
+            raise Reject(503, "Service Unavailable", [("Retry-After", "5")])
+        return Route(found[0], found[1], line, failover)
+
+    def next_target(self, failover: Failover, now: float) -> tuple[str, Address] | None:
+        """The next target to try (Request-URI, address), marked tried; None when every
+        URI's targets are used up. URIs in order, each one's targets in RFC 3263 order,
+        but targets held down only once no other is left. Raises :class:`Unresolved`
+        when a URI's name is not known yet."""
+        for allow_held in (False, True):
+            for index, uri in enumerate(failover.uris):
+                try:
+                    targets = self.targets(uri, None, now)
+                except Reject:
+                    continue  # a name that failed: the next URI
+                for target in targets:
+                    if target in failover.tried:
+                        continue
+                    if allow_held or not self.held_down(target, now):
+                        failover.tried.append(target)
+                        return failover.ruris[index], target
+        return None
+
+    def failed(self, target: Address, now: float) -> None:
+        """``target`` answered 503/408, timed out or was unreachable: hold it down."""
+        hold = self.config.outside.failover_hold_down_s
+        if hold <= 0:
+            return
+        key = (target.host, target.port, target.transport)
+        self._held_down[key] = now + hold
+        self._held_down.move_to_end(key)
+        while len(self._held_down) > MAX_HELD_DOWN:
+            self._held_down.popitem(last=False)
+
+    def held_down(self, target: Address, now: float) -> bool:
+        key = (target.host, target.port, target.transport)
+        until = self._held_down.get(key)
+        if until is None:
+            return False
+        if until <= now:
+            del self._held_down[key]
+            return False
+        return True
+
+    def held_down_count(self, now: float) -> int:
+        return sum(1 for until in self._held_down.values() if until > now)
+
     def resolve(self, uri_text: str, transport_hint: str | None, now: float) -> Address:
-        """A SIP URI -> the address to send to. IP literals as they are; names through
-        :class:`Lookups` (raises :class:`Unresolved` the first time, :class:`Reject`
-        502 for a name that failed)."""
+        """A SIP URI -> the address to send to: the first target not held down (else
+        the first). IP literals as they are; names through :class:`Lookups` (raises
+        :class:`Unresolved` the first time, :class:`Reject` 502 for a name that failed)."""
+        targets = self.targets(uri_text, transport_hint, now)
+        for target in targets:
+            if not self.held_down(target, now):
+                return target
+        return targets[0]
+
+    def targets(self, uri_text: str, transport_hint: str | None, now: float) -> tuple[Address, ...]:
+        """Every target of a SIP URI in the order to try (RFC 3263), on transports the
+        proxy runs. TLS targets carry the URI's host name to check the certificate
+        against (RFC 5922)."""
         try:
             uri = SipUri.parse(uri_text)
         except SipHeaderError as exc:
             raise Reject(416, "Unsupported URI Scheme") from exc
         host = bare_host(uri.param("maddr") or uri.host)
-        transport = (uri.param("transport") or transport_hint or "udp").lower()
+        secure = uri.scheme.lower() == "sips"
+        transport = self._transport(uri, transport_hint, secure)
+        try:
+            literal = str(ipaddress.ip_address(host))
+        except ValueError:
+            literal = None
+        if literal is not None:
+            chosen = self._supported(transport or ("tls" if secure else "udp"))
+            port = uri.port or (5061 if chosen == "tls" else 5060)
+            name = literal if chosen == "tls" else None
+            return (Address(literal, port, chosen, name=name),)
+        if transport is None and uri.port is not None:
+            transport = "udp"  # RFC 3263 §4.1: a port and no transport: UDP
+        query = ResolveQuery(host, uri.port, transport)
+        found = self.lookups.targets(query, now)
+        usable = tuple(
+            Address(t.host, t.port, t.transport, name=host if t.transport == "tls" else None)
+            for t in found
+            if t.transport in self.transports and (not secure or t.transport == "tls")
+        )
+        if not usable:
+            raise Reject(502, "Bad Gateway", [("Warning", f'399 - "cannot resolve {host}"')])
+        return usable
+
+    def _transport(self, uri: SipUri, hint: str | None, secure: bool) -> str | None:
+        """The transport a URI asks for (None: RFC 3263 decides); sips means TLS."""
+        named = uri.param("transport") or hint
+        transport = named.lower() if named else ("tls" if secure else None)
+        if secure and transport == "tcp":
+            transport = "tls"  # RFC 5630 §3.1.3: sips over TCP means TLS
+        return None if transport is None else self._supported(transport)
+
+    def _supported(self, transport: str) -> str:
         if transport not in self.transports:
             raise Reject(503, "Service Unavailable", [("Warning", f'399 - "no {transport}"')])
-        port = uri.port or uri.default_port
-        try:
-            return Address(str(ipaddress.ip_address(host)), port, transport)
-        except ValueError:
-            pass
-        targets = self.lookups.targets(ResolveQuery(host, uri.port, transport), now)
-        if not targets:
-            raise Reject(502, "Bad Gateway", [("Warning", f'399 - "cannot resolve {host}"')])
-        first = targets[0]
-        return Address(first.host, first.port, transport)
+        return transport
 
     def leg_dest(self, leg: Leg, now: float) -> Address | None:
         """Where requests on ``leg`` go now: the phone's flow on the inside (NAT, TCP

@@ -108,9 +108,18 @@ class SecureLegs:
 
     def on_confirmed(self, call: Call, now: float) -> list[Outbound]:
         """The dialog is confirmed (ACK): stage 2 may start (caller role) or the peer is
-        expected to start it (callee role with ``require_secure``)."""
+        expected to start it (callee role with ``require_secure``). A call SDES already
+        secured needs no x-sipura: it gets the secure-call tone, but no ``$`` caller ID
+        (SDES proves no identity)."""
+        if call.sdes is not None and call.sdes.active:
+            return self._sdes_secured(call)
         security = call.security
         if security is None:
+            if call.line is not None and call.line.require_secure:
+                reason = "require_secure: the call could not be secured"
+                log.warning("call %d: %s", call.id, reason)
+                out = self.teardown.send_bye(call, call.a, now, reason)
+                return out + self.teardown.send_bye(call, call.b, now, reason)
             return []
         if security.role is sec.Role.CALLEE:
             security.arm(now)
@@ -123,6 +132,13 @@ class SecureLegs:
             return self._run(call, security.give_up(ClearReason.PEER_UNSUPPORTED, reason), now)
         security.arm(now)
         return self._rearm(call)
+
+    def _sdes_secured(self, call: Call) -> list[Outbound]:
+        self.sides.stats.secured += 1
+        tone = self.sides.config.xsipura.tone
+        if call.media is not None and tone is not None:
+            self.media.apply(PlayTone(call.media.session.id, Side.INSIDE, 0, tone))
+        return []
 
     def on_timer(self, call: Call, now: float) -> list[Outbound]:
         """The call's x-sipura deadline is due."""

@@ -21,9 +21,10 @@ from proxy.b2bua.core import B2BUA, Outbound
 from proxy.b2bua.lifecycle import Lifecycle
 from proxy.b2bua.line_keys import Security, load_security
 from proxy.b2bua.reload import plan_reload
-from proxy.b2bua.resolver import SystemResolver
+from proxy.b2bua.resolver import DnsResolver, families_for
 from proxy.b2bua.routing import ResolveQuery
 from proxy.b2bua.secure import SecureState
+from proxy.b2bua.tls_keys import load_tls
 from proxy.errors import UsageError
 from proxy.logsetup import configure_logging, set_level
 from proxy.media.commands import MediaEvent
@@ -42,7 +43,7 @@ from proxy.sip.connections import TcpLimits, auto_max_connections
 from proxy.sip.headers import MEMOS
 from proxy.sip.message import CANONICAL_MEMO
 from proxy.sip.transaction import Address
-from proxy.sip.transport import SipTransport, TransportLimits
+from proxy.sip.transport import SipTransport, TlsSettings, TransportLimits
 
 log = logging.getLogger("sipura.server")
 
@@ -73,7 +74,13 @@ class ProxyServer:
         self.security = load_security(config)
         _log_security(config, self.security)
         self.admin_token = load_token(config)
-        self.resolver = SystemResolver(self._resolved)
+        self.tls = load_tls(config)
+        for warning in self.tls.warnings:
+            log.warning("%s: %s", config.source, warning)
+        self.resolver = DnsResolver(
+            self._resolved, config.dns, config.sip.transports,
+            families_for(config.outside.listen_host),
+        )  # fmt: skip
         self.core = B2BUA(config, self.media, self.security, resolver=self.resolver)
         self.metrics = CallMetrics()
         self.draining = False
@@ -85,7 +92,11 @@ class ProxyServer:
                 cfg.listen_host,
                 cfg.listen_port,
                 lambda data, source, side=side: self._on_message(side, data, source),  # type: ignore[misc]
-                limits,
+                TlsSettings(
+                    cfg.tls_listen, self.tls.server, self.tls.client, config.tls.handshake_timeout_s
+                ),
+                lambda dest, side=side: self._transport_failed(side, dest),  # type: ignore[misc]
+                limits=limits,
             )
             for side, cfg in ((Side.INSIDE, config.inside), (Side.OUTSIDE, config.outside))
         }
@@ -110,10 +121,12 @@ class ProxyServer:
             self.admin_address = await self._admin.start(admin.listen_host, admin.listen_port)
             warn_if_exposed(self.config, self.admin_token)
         log.info(
-            "listening: inside %s:%s, outside %s:%s (%s); media ports %d-%d",
+            "listening: inside %s:%s, outside %s:%s (%s); TLS inside %s, outside %s; "
+            "media ports %d-%d",
             self.config.inside.listen_host, self.config.inside.listen_port,
             self.config.outside.listen_host, self.config.outside.listen_port,
-            "+".join(self.config.sip.transports), self.config.media.port_min,
+            "+".join(self.config.sip.transports), self.config.inside.tls_listen or "-",
+            self.config.outside.tls_listen or "-", self.config.media.port_min,
             self.config.media.port_max,
         )  # fmt: skip
 
@@ -133,6 +146,16 @@ class ProxyServer:
             out = self.core.receive(side, data, source, self._loop.time())
         except Exception:  # a bug must cost one message, never the process
             log.exception("%s: internal error handling a message from %s", side.value, source)
+            return
+        self._send(out)
+
+    def _transport_failed(self, side: Side, dest: Address) -> None:
+        """No connection to ``dest``: the transactions waiting on it fail (over) now."""
+        assert self._loop is not None
+        try:
+            out = self.core.transport_failed(side, dest, self._loop.time())
+        except Exception:
+            log.exception("internal error handling a transport failure toward %s", dest)
             return
         self._send(out)
 

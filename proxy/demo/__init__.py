@@ -120,6 +120,25 @@ def _outside_stats(call: dict[str, Any]) -> dict[str, int]:
     }
 
 
+async def _settled_stats(
+    sites: dict[str, ProxyProcess], last: dict[str, dict[str, int]], timeout: float = 5.0
+) -> dict[str, dict[str, int]]:
+    """Each site's call counters once two reads 0.3 s apart agree (at most ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    previous: dict[str, dict[str, int]] = {}
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.3)
+        current = dict(last)
+        for site, proxy in sites.items():
+            calls = await asyncio.to_thread(proxy.calls)
+            if calls:
+                current[site] = _outside_stats(calls[0])
+        if current == previous:
+            return current
+        previous = current
+    return previous or last
+
+
 async def _run(seconds: float, directory: Path) -> int:
     print(f"sipura-proxy demo: everything in {directory}, on 127.0.0.1\n")
     ca = generate_ca_key()
@@ -206,10 +225,12 @@ async def _call(
         print(f"  {tick + 1:2d}s {a.get('encrypted', 0):11d} {a.get('decrypted', 0):12d}"
               f" {b.get('encrypted', 0):12d} {b.get('decrypted', 0):12d}"
               f" {a.get('dropped', 0) + b.get('dropped', 0):8d}")  # fmt: skip
-    for site in "AB":
-        calls = sites[site].calls()
-        if calls:
-            last[site] = _outside_stats(calls[0])
+    # The verdict compares what the phones received with what the proxies counted; the
+    # workers report counters every 100 ms, so stop the audio and read them once they
+    # have stopped moving (packets still in flight included), never at a fixed moment.
+    phone_a.stop_media()
+    phone_b.stop_media()
+    last = await _settled_stats(sites, last)
     phone_a.hang_up()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(phone_b.ended.wait(), 5)

@@ -108,12 +108,16 @@ class SetSrtp:
     """SRTP both ways on ``side`` now, no grace: packets sent toward it are protected
     with ``keys``, packets from it must unprotect or are dropped and counted. ``srtcp``
     (default on here, unlike the switch-over commands): RTCP as well. None is
-    :class:`ClearSrtp`."""
+    :class:`ClearSrtp`. ``remote_keys``: the key the peer protects with, when it is not
+    ``keys`` (SDES, RFC 4568: each end announces the key it sends with). ``index``: one
+    stream only (SDES keys are per ``m=`` line); None: every stream of the side."""
 
     session: int
     side: Side
     keys: SrtpKeys | None
     srtcp: bool = True
+    remote_keys: SrtpKeys | None = None
+    index: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,10 +151,17 @@ class RelaySession:
             self._clear(side)
             return
         context = self._context(side, command.keys)
-        self._new_key(side, context)
-        for leg in self._legs[side]:
-            leg.tx = leg.rx = context
-            leg.rtcp_tx = leg.rtcp_rx = context if command.srtcp else None
+        remote_keys = command.remote_keys
+        remote = context if remote_keys is None else self._context(side, remote_keys)
+        legs = self._legs[side]
+        if command.index is not None:
+            legs = [self._leg(side, command.index)]
+        if command.index in (None, 0):
+            self._new_key(side, remote)
+        for leg in legs:
+            leg.tx, leg.rx = context, remote
+            leg.rtcp_tx = context if command.srtcp else None
+            leg.rtcp_rx = remote if command.srtcp else None
             leg.rx_alt = None
             leg.alt_until = leg.plain_until = -math.inf
 

@@ -2,9 +2,11 @@
 
 A transaction may live 32 s (timers J, L, F over UDP), so everything it holds is held
 that long for every request of a flood: a 64 KB request kept whole cost 680 MB at 300
-requests/s. So a transaction keeps only what a retransmission or a response needs
-(:func:`slim_request`), and every transaction is charged against one
-:class:`RetainedBytes` budget (docs/decisions.md §37).
+requests/s. So a server transaction keeps only what a retransmission or a response
+needs (:func:`slim_request`); a client transaction keeps its request whole (a failover
+re-sends it), but only the proxy's own requests and relayed ones, which each needed an
+admitted server transaction first. Every transaction is charged against one
+:class:`RetainedBytes` budget (docs/decisions.md §41).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from dataclasses import dataclass
 from proxy.sip.message import Request, canonical
 
 __all__ = [
-    "CLIENT_KEEPS",
     "DEFAULT_BUDGET",
     "SERVER_KEEPS",
     "TX_OVERHEAD",
@@ -60,9 +61,6 @@ SERVER_KEEPS = frozenset({"via", "from", "to", "call-id", "cseq", "record-route"
 and the ACK of a 2xx is matched by. The transaction user gets the whole request once,
 in :class:`RequestReceived`; for the 32 s a transaction may live, the body and every
 other header are garbage (a 64 KB request kept whole cost 680 MB at 300 requests/s)."""
-CLIENT_KEEPS = frozenset({"via", "route", "from", "to", "call-id", "cseq"})
-"""What a client transaction keeps of its request: what its CANCEL and the ACK of an
-error response are built from (§9.1, §17.1.1.3). Retransmissions use ``data``."""
 
 
 def slim_request(request: Request, keep: frozenset[str]) -> Request:

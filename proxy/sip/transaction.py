@@ -32,7 +32,6 @@ from proxy.ratelimit import LogLimiter
 from proxy.sip.headers import MAGIC_COOKIE, Via, bare_host
 from proxy.sip.message import Request, Response, SipMessage, SipParseError
 from proxy.sip.retention import (
-    CLIENT_KEEPS,
     SERVER_KEEPS,
     TX_OVERHEAD,
     RetainedBytes,
@@ -41,6 +40,9 @@ from proxy.sip.retention import (
 )
 
 log = logging.getLogger("sipura.transaction")
+
+UNANSWERED_BACKSTOP = 10
+"""A non-INVITE request unanswered for this many timer F periods gets a 500."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +61,15 @@ class Timers:
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """Where a message came from or goes to. ``conn`` identifies a TCP connection."""
+    """Where a message came from or goes to. ``conn`` identifies a TCP (or TLS)
+    connection; ``name``, for TLS, is the host name the server's certificate must match
+    (the URI's host, RFC 5922 §4: not an SRV target; None: ``host`` itself)."""
 
     host: str
     port: int
     transport: str = "udp"
     conn: int | None = None
+    name: str | None = None
 
     @property
     def reliable(self) -> bool:
@@ -185,7 +190,9 @@ class _Timed:
 @dataclass(eq=False, slots=True)
 class ClientTransaction(_Timed):
     request: Request
-    """The request's routing and dialog headers only (:data:`CLIENT_KEEPS`)."""
+    """The whole request: the transaction user may send it again to another target
+    (RFC 3263 failover after a 503, a timeout or a transport failure). Charged in full
+    against the budget."""
     dest: Address
     key: tuple[str, str]
     invite: bool
@@ -360,13 +367,19 @@ class TransactionLayer:
         heap[:] = [entry for entry in heap if self._due(entry[2], entry[0])]
         heapq.heapify(heap)
 
+    def _backstop(self) -> float:
+        """How long a non-INVITE request may wait for the transaction user's answer:
+        timer F ten times over (320 s by default), room for a relay that fails over
+        through several targets, each given its own timer F (RFC 3263)."""
+        return UNANSWERED_BACKSTOP * self.timers.timeout
+
     def _unanswered(self, stx: ServerTransaction, now: float) -> list[Transmit]:
         """A backstop, not a protocol timer: the transaction user answers every request
         (a relayed one with the far side's answer or a 408 of its own at timer F), so a
-        non-INVITE request still unanswered after 64*T1 + T4 is a bug upstream of here.
-        It gets a 500, and the transaction ends like any answered one: no request is
-        left without an answer and no state outlives its timers."""
-        waited = self.timers.timeout + self.timers.t4
+        non-INVITE request still unanswered after :meth:`_backstop` is a bug upstream of
+        here. It gets a 500, and the transaction ends like any answered one: no request
+        is left without an answer and no state outlives its timers."""
+        waited = self._backstop()
         self._notes.log(logging.WARNING, "unanswered", stx.source.host, now,
                         "%s from %s:%s unanswered for %.0f s: 500", stx.request.method,
                         stx.source.host, stx.source.port, waited)  # fmt: skip
@@ -408,7 +421,7 @@ class TransactionLayer:
                 target.cancel_sent = True
                 target.timeout_at = now + t.timeout
         tx = ClientTransaction(
-            request=slim_request(request, CLIENT_KEEPS),
+            request=request,
             dest=dest,
             key=_client_key(request, request.method),
             invite=invite,
@@ -420,7 +433,7 @@ class TransactionLayer:
         )
         tx.retransmit_at = None if dest.reliable else now + t.t1
         tx.timeout_at = now + t.timeout
-        tx.kept = text_size(tx.request)
+        tx.kept = text_size(request) + len(request.body)
         replaced = self._clients.get(tx.key)
         if replaced is not None:
             self._release(replaced)
@@ -532,7 +545,7 @@ class TransactionLayer:
             tx.last_status = 100
             out.append(Transmit(tx.last_response, source))
         else:
-            tx.timeout_at = now + self.timers.timeout + self.timers.t4  # see _unanswered
+            tx.timeout_at = now + self._backstop()  # see _unanswered
         self._charge(tx)
         return [RequestReceived(tx, request)], out
 
@@ -580,6 +593,22 @@ class TransactionLayer:
             return self._on_response(message, source, now)
         stamp_via(message, source)
         return self._on_request(message, source, now)
+
+    def fail_transport(self, dest: Address, now: float) -> list[TransactionEvent]:
+        """No connection to ``dest`` could be made (RFC 3261 §8.1.3.1: a transport error
+        counts as a timeout, so the user may fail over): every client transaction still
+        waiting on it times out now. Rare, so a scan is fine."""
+        events: list[TransactionEvent] = []
+        where = (dest.host, dest.port, dest.transport)
+        for key, tx in list(self._clients.items()):
+            if (tx.dest.host, tx.dest.port, tx.dest.transport) != where:
+                continue
+            if tx.state in (State.CALLING, State.TRYING, State.PROCEEDING):
+                events.append(TransactionTimeout(tx))
+            tx.state = State.TERMINATED
+            tx.retransmit_at = None
+            del self._clients[key]
+        return events
 
     def find_invite_server(self, cancel: Request) -> ServerTransaction | None:
         """The INVITE server transaction a CANCEL targets (§9.2: same branch)."""

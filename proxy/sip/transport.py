@@ -1,10 +1,18 @@
-"""The asyncio edge for SIP: UDP and TCP listeners and connections for one side.
+"""The asyncio edge for SIP: UDP, TCP and TLS listeners and connections for one side.
 
 Nothing here understands SIP beyond framing: every complete message is handed to
 ``on_message(data, Address)``, and :meth:`SipTransport.send` delivers bytes to an
-:class:`Address`, reusing the TCP connection a peer opened to us (responses and
-in-dialog requests follow the connection, as phones behind NAT need) or opening one.
-TLS is a later step: it plugs in as one more ``transport`` value here.
+:class:`Address`, reusing the connection a peer opened to us (responses and in-dialog
+requests follow the connection, as phones behind NAT need: the flow a phone registered
+over carries calls to it, RFC 5626 style) or opening one, reused per destination after
+that.
+
+TLS (RFC 3261 §26, RFC 5630) is a stream like TCP, with the same framing and the same
+limits: asyncio's ``ssl`` layer sits under the same protocol class. Outgoing TLS checks
+the server's certificate against the :attr:`Address.name` the core resolved (the URI's
+host, RFC 5922); a handshake that fails or does not finish within the handshake timeout
+is one rate-limited log line and a transport failure reported to the core
+(``on_failure``), which fails the transactions waiting on it (and so fails over).
 
 What may come in is bounded by sans-IO parts driven from here: the size of a message
 (``[sip] max_message_bytes``: a larger datagram, or a stream message whose
@@ -22,6 +30,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,12 +82,14 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class _Tcp(asyncio.Protocol):
-    """One TCP connection, accepted or opened, framed by Content-Length."""
+    """One TCP (or TLS) connection, accepted or opened, framed by Content-Length."""
 
     def __init__(
-        self, owner: SipTransport, remote: tuple[str, int] | None = None, *, inbound: bool = True
-    ) -> None:
+        self, owner: SipTransport, remote: tuple[str, int] | None = None, *,
+        inbound: bool = True, kind: str = "tcp",
+    ) -> None:  # fmt: skip
         self._owner = owner
+        self.kind = kind
         self._framer = StreamFramer(owner.limits.max_message)
         self.transport: asyncio.Transport | None = None
         self.id = next(_conn_ids)
@@ -109,7 +120,7 @@ class _Tcp(asyncio.Protocol):
         except SipParseError as exc:
             owner.framing_lost(self, exc)
             return
-        address = Address(*self.remote, "tcp", self.id)
+        address = Address(*self.remote, self.kind, self.id)
         for frame in frames:
             if isinstance(frame, Oversized):
                 owner.too_large(frame.head, address, frame.size, self)
@@ -135,28 +146,42 @@ class _Tcp(asyncio.Protocol):
             self.transport.abort()
 
 
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """TLS for one side: where to listen (None: no listener), the contexts
+    (:mod:`proxy.b2bua.tls_keys`) and the handshake timeout."""
+
+    listen: tuple[str, int] | None
+    server: ssl.SSLContext | None
+    client: ssl.SSLContext | None
+    handshake_timeout_s: float = 5.0
+
+
 class SipTransport:
-    """UDP + TCP for one listen address."""
+    """UDP + TCP (+ TLS) for one listen address."""
 
     def __init__(
-        self,
-        name: str,
-        host: str,
-        port: int,
-        on_message: OnMessage,
-        limits: TransportLimits | None = None,
-    ) -> None:
+        self, name: str, host: str, port: int, on_message: OnMessage,
+        tls: TlsSettings | None = None, on_failure: Callable[[Address], None] | None = None,
+        *, limits: TransportLimits | None = None,
+    ) -> None:  # fmt: skip
         self.name = name
         self.host = host
         self.port = port
         self.on_message = on_message
+        self.tls = tls
+        self.on_failure = on_failure
+        """Told when a connection to a destination could not be opened (connect or TLS
+        handshake failed): the core fails what waits on it."""
+        self.tls_failures = 0
         self.limits = limits or TransportLimits()
         self.table = ConnectionTable(self.limits.tcp)
         self.too_large_count: Counter[str] = Counter()
         self._udp: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
+        self._tls_server: asyncio.Server | None = None
         self._by_id: dict[int, _Tcp] = {}
-        self._by_remote: dict[tuple[str, int], _Tcp] = {}
+        self._by_remote: dict[tuple[str, int, str], _Tcp] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._notes = LogLimiter(log)
@@ -181,6 +206,13 @@ class SipTransport:
             self._server = await loop.create_server(
                 lambda: _Tcp(self), self.host, self.port, reuse_address=True
             )
+        tls = self.tls
+        if "tls" in transports and tls is not None and tls.listen and tls.server is not None:
+            self._tls_server = await loop.create_server(
+                lambda: _Tcp(self, kind="tls"), tls.listen[0], tls.listen[1],
+                reuse_address=True, ssl=tls.server,
+                ssl_handshake_timeout=tls.handshake_timeout_s,
+            )  # fmt: skip
         self._sweeper = loop.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     # --- connections ----------------------------------------------------------------
@@ -198,14 +230,15 @@ class SipTransport:
                            self.name, *conn.remote, refusal.value, cap)  # fmt: skip
                 return False
         self._by_id[conn.id] = conn
-        self._by_remote[conn.remote] = conn
+        self._by_remote[(*conn.remote, conn.kind)] = conn
         return True
 
     def unregister(self, conn: _Tcp) -> None:
         self.table.remove(conn.id)
         self._by_id.pop(conn.id, None)
-        if self._by_remote.get(conn.remote) is conn:
-            del self._by_remote[conn.remote]
+        key = (*conn.remote, conn.kind)
+        if self._by_remote.get(key) is conn:
+            del self._by_remote[key]
 
     def hold_flow(self, flow: Address, held: bool) -> bool:
         """Keep (or stop keeping) the TCP connection of ``flow`` open however long it is
@@ -261,7 +294,7 @@ class SipTransport:
             return
         conn = self._by_id.get(dest.conn) if dest.conn is not None else None
         if conn is None:
-            conn = self._by_remote.get((dest.host, dest.port))
+            conn = self._by_remote.get((dest.host, dest.port, dest.transport))
         if conn is None:
             conn = self._connect(dest)
             if conn is None:
@@ -269,37 +302,65 @@ class SipTransport:
         conn.write(data)
 
     def _connect(self, dest: Address) -> _Tcp | None:
-        conn = _Tcp(self, (dest.host, dest.port), inbound=False)
+        kind = dest.transport
+        if kind == "tls" and (self.tls is None or self.tls.client is None):
+            self._failed(dest, "no TLS client context")
+            return None
+        conn = _Tcp(self, (dest.host, dest.port), inbound=False, kind=kind)
         refusal = self.table.admit(conn.id, dest.host, self.now(), inbound=False)
         if refusal is not None:
             self._note(f"{refusal.value}_opened", dest.host,
-                       "%s: TCP connect to %s:%s refused: %s (%d) connections opened",
-                       self.name, dest.host, dest.port, refusal.value,
+                       "%s: %s connect to %s:%s refused: %s (%d) connections opened",
+                       self.name, kind.upper(), dest.host, dest.port, refusal.value,
                        self.limits.tcp.max_connections)  # fmt: skip
+            if self.on_failure is not None:
+                self.on_failure(dest)
             return None
-        self._by_remote[(dest.host, dest.port)] = conn
+        key = (dest.host, dest.port, kind)
+        self._by_remote[key] = conn
 
         async def open_connection() -> None:
             loop = asyncio.get_running_loop()
             try:
-                await loop.create_connection(lambda: conn, dest.host, dest.port)
-            except OSError as exc:
-                self._note("connect_failed", dest.host, "%s: TCP connect to %s:%s failed: %s",
-                           self.name, dest.host, dest.port, exc)  # fmt: skip
+                if kind == "tls":
+                    assert self.tls is not None
+                    await loop.create_connection(
+                        lambda: conn, dest.host, dest.port, ssl=self.tls.client,
+                        server_hostname=dest.name or dest.host,
+                        ssl_handshake_timeout=self.tls.handshake_timeout_s,
+                    )  # fmt: skip
+                else:
+                    await loop.create_connection(lambda: conn, dest.host, dest.port)
+            except (OSError, ssl.SSLError, ssl.CertificateError, TimeoutError) as exc:
                 self.table.remove(conn.id)
-                if self._by_remote.get((dest.host, dest.port)) is conn:
-                    del self._by_remote[(dest.host, dest.port)]
+                if self._by_remote.get(key) is conn:
+                    del self._by_remote[key]
+                self._failed(dest, _why(exc))
 
         task = asyncio.get_running_loop().create_task(open_connection())
         _background.add(task)
         task.add_done_callback(_background.discard)
         return conn
 
+    def _failed(self, dest: Address, why: str) -> None:
+        """One rate-limited line per destination and reason; the core hears of it."""
+        if dest.transport == "tls":
+            self.tls_failures += 1
+        self._note(why, f"{dest.host}:{dest.port}", "%s: %s connection to %s:%s (%s) failed: %s",
+                   self.name, dest.transport.upper(), dest.host, dest.port,
+                   dest.name or dest.host, why)  # fmt: skip
+        if self.on_failure is not None:
+            self.on_failure(dest)
+
     # --- state ----------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, object]:
         """What ``/status`` shows of this listener."""
-        return {"tcp": self.table.snapshot(), "too_large": dict(self.too_large_count)}
+        return {
+            "tcp": self.table.snapshot(),
+            "too_large": dict(self.too_large_count),
+            "tls_failures": self.tls_failures,
+        }
 
     def close(self) -> None:
         if self._sweeper is not None:
@@ -308,8 +369,23 @@ class SipTransport:
             self._udp.close()
         if self._server is not None:
             self._server.close()
+        if self._tls_server is not None:
+            self._tls_server.close()
         for conn in list(self._by_id.values()):
             conn.close()
 
 
 _background: set[asyncio.Task[None]] = set()
+
+
+def _why(exc: BaseException) -> str:
+    """A failure as one short phrase (an ssl error's reason, the OS's text)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate rejected: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return f"TLS handshake failed: {exc.reason.lower().replace('_', ' ')}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

@@ -530,8 +530,9 @@ def wires(out: Iterable[Outbound]) -> list[Wire]:
     return result
 
 
-NAMES: dict[str, str] = {}
-"""What :class:`FakeResolver` knows: host name -> address (tests patch it per module)."""
+NAMES: dict[str, str | list[Address]] = {}
+"""What :class:`FakeResolver` knows: host name -> address, or the full list of targets
+an RFC 3263 lookup would give (tests patch it per module)."""
 
 
 class FakeResolver:
@@ -580,9 +581,13 @@ class World:
         out: list[Outbound] = []
         while self.auto_lookups and self.resolver.asked:
             query = self.resolver.asked.pop(0)
-            ip = NAMES.get(query.host)
-            port = query.port or (5061 if query.transport == "tls" else 5060)
-            targets = [Address(ip, port, query.transport)] if ip else []
+            known = NAMES.get(query.host)
+            transport = query.transport or "udp"
+            port = query.port or (5061 if transport == "tls" else 5060)
+            if isinstance(known, list):
+                targets = known
+            else:
+                targets = [Address(known, port, transport)] if known else []
             out.extend(self.core.resolved(query, targets, 300.0, self.now))
         return out
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from conftest import NOW_UTC, Party, Pki
 
 from proxy.b2bua import secure as sec
 from proxy.b2bua.config import XsipuraConfig
 from proxy.b2bua.line_keys import LineSecurity
 from proxy.xsipura import handshake as hs
 from proxy.xsipura.trust import TrustStore
+from testkit.pki import NOW_UTC, Party, Pki
 
 SETTINGS = XsipuraConfig(grace_s=2.0, handshake_timeout_s=5.0, start_delay_s=0.2)
 T0 = 100.0

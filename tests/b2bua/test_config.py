@@ -205,7 +205,7 @@ def test_all_optional_keys() -> None:
         "t1_ms": 250,
         "t2_ms": 250,
         "t4_ms": 1,
-        "transports": ["tcp"],
+        "transports": ["tcp", "tls"],
         "user_agent": "",
         "max_forwards": 255,
     }
@@ -219,7 +219,8 @@ def test_all_optional_keys() -> None:
     assert config.outside.upstream == "sips:[::1]:5061;transport=tls"
     assert config.outside.registrar is None
     assert config.media.rtp_timeout_s == 30
-    assert config.sip.transports == ("tcp",)
+    assert config.sip.transports == ("tcp", "tls")
+    assert config.outside.sdes == "offer"  # a TLS upstream: SDES offered by default
     assert config.sip.user_agent is None
     assert (config.sip.t1_s, config.sip.t2_s, config.sip.max_forwards) == (0.25, 0.25, 255)
     assert config.sip.t4_s == 0.001
@@ -263,7 +264,9 @@ def test_ipv6_media_ip_is_normalised() -> None:
     ],
 )
 def test_sip_uri_forms(uri: str) -> None:
-    assert parse_config(with_("outside.upstream", uri)).outside.upstream == uri
+    doc = base()
+    doc["sip"] = {"transports": ["udp", "tcp", "tls"]}
+    assert parse_config(with_("outside.upstream", uri, doc)).outside.upstream == uri
 
 
 def test_xsipura_and_line_keys_are_typed_and_read_only(tmp_path: Path) -> None:
@@ -546,7 +549,7 @@ def test_bad_enum(path: str, value: Any, fragment: str) -> None:
 @pytest.mark.parametrize(
     ("value", "key", "fragment"),
     [
-        (["tls"], "sip.transports[0]", 'expected one of "udp", "tcp", got "tls"'),
+        (["sctp"], "sip.transports[0]", 'expected one of "udp", "tcp", "tls", got "sctp"'),
         (["udp", "UDP"], "sip.transports[1]", "expected one of"),
         (["udp", "udp"], "sip.transports[1]", "listed twice"),
         (["udp", 1], "sip.transports[1]", "expected a string, got integer 1"),
@@ -590,7 +593,7 @@ def test_bad_number(path: str, value: int, fragment: str | None) -> None:
         ("inside.media_ip", ["127.0.0.1"], "expected a string, got an array"),
         ("inside.advertise", False, "expected a string, got boolean false"),
         ("inside.unknown_users", 1, "expected a string"),
-        ("outside.upstream", {"host": "x"}, "expected a string, got a table"),
+        ("outside.upstream", {"host": "x"}, "expected a SIP URI or a non-empty array"),
         ("sip.user_agent", 1, "expected a string"),
         ("log.level", 20, "expected a string, got integer 20"),
         ("admin.listen", 5099, "expected a string"),

@@ -505,8 +505,7 @@ async def _hold_resume(rig: UpstreamRig) -> None:
                 marks.append(time.monotonic())
                 reinvites = [m for m in ua_rx(ua, "INVITE", call.call_id) if m.body]
                 assert f"a={direction}" in reinvites[-1].body.decode(), reinvites[-1].body
-                await asyncio.sleep(0.8)
-                snaps.append(await watcher.fresh_call(spec.user))
+                snaps.append(await _grown(watcher, spec.user, snaps[-1], direction))
             phone.hang_up()
             await until(lambda: call.state == "terminated", 5, "the UA to get the BYE")
             after = (await watcher.refresh())["stats"]
@@ -536,6 +535,26 @@ async def _hold_resume(rig: UpstreamRig) -> None:
     report = audio_report(phone, since=marks[-1])
     assert report["packets"] >= 25 and report["altered"] == 0, report
     assert audio_report(phone)["contiguous"], audio_report(phone)
+
+
+async def _grown(
+    watcher: Watcher, user: str, last: dict[str, Any] | None, direction: str
+) -> dict[str, Any] | None:
+    """The call's state once SRTP has flowed 25+ packets each way since ``last`` (the
+    phone sends nothing while inactive), waiting at least 0.8 s and at most 8 s: a busy
+    machine delays the workers' counter reports, not what they count."""
+    wanted = ("packets_decrypted",) if direction == "inactive" else (
+        "packets_encrypted", "packets_decrypted")  # fmt: skip
+    start = time.monotonic()
+    await asyncio.sleep(0.8)
+    while True:
+        snap = await watcher.fresh_call(user)
+        if snap is None or last is None or time.monotonic() - start > 8:
+            return snap
+        now, before = leg_stats(snap, "outside"), leg_stats(last, "outside")
+        if all(now[name] - before[name] >= 25 for name in wanted):
+            return snap
+        await asyncio.sleep(0.1)
 
 
 # ======================================================================================

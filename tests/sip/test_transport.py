@@ -89,7 +89,9 @@ def small_limits(**tcp: float) -> TransportLimits:
 
 async def started(limits: TransportLimits) -> tuple[SipTransport, list[tuple[bytes, Address]]]:
     got: list[tuple[bytes, Address]] = []
-    transport = SipTransport("inside", "127.0.0.1", 0, lambda d, a: got.append((d, a)), limits)
+    transport = SipTransport(
+        "inside", "127.0.0.1", 0, lambda d, a: got.append((d, a)), limits=limits
+    )
     await transport.start(("udp", "tcp"))
     return transport, got
 

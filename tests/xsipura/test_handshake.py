@@ -17,7 +17,7 @@ from proxy.xsipura import messages, rsa
 from proxy.xsipura.trust import TrustStore, ca_fingerprint
 
 if TYPE_CHECKING:
-    from conftest import Party, Pki
+    from testkit.pki import Party, Pki
 
 NOW_UTC = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 CALLER_SSRC = 0x0A0A0A0A

@@ -18,7 +18,7 @@ from proxy.xsipura.keyfiles import CaKeyFormat, KeyFileError
 from proxy.xsipura.mc import MiniCertificateParam, encode_private_key_param
 
 if TYPE_CHECKING:
-    from conftest import Pki
+    from testkit.pki import Pki
 
 LINKSYS = CaKeyFormat.LINKSYS
 PEM = CaKeyFormat.PEM

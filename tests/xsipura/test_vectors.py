@@ -23,7 +23,7 @@ from proxy.xsipura.mc import (
 )
 
 if TYPE_CHECKING:
-    from conftest import Party, Pki
+    from testkit.pki import Party, Pki
 
 NOW_UTC = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 """Every vector MC is valid at this instant."""
