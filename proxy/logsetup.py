@@ -23,17 +23,18 @@ strings, in text as the stdlib formatter writes them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Mapping, MutableMapping
-from contextvars import ContextVar
+from collections.abc import Mapping, MutableMapping
+from contextvars import ContextVar, Token
 from typing import Any, Final
 
 __all__ = [
     "CALL_FIELDS",
+    "JSON_FIELDS",
+    "CallContextFilter",
     "CallLog",
     "bind_call",
     "call_fields",
@@ -44,6 +45,9 @@ __all__ = [
 
 CALL_FIELDS: Final = ("call", "call_id", "line")
 """The record attributes a call-related line carries (see the module docstring)."""
+JSON_FIELDS: Final = (*CALL_FIELDS, "summary")
+"""Record attributes a JSON line carries when set: the call fields, and the end-of-call
+``summary`` object (:mod:`proxy.b2bua.call_summary`)."""
 
 _bound: ContextVar[Mapping[str, Any] | None] = ContextVar("sipura_log_call", default=None)
 
@@ -81,19 +85,32 @@ class CallLog(logging.LoggerAdapter[logging.Logger]):
         return msg, kwargs
 
 
-@contextlib.contextmanager
-def bind_call(fields: Mapping[str, Any]) -> Iterator[None]:
+class bind_call:
     """Everything logged inside the block (in this task or thread) carries ``fields``,
-    unless a log call passes its own."""
-    token = _bound.set(fields)
-    try:
-        yield
-    finally:
-        _bound.reset(token)
+    unless a log call passes its own.
+
+    A class rather than a ``contextlib.contextmanager`` generator: the call core binds
+    once per message that belongs to a call, and this costs a third of the generator's
+    ~1 µs."""
+
+    __slots__ = ("_fields", "_token")
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        self._fields = fields
+        self._token: Token[Mapping[str, Any] | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _bound.set(self._fields)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _bound.reset(self._token)
+            self._token = None
 
 
-class _ContextFilter(logging.Filter):
-    """Copies the bound call fields onto records that do not carry their own."""
+class CallContextFilter(logging.Filter):
+    """Copies the bound call fields onto records that do not carry their own (on the
+    process's handler; a test puts one on its capturing handler)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         bound = _bound.get()
@@ -129,7 +146,7 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for name in CALL_FIELDS:
+        for name in JSON_FIELDS:
             value = getattr(record, name, None)
             if value is not None:
                 entry[name] = value
@@ -146,7 +163,7 @@ def configure_logging(level_name: str, fmt: str) -> None:
     """One stderr handler for the whole process, replacing any earlier one."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
-    handler.addFilter(_ContextFilter())
+    handler.addFilter(CallContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     set_level(level_name)

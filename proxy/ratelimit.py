@@ -71,7 +71,7 @@ class RateLimiter:
             if window is None:
                 self._windows[key] = _Window(now)
                 return 0
-        if now - window.opened_at < self.interval_s:
+        if now < window.opened_at + self.interval_s:
             window.suppressed += 1
             self.suppressed_total += 1
             return None
@@ -86,12 +86,20 @@ class RateLimiter:
         reports: list[Suppressed] = []
         while self._windows:
             key, window = next(iter(self._windows.items()))
-            if now - window.opened_at < self.interval_s:
+            if now < window.opened_at + self.interval_s:
                 break
             del self._windows[key]
             if window.suppressed:
                 reports.append(Suppressed(key[0], key[1], window.suppressed))
         return reports
+
+    def next_expiry(self) -> float | None:
+        """When :meth:`expired` next has a window to close (None: no window open), for
+        a caller that arms its timer at its own next deadline (the B2BUA core). The same
+        sum as :meth:`expired` compares, so polling at this instant always closes it."""
+        if not self._windows:
+            return None
+        return next(iter(self._windows.values())).opened_at + self.interval_s
 
     def _room_for(self, key: tuple[str, str], now: float) -> tuple[str, str]:
         """The key to use for a new event: ``key`` if the table has room (after dropping
@@ -99,7 +107,7 @@ class RateLimiter:
         if len(self._windows) < self.max_keys:
             return key
         for old, window in list(self._windows.items()):
-            if now - window.opened_at < self.interval_s:
+            if now < window.opened_at + self.interval_s:
                 break
             if not window.suppressed:
                 del self._windows[old]

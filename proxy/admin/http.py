@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Final
+from typing import Any, Final
 
 import h11
 
@@ -90,6 +90,10 @@ class _Request:
     path: str = ""
     headers: dict[str, str] = field(default_factory=dict)
     body_bytes: int = 0
+    deadline: float | None = None
+    """When the whole request must be in (set by its first byte)."""
+    head_bytes: int = 0
+    """Bytes received before the head was complete."""
 
 
 class _Refuse(Exception):
@@ -226,57 +230,58 @@ class AdminHttp:
         self, conn: h11.Connection, reader: asyncio.StreamReader
     ) -> _Request | None:
         """One whole request, or None when the connection ends cleanly or idles out."""
-        limits = self.limits
         loop = asyncio.get_running_loop()
         request = _Request()
-        deadline: float | None = None
-        # Bytes received before the head was complete: h11 caps only a head still
-        # incomplete in its buffer, not one that arrives whole in one read.
-        head_bytes = 0
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                if deadline is None and not conn.trailing_data[0]:
-                    try:
-                        data = await asyncio.wait_for(reader.read(4096), limits.idle_timeout_s)
-                    except TimeoutError:
-                        return None
-                    deadline = loop.time() + limits.request_timeout_s
-                else:
-                    if deadline is None:
-                        deadline = loop.time() + limits.request_timeout_s
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        raise _Refuse(408)
-                    try:
-                        data = await asyncio.wait_for(reader.read(4096), remaining)
-                    except TimeoutError:
-                        raise _Refuse(408) from None
-                if not request.method:
-                    head_bytes += len(data)
-                    if head_bytes > limits.max_request_bytes + 4096:
-                        raise _Refuse(431)
+                data = await self._more(conn, reader, request, loop)
+                if data is None:
+                    return None
                 conn.receive_data(data)
                 continue
-            if isinstance(event, h11.Request):
-                size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
-                if len(event.headers) > limits.max_headers or size > limits.max_request_bytes:
-                    raise _Refuse(431)
-                request.method = event.method.decode("ascii", "replace").upper()
-                request.path = event.target.decode("ascii", "replace").split("?", 1)[0]
-                request.headers = {
-                    name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers
-                }
-            elif isinstance(event, h11.Data):
-                request.body_bytes += len(event.data)
-                if request.body_bytes > limits.max_body_bytes:
-                    raise _Refuse(413)
-            elif isinstance(event, h11.EndOfMessage):
-                return request
-            elif isinstance(event, h11.ConnectionClosed):
+            handler = _EVENTS.get(type(event))
+            if handler is not None:
+                finished, result = handler(self.limits, request, event)
+                if finished:
+                    return result
+            if request.deadline is None:
+                request.deadline = loop.time() + self.limits.request_timeout_s
+
+    async def _more(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        request: _Request,
+        loop: asyncio.AbstractEventLoop,
+    ) -> bytes | None:
+        """The next bytes of a request. Between requests the wait is the idle timeout
+        (None: idled out); once a request has begun, it must be whole by its deadline
+        (408), and its head within the size bound (431)."""
+        limits = self.limits
+        if request.deadline is None and not conn.trailing_data[0]:
+            try:
+                data = await asyncio.wait_for(reader.read(4096), limits.idle_timeout_s)
+            except TimeoutError:
                 return None
-            if deadline is None:
-                deadline = loop.time() + limits.request_timeout_s
+            request.deadline = loop.time() + limits.request_timeout_s
+        else:
+            if request.deadline is None:
+                request.deadline = loop.time() + limits.request_timeout_s
+            remaining = request.deadline - loop.time()
+            if remaining <= 0:
+                raise _Refuse(408)
+            try:
+                data = await asyncio.wait_for(reader.read(4096), remaining)
+            except TimeoutError:
+                raise _Refuse(408) from None
+        if not request.method:
+            # h11 caps only a head still incomplete in its buffer, not one that
+            # arrives whole in one read: count the bytes before the head is complete.
+            request.head_bytes += len(data)
+            if request.head_bytes > limits.max_request_bytes + 4096:
+                raise _Refuse(431)
+        return data
 
     async def _send(
         self,
@@ -311,3 +316,36 @@ def _phrase(status: int) -> str:
 def _peer(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
     return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+
+
+_Step = tuple[bool, _Request | None]
+"""What one h11 event means for the request being read: (finished, the request or None)."""
+_GOING_ON: _Step = (False, None)
+
+
+def _on_head(limits: HttpLimits, request: _Request, event: h11.Request) -> _Step:
+    size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+    if len(event.headers) > limits.max_headers or size > limits.max_request_bytes:
+        raise _Refuse(431)
+    request.method = event.method.decode("ascii", "replace").upper()
+    request.path = event.target.decode("ascii", "replace").split("?", 1)[0]
+    request.headers = {
+        name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers
+    }
+    return _GOING_ON
+
+
+def _on_body(limits: HttpLimits, request: _Request, event: h11.Data) -> _Step:
+    request.body_bytes += len(event.data)
+    if request.body_bytes > limits.max_body_bytes:
+        raise _Refuse(413)
+    return _GOING_ON
+
+
+_EVENTS: dict[type, Callable[[HttpLimits, _Request, Any], _Step]] = {
+    h11.Request: _on_head,
+    h11.Data: _on_body,
+    h11.EndOfMessage: lambda limits, request, event: (True, request),
+    h11.ConnectionClosed: lambda limits, request, event: (True, None),
+}
+"""What each h11 event does to the request being read (others are ignored)."""

@@ -15,7 +15,7 @@ import logging
 from enum import Enum
 
 from proxy.b2bua.legs import Call, CallState, Leg
-from proxy.b2bua.sdes_leg import method_of
+from proxy.b2bua.stats import Stats
 from proxy.media.engine import Side
 
 log = logging.getLogger("sipura.b2bua")
@@ -33,8 +33,11 @@ class CallTimer(Enum):
 class CallTable:
     """Every live call, indexed by its legs, with its armed deadlines."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: Stats | None = None) -> None:
+        self.stats = stats if stats is not None else Stats()
         self.calls: dict[int, Call] = {}
+        self.ended: list[Call] = []
+        """Calls dropped since :meth:`take_ended` last ran (for their summary line)."""
         self._legs: dict[tuple[Side, str, str], tuple[Call, Leg]] = {}
         self._heap: list[tuple[float, int, int, CallTimer]] = []
         self._armed: dict[tuple[int, CallTimer], float] = {}
@@ -68,16 +71,26 @@ class CallTable:
         return list(self._legs.values())
 
     def drop(self, call: Call) -> None:
-        """Forget ``call`` and give its media back (idempotent)."""
+        """Forget ``call`` and give its media back (idempotent). Its media's last
+        counters join the totals; a call that was in the table waits in :attr:`ended`
+        for its summary."""
         for leg in (call.a, call.b):
             self._legs.pop((leg.side, leg.call_id, leg.local_tag), None)
-        self.calls.pop(call.id, None)
+        if self.calls.pop(call.id, None) is not None:
+            self.ended.append(call)
         for kind in CallTimer:
             self._armed.pop((call.id, kind), None)
         if call.media is not None:
             self._media.pop(call.media.session.id, None)
+            call.media_final = call.media.session.stats()
+            self.stats.media_released(call.media_final)
             call.media.release()
             call.media = None
+
+    def take_ended(self) -> list[Call]:
+        """The calls dropped since the last call (at most one event's worth)."""
+        ended, self.ended = self.ended, []
+        return ended
 
     def finish(self, call: Call) -> None:
         """The call is over: drop it once, and say so."""
@@ -85,7 +98,6 @@ class CallTable:
             return
         call.state = CallState.TERMINATED
         self.drop(call)
-        log.info("call %d ended (%s)", call.id, method_of(call))
 
     # --- deadlines --------------------------------------------------------------------
 

@@ -29,9 +29,11 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from proxy.b2bua.call_summary import log_ended
 from proxy.b2bua.calls import CallTable, CallTimer
 from proxy.b2bua.config import Config
 from proxy.b2bua.dialogs import Dialogs
+from proxy.b2bua.drain import SHUTDOWN_CAUSE, SHUTDOWN_REASON, Drain
 from proxy.b2bua.invite import CallSetup
 from proxy.b2bua.legs import Call, OwnRequest, RelayedRequest, new_tag
 from proxy.b2bua.line_keys import Security
@@ -49,8 +51,10 @@ from proxy.b2bua.registrar import Binding, RegisterRelay, Registrar
 from proxy.b2bua.routing import Lookups, ResolveQuery, Resolver, Router, Unresolved
 from proxy.b2bua.sdes_leg import SdesLegs, method_of
 from proxy.b2bua.secure_leg import SecureLegs
-from proxy.b2bua.sides import Outbound, SipSides, Stats
+from proxy.b2bua.sides import Outbound, SipSides
+from proxy.b2bua.stats import Stats
 from proxy.b2bua.teardown import Teardown
+from proxy.logsetup import bind_call
 from proxy.media.commands import MediaEvent, SessionsLost, SrtpAuthenticated
 from proxy.media.engine import MediaEngine, Side
 from proxy.sip.headers import SipHeaderError
@@ -91,7 +95,7 @@ class B2BUA:
         """Wall clock for MC expiry only (injected: the core reads no clock itself)."""
         self.stats = Stats()
         self.sides = SipSides(config, self.stats)
-        self.table = CallTable()
+        self.table = CallTable(self.stats)
         self.registrar = Registrar(config, self.sides)
         self.lookups = Lookups(resolver)
         self.router = Router(config, self.registrar, self.lookups, config.sip.transports)
@@ -107,9 +111,10 @@ class B2BUA:
         self.dialogs.setup = self.setup
         self.registrar.failovers = self.setup.failovers
         self.out_of_dialog = OutOfDialog(self.sides, self.router)
+        self.drain = Drain(self.sides, self.table, self.teardown)
         self._events: dict[type, Handler] = {
             RequestReceived: self._on_request_event,
-            AckReceived: lambda side, e, now: self.dialogs.on_ack(side, e.request, e.source, now),
+            AckReceived: self._on_ack,
             ResponseReceived: self._on_response,
             StrayResponse: lambda side, e, now: self.dialogs.on_stray(side, e.response),
             TransactionTimeout: self._on_timeout,
@@ -202,10 +207,14 @@ class B2BUA:
             check_addresses(message)
         except SipParseError as exc:
             self.stats.bad_messages += 1
-            log.info("%s: dropped malformed message from %s:%s: %s", side.value, source.host,
-                     source.port, exc)  # fmt: skip
+            self.sides.noise.log(logging.INFO, "malformed_message", source.host, now,
+                                 "%s: dropped malformed message from %s:%s: %s", side.value,
+                                 source.host, source.port, exc)  # fmt: skip
             reply = stateless_response(data, exc.status, str(exc))
-            return [] if reply is None else [Outbound(side, reply, source)]
+            if reply is None:
+                return []
+            self.stats.count_response(exc.status)
+            return [Outbound(side, reply, source)]
         try:
             events, transmits = self.sides.layers[side].receive(message, source, now)
             out = self.sides.wrap(side, transmits)
@@ -213,8 +222,11 @@ class B2BUA:
                 out += self._events[type(event)](side, event, now)
         except (SipParseError, SipHeaderError) as exc:
             self.stats.bad_messages += 1
-            log.info("%s: cannot process message from %s: %s", side.value, source.host, exc)
-            return []
+            self.sides.noise.log(logging.INFO, "unusable_message", source.host, now,
+                                 "%s: cannot process message from %s: %s", side.value,
+                                 source.host, exc)  # fmt: skip
+            out = []
+        self._calls_ended(now)
         return out
 
     def poll(self, now: float) -> list[Outbound]:
@@ -227,11 +239,13 @@ class B2BUA:
             for event in events:
                 out += self._events[type(event)](side, event, now)
         for call, kind in self.table.due(now):
-            out += self._call_timers[kind](call, now)
+            with bind_call(call.fields()):
+                out += self._call_timers[kind](call, now)
         for work in self.lookups.expire(now):
             out += work(now)
         self.registrar.expire(now)
-        self.sides.notes.flush(now, logging.WARNING)
+        self.sides.noise.flush(now)
+        self._calls_ended(now)
         return out
 
     def next_deadline(self) -> float | None:
@@ -245,6 +259,7 @@ class B2BUA:
                 self.table.next_deadline(),
                 self.lookups.next_deadline(),
                 self.registrar.next_deadline(),
+                self.sides.noise.limiter.next_expiry(),
             )
             if d is not None
         ]
@@ -258,6 +273,7 @@ class B2BUA:
         out: list[Outbound] = []
         for work in self.lookups.answer(query, targets, ttl_s, now):
             out += work(now)
+        self._calls_ended(now)
         return out
 
     def transport_failed(self, side: Side, dest: Address, now: float) -> list[Outbound]:
@@ -272,7 +288,39 @@ class B2BUA:
         """What the media engine reported (SRTP authenticated, sessions lost), handed
         over by the I/O edge on a loop iteration of its own, never from inside a call
         into the engine."""
-        return self._media_events[type(event)](event, now)
+        out = self._media_events[type(event)](event, now)
+        self._calls_ended(now)
+        return out
+
+    # --- draining (SIGTERM) -----------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self.drain.active
+
+    def start_drain(self, now: float, drain_s: float | None = None) -> None:
+        """Stop taking new calls (INVITE, OPTIONS, REGISTER outside a dialog get 503 with
+        Retry-After; :mod:`proxy.b2bua.drain`); calls in progress go on. ``drain_s``
+        (default ``[run] drain_s``) is when :meth:`hang_up_all` is due."""
+        limit = self.config.run.drain_s if drain_s is None else drain_s
+        if self.drain.start(now, limit):
+            log.info("draining: %d calls in progress; new calls, OPTIONS and REGISTER get 503 "
+                     "for the next %d s", len(self.table), limit)  # fmt: skip
+
+    def hang_up_all(
+        self, now: float, reason: str = SHUTDOWN_REASON, cause: int = SHUTDOWN_CAUSE
+    ) -> list[Outbound]:
+        """End every call: BYE on both legs with ``Reason: SIP;cause=<cause>;text=
+        "<reason>"``, ringing calls cancelled. The calls leave the table as their BYEs
+        (or the callee's answer to the CANCEL) are answered or time out."""
+        out = self.drain.hang_up_all(now, reason, cause)
+        self._calls_ended(now)
+        return out
+
+    def _calls_ended(self, now: float) -> None:
+        """The summary line of each call that ended while handling one input."""
+        if self.table.ended:
+            log_ended(self.table.take_ended(), now)
 
     # --- dispatch ---------------------------------------------------------------------
 
@@ -314,16 +362,19 @@ class B2BUA:
         method = request.method
         if method == "CANCEL":
             return self.dialogs.on_cancel(side, tx, request, now)
+        to_tag = request.to.tag
+        if not to_tag:  # a new call, probe or registration: refused while draining
+            self.drain.refuse_new(method, tx.source, now)
         if max_forwards(request) == 0:
             if method == "OPTIONS":
                 return self.out_of_dialog.options(side, tx, now)
             raise Reject(483, "Too Many Hops")  # in a dialog too: it cannot be relayed
-        to_tag = request.to.tag
         if to_tag:
             found = self.table.find(side, request.call_id, to_tag)
             if found is None:
                 raise Reject(481, "Call/Transaction Does Not Exist")
-            return self.dialogs.on_request(side, tx, request, found[0], found[1], now)
+            with bind_call(found[0].fields()):
+                return self.dialogs.on_request(side, tx, request, found[0], found[1], now)
         if method != "INVITE" and (unsupported := unsupported_requirements(request)):
             raise Reject(420, "Bad Extension", [("Unsupported", ", ".join(unsupported))])
         handler = self._new_requests.get(method)
@@ -331,14 +382,35 @@ class B2BUA:
             raise Reject(501, "Not Implemented", [("Allow", ALLOW)])
         return handler(side, tx, request, now)
 
+    def _on_ack(self, side: Side, event: AckReceived, now: float) -> list[Outbound]:
+        request = event.request
+        found = self.table.find(side, request.call_id, request.to.tag or "")
+        if found is None:
+            return []
+        with bind_call(found[0].fields()):
+            return self.dialogs.on_ack(side, request, event.source, now)
+
     def _on_response(self, side: Side, event: ResponseReceived, now: float) -> list[Outbound]:
-        handler = self._responses.get(type(event.tx.context))
-        return [] if handler is None else handler(event.tx.context, event.tx, event.response, now)
+        context: Any = event.tx.context
+        handler = self._responses.get(type(context))
+        if handler is None:
+            return []
+        call: Call | None = getattr(context, "call", None)
+        if call is None:
+            return handler(context, event.tx, event.response, now)
+        with bind_call(call.fields()):
+            return handler(context, event.tx, event.response, now)
 
     def _on_timeout(self, side: Side, event: TransactionTimeout, now: float) -> list[Outbound]:
         context: Any = event.tx.context
         handler = self._timeouts.get(type(context))
-        return [] if handler is None else handler(context, event.tx, now)
+        if handler is None:
+            return []
+        call: Call | None = context if type(context) is Call else getattr(context, "call", None)
+        if call is None:
+            return handler(context, event.tx, now)
+        with bind_call(call.fields()):
+            return handler(context, event.tx, now)
 
 
 __all__ = ["B2BUA", "Outbound"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from proxy.b2bua import secure as sec
 from proxy.b2bua.calls import CallTable
-from proxy.b2bua.legs import Call, CallState, Leg, RelayedRequest
+from proxy.b2bua.legs import PARTIES, Call, CallState, Leg, RelayedRequest
 from proxy.b2bua.media_watch import MediaWatch
 from proxy.b2bua.messages import (
     TARGET_REFRESH,
@@ -77,7 +77,7 @@ class Dialogs:
             if kind:
                 return self.secure.on_info(call, tx, request, now)
         if method == "BYE":
-            handled = self._bye(side, tx, call, leg, now)
+            handled = self._bye(side, tx, call, leg, now, bye_reason(request))
             if handled is not None:
                 return handled
         return self._forward(tx, request, call, leg, now)
@@ -104,18 +104,21 @@ class Dialogs:
                 leg.dest = self.router.leg_dest(leg, now)
 
     def _bye(
-        self, side: Side, tx: ServerTransaction, call: Call, leg: Leg, now: float
+        self, side: Side, tx: ServerTransaction, call: Call, leg: Leg, now: float, why: str
     ) -> list[Outbound] | None:
-        """A BYE the proxy answers itself; None when it is to be relayed."""
+        """A BYE the proxy answers itself; None when it is to be relayed. ``why``: the BYE
+        and its Reason, for the call's summary (the server transaction keeps no Reason)."""
         if leg is call.a and call.ringing:
             # The caller hangs up an early dialog: the INVITE ends as if CANCELled.
             log.info("call %d: BYE from the caller before the answer", call.id)
+            call.end(PARTIES[side], "BYE before the answer")
             return self.sides.respond(side, tx, 200, "OK", now) + self.teardown.cancel_call(
                 call, now
             )
         if call.state is CallState.TERMINATING:
             return self.sides.respond(side, tx, 200, "OK", now)  # BYEs crossed: one is enough
         call.state = CallState.TERMINATING
+        call.end(PARTIES[side], why)
         log.info("call %d: BYE from the %s side", call.id, side.value)
         if call.other(leg).remote_tag is None:  # early: nothing to hang up on the far side
             self.calls.finish(call)
@@ -194,7 +197,8 @@ class Dialogs:
         out = self.sides.respond(side, tx, 200, "OK", now, to_tag=to_tag)  # §9.2: same To tag
         if not isinstance(call, Call) or not call.ringing:
             return out  # already answered: the CANCEL has no effect (§9.2)
-        log.info("call %d cancelled by the caller", call.id)
+        log.info("call %d cancelled by the caller", call.id, extra=call.fields())
+        call.end(PARTIES[side], "CANCEL")
         return out + self.teardown.cancel_call(call, now)
 
     # --- responses to relayed requests ------------------------------------------------
@@ -238,6 +242,7 @@ class Dialogs:
         if initial:
             log.info("call %d: no answer from the %s side (timeout)", call.id,
                      call.other(context.origin).side.value)  # fmt: skip
+            call.end("proxy", "no answer (timeout)")
             self.sides.stats.calls_failed += 1
             self.calls.finish(call)
         elif method == "BYE":
@@ -287,3 +292,15 @@ class Dialogs:
             log.info("call %d: unparsable SDP passed through as is: %s", call.id, exc)
             return body
         return self.sdes.crossing(call, from_side, anchored, offer=offer, final=final)
+
+
+REASON_TEXT_MAX = 80
+"""Characters of a BYE's ``Reason`` header kept in the end-of-call summary."""
+
+
+def bye_reason(request: Request) -> str:
+    """``BYE``, with the sender's ``Reason`` header (RFC 3326) when it gave one."""
+    reason = request.get("reason")
+    if not reason:
+        return "BYE"
+    return f"BYE, Reason: {reason.strip()[:REASON_TEXT_MAX]}"

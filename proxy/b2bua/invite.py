@@ -18,7 +18,15 @@ from proxy.b2bua.calls import CallTable
 from proxy.b2bua.config import Config
 from proxy.b2bua.dialogs import Dialogs
 from proxy.b2bua.failover import FAILOVER_STATUSES, Failovers
-from proxy.b2bua.legs import Call, CallState, Leg, RelayedRequest, new_call_id, new_tag
+from proxy.b2bua.legs import (
+    PARTIES,
+    Call,
+    CallState,
+    Leg,
+    RelayedRequest,
+    new_call_id,
+    new_tag,
+)
 from proxy.b2bua.media import MediaHandle
 from proxy.b2bua.messages import (
     Reject,
@@ -34,6 +42,7 @@ from proxy.b2bua.sdes_leg import SdesLegs
 from proxy.b2bua.secure_leg import SecureLegs
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.teardown import Teardown
+from proxy.logsetup import bind_call
 from proxy.media.engine import MediaEngine, Side
 from proxy.media.ports import PortsExhausted
 from proxy.sip.headers import SipHeaderError
@@ -60,17 +69,12 @@ class CallSetup:
         self.secure = secure
         self.sdes = sdes
         self.failovers = Failovers(sides, router, sdes)
-        self.draining = False
-        """New calls are refused (503, logged): the process is shutting down."""
 
     # --- the INVITE that creates a call -----------------------------------------------
 
     def on_invite(
         self, side: Side, tx: ServerTransaction, request: Request, now: float
     ) -> list[Outbound]:
-        if self.draining:
-            raise Reject(503, "Service Unavailable", [("Retry-After", "5")],
-                         cause="draining")  # fmt: skip
         limit = self.config.limits.max_calls
         if limit and len(self.calls) >= limit:
             raise Reject(503, "Service Unavailable", [("Retry-After", "5")],
@@ -82,7 +86,8 @@ class CallSetup:
         route = self.router.route(side, request, tx.source, now)
         offer = self._offer(request)
         call = self._new_call(side, tx, original, request, route, now)
-        call.security = self.secure.for_new_call(call, request, forced)
+        with bind_call(call.fields()):
+            call.security = self.secure.for_new_call(call, request, forced)
         call.sdes = self.sdes.for_new_call(call, route.dest if side is Side.INSIDE else tx.source)
         if forced is False:
             call.sdes = None  # *19: this call in the clear
@@ -101,7 +106,7 @@ class CallSetup:
                 self.calls.drop(call)
                 raise
         self.calls.add(call)
-        self.sides.stats.calls_total += 1
+        self.sides.stats.call_started(call.direction)
         return self._send_invite(call, request, route, body, tx, now)
 
     @staticmethod
@@ -181,7 +186,7 @@ class CallSetup:
         call.invite_client = ctx
         log.info("call %d %s: INVITE %s from %s -> %s (%s), line %s", call.id, call.direction,
                  request.uri, a.remote.uri, route.ruri, a.call_id,
-                 route.line.user_id if route.line else "-")  # fmt: skip
+                 route.line.user_id if route.line else "-", extra=call.fields())  # fmt: skip
         return out
 
     def _allocate(self, call: Call, streams: int) -> MediaHandle:
@@ -246,6 +251,7 @@ class CallSetup:
                 if call.answered:
                     return []  # a retransmitted 2xx; the tx layer resends our answer
                 call.state = CallState.ANSWERED
+                call.answered_at = now
                 self.sides.stats.calls_answered += 1
                 log.info("call %d answered: %d %s", call.id, status, response.reason)
         elif initial and (retried := self._failed(call, tx, response, now)) is not None:
@@ -269,6 +275,7 @@ class CallSetup:
             if retried is not None:
                 return retried
         self.sides.stats.calls_failed += 1
+        call.end(PARTIES[call.b.side], f"{status} {response.reason}")
         log.info("call %d failed: %d %s", call.id, status, response.reason)
         return None
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from proxy.media.engine import Side
+from proxy.logsetup import call_fields
+from proxy.media.engine import Side, StreamStats
 from proxy.sip.headers import NameAddr
 from proxy.sip.transaction import Address, ClientTransaction, ServerTransaction
 
@@ -37,6 +38,10 @@ def new_tag() -> str:
 
 def new_call_id(host: str) -> str:
     return f"{secrets.token_hex(12)}@{host}"
+
+
+PARTIES = {Side.INSIDE: "phone", Side.OUTSIDE: "far end"}
+"""Who is at the other end of a leg on each side, in the end-of-call summary."""
 
 
 @dataclass(slots=True)
@@ -129,6 +134,18 @@ class Call:
     media_packets: int = -1
     secure_ssrc: int = 0
     """The SSRC the proxy announces and encrypts with toward the outside."""
+    answered_at: float | None = None
+    """When the callee's 2xx arrived (talk time starts)."""
+    ended_by: str | None = None
+    """Who ended the call, for the end-of-call summary: ``phone``, ``far end`` or
+    ``proxy`` (the first to act wins: a BYE crossing ours does not rewrite it)."""
+    end_reason: str = ""
+    """How or why: ``BYE``, ``CANCEL``, ``486 Busy Here``, ``RTP timeout``..."""
+    media_final: dict[Side, list[StreamStats]] | None = None
+    """The media counters when the session was released (the summary's packets)."""
+    log_fields: dict[str, object] = field(default_factory=dict, repr=False)
+    """``call``/``call_id``/``line`` for log lines about this call (:mod:`proxy.logsetup`),
+    built once by :meth:`fields`."""
     failover: Failover | None = None
     """Where the initial INVITE may go next if its target fails (RFC 3263 §4.3)."""
     sdes: SdesCall | None = None
@@ -137,6 +154,23 @@ class Call:
 
     def other(self, leg: Leg) -> Leg:
         return self.b if leg is self.a else self.a
+
+    def end(self, who: str, why: str) -> None:
+        """Note who ended the call and why, unless someone already did."""
+        if self.ended_by is None:
+            self.ended_by = who
+            self.end_reason = why
+
+    def fields(self) -> dict[str, object]:
+        """The log fields of this call: its number, each leg's Call-ID by side, its
+        line (built on first use; both Call-IDs are known once the call exists)."""
+        if not self.log_fields:
+            self.log_fields = call_fields(
+                self.id,
+                {self.a.side.value: self.a.call_id, self.b.side.value: self.b.call_id},
+                self.line.user_id if self.line is not None else None,
+            )
+        return self.log_fields
 
     def leg_on(self, side: Side) -> Leg:
         return self.a if self.a.side is side else self.b

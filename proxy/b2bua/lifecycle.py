@@ -1,10 +1,12 @@
 """The running process's lifecycle: signals, draining, systemd notifications.
 
-* SIGTERM: drain. The proxy stops taking calls (``/health`` turns 503, systemd hears
-  ``STOPPING=1``), calls in progress go on, and the process exits 0 when the last one
-  ends or after ``[run] drain_s``, when the remaining calls are hung up (BYE with
-  ``Reason: SIP;cause=503;text="proxy shutting down"`` on both legs) and given a moment
-  for those to go out.
+* SIGTERM: drain (:meth:`B2BUA.start_drain <proxy.b2bua.core.B2BUA.start_drain>`). The
+  proxy stops taking calls (new INVITEs, OPTIONS and REGISTERs get 503, ``/health``
+  turns 503, systemd hears ``STOPPING=1``), calls in progress go on, and the process
+  exits 0 when the last one ends or after ``[run] drain_s``, when the remaining calls
+  are hung up (:meth:`B2BUA.hang_up_all <proxy.b2bua.core.B2BUA.hang_up_all>`: BYE with
+  ``Reason: SIP;cause=503;text="proxy shutting down"`` on both legs, ringing calls
+  cancelled) and given up to :data:`HANGUP_GRACE_S` for those to be answered.
 * A second SIGTERM, or SIGINT at any time, skips the wait: hang up now, exit.
 * SIGHUP: reload the configuration file (:meth:`ProxyServer.reload`).
 * ``READY=1`` once every socket listens, ``WATCHDOG=1`` every half ``WATCHDOG_USEC``.
@@ -101,8 +103,7 @@ class Lifecycle:
         started = loop.time()
         server.begin_drain()
         calls = len(server.core.calls)
-        log.info("SIGTERM: draining: %d calls in progress, new calls refused; waiting up to "
-                 "%d s for them to end", calls, limit)  # fmt: skip
+        log.info("drain: waiting up to %d s for %d calls to end", limit, calls)
         self.notifier.stopping(f"draining {calls} calls")
         while server.core.calls and not self._hurry.is_set():
             if loop.time() - started >= limit:

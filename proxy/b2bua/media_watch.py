@@ -17,6 +17,7 @@ from proxy.b2bua.config import Config
 from proxy.b2bua.legs import Call, CallState
 from proxy.b2bua.sides import Outbound
 from proxy.b2bua.teardown import Teardown
+from proxy.logsetup import bind_call
 from proxy.media.commands import SessionsLost
 
 log = logging.getLogger("sipura.b2bua")
@@ -61,6 +62,7 @@ class MediaWatch:
             call = self.calls.by_media(session_id)
             if call is None:
                 continue
-            log.warning("call %d: its media relay process died; hanging up", call.id)
-            out += self.teardown.hang_up(call, now, "media relay failed")
+            with bind_call(call.fields()):
+                log.warning("call %d: its media relay process died; hanging up", call.id)
+                out += self.teardown.hang_up(call, now, "media relay failed")
         return out

@@ -116,6 +116,7 @@ class CallSecurity:
         label: str,
         dialled_user_id: str = "",
         require_secure: bool | None = None,
+        local_mc_expired: bool = False,
     ) -> None:
         self.role = role
         self.line = line
@@ -123,6 +124,9 @@ class CallSecurity:
         self.label = label
         self.dialled = dialled_user_id
         self.require_secure = line.require_secure if require_secure is None else require_secure
+        self.local_mc_expired = local_mc_expired
+        """The line's own MC has expired: nothing is attempted, the call goes clear
+        (``local_mc_expired``) once confirmed, and a peer's x-sipura INFO gets 488."""
         self.state = SecureState.WAITING
         self.reason: hs.ClearReason | None = None
         self.detail = ""
@@ -131,6 +135,10 @@ class CallSecurity:
         self._caller: hs.CallerHandshake | None = None
         self._callee: hs.CalleeHandshake | None = None
         self._start_at: float | None = None
+        self.handshake_started: float | None = None
+        """When the first x-sipura message of the call went out (caller: the Caller
+        Hello) or came in (callee): ``sipura_handshake_seconds`` runs from here to
+        the switch to SRTP."""
         self._expect_by: float | None = None
 
     # --- caller role --------------------------------------------------------------------
@@ -171,6 +179,7 @@ class CallSecurity:
         )
         self.state = SecureState.HANDSHAKING
         self._start_at = None
+        self.handshake_started = now
         log.info("call %s: x-sipura step 1: Caller Hello (%s, ssrc %08x)", self.label,
                  self.line.param.certificate.name, local_ssrc)  # fmt: skip
         return self._translate(self._caller.start(now))
@@ -197,6 +206,8 @@ class CallSecurity:
 
     def on_info(self, body: bytes, now: float, now_utc: datetime, local_ssrc: int) -> list[Action]:
         """Callee: an x-sipura INFO arrived on the outside leg; always yields one response."""
+        if self.local_mc_expired:  # an expired MC is never presented: refused, as understood
+            return [RespondInfo(488, "Not Acceptable Here", None, "")]
         if self._callee is None:
             self._callee = hs.CalleeHandshake(
                 certificate=self.line.param.certificate,
@@ -207,6 +218,8 @@ class CallSecurity:
             )
         if self.state is SecureState.WAITING:
             self.state = SecureState.HANDSHAKING
+        if self.handshake_started is None:
+            self.handshake_started = now
         self._expect_by = None
         return self._translate(self._callee.receive_request(body, now, now_utc))
 

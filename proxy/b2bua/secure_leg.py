@@ -23,10 +23,11 @@ from typing import Any
 from proxy.b2bua import secure as sec
 from proxy.b2bua.calls import CallTable, CallTimer
 from proxy.b2bua.legs import Call, CallState, Leg, OwnRequest
-from proxy.b2bua.line_keys import Security
+from proxy.b2bua.line_keys import LineSecurity, Security
 from proxy.b2bua.messages import TARGET_REFRESH
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.teardown import Teardown
+from proxy.logsetup import bind_call
 from proxy.media.commands import (
     AcceptSrtp,
     ClearSrtp,
@@ -80,7 +81,7 @@ class SecureLegs:
         """Who secures this call: the proxy plays the line's SPA on the outside leg."""
         if self.security is None or call.line is None:
             return None
-        line = self.security.lines.get(call.line.user_key)
+        line, expired = self._line_security(call.line.user_key)
         if line is None:
             if forced:
                 log.warning("call %d: *18 dialled, but line %s has no Mini Certificate",
@@ -102,7 +103,18 @@ class SecureLegs:
             dialled, role = "", sec.Role.CALLEE
         call.secure_ssrc = secrets.randbits(32) or 1
         return sec.CallSecurity(role=role, line=line, settings=self.security.xsipura,
-                                label=call.label, dialled_user_id=dialled)  # fmt: skip
+                                label=call.label, dialled_user_id=dialled,
+                                local_mc_expired=expired)  # fmt: skip
+
+    def _line_security(self, user_key: str) -> tuple[LineSecurity | None, bool]:
+        """The line's loaded MC and key, and whether that MC has expired (at start-up,
+        or since: a proxy runs for months)."""
+        assert self.security is not None
+        line = self.security.lines.get(user_key)
+        if line is not None:
+            return line, line.param.certificate.expires <= self.utc_now()
+        expired = self.security.expired.get(user_key)
+        return expired, expired is not None
 
     # --- driven by the call -----------------------------------------------------------
 
@@ -121,6 +133,10 @@ class SecureLegs:
                 out = self.teardown.send_bye(call, call.a, now, reason)
                 return out + self.teardown.send_bye(call, call.b, now, reason)
             return []
+        if security.local_mc_expired:  # the line goes clear, counted (decision 28)
+            expires = security.line.param.certificate.expires.strftime("%Y-%m-%dT%H:%M:%SZ")
+            detail = f"line {security.line.user_key}'s Mini Certificate expired on {expires}"
+            return self._run(call, security.give_up(ClearReason.LOCAL_MC_EXPIRED, detail), now)
         if security.role is sec.Role.CALLEE:
             security.arm(now)
             return self._rearm(call)
@@ -164,7 +180,8 @@ class SecureLegs:
         call = self.calls.by_media(event.session)
         if call is None or call.security is None:
             return []
-        return self._run(call, call.security.srtp_authenticated(now), now)
+        with bind_call(call.fields()):
+            return self._run(call, call.security.srtp_authenticated(now), now)
 
     def on_info(
         self, call: Call, tx: ServerTransaction, request: Request, now: float
@@ -233,12 +250,15 @@ class SecureLegs:
     def _secured(self, call: Call, action: sec.Secured, now: float) -> list[Outbound]:
         if action.rekey:
             return []
-        self.sides.stats.secured += 1
+        security = call.security
+        if security is not None:
+            started = security.handshake_started
+            took = None if started is None else now - started
+            self.sides.stats.call_secured(security.role.value, took)
         return self._user_indication(call, action.peer, now)
 
     def _cleared(self, call: Call, action: sec.Cleared, now: float) -> list[Outbound]:
-        reasons = self.sides.stats.clear_reasons
-        reasons[action.reason.value] = reasons.get(action.reason.value, 0) + 1
+        self.sides.stats.call_cleared(action.reason.value)
         return []
 
     def _hang_up(self, call: Call, action: sec.HangUp, now: float) -> list[Outbound]:

@@ -31,7 +31,7 @@ from proxy.media.commands import MediaEvent
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
 from proxy.media.worker_pool import WorkerPool
-from proxy.metrics import CallMetrics, MediaTotals
+from proxy.metrics import MediaTotals
 from proxy.runtime import (
     descriptor_limit,
     install_fast_loop,
@@ -82,8 +82,6 @@ class ProxyServer:
             families_for(config.outside.listen_host),
         )  # fmt: skip
         self.core = B2BUA(config, self.media, self.security, resolver=self.resolver)
-        self.metrics = CallMetrics()
-        self.draining = False
         self.media.on_event = self._media_event_soon
         limits = transport_limits(config)
         self.transports = {
@@ -232,7 +230,8 @@ class ProxyServer:
         stats = self.core.stats
         return {
             "calls": self.core.active_calls(),
-            "draining": self.draining,
+            "draining": self.core.draining,
+            "drain": self.core.drain.describe(self._now()),
             "stats": {
                 "calls_total": stats.calls_total,
                 "calls_answered": stats.calls_answered,
@@ -268,19 +267,30 @@ class ProxyServer:
 
     # --- lifecycle ------------------------------------------------------------------------
 
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
+
     def begin_drain(self) -> None:
-        """Stop taking calls: ``/health`` turns 503 so a dispatcher in front fails over."""
-        self.draining = True
-        self.core.setup.draining = True
+        """Stop taking calls: new INVITEs, OPTIONS and REGISTERs get 503 (a dispatcher in
+        front fails over) and ``/health`` turns 503; calls in progress go on."""
+        self.core.start_drain(self._now())
 
     def hang_up_all(self) -> None:
-        """End every call now (the end of a drain)."""
-        log.warning("exiting with %d calls up", len(self.core.calls))
+        """End every call now (the end of a drain): BYE on both legs with
+        ``Reason: SIP;cause=503;text="proxy shutting down"``, ringing calls cancelled."""
+        if self._loop is None:
+            return
+        try:
+            out = self.core.hang_up_all(self._loop.time())
+        except Exception:
+            log.exception("internal error hanging up the calls left")
+            return
+        self._send(out)
 
     # --- admin endpoint -----------------------------------------------------------------
 
     def health(self) -> str | None:
-        if self.draining:
+        if self.core.draining:
             return "draining"
         if isinstance(self.media, WorkerPool) and not any(w["alive"] for w in self.media.workers()):
             return "no live media worker"
@@ -303,7 +313,7 @@ class ProxyServer:
         else:
             ports_free, alive, restarts = self.media.ports.available + self.media.pooled, 0, 0
         user_ids = {line.user_key: line.user_id for line in self.config.lines}
-        m = self.metrics
+        m = core.stats.metrics
         return Snapshot(
             calls_active=active,
             calls_total=m.calls_by_direction,

@@ -6,18 +6,21 @@ ACK for a 2xx). It also writes what the proxy owns in a message it sends on a si
 its Via and Contact (the side's advertised address), the dialog headers of a leg,
 ``Supported: x-sipura`` on the outside leg (the SPA's advertisement) and the
 User-Agent/Server header. Each side has its own :class:`TransactionLayer`, so a
-transaction can never be matched across legs (decision 10).
+transaction can never be matched across legs (decision 10). The parts count through
+:attr:`SipSides.stats` (:mod:`proxy.b2bua.stats`) and log repeated noise through
+:attr:`SipSides.noise`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from proxy.b2bua.config import Config, SideConfig
 from proxy.b2bua.legs import Leg
 from proxy.b2bua.messages import XSIPURA
+from proxy.b2bua.stats import Stats
 from proxy.media.engine import Side
 from proxy.ratelimit import LogLimiter
 from proxy.sip.headers import format_hostport
@@ -46,31 +49,15 @@ class Outbound:
     dest: Address
 
 
-@dataclass(slots=True)
-class Stats:
-    """Counters the operator sees in ``/status``."""
-
-    calls_total: int = 0
-    calls_answered: int = 0
-    calls_failed: int = 0
-    bad_messages: int = 0
-    registrations: int = 0
-    responses: dict[int, int] = field(default_factory=dict)
-    secured: int = 0
-    """Calls whose outside leg became SRTP (x-sipura)."""
-    clear_reasons: dict[str, int] = field(default_factory=dict)
-    """Why secure attempts ended in the clear, by ClearReason value."""
-
-    def count_response(self, status: int) -> None:
-        self.responses[status] = self.responses.get(status, 0) + 1
-
-
 class SipSides:
     """Both sides' transaction layers and the proxy's own headers on each side."""
 
     def __init__(self, config: Config, stats: Stats) -> None:
         self.config = config
         self.stats = stats
+        self.noise = LogLimiter(log)
+        """The core's one limiter for repeated log lines (malformed messages, refusals),
+        keyed by (reason, source); :class:`~proxy.b2bua.core.B2BUA` flushes it."""
         timers = Timers(config.sip.t1_s, config.sip.t2_s, config.sip.t4_s)
         budget = RetainedBytes()
         """One budget for both sides: a request relayed from one side holds a server
@@ -79,9 +66,6 @@ class SipSides:
             Side.INSIDE: TransactionLayer(timers, budget),
             Side.OUTSIDE: TransactionLayer(timers, budget),
         }
-        self.notes = LogLimiter(log)
-        """Refusals of the proxy's own making, logged once per cause and source per
-        window (every 503 used to be silent)."""
         self.configs: dict[Side, SideConfig] = {
             Side.INSIDE: config.inside,
             Side.OUTSIDE: config.outside,
@@ -158,7 +142,7 @@ class SipSides:
         """Log a refusal the proxy's own limits caused (rate-limited per cause and
         source; the count of the lines held back comes with the next one)."""
         host = source.host if source is not None else "-"
-        self.notes.log(logging.WARNING, cause, host, now, "%d (%s): %s", status, cause, detail)
+        self.noise.log(logging.WARNING, cause, host, now, "%d (%s): %s", status, cause, detail)
 
     def send_response(
         self, side: Side, tx: ServerTransaction, response: Response, now: float

@@ -30,6 +30,7 @@ class Teardown:
         """BYE on ``leg`` (if it has a dialog) with ``Reason: SIP;cause=..``."""
         if leg.dest is None or leg.remote_tag is None:
             return []
+        call.end("proxy", reason)
         bye = self.sides.dialog_request(
             leg, "BYE", leg.next_cseq(), self.sides.config.sip.max_forwards
         )
@@ -45,6 +46,7 @@ class Teardown:
         """End ``call`` on both legs: a ringing call is cancelled (487 to the caller), an
         answered one gets BYE on both legs; one with no dialog to send a BYE in is dropped
         at once. A call already ending is left to finish."""
+        call.end("proxy", reason)
         if call.ringing:
             return self.cancel_call(call, now)
         if not call.answered:

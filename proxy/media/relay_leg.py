@@ -11,6 +11,7 @@ drop).
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import socket
 from collections.abc import Callable
@@ -19,11 +20,34 @@ from typing import TYPE_CHECKING, Any
 from proxy.media.engine import DROP_REASONS, Side, StreamStats
 from proxy.media.srtp import SrtpContext, SrtpError, SrtpReplayError
 from proxy.media.tones import ToneMixer
+from proxy.ratelimit import LogLimiter
 
 if TYPE_CHECKING:
     from proxy.media.relay_packets import RelaySocket
 
-__all__ = ["Clock", "RelayLeg", "SendTo", "SockAddr", "plain_rtcp", "plain_rtp", "refuse"]
+__all__ = [
+    "Clock",
+    "RelayLeg",
+    "SendTo",
+    "SockAddr",
+    "flush_noise",
+    "plain_rtcp",
+    "plain_rtp",
+    "refuse",
+]
+
+log = logging.getLogger("sipura.media")
+
+_noise = LogLimiter(log)
+"""Wrong-source drops, one line per source address per 10 s with the count held back:
+a spoofing flood costs a few lines (bounded keys, :mod:`proxy.ratelimit`)."""
+
+
+def flush_noise(now: float) -> None:
+    """Log the counts of wrong-source windows that closed with nothing after them (the
+    worker process calls it from its flush timer)."""
+    _noise.flush(now)
+
 
 SockAddr = tuple[Any, ...]
 """A socket address as the event loop reports it: (host, port) or (host, port, flow,
@@ -200,6 +224,21 @@ class RelayLeg:
         old.rtp_send = old.rtcp_send = refuse
         for sock in self.sockets:
             sock.a = self
+
+    def dropped_wrong_source(self, addr: SockAddr, what: str) -> None:
+        """A packet from an address that is not this leg's peer was dropped: counted,
+        and logged (rate-limited) once the leg knows its peer's IP. Before that (the SDP
+        not seen yet, or a pooled pair) a packet is the ordinary race with signalling,
+        only counted."""
+        self.wrong_source += 1
+        expected = self.expected_ip
+        if expected is None:
+            return
+        peer = self.rtp_peer if what == "RTP" else self.rtcp_peer
+        _noise.log(logging.INFO, "wrong-source media", str(addr[0]), self.clock(),
+                   "media: %s from %s:%s dropped on the %s port %d: not the peer (%s)", what,
+                   addr[0], addr[1], self.side, self.port,
+                   f"latched {peer[0]}:{peer[1]}" if peer else f"expected {expected}")  # fmt: skip
 
     def stale_source(self, addr: SockAddr) -> bool:
         """``addr`` is where the previous call on this pair had its peer, and that call

@@ -203,7 +203,7 @@ class RtpSocket(RelaySocket):
         if latch and (
             a.rtp_peer is not None or addr[0] != a.expected_ip or (a.stale and a.stale_source(addr))
         ):
-            a.wrong_source += 1
+            a.dropped_wrong_source(addr, "RTP")
             return
         if a.mux and len(data) > 1 and 199 < data[1] < 205:  # RTCP PT 200..204 (RFC 5761)
             if relay_rtcp(a, self.b, self.session, data) and latch:
@@ -268,7 +268,7 @@ class RtcpSocket(RelaySocket):
             or addr[0] != a.expected_ip
             or (a.stale and a.stale_source(addr))
         ):
-            a.wrong_source += 1
+            a.dropped_wrong_source(addr, "RTCP")
             return
         if relay_rtcp(a, self.b, self.session, data) and latch:
             a.latch_rtcp(addr)

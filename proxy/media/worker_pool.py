@@ -37,8 +37,10 @@ error on its channel, an undecodable message, a stuck queue) is killed if need b
 reaped and logged with its pid and exit status; its sessions are reported as
 :class:`~proxy.media.commands.SessionsLost` (the core hangs their calls up with a BYE
 and a Reason on both legs), and a replacement starts on the same slice, at once the
-first time and with a growing delay (up to 30 s) while replacements keep dying young.
-With no worker alive, allocation raises :class:`PortsExhausted`: new calls get 503 with
+first time and with a growing delay (up to 30 s) while replacements keep dying young;
+a worker that cannot even be started (the interpreter not executable, no descriptors
+left) counts as dying young too, and is logged once a minute with a count. With no
+worker alive, allocation raises :class:`PortsExhausted`: new calls get 503 with
 Retry-After.
 """
 
@@ -63,6 +65,7 @@ from proxy.media.ports import PortAllocator, PortsExhausted
 from proxy.media.relay_pool import bind_pair, media_addresses
 from proxy.media.worker_link import WorkerSlot, reap
 from proxy.media.worker_session import CHECKS, WorkerSession
+from proxy.ratelimit import LogLimiter
 
 __all__ = ["MIN_PAIRS_PER_WORKER", "WorkerPool", "WorkerSession", "split_range"]
 
@@ -73,6 +76,8 @@ MIN_PAIRS_PER_WORKER = 4
 YOUNG_S = 10.0
 """A replacement that dies sooner than this counts toward the restart back-off."""
 MAX_BACKOFF_S = 30.0
+START_FAILURE_LOG_S = 60.0
+"""At most one "cannot start" line per worker slot in this long (with the count)."""
 WORKER_MODULE: Final = "proxy.media.worker_process"
 """What a worker runs: ``python -m`` this."""
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -126,6 +131,9 @@ class WorkerPool:
             w.on_wakeup = self._wakeup
         self._log = (log_level, log_format)
         self.clock = clock
+        self._noise = LogLimiter(log, interval_s=START_FAILURE_LOG_S)
+        self._failed_starts: dict[int, int] = {}
+        """Per worker slot: spawns that failed since its last successful start."""
         self._sids = itertools.count(1)
         self._live: dict[int, WorkerSession] = {}
         """Every allocated, not released, not lost session, by id."""
@@ -191,28 +199,39 @@ class WorkerPool:
             )
         except OSError as exc:
             parent.close()
-            log.error("media worker %d: cannot start: %s", w.index, exc)
-            self._schedule_restart(w)
+            # A spawn that fails (EACCES on the interpreter, EMFILE, ENOMEM) is a death
+            # at age 0: the same back-off, and one log line per minute with a count.
+            w.started_at = self.clock()
+            self._failed_starts[w.index] = self._failed_starts.get(w.index, 0) + 1
+            delay = self._schedule_restart(w, quiet=True)
+            self._noise.log(logging.ERROR, "media worker start failure", str(w.index),
+                            self.clock(), "media worker %d: cannot start: %s; retrying in "
+                            "%.1f s", w.index, exc, delay)  # fmt: skip
             return
         finally:
             child.close()
         w.connect(proc, parent, self._loop)
         w.started_at = self.clock()
-        log.info("media worker %d started: pid %d, ports %d-%d", w.index, proc.pid,
-                 w.port_min, w.port_max)  # fmt: skip
+        failed = self._failed_starts.pop(w.index, 0)
+        log.info("media worker %d started: pid %d, ports %d-%d%s", w.index, proc.pid,
+                 w.port_min, w.port_max,
+                 f" (after {failed} failed attempts)" if failed else "")  # fmt: skip
 
-    def _schedule_restart(self, w: WorkerSlot) -> None:
+    def _schedule_restart(self, w: WorkerSlot, *, quiet: bool = False) -> float:
+        """Start a replacement for ``w``: at once after a long life, else after a delay
+        doubling with each young death (2, 4, 8... up to 30 s). Returns the delay."""
         if self._closing or self._loop is None or w.restart is not None:
-            return
+            return 0.0
         if self.clock() - w.started_at < YOUNG_S:
             w.young_deaths += 1
         else:
             w.young_deaths = 0
         delay = 0.0 if w.young_deaths <= 1 else min(MAX_BACKOFF_S, 0.5 * 2**w.young_deaths)
-        if delay:
+        if delay and not quiet:
             log.warning("media worker %d: restarting in %.1f s", w.index, delay)
         w.restarts += 1
         w.restart = self._loop.call_later(delay, self._spawn, w)
+        return delay
 
     def _fail(self, w: WorkerSlot, reason: str, grace_s: float = 0.0) -> None:
         """``w`` is dead or broken: kill and reap it, free its slice, report its

@@ -48,6 +48,7 @@ from proxy.media.commands import (
 )
 from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine, RelaySession
+from proxy.media.relay_leg import flush_noise
 from proxy.runtime import install_fast_loop, tune_gc
 
 log = logging.getLogger("sipura.media.worker")
@@ -292,6 +293,7 @@ class WorkerProcess:
         while True:
             await asyncio.sleep(FLUSH_S)
             self.flush()
+            flush_noise(self.engine.clock())  # the held-back wrong-source counts
 
     async def _first_packet_loop(self) -> None:
         while True:

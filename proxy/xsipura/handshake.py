@@ -56,6 +56,9 @@ class ClearReason(StrEnum):
     TIMEOUT = "timeout"
     NO_AUTHENTICATED_SRTP = "no_authenticated_srtp"
     """Callee switched, but no SRTP authenticated within the grace window: fall back."""
+    LOCAL_MC_EXPIRED = "local_mc_expired"
+    """The line's own Mini Certificate has expired: the proxy does not present it, the
+    line's calls stay clear (set by the call policy, never by a handshake machine)."""
 
 
 _VERDICT_REASONS = {

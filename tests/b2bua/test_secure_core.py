@@ -885,14 +885,15 @@ def test_ssrc_clash(w: World, pki: Pki) -> None:
 
 
 def test_expired_by_the_injected_wall_clock(pki: Pki) -> None:
-    """MC expiry is read from the core's utc_now, not the system clock."""
+    """MC expiry is read from the core's utc_now, not the system clock (the line's own
+    MC still valid then, the peer's not: it expired on 2030-05-31)."""
     config = secure_config(pki)
     w = World(
-        config, security=load_security(config), utc_now=lambda: datetime(2032, 1, 1, tzinfo=UTC)
+        config, security=load_security(config), utc_now=lambda: datetime(2030, 12, 1, tzinfo=UTC)
     )
     call_out(w)
     hello = hello_of(w)
-    callee = far_callee(pki)
+    callee = far_callee(pki, pki.far_expired)
     events = callee.receive_request(hello.request.body, w.now, datetime(2030, 1, 1, tzinfo=UTC))
     answer_info(w, hello, events[0])
     assert secure_state(w)["reason"] == "expired"

@@ -110,6 +110,40 @@ def test_admin_endpoint_and_metrics_with_calls(
     assert after["sipura_handshake_seconds_count"] == 0
 
 
+def test_metrics_fed_by_the_core_survive_the_calls(
+    start_proxy: ProxyFactory, sipp: Sipp, new_port: Callable[[], int], tmp_path: Path
+) -> None:
+    """Calls by direction and the media counters: after the calls ended, the packets
+    they relayed are still counted (a session's last counters join the totals)."""
+    proxy, uas_port = token_proxy(start_proxy, new_port, tmp_path)
+    (tmp_path / "tone.ulaw").write_bytes(bytes(range(256)) * 31 + bytes(64))  # 1 s, 8 kHz
+    before = scrape(proxy)
+    assert before['sipura_calls_total{direction="outbound"}'] == 0
+    echo = ["-rtp_echo", "-mp", str(new_port())]
+    callee = sipp.uas("uas_call.xml", uas_port, "udp", calls=2, extra=echo)
+    stream = ["-cid_str", "caller-cid-%u-%p@%s", "-mp", str(new_port())]
+    caller = sipp.uac("uac_rtp.xml", proxy.inside, "udp", calls=2, extra=stream)
+    sipp.check(caller, callee)
+    proxy.wait_idle()
+    after = scrape(proxy)
+    assert after['sipura_calls_total{direction="outbound"}'] == 2
+    assert after['sipura_calls_total{direction="inbound"}'] == 0
+    assert after['sipura_calls_active{secure="no"}'] == 0
+    packets = {
+        (side, direction): after[
+            f'sipura_media_packets_total{{direction="{direction}",side="{side}"}}'
+        ]
+        for side in ("inside", "outside")
+        for direction in ("in", "out")
+    }
+    # 2 calls x 50 packets from the phone, relayed out and echoed back by the uas
+    assert packets[("inside", "in")] >= 90 and packets[("outside", "out")] >= 90, packets
+    assert packets[("outside", "in")] >= 90 and packets[("inside", "out")] >= 90, packets
+    ended = [line for line in proxy.log_text().splitlines() if " ended (clear): outbound" in line]
+    assert len(ended) == 2 and all("ended by phone (BYE)" in line for line in ended), ended
+    assert all("inside in " in line and "drops 0" in line for line in ended)
+
+
 def test_sighup_reload_applies_and_rejects(
     start_proxy: ProxyFactory, new_port: Callable[[], int], tmp_path: Path
 ) -> None:
@@ -169,12 +203,50 @@ def test_sigterm_drains_calls_then_exits_zero(
     time.sleep(0.3)
     assert proxy.alive()  # calls in progress keep it up
     assert request(proxy, "GET", "/health")[:2] == (503, b"draining\n")
+    # new work is refused, so a dispatcher in front fails over: OPTIONS and INVITE 503
+    for side in ("inside", "outside"):
+        probe = proxy.options(side)
+        assert probe is not None and probe.startswith(b"SIP/2.0 503 "), probe
+        assert b"\r\nRetry-After: " in probe
+    refused = sipp.uac("uac_draining.xml", proxy.inside, "udp", calls=1)
+    sipp.check(refused)
+    drain = proxy.status()["drain"]
+    assert drain["active"] and drain["calls_left"] == 2 and drain["calls_at_start"] == 2
+    assert drain["refused"] == {"OPTIONS": 2, "INVITE": 1}
     sipp.check(caller, callee)  # both calls completed normally
     code = proxy.process.wait(timeout=10)
     drained = time.monotonic() - sent
     assert code == 0
     assert drained < 5, drained
     assert "drained in" in proxy.log_text()
+    print(f"SIGTERM with 2 calls ending on their own: exit 0 after {drained:.2f} s")
+
+
+def test_drain_timeout_hangs_up_with_a_reason_and_exits_zero(
+    start_proxy: ProxyFactory, sipp: Sipp, new_port: Callable[[], int], tmp_path: Path
+) -> None:
+    """Calls outliving ``drain_s`` get a BYE on both legs with the shutdown Reason (the
+    SIPp peers check the header), and the process exits 0 once those are answered."""
+    proxy, uas_port = token_proxy(start_proxy, new_port, tmp_path, run={"drain_s": 1})
+    assert proxy.process is not None
+    callee = sipp.uas("uas_hung_up.xml", uas_port, "udp", calls=3)
+    caller = sipp.uac("uac_hung_up.xml", proxy.inside, "udp", calls=3,
+                      extra=["-l", "3", "-r", "10"])  # fmt: skip
+    deadline = time.monotonic() + 10
+    while len(proxy.status()["calls"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [c["state"] for c in proxy.status()["calls"]] == ["confirmed"] * 3
+    sent = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    code = proxy.process.wait(timeout=10)
+    took = time.monotonic() - sent
+    assert code == 0
+    sipp.check(caller, callee)  # every BYE carried the Reason, both sides answered it
+    assert 1.0 <= took < 3.0, took
+    log = proxy.log_text()
+    assert "hung up 3 calls (proxy shutting down)" in log
+    assert log.count("ended by proxy (proxy shutting down)") == 3
+    print(f"SIGTERM with 3 calls up, drain_s = 1: exit 0 after {took:.2f} s")
 
 
 def _wait_for_log(proxy: Proxy, text: str, timeout: float = 5.0) -> None:

@@ -34,6 +34,7 @@ from proxy.media.commands import (
 from proxy.media.engine import DROP_REASONS, MediaEngine, Side
 from proxy.media.ports import PortsExhausted
 from proxy.media.relay import RelayEngine, RelaySession
+from proxy.media.relay_leg import flush_noise
 from proxy.media.srtp import SrtpContext
 from proxy.media.tones import Tone
 from testkit.ports import media_range as free_range
@@ -278,6 +279,41 @@ def test_latching_follows_nat_port_then_drops_other_sources(run: Runner) -> None
         assert (await pbx.recv())[0] == rtp(4)
         assert stat(session, INSIDE, "wrong_source") == 3
         assert stat(session, INSIDE, "packets_in") == 2
+        await engine.close()
+
+    run(test)
+
+
+def test_wrong_source_drops_are_logged_rate_limited_per_source(
+    run: Runner, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="sipura.media")
+
+    async def test() -> None:
+        engine = make_engine()
+        flush_noise(engine.clock() + 3600)  # windows other tests opened (one per process)
+        caplog.clear()
+        session, sdp_phone, pbx = await call(engine)
+        inside = session.local(INSIDE, 0)
+        sdp_phone.send(rtp(1), inside)  # latches
+        assert (await pbx.recv())[0] == rtp(1)
+        stranger, other = await peer(OTHER_HOST), await peer()
+        for seq in range(50):
+            stranger.send(rtp(100 + seq), inside)
+        other.send(rtp(200), inside)
+        sdp_phone.send(rtp(2), inside)
+        assert (await pbx.recv())[0] == rtp(2)
+        await settle()
+        assert stat(session, INSIDE, "wrong_source") == 51
+        lines = [r.getMessage() for r in caplog.records if "not the peer" in r.getMessage()]
+        assert len(lines) == 2, lines  # one per source address, not one per packet
+        assert lines[0].startswith(f"media: RTP from {OTHER_HOST}:{stranger.port} dropped on ")
+        assert lines[0].endswith(f"(latched {HOST}:{sdp_phone.port})")
+        caplog.clear()
+        flush_noise(engine.clock() + 10.0)  # the window closes: the count comes out
+        assert [r.getMessage() for r in caplog.records] == [
+            f"49 more wrong-source media from {OTHER_HOST} suppressed in the last 10 s"
+        ]
         await engine.close()
 
     run(test)

@@ -361,6 +361,43 @@ def test_no_live_worker_means_ports_exhausted() -> None:
     run(scenario)
 
 
+def test_a_worker_that_cannot_start_is_retried_with_back_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EACCES on the interpreter: a failed spawn counts as a young death, so retries
+    back off (at once, then 2 s, 4 s...) and the failure is one log line, not a storm."""
+    lo, hi = free_range(8)
+    interpreter = tmp_path / "python3"
+    interpreter.write_text("#!/bin/sh\n")
+    interpreter.chmod(0o644)  # not executable: Popen raises PermissionError
+    real = sys.executable
+    caplog.set_level("INFO", logger="sipura.media.workers")
+
+    async def scenario() -> None:
+        engine = WorkerPool(HOST, HOST, lo, hi, 1)
+        monkeypatch.setattr(sys, "executable", str(interpreter))
+        engine.start()
+        try:
+            await asyncio.sleep(1.0)
+            (worker,) = engine.workers()
+            assert not worker["alive"]
+            assert worker["restarts"] == 2, worker  # the first retry at once, the next in 2 s
+            slot = engine._workers[0]
+            assert slot.restart is not None and slot.young_deaths == 2
+            failures = [r for r in caplog.records if "cannot start" in r.getMessage()]
+            assert len(failures) == 1, [r.getMessage() for r in caplog.records]
+            assert "Permission denied" in failures[0].getMessage()
+            assert failures[0].getMessage().endswith("retrying in 0.0 s")
+            monkeypatch.setattr(sys, "executable", real)  # fixed: the next retry starts it
+            await until(lambda: engine.workers()[0]["alive"], "the worker after the fix", 5)
+            started = [r.getMessage() for r in caplog.records if "started: pid" in r.getMessage()]
+            assert started and started[-1].endswith("(after 2 failed attempts)"), started
+        finally:
+            await engine.close()
+
+    run(scenario)
+
+
 def test_a_malformed_report_marks_the_worker_broken() -> None:
     """The signalling side logs it, kills the worker and reports its sessions."""
     lo, hi = free_range(8)

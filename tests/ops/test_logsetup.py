@@ -76,3 +76,14 @@ def test_text_format_utc_and_call_tag(capsys: pytest.CaptureFixture[str]) -> Non
     assert ISO_Z.fullmatch(first.split(" ")[0])
     assert first.endswith("INFO sipura.test: hello [call=3 line=42]")
     assert second.endswith("DEBUG sipura.test: plain")
+
+
+@pytest.mark.usefixtures("restore_root")
+def test_json_carries_the_end_of_call_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info", "json")
+    summary = {"ended_by": "phone", "media": {"inside": {"packets_in": 3}}}
+    logging.getLogger("sipura.calls").info(
+        "call 9 ended", extra={**call_fields(9, {"inside": "a@x"}), "summary": summary}
+    )
+    (entry,) = _json_lines(capsys.readouterr().err)
+    assert entry["summary"] == summary and entry["call"] == 9

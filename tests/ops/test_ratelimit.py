@@ -87,3 +87,15 @@ def test_log_limiter_annotates_and_flushes(caplog: pytest.LogCaptureFixture) -> 
         "bad from y (49 similar suppressed)",
         "1 more malformed from 198.51.100.7 suppressed in the last 5 s",
     ]
+
+
+def test_next_expiry_is_when_expired_closes_the_oldest_window() -> None:
+    limiter = RateLimiter(interval_s=10.0)
+    assert limiter.next_expiry() is None
+    limiter.allow("malformed", "a", 1000.1)
+    limiter.allow("malformed", "a", 1001.0)  # held back
+    limiter.allow("malformed", "b", 1003.3)
+    when = limiter.next_expiry()
+    assert when == 1010.1
+    assert limiter.expired(when) == [Suppressed("malformed", "a", 1)]  # exactly at it
+    assert limiter.next_expiry() == 1013.3
