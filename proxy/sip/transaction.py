@@ -337,6 +337,10 @@ class TransactionLayer:
         del self._servers[stx.key]
         self._completed.pop(stx.key, None)
         self._release(stx)
+        # Timer entries set earlier (the backstop's, 320 s out) stay on the heap until
+        # their time: they must not keep the texts of an ended transaction alive.
+        stx.request = slim_request(stx.request, frozenset())
+        stx.last_response = None
 
     def _shed(self, method: str) -> bool:
         """Make room by ending the oldest answered non-INVITE server transactions early.
@@ -349,10 +353,6 @@ class TransactionLayer:
             _, oldest = self._completed.popitem(last=False)
             if self._servers.get(oldest.key) is oldest:
                 self._end_server(oldest)
-                # Its timer entries stay on the heap until their time comes: they must
-                # not keep its texts alive (shedding would then free nothing).
-                oldest.request = slim_request(oldest.request, frozenset())
-                oldest.last_response = None
                 self.shed += 1
         self._compact_heap()
         return self.budget.admits(method)

@@ -951,3 +951,18 @@ def test_shed_transactions_free_their_texts_and_the_heap_stays_bounded() -> None
     assert first.request.headers == [] and first.last_response is None
     assert len(layer._heap) <= 4 * len(layer) + 4096 + 2
     assert budget.used <= budget.limit + 2 * TX_OVERHEAD
+
+
+def test_ended_transactions_left_on_the_heap_hold_no_texts() -> None:
+    """Regression (found by bench/flood.py): an answered transaction ends at timer J,
+    but its backstop entry (320 s) stays on the heap until its time; it kept the 30 KB
+    texts of 800 flood requests alive for five minutes."""
+    layer = TransactionLayer()
+    big = request("OPTIONS", branch="z9hG4bKbig", extra=(f"X-Pad: {PAD}",))
+    big.set("From", f'"{PAD}" <sip:alice@example.com>;tag=1')
+    tx = server_tx(layer, big, UAC, 0.0)
+    layer.respond(tx, response_to(tx.request, 200, "OK", to_tag="t"), 0.0)
+    layer.poll(40.0)  # timer J; next_deadline() is not asked, as under a busy flood
+    assert len(layer) == 0
+    assert any(entry[2] is tx for entry in layer._heap)  # still referenced...
+    assert tx.request.headers == [] and tx.last_response is None  # ...but holds nothing
