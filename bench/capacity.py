@@ -417,6 +417,7 @@ class ProxyProc:
     def config(self) -> Path:
         line = {
             "user_id": ua.LINE_USER,
+            "allowed_sources": [HOST],  # the bench's phones call from any port
             "mini_certificate": f"@{self.pki.line_mc}",
             "srtp_private_key": f"@{self.pki.line_key}",
             "secure_by_default": True,

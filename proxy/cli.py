@@ -121,10 +121,11 @@ def _cmd_calls(args: argparse.Namespace) -> int:
     if not calls:
         print("no active calls")
         return 0
-    rows = [("ID", "DIRECTION", "STATE", "SECURE", "LINE", "CALL-ID (A LEG)")]
+    rows = [("ID", "DIRECTION", "STATE", "SECURE", "LINE", "FLAGS", "CALL-ID (A LEG)")]
     rows += [
         (str(call["id"]), str(call["direction"]), str(call["state"]),
-         _secure_state(call.get("secure")), str(call["line"] or "-"), str(call["a_call_id"]))
+         _secure_state(call.get("secure")), str(call["line"] or "-"), _flags(call),
+         str(call["a_call_id"]))
         for call in calls
     ]  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -132,6 +133,24 @@ def _cmd_calls(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
               + "  " + row[-1])  # fmt: skip
     return 0
+
+
+def _flags(call: dict[str, object]) -> str:
+    """What else is true of a call: fax_clear, hold, NAT per side, forks, replacing."""
+    flags = ["fax_clear"] if call.get("fax_clear") else []
+    if call.get("on_hold"):
+        flags.append("hold")
+    nat = call.get("nat")
+    if isinstance(nat, list) and nat:
+        flags.append("nat:" + "+".join(str(side) for side in nat))
+    forks = call.get("forks")
+    if isinstance(forks, list) and forks:
+        flags.append(f"forks:{len(forks)}")
+    if call.get("replaces") is not None:
+        flags.append(f"replaces:{call['replaces']}")
+    if call.get("session_timer"):
+        flags.append("session_timer")
+    return ",".join(flags) or "-"
 
 
 def _secure_state(secure: object) -> str:

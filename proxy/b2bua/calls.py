@@ -9,11 +9,10 @@ message must not grow with the number of calls, so nothing here ever scans them 
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 from enum import Enum
 
+from proxy.b2bua.deadlines import Deadlines
 from proxy.b2bua.legs import Call, CallState, Leg
 from proxy.b2bua.stats import Stats
 from proxy.media.engine import Side
@@ -28,6 +27,10 @@ class CallTimer(Enum):
     """The x-sipura machine's own deadline (start delay, media check, timeouts, grace)."""
     RTP_TIMEOUT = "rtp_timeout"
     """Look whether the call's media counters moved (``[media] rtp_timeout_s``)."""
+    TIMER_C = "timer_c"
+    """RFC 3261 §16.6 Timer C: the INVITE got no final answer in ``[sip] timer_c_s``."""
+    SESSION_EXPIRES = "session_expires"
+    """RFC 4028: the negotiated session interval ran out without a refresh."""
 
 
 class CallTable:
@@ -39,11 +42,9 @@ class CallTable:
         self.ended: list[Call] = []
         """Calls dropped since :meth:`take_ended` last ran (for their summary line)."""
         self._legs: dict[tuple[Side, str, str], tuple[Call, Leg]] = {}
-        self._heap: list[tuple[float, int, int, CallTimer]] = []
-        self._armed: dict[tuple[int, CallTimer], float] = {}
-        self._seq = itertools.count()
+        self._deadlines: Deadlines[tuple[int, CallTimer]] = Deadlines()
         self._media: dict[int, Call] = {}
-        """Calls by the id of their media session: what media events name."""
+        """Calls by the id of their media sessions: what media events name."""
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -52,18 +53,25 @@ class CallTable:
 
     def add(self, call: Call) -> None:
         self.calls[call.id] = call
-        for leg in (call.a, call.b):
-            self._legs[(leg.side, leg.call_id, leg.local_tag)] = (call, leg)
+        for leg in call.all_legs():
+            self.index(call, leg)
+
+    def index(self, call: Call, leg: Leg) -> None:
+        """Make ``leg`` findable by the messages of its dialog (a fork's branch too)."""
+        self._legs[(leg.side, leg.call_id, leg.local_tag)] = (call, leg)
+
+    def unindex(self, leg: Leg) -> None:
+        self._legs.pop((leg.side, leg.call_id, leg.local_tag), None)
 
     def find(self, side: Side, call_id: str, local_tag: str) -> tuple[Call, Leg] | None:
         return self._legs.get((side, call_id, local_tag))
 
     def media_allocated(self, call: Call, session_id: int) -> None:
-        """``call``'s media is media session ``session_id`` (:meth:`by_media`)."""
+        """One of ``call``'s media sessions is ``session_id`` (:meth:`by_media`)."""
         self._media[session_id] = call
 
     def by_media(self, session_id: int) -> Call | None:
-        """The live call whose media is session ``session_id``, if any."""
+        """The live call one of whose media sessions is ``session_id``, if any."""
         return self._media.get(session_id)
 
     def indexed(self) -> list[tuple[Call, Leg]]:
@@ -74,14 +82,17 @@ class CallTable:
         """Forget ``call`` and give its media back (idempotent). Its media's last
         counters join the totals; a call that was in the table waits in :attr:`ended`
         for its summary."""
-        for leg in (call.a, call.b):
-            self._legs.pop((leg.side, leg.call_id, leg.local_tag), None)
+        for leg in call.all_legs():
+            self.unindex(leg)
         if self.calls.pop(call.id, None) is not None:
             self.ended.append(call)
         for kind in CallTimer:
-            self._armed.pop((call.id, kind), None)
+            self._deadlines.arm((call.id, kind), None)
         if call.media is not None:
-            self._media.pop(call.media.session.id, None)
+            for session in call.media.sessions:
+                self._media.pop(session.id, None)
+                if session is not call.media.session:  # a fax stream's: totals only
+                    self.stats.media_released(session.stats())
             call.media_final = call.media.session.stats()
             self.stats.media_released(call.media_final)
             call.media.release()
@@ -103,33 +114,18 @@ class CallTable:
 
     def arm(self, call: Call, kind: CallTimer, when: float | None) -> None:
         """Set (or with None, clear) ``call``'s deadline of ``kind``."""
-        key = (call.id, kind)
-        if when is None:
-            self._armed.pop(key, None)
-            return
-        if self._armed.get(key) == when:
-            return
-        self._armed[key] = when
-        heapq.heappush(self._heap, (when, next(self._seq), call.id, kind))
+        self._deadlines.arm((call.id, kind), when)
+
+    def deadline(self, call: Call, kind: CallTimer) -> float | None:
+        return self._deadlines.get((call.id, kind))
 
     def next_deadline(self) -> float | None:
-        heap = self._heap
-        while heap:
-            when, _, call_id, kind = heap[0]
-            if self._armed.get((call_id, kind)) == when:
-                return when
-            heapq.heappop(heap)  # stale: re-armed, cleared or the call ended
-        return None
+        return self._deadlines.next_deadline()
 
     def due(self, now: float) -> list[tuple[Call, CallTimer]]:
         """Pop every deadline at or before ``now`` (each disarmed as it is returned)."""
         fired: list[tuple[Call, CallTimer]] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            when, _, call_id, kind = heapq.heappop(heap)
-            if self._armed.get((call_id, kind)) != when:
-                continue
-            del self._armed[(call_id, kind)]
+        for call_id, kind in self._deadlines.due(now):
             call = self.calls.get(call_id)
             if call is not None:
                 fired.append((call, kind))

@@ -60,6 +60,7 @@ from proxy.b2bua.config_transport import (
     tls_config,
     uses_tls,
 )
+from proxy.b2bua.sources import Source
 from proxy.media.tones import SECURE_CALL_TONE, Tone
 
 __all__ = [
@@ -82,6 +83,8 @@ __all__ = [
 ]
 
 UNKNOWN_USERS_CHOICES: Final = ("relay", "reject")
+LATCH_CHOICES: Final = ("auto", "sdp", "any")
+T38_CHOICES: Final = ("refuse", "clear")
 TRANSPORT_CHOICES: Final = ("udp", "tcp", "tls")
 DEFAULT_TRANSPORTS: Final = ("udp", "tcp")
 LOG_LEVEL_CHOICES: Final = ("debug", "info", "warning", "error")
@@ -122,6 +125,9 @@ class SideConfig:
     registrar: str | None = None
     """The first of :attr:`registrars` (None: the proxy is the registrar)."""
     unknown_users: str = "relay"
+    keepalive_s: float = 0.0
+    """Inside only: OPTIONS to each registered contact detected behind NAT, over the flow
+    it registered on, this often (0: off); a contact that stops answering is dropped."""
     tls_listen_host: str | None = None
     tls_listen_port: int | None = None
     """SIP over TLS listen address (``tls_listen``); None: no TLS listener on this side."""
@@ -165,8 +171,14 @@ class MediaConfig:
 
     port_min: int = 20000
     port_max: int = 29999
-    rtp_timeout_s: float = 0.0
+    rtp_timeout_s: float = 60.0
     """Hang up a call whose media has been silent this long; 0 disables the check."""
+    rtp_timeout_onhold_s: float = 3600.0
+    """The same for a call on hold (sendonly/inactive/0.0.0.0 in its last SDP)."""
+    latch: str = "auto"
+    """Which RTP source a stream latches to: ``sdp`` (the SDP address only), ``any``
+    (the first packet from anywhere), ``auto`` (per leg: ``sdp`` when the SDP address is
+    the address the SIP message came from, ``any`` otherwise: NAT)."""
     workers: int | None = None
     """Media worker processes, each with an even share of the ports; 0: relay in the
     signalling process; None (``"auto"``): one per core (:meth:`worker_count`)."""
@@ -205,6 +217,9 @@ class SipConfig:
     tcp_message_timeout_s: float = 10.0
     """A TCP message (headers and body) must arrive whole within this time of its first
     byte, and an accepted connection must deliver its first message this soon."""
+    timer_c_s: float = 180.0
+    """RFC 3261 §16.6 Timer C: a call ringing this long without a final answer is
+    cancelled (408 to the caller); 0: off."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +246,9 @@ class XsipuraConfig:
     §2); the proxy waits for the phone's first RTP packet, at least this long."""
     tone: Tone | None = SECURE_CALL_TONE
     """The secure-call indication tone (an SPA ToneScript); None: no tone."""
+    t38: str = "refuse"
+    """A T.38 re-offer on a secured call: ``refuse`` (488: the fax stays G.711 inside
+    SRTP) or ``clear`` (UDPTL relayed unprotected; the call shows ``fax_clear``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +280,9 @@ class LineConfig:
     """Calls from the phone are secured unless the user dials ``*19``."""
     require_secure: bool = False
     """Hang up both legs when a call cannot be secured."""
+    allowed_sources: tuple[Source, ...] = ()
+    """Sources besides the registered flows and the static contact that may use the
+    line's identity (and its MC)."""
 
 
 @dataclass(frozen=True)
@@ -283,6 +304,11 @@ class LimitsConfig:
     max_tcp_connections_per_source: int = 50
     max_streams_per_call: int = 4
     """Media streams (``m=`` lines) anchored per call; the others are declined (port 0)."""
+    max_bindings_per_aor: int = 10
+    """Contacts one address-of-record may register (RFC 3261 §10); also the most
+    branches an inbound call forks into."""
+    max_aors: int = 10000
+    """Addresses-of-record with live bindings (lines and relayed users together)."""
 
 
 @dataclass(frozen=True)
@@ -473,7 +499,7 @@ def _sdes(t: Table, outside: SideConfig) -> SideConfig:
 
 
 def _side(t: Table, *, inside: bool) -> SideConfig:
-    only_inside = ("unknown_users",)
+    only_inside = ("unknown_users", "keepalive_s")
     only_outside = ("upstream", "registrar", "sdes", "sdes_over_insecure_transport",
                     "failover_hold_down_s")  # fmt: skip
     own, other = (only_inside, only_outside) if inside else (only_outside, only_inside)
@@ -502,6 +528,7 @@ def _side(t: Table, *, inside: bool) -> SideConfig:
         unknown_users=t.choice("unknown_users", UNKNOWN_USERS_CHOICES, "relay")
         if inside
         else "relay",
+        keepalive_s=float(t.integer("keepalive_s", 30, minimum=0)) if inside else 0.0,
         tls_listen_host=tls_host,
         tls_listen_port=tls_port,
         upstreams=upstreams,
@@ -544,7 +571,8 @@ def _workers(t: Table, media: MediaConfig) -> MediaConfig:
 
 
 def _media(t: Table, limits: Table) -> MediaConfig:
-    t.check_keys(("port_min", "port_max", "rtp_timeout_s", "workers"))
+    t.check_keys(("port_min", "port_max", "rtp_timeout_s", "rtp_timeout_onhold_s", "workers",
+                  "latch"))  # fmt: skip
     port_min = t.integer("port_min", 20000)
     if port_min < MEDIA_PORT_FLOOR or port_min % 2 or port_min > 65535:
         raise t.error("port_min", f"must be an even number >= {MEDIA_PORT_FLOOR}, got {port_min}")
@@ -553,8 +581,10 @@ def _media(t: Table, limits: Table) -> MediaConfig:
         raise t.error("port_max", f"must be <= 65535, got {port_max}")
     if port_max <= port_min:
         raise t.error("port_max", f"must be greater than media.port_min ({port_min})")
-    rtp_timeout_s = float(t.integer("rtp_timeout_s", 0, minimum=0))
-    media = MediaConfig(port_min, port_max, rtp_timeout_s)
+    rtp_timeout_s = float(t.integer("rtp_timeout_s", 60, minimum=0))
+    onhold_s = float(t.integer("rtp_timeout_onhold_s", 3600, minimum=0))
+    latch = t.choice("latch", LATCH_CHOICES, "auto")
+    media = MediaConfig(port_min, port_max, rtp_timeout_s, onhold_s, latch)
     if media.port_pairs < 2:
         # One call holds a pair on each leg, so fewer than two pairs can carry nothing.
         raise t.error(
@@ -571,7 +601,8 @@ def _media(t: Table, limits: Table) -> MediaConfig:
 
 def _sip(t: Table) -> SipConfig:
     t.check_keys(("t1_ms", "t2_ms", "t4_ms", "transports", "user_agent", "max_forwards",
-                  "max_message_bytes", "tcp_idle_timeout_s", "tcp_message_timeout_s"))  # fmt: skip
+                  "max_message_bytes", "tcp_idle_timeout_s", "tcp_message_timeout_s",
+                  "timer_c_s"))  # fmt: skip
     t1 = t.integer("t1_ms", 500, minimum=1)
     t2 = t.integer("t2_ms", 4000, minimum=1)
     if t2 < t1:
@@ -591,6 +622,7 @@ def _sip(t: Table) -> SipConfig:
         max_message_bytes=t.integer("max_message_bytes", 65535, minimum=1500, maximum=1 << 20),
         tcp_idle_timeout_s=float(t.integer("tcp_idle_timeout_s", 600, minimum=1)),
         tcp_message_timeout_s=float(t.integer("tcp_message_timeout_s", 10, minimum=1)),
+        timer_c_s=float(t.integer("timer_c_s", 180, minimum=0)),
     )
 
 
@@ -651,7 +683,7 @@ def _outside_tls(outside: SideConfig) -> bool:
 def _line(t: Table, *, sdes: bool) -> LineConfig:
     t.check_keys(
         ("user_id", "contact", "mini_certificate", "srtp_private_key", "secure_by_default",
-         "require_secure")
+         "require_secure", "allowed_sources")
     )  # fmt: skip
     raw_id = t.data.get("user_id")
     if isinstance(raw_id, int | float) and not isinstance(raw_id, bool):
@@ -681,7 +713,24 @@ def _line(t: Table, *, sdes: bool) -> LineConfig:
         srtp_private_key=srtp_private_key,
         secure_by_default=t.boolean("secure_by_default", True),
         require_secure=require_secure,
+        allowed_sources=_allowed_sources(t),
     )
+
+
+def _allowed_sources(t: Table) -> tuple[Source, ...]:
+    """``["ip", "ip:port", "cidr"]``: sources that may use the line besides its phone."""
+    if not t.has("allowed_sources"):
+        return ()
+    sources: list[Source] = []
+    for index, item in enumerate(t.array("allowed_sources")):
+        key = f"{t.key('allowed_sources')}[{index}]"
+        if not isinstance(item, str):
+            raise ConfigError(t.source, key, f"expected a string, got {show(item)}")
+        try:
+            sources.append(Source.parse(item))
+        except ValueError as exc:
+            raise ConfigError(t.source, key, str(exc)) from None
+    return tuple(sources)
 
 
 def _key_source(t: Table, name: str) -> KeySource | None:
@@ -699,7 +748,8 @@ def _key_source(t: Table, name: str) -> KeySource | None:
 
 def _limits(t: Table, inside: SideConfig, outside: SideConfig, media: MediaConfig) -> LimitsConfig:
     t.check_keys(("max_calls", "workers", "max_tcp_connections",
-                  "max_tcp_connections_per_source", "max_streams_per_call"))  # fmt: skip
+                  "max_tcp_connections_per_source", "max_streams_per_call",
+                  "max_bindings_per_aor", "max_aors"))  # fmt: skip
     max_calls = t.integer("max_calls", 0, minimum=0)
     # Each call holds one port pair per leg; when both legs' media share an address the
     # two pairs come from the same range, so the limit can never be reached past this.
@@ -720,6 +770,8 @@ def _limits(t: Table, inside: SideConfig, outside: SideConfig, media: MediaConfi
         else t.integer("max_tcp_connections", 0, minimum=1),
         max_tcp_connections_per_source=t.integer("max_tcp_connections_per_source", 50, minimum=1),
         max_streams_per_call=t.integer("max_streams_per_call", 4, minimum=1, maximum=64),
+        max_bindings_per_aor=t.integer("max_bindings_per_aor", 10, minimum=1, maximum=1000),
+        max_aors=t.integer("max_aors", 10000, minimum=1),
     )
 
 
@@ -746,7 +798,7 @@ def _run(t: Table) -> RunConfig:
 def _xsipura(t: Table) -> XsipuraConfig:
     t.check_keys(
         ("trusted_ca", "grace_ms", "handshake_timeout_ms", "probe_unadvertised",
-         "callerid_refresh", "srtcp", "start_delay_ms", "tone")
+         "callerid_refresh", "srtcp", "start_delay_ms", "tone", "t38")
     )  # fmt: skip
     return XsipuraConfig(
         trusted_ca=_trusted_ca(t),
@@ -757,6 +809,7 @@ def _xsipura(t: Table) -> XsipuraConfig:
         srtcp=t.boolean("srtcp", False),
         start_delay_s=t.milliseconds("start_delay_ms", 200),
         tone=_tone(t),
+        t38=t.choice("t38", T38_CHOICES, "refuse"),
     )
 
 

@@ -14,9 +14,12 @@ This module only composes the parts and dispatches to them, by table:
   (:mod:`proxy.b2bua.registrar`), OPTIONS and one-shot relays
   (:mod:`proxy.b2bua.out_of_dialog`); requests in a dialog to
   :mod:`proxy.b2bua.dialogs`;
-* responses and timeouts by the client transaction's context type;
+* responses and timeouts by the client transaction's context type (answers to INVITEs
+  in :mod:`proxy.b2bua.answers`, keep-alives in :mod:`proxy.b2bua.keepalive`, dialogs
+  a call does not keep in :mod:`proxy.b2bua.forking`);
 * call deadlines by kind (x-sipura in :mod:`proxy.b2bua.secure_leg`, RTP timeout in
-  :mod:`proxy.b2bua.media_watch`).
+  :mod:`proxy.b2bua.media_watch`, Timer C and session timers in
+  :mod:`proxy.b2bua.session_timer`); registrations and keep-alives have their own.
 
 What passes through unchanged is everything the B2BUA does not own
 (:mod:`proxy.b2bua.messages`, decision 11).
@@ -29,12 +32,18 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from proxy.b2bua.answers import InviteAnswers
+from proxy.b2bua.bindings import Bindings
 from proxy.b2bua.call_summary import log_ended
 from proxy.b2bua.calls import CallTable, CallTimer
 from proxy.b2bua.config import Config
 from proxy.b2bua.dialogs import Dialogs
 from proxy.b2bua.drain import SHUTDOWN_CAUSE, SHUTDOWN_REASON, Drain
+from proxy.b2bua.fax import FaxPolicy
+from proxy.b2bua.forking import EndedDialog, Forking
+from proxy.b2bua.identity import LineIdentity
 from proxy.b2bua.invite import CallSetup
+from proxy.b2bua.keepalive import Keepalive, KeepaliveProbe
 from proxy.b2bua.legs import Call, OwnRequest, RelayedRequest, new_tag
 from proxy.b2bua.line_keys import Security
 from proxy.b2bua.media_watch import MediaWatch
@@ -47,13 +56,16 @@ from proxy.b2bua.messages import (
     unsupported_requirements,
 )
 from proxy.b2bua.out_of_dialog import OneShot, OutOfDialog
-from proxy.b2bua.registrar import Binding, RegisterRelay, Registrar
+from proxy.b2bua.registrar import RegisterRelay, Registrar
 from proxy.b2bua.routing import Lookups, ResolveQuery, Resolver, Router, Unresolved
-from proxy.b2bua.sdes_leg import SdesLegs, method_of
+from proxy.b2bua.sdes_leg import SdesLegs
 from proxy.b2bua.secure_leg import SecureLegs
+from proxy.b2bua.session_timer import CallTimers
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.stats import Stats
+from proxy.b2bua.status import describe_bindings, describe_call
 from proxy.b2bua.teardown import Teardown
+from proxy.b2bua.transfer import Transfers
 from proxy.logsetup import bind_call
 from proxy.media.commands import MediaEvent, SessionsLost, SrtpAuthenticated
 from proxy.media.engine import MediaEngine, Side
@@ -96,19 +108,34 @@ class B2BUA:
         self.stats = Stats()
         self.sides = SipSides(config, self.stats)
         self.table = CallTable(self.stats)
-        self.registrar = Registrar(config, self.sides)
+        limits = config.limits
+        bindings = Bindings(limits.max_bindings_per_aor, limits.max_aors)
+        self.identity = LineIdentity(bindings, self.sides.noise)
+        self.registrar = Registrar(config, self.sides, self.identity)
         self.lookups = Lookups(resolver)
         self.router = Router(config, self.registrar, self.lookups, config.sip.transports)
         self.registrar.router = self.router
+        self.keepalive = Keepalive(self.sides, self.registrar, config.inside.keepalive_s)
+        self.registrar.keepalive = self.keepalive
         self.teardown = Teardown(self.sides, self.table)
         self.secure = SecureLegs(self.sides, self.table, self.teardown, security, utc_now, media)
         self.watch = MediaWatch(config, self.table, self.teardown)
+        self.forking = Forking(self.sides, self.table, self.router, self.teardown)
+        self.transfers = Transfers(self.sides, self.table)
+        self.timers = CallTimers(config, self.table, self.teardown)
+        self.fax = FaxPolicy(config.xsipura, self.stats, self.sides.noise)
         self.sdes = SdesLegs(config)
         self.dialogs = Dialogs(self.sides, self.table, self.router, self.teardown, self.secure,
-                               self.watch, self.sdes)  # fmt: skip
+                               self.watch, self.sdes, self.forking, self.transfers,
+                               self.timers, self.fax)  # fmt: skip
         self.setup = CallSetup(config, self.sides, self.table, self.router, media,
-                               self.teardown, self.dialogs, self.secure, self.sdes)  # fmt: skip
+                               self.dialogs, self.secure, self.sdes, self.transfers,
+                               self.timers)  # fmt: skip
+        self.answers = InviteAnswers(self.sides, self.table, self.router, self.teardown,
+                                     self.dialogs, self.forking, self.transfers, self.timers,
+                                     self.setup)  # fmt: skip
         self.dialogs.setup = self.setup
+        self.dialogs.answers = self.answers
         self.registrar.failovers = self.setup.failovers
         self.out_of_dialog = OutOfDialog(self.sides, self.router)
         self.drain = Drain(self.sides, self.table, self.teardown)
@@ -130,17 +157,25 @@ class B2BUA:
             OwnRequest: self.secure.on_own_response,
             RegisterRelay: self.registrar.on_response,
             OneShot: self.out_of_dialog.on_response,
+            KeepaliveProbe: self.keepalive.on_response,
+            EndedDialog: self.forking.on_ended_response,
         }
         self._timeouts: dict[type, Handler] = {
-            Call: self.setup.on_server_timeout,
             RelayedRequest: self.dialogs.on_timeout,
             OwnRequest: self.secure.on_own_timeout,
             RegisterRelay: self.registrar.on_timeout,
             OneShot: self.out_of_dialog.on_timeout,
+            KeepaliveProbe: self.keepalive.on_timeout,
+            EndedDialog: self.forking.on_ended_timeout,
+        }
+        self._server_timeouts: dict[type, Handler] = {
+            Call: self.setup.on_server_timeout,
         }
         self._call_timers: dict[CallTimer, Handler] = {
             CallTimer.SECURITY: self.secure.on_timer,
             CallTimer.RTP_TIMEOUT: self.watch.on_timer,
+            CallTimer.TIMER_C: self.timers.on_timer_c,
+            CallTimer.SESSION_EXPIRES: self.timers.on_session_expired,
         }
         self._media_events: dict[type[MediaEvent], Handler] = {
             SrtpAuthenticated: self.secure.on_srtp_authenticated,
@@ -154,29 +189,37 @@ class B2BUA:
         return self.table.calls
 
     @property
-    def bindings(self) -> dict[str, Binding]:
+    def bindings(self) -> Bindings:
         return self.registrar.bindings
 
     @property
     def layers(self) -> dict[Side, TransactionLayer]:
         return self.sides.layers
 
-    def active_calls(self) -> list[dict[str, object]]:
-        return [
-            {
-                "id": call.id,
-                "direction": call.direction,
-                "state": call.state.value,
-                "a_call_id": call.a.call_id,
-                "b_call_id": call.b.call_id,
-                "line": call.line.user_id if call.line else None,
-                "method": method_of(call),
-                "secure": call.security.describe() if call.security else None,
-                "sdes": call.sdes.describe() if call.sdes else None,
-                "media": call.media.session.stats() if call.media else None,
-            }
-            for call in self.calls.values()
-        ]
+    def active_calls(self, now: float | None = None) -> list[dict[str, object]]:
+        """Every call as ``calls`` and ``/status`` show it (``now``: the core's clock,
+        for the deadlines shown as seconds from now)."""
+        return [describe_call(call, self.table, now) for call in self.calls.values()]
+
+    def registrations(self, now: float) -> dict[str, object]:
+        """Bindings per address-of-record, and the keep-alive and identity counters."""
+        return {
+            "bindings": describe_bindings(self.bindings, now),
+            "keepalive": {"tracked": len(self.keepalive), "sent": self.keepalive.sent,
+                          "dropped": self.keepalive.dropped},
+            "identity_refusals": self.identity.refusals,
+        }  # fmt: skip
+
+    def features(self) -> dict[str, object]:
+        """Counters of the field-telephony features (forks, transfers, timers, fax)."""
+        return {
+            "dialogs_ended": self.forking.ended_dialogs,
+            "replaces_mapped": self.transfers.mapped,
+            "timer_c_fired": self.timers.timer_c_fired,
+            "sessions_expired": self.timers.sessions_expired,
+            "fax_clear": self.stats.fax_clear,
+            "fax_refused": self.stats.fax_refused,
+        }
 
     def reload(self, config: Config, security: Security | None) -> None:
         """A new configuration for new calls; calls up keep the line and legs they have.
@@ -195,6 +238,11 @@ class B2BUA:
         self.setup.config = config
         self.watch.config = config
         self.secure.security = security
+        self.timers.config = config
+        self.fax.settings = config.xsipura
+        self.keepalive.interval_s = config.inside.keepalive_s
+        self.bindings.max_per_aor = config.limits.max_bindings_per_aor
+        self.bindings.max_aors = config.limits.max_aors
 
     # --- input ------------------------------------------------------------------------
 
@@ -244,6 +292,7 @@ class B2BUA:
         for work in self.lookups.expire(now):
             out += work(now)
         self.registrar.expire(now)
+        out += self.keepalive.poll(now)
         self.sides.noise.flush(now)
         self._calls_ended(now)
         return out
@@ -258,7 +307,8 @@ class B2BUA:
                 self.sides.layers[Side.OUTSIDE].next_deadline(),
                 self.table.next_deadline(),
                 self.lookups.next_deadline(),
-                self.registrar.next_deadline(),
+                self.bindings.next_deadline(),
+                self.keepalive.next_deadline(),
                 self.sides.noise.limiter.next_expiry(),
             )
             if d is not None
@@ -403,7 +453,8 @@ class B2BUA:
 
     def _on_timeout(self, side: Side, event: TransactionTimeout, now: float) -> list[Outbound]:
         context: Any = event.tx.context
-        handler = self._timeouts.get(type(context))
+        table = self._server_timeouts if isinstance(event.tx, ServerTransaction) else self._timeouts
+        handler = table.get(type(context))
         if handler is None:
             return []
         call: Call | None = context if type(context) is Call else getattr(context, "call", None)

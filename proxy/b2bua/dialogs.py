@@ -6,7 +6,11 @@ Call-ID, tags, CSeq, route set, remote target), with every header the proxy does
 own copied in order (decision 11) and any SDP anchored on the proxy's media ports. The
 far side's answer comes back the same way. Exceptions the proxy handles itself: the
 x-sipura INFOs of a secured outside leg (:mod:`proxy.b2bua.secure_leg`), a BYE that
-crosses another, and the caller's BYE or CANCEL of a call not yet answered.
+crosses another, the caller's BYE or CANCEL of a call not yet answered, a CANCEL of a
+pending re-INVITE (relayed as the CANCEL of the re-INVITE it caused), requests in a
+dialog the call does not keep (:mod:`proxy.b2bua.forking`), a REFER's ``Replaces``
+(:mod:`proxy.b2bua.transfer`) and a T.38 re-offer on a secured call
+(:mod:`proxy.b2bua.fax`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import TYPE_CHECKING
 
 from proxy.b2bua import secure as sec
 from proxy.b2bua.calls import CallTable
+from proxy.b2bua.fax import FaxPolicy
+from proxy.b2bua.forking import Forking
 from proxy.b2bua.legs import PARTIES, Call, CallState, Leg, RelayedRequest
 from proxy.b2bua.media_watch import MediaWatch
 from proxy.b2bua.messages import (
@@ -29,8 +35,10 @@ from proxy.b2bua.messages import (
 from proxy.b2bua.routing import Router
 from proxy.b2bua.sdes_leg import SdesLegs
 from proxy.b2bua.secure_leg import SecureLegs
+from proxy.b2bua.session_timer import CallTimers
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.b2bua.teardown import Teardown
+from proxy.b2bua.transfer import Transfers
 from proxy.media.engine import Side
 from proxy.sip.headers import SipHeaderError
 from proxy.sip.message import Request, Response
@@ -38,6 +46,7 @@ from proxy.sip.sdp import SdpError
 from proxy.sip.transaction import Address, ClientTransaction, ServerTransaction, response_to
 
 if TYPE_CHECKING:
+    from proxy.b2bua.answers import InviteAnswers
     from proxy.b2bua.invite import CallSetup
 
 log = logging.getLogger("sipura.b2bua")
@@ -46,7 +55,8 @@ log = logging.getLogger("sipura.b2bua")
 class Dialogs:
     def __init__(
         self, sides: SipSides, calls: CallTable, router: Router, teardown: Teardown,
-        secure: SecureLegs, watch: MediaWatch, sdes: SdesLegs,
+        secure: SecureLegs, watch: MediaWatch, sdes: SdesLegs, forking: Forking,
+        transfers: Transfers, timers: CallTimers, fax: FaxPolicy,
     ) -> None:  # fmt: skip
         self.sides = sides
         self.calls = calls
@@ -54,9 +64,15 @@ class Dialogs:
         self.teardown = teardown
         self.secure = secure
         self.watch = watch
+        self.forking = forking
+        self.transfers = transfers
+        self.timers = timers
+        self.fax = fax
         self.sdes = sdes
         self.setup: CallSetup | None = None
-        """Set once call set-up exists (it relays INVITE responses for the calls)."""
+        """Set once call set-up exists (late offers allocate media there)."""
+        self.answers: InviteAnswers | None = None
+        """Set once it exists: the answers to INVITEs."""
 
     # --- requests in a dialog ---------------------------------------------------------
 
@@ -66,6 +82,8 @@ class Dialogs:
     ) -> list[Outbound]:  # fmt: skip
         """A request in ``leg``'s dialog, from its peer."""
         method = request.method
+        if (leg is not call.a and leg is not call.b) or not _same_dialog(leg, request):
+            return self.forking.stray_request(tx, request, leg, now)
         self._accept_in_dialog(tx, request, call, leg, now)
         other = call.other(leg)
         if other.dest is None or (other.remote_tag is None and method != "BYE"):
@@ -80,6 +98,8 @@ class Dialogs:
             handled = self._bye(side, tx, call, leg, now, bye_reason(request))
             if handled is not None:
                 return handled
+        if method == "INVITE":
+            self.fax.on_offer(call, request.content_type, request.body, side.value, now)
         return self._forward(tx, request, call, leg, now)
 
     def _accept_in_dialog(
@@ -144,13 +164,20 @@ class Dialogs:
         copy_end_to_end(request, outgoing)
         if method == "PRACK":
             rewrite_rack(outgoing, other.invite_cseq)
+        elif method == "REFER":
+            refer_to = self.transfers.refer_to(leg.side, call, request)
+            if refer_to is not None:
+                outgoing.set("Refer-To", refer_to)
         outgoing.body = request.body
         if request.body and request.content_type == "application/sdp":
             offer = method not in ("ACK", "PRACK")  # PRACK: the answer to an offer in a 18x
-            outgoing.body = self.relay_sdp(call, leg.side, request.body, offer=offer)
+            outgoing.body = self.relay_sdp(call, leg, request.body, now, offer=offer)
         self.sides.advertise(other.side, outgoing)
         context = RelayedRequest(call, leg, tx)
-        _, out = self.sides.send_request(other.side, outgoing, other.dest, now, context)
+        context.client_tx, out = self.sides.send_request(other.side, outgoing, other.dest, now,
+                                                         context)  # fmt: skip
+        if method == "INVITE":
+            tx.context = context  # a CANCEL of this re-INVITE finds its relayed copy
         return out
 
     def on_ack(self, side: Side, request: Request, source: Address, now: float) -> list[Outbound]:
@@ -167,7 +194,7 @@ class Dialogs:
             call.media_seen_at = now
         body = request.body
         if body and request.content_type == "application/sdp":
-            body = self.relay_sdp(call, side, body, offer=False)
+            body = self.relay_sdp(call, leg, body, now, offer=False)
         out = self.sides.ack(other, other.invite_cseq, body, request.get("content-type") or "")
         if confirmed:
             self.watch.on_confirmed(call, now)
@@ -193,6 +220,9 @@ class Dialogs:
         if invite_tx is None:
             return self.sides.respond(side, tx, 481, "Call/Transaction Does Not Exist", now)
         call = invite_tx.context
+        if isinstance(call, RelayedRequest):  # a pending re-INVITE
+            out = self.sides.respond(side, tx, 200, "OK", now)
+            return out + self._cancel_reinvite(call, invite_tx, now)
         to_tag = call.a.local_tag if isinstance(call, Call) else None
         out = self.sides.respond(side, tx, 200, "OK", now, to_tag=to_tag)  # §9.2: same To tag
         if not isinstance(call, Call) or not call.ringing:
@@ -200,6 +230,29 @@ class Dialogs:
         log.info("call %d cancelled by the caller", call.id, extra=call.fields())
         call.end(PARTIES[side], "CANCEL")
         return out + self.teardown.cancel_call(call, now)
+
+    def _cancel_reinvite(
+        self, context: RelayedRequest, invite_tx: ServerTransaction, now: float
+    ) -> list[Outbound]:
+        """The origin CANCELs a re-INVITE it sent: the CANCEL goes to the re-INVITE the
+        proxy relayed (once the far side has answered provisionally, §9.1), and the
+        far side's 487 comes back as the answer to the origin's re-INVITE."""
+        if context.answered or context.cancel_wanted or invite_tx.last_status >= 200:
+            return []  # already answered: the CANCEL has no effect (§9.2)
+        log.info("call %d: re-INVITE cancelled by the %s side", context.call.id,
+                 context.origin.side.value)  # fmt: skip
+        context.cancel_wanted = True
+        if not context.got_provisional:
+            return []  # sent when the first provisional answer arrives
+        return self.cancel_reinvite(context.call, context, now)
+
+    def cancel_reinvite(self, call: Call, context: RelayedRequest, now: float) -> list[Outbound]:
+        client = context.client_tx
+        if client is None:
+            return []
+        other = call.other(context.origin)
+        cancel = RelayedRequest(call, context.origin, None)
+        return self.teardown.cancel_transaction(other.side, client, now, cancel)
 
     # --- responses to relayed requests ------------------------------------------------
 
@@ -209,15 +262,16 @@ class Dialogs:
         call, origin = context.call, context.origin
         method = tx.request.method
         if method == "INVITE":
-            assert self.setup is not None
-            return self.setup.on_invite_response(call, call.other(origin), tx, response, now,
-                                                 context)  # fmt: skip
+            assert self.answers is not None
+            leg = context.branch.leg if context.branch is not None else call.other(origin)
+            return self.answers.on_invite_response(call, leg, tx, response, now, context)
         if method == "CANCEL":
             return []
+        if method == "UPDATE" and 200 <= response.status < 300:
+            self.timers.refreshed(call, response, now)
         out: list[Outbound] = []
         if context.server_tx is not None:  # else our own BYE: nothing to relay
-            out = self.relay_response(origin, context.server_tx, response, call, now,
-                                      offered=bool(tx.request.body))  # fmt: skip
+            out = self.relay_response(origin, context.server_tx, response, call, now)
         if method == "BYE" and response.status >= 200:
             self.calls.finish(call)
         return out
@@ -235,6 +289,11 @@ class Dialogs:
             if retried is not None:
                 return retried
         out: list[Outbound] = []
+        branch = context.branch
+        if branch is not None and call.forked and context.server_tx is call.invite_server:
+            done = self.forking.on_branch_timeout(call, branch)
+            if not done or not call.ringing:
+                return []  # other branches still ring (or the call is over)
         if context.server_tx is not None and method != "ACK":
             origin = context.origin
             out = self.sides.respond(origin.side, context.server_tx, 408, "Request Timeout", now,
@@ -251,11 +310,10 @@ class Dialogs:
 
     def relay_response(
         self, origin: Leg, stx: ServerTransaction, response: Response, call: Call, now: float,
-        *, offered: bool,
+        source: Leg | None = None,
     ) -> list[Outbound]:  # fmt: skip
-        """The far side's response, as the response on ``origin``'s server transaction.
-        ``offered``: the relayed request carried a body (read from the client
-        transaction, which keeps its request whole; the server transaction keeps none)."""
+        """The far side's response (from ``source``, by default the other leg), as the
+        response on ``origin``'s server transaction."""
         status = response.status
         relayed = response_to(stx.request, status, response.reason, to_tag=origin.local_tag)
         if 300 <= status < 400:  # redirect targets are the payload of a 3xx, not our contact
@@ -266,17 +324,19 @@ class Dialogs:
         copy_end_to_end(response, relayed)
         relayed.body = response.body
         if response.body and response.content_type == "application/sdp":
-            offer = not offered  # a late offer, in the answer to a bodiless INVITE
-            relayed.body = self.relay_sdp(call, origin.side.other, response.body, offer=offer,
+            from_leg = source if source is not None else call.other(origin)
+            offer = not stx.had_body  # a late offer, in the answer to a bodiless INVITE
+            relayed.body = self.relay_sdp(call, from_leg, response.body, now, offer=offer,
                                           final=status >= 200)  # fmt: skip
         self.sides.advertise(origin.side, relayed)
         return self.sides.send_response(origin.side, stx, relayed, now)
 
     def relay_sdp(
-        self, call: Call, from_side: Side, body: bytes, *, offer: bool, final: bool = True
+        self, call: Call, leg: Leg, body: bytes, now: float, *, offer: bool, final: bool = True
     ) -> bytes:
-        """Anchor an SDP body from ``from_side`` on the proxy's ports; allocate media if
-        the call has none yet (a late offer). Unusable SDP passes through as it is."""
+        """Anchor an SDP body from ``leg``'s peer on the proxy's ports; allocate media if
+        the call has none yet (a late offer). Unusable SDP passes through as it is.
+        The address ``leg``'s SIP comes from decides NAT (``[media] latch = "auto"``)."""
         if call.media is None:
             if call.state is CallState.TERMINATED:
                 return body  # a late answer for a call already gone: nothing to anchor
@@ -287,11 +347,35 @@ class Dialogs:
                 return body
         assert call.media is not None
         try:
-            anchored = call.media.relay_sdp(from_side, body)
+            anchored = call.media.relay_sdp(leg.side, body, signal_host=signal_host(leg))
         except SdpError as exc:
             log.info("call %d: unparsable SDP passed through as is: %s", call.id, exc)
             return body
-        return self.sdes.crossing(call, from_side, anchored, offer=offer, final=final)
+        self.watch.on_sdp(call, now)
+        return self.sdes.crossing(call, leg.side, anchored, offer=offer, final=final)
+
+
+def signal_host(leg: Leg) -> str | None:
+    """Where ``leg``'s peer sends its SIP from: the flow its requests came on, else the
+    address the proxy sends to (its responses come from there)."""
+    if leg.flow is not None:
+        return leg.flow.host
+    return leg.dest.host if leg.dest is not None else None
+
+
+def _same_dialog(leg: Leg, request: Request) -> bool:
+    """The request's From tag is the leg's peer tag (or one of its early dialogs'); a
+    request from another dialog that shares our tag (a fork beyond us whose 2xx lost)
+    must not reach the call."""
+    tag = request.from_.tag
+    if leg.remote_tag is None or tag is None or tag == leg.remote_tag:
+        return True
+    early = leg.early.get(tag)
+    if early is None:
+        return False
+    leg.remote_tag, leg.remote = tag, early.remote  # the UAS talks in this early dialog
+    leg.remote_target, leg.route_set = early.remote_target, list(early.route_set)
+    return True
 
 
 REASON_TEXT_MAX = 80

@@ -96,7 +96,7 @@ class Failovers:
     ) -> list[Outbound] | None:
         """The call's initial INVITE failed at its target; None: no failover (relay the
         failure as usual)."""
-        if call.cancelled or call.state is not CallState.INVITING:
+        if call.cancelled or call.state is not CallState.INVITING or call.forked:
             return None
 
         def resend(ruri: str, target: Address, now: float) -> list[Outbound]:
@@ -110,6 +110,8 @@ class Failovers:
         self, call: Call, previous: Request, ruri: str, target: Address, now: float
     ) -> list[Outbound]:
         b = call.b
+        branch = call.winner
+        assert branch is not None
         b.invite_cseq = b.next_cseq()
         b.remote_target = ruri
         b.dest = target
@@ -118,8 +120,8 @@ class Failovers:
         request = retargeted(previous, ruri, via, b.invite_cseq, contact)
         if self.sdes is not None:
             request.body = self.sdes.retarget(call, target, request.body)
-        call.got_provisional = False  # a CANCEL waits for the new target's first answer
-        context = RelayedRequest(call, call.a, call.invite_server)
-        tx, out = self.sides.send_request(b.side, request, target, now, context)
-        call.invite_client = tx
+        branch.got_provisional = False  # a CANCEL waits for the new target's first answer
+        context = RelayedRequest(call, call.a, call.invite_server, branch=branch)
+        branch.invite_client, out = self.sides.send_request(b.side, request, target, now,
+                                                            context)  # fmt: skip
         return out

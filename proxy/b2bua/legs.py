@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from proxy.logsetup import call_fields
 from proxy.media.engine import Side, StreamStats
 from proxy.sip.headers import NameAddr
+from proxy.sip.message import Response
 from proxy.sip.transaction import Address, ClientTransaction, ServerTransaction
 
 if TYPE_CHECKING:
@@ -70,10 +71,46 @@ class Leg:
     """The ACK we sent for the last 2xx on this (UAC) leg: re-sent for 2xx retransmissions."""
     ack_cseq: int = 0
     """The CSeq number ``ack_data`` acknowledges (only that INVITE's 2xx is re-ACKed)."""
+    early: dict[str, EarlyDialog] = field(default_factory=dict)
+    """UAC leg before the answer: one early dialog per To tag (a forking proxy beyond
+    us), so a 2xx from another branch is recognised as another dialog."""
+    nat: bool = False
+    """The peer's SDP address is not where its SIP comes from (NAT detected)."""
 
     def next_cseq(self) -> int:
         self.local_cseq += 1
         return self.local_cseq
+
+
+MAX_EARLY_DIALOGS = 16
+"""Early dialogs remembered per leg (To tags of provisional responses); more are not
+tracked (their 2xx is still ACKed and BYEd as a dialog the call does not keep)."""
+
+
+@dataclass(slots=True)
+class EarlyDialog:
+    """What a provisional response with a To tag established (RFC 3261 §12.1.2)."""
+
+    remote: NameAddr
+    remote_target: str | None
+    route_set: list[str]
+
+
+@dataclass(eq=False, slots=True)
+class Branch:
+    """One INVITE the call sent on toward the callee: the only one, or one fork of an
+    inbound call to a line with several registered devices (RFC 3261 §16.7 style)."""
+
+    leg: Leg
+    invite_client: ClientTransaction | None = None
+    got_provisional: bool = False
+    cancel_sent: bool = False
+    final: Response | None = None
+    """The branch's final non-2xx response (kept for choosing the best one)."""
+
+    @property
+    def pending(self) -> bool:
+        return self.final is None
 
 
 class CallState(Enum):
@@ -101,6 +138,15 @@ class RelayedRequest:
     """None for requests the proxy originates itself (BYE on timeout, CANCEL...)."""
     answered: bool = False
     """INVITE only: a 2xx arrived; any further 2xx is a retransmission (RFC 6026)."""
+    branch: Branch | None = None
+    """The call's initial INVITE: which branch it went out on."""
+    cancel_wanted: bool = False
+    """A re-INVITE the origin cancelled before the far side's provisional answer: the
+    CANCEL goes out when that arrives (RFC 3261 §9.1)."""
+    client_tx: ClientTransaction | None = None
+    """The relayed request's own client transaction (a re-INVITE's, for its CANCEL)."""
+    got_provisional: bool = False
+    """A re-INVITE: the far side answered provisionally (a CANCEL may follow)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -120,12 +166,15 @@ class Call:
     b: Leg
     line: LineConfig | None
     invite_server: ServerTransaction
-    invite_client: ClientTransaction | None = None
     state: CallState = CallState.INVITING
     media: MediaHandle | None = None
     cancelled: bool = False
-    cancel_sent: bool = False
-    got_provisional: bool = False
+    branches: list[Branch] = field(default_factory=list)
+    """Every INVITE sent toward the callee (one, or a fork per registered device); the
+    one that answered becomes :attr:`b`."""
+    ending_dialogs: list[Leg] = field(default_factory=list)
+    """Dialogs the call does not keep (a fork's late 2xx, a second 2xx with another To
+    tag): ACKed and BYEd, findable until their BYE is answered."""
     created: float = 0.0
     security: CallSecurity | None = None
     """x-sipura on the outside leg (None: a plain call)."""
@@ -134,6 +183,13 @@ class Call:
     media_packets: int = -1
     secure_ssrc: int = 0
     """The SSRC the proxy announces and encrypts with toward the outside."""
+    replaces: Call | None = None
+    """The call this one replaces (an INVITE with ``Replaces``): it ends once this one
+    is answered."""
+    session_interval: float = 0.0
+    """RFC 4028: the negotiated session interval (0: no session timer)."""
+    fax_clear: bool = False
+    """A T.38 stream on a secured call relayed unprotected (``[xsipura] t38 = "clear"``)."""
     answered_at: float | None = None
     """When the callee's 2xx arrived (talk time starts)."""
     ended_by: str | None = None
@@ -154,6 +210,28 @@ class Call:
 
     def other(self, leg: Leg) -> Leg:
         return self.b if leg is self.a else self.a
+
+    def all_legs(self) -> list[Leg]:
+        """Every leg the call's table entries point at: both legs, every fork, every
+        dialog being ended."""
+        legs = [self.a, self.b]
+        legs += [branch.leg for branch in self.branches if branch.leg is not self.b]
+        return legs + self.ending_dialogs
+
+    def branch_of(self, leg: Leg) -> Branch | None:
+        for branch in self.branches:
+            if branch.leg is leg:
+                return branch
+        return None
+
+    @property
+    def winner(self) -> Branch | None:
+        """The branch of :attr:`b` (the one that answered, or the only one)."""
+        return self.branch_of(self.b)
+
+    @property
+    def forked(self) -> bool:
+        return len(self.branches) > 1
 
     def end(self, who: str, why: str) -> None:
         """Note who ended the call and why, unless someone already did."""

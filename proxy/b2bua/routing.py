@@ -19,6 +19,7 @@ requests skip it.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace
 from typing import TYPE_CHECKING, Protocol
 
+from proxy.b2bua.bindings import BINDING_PARAM
 from proxy.b2bua.config import Config, LineConfig
 from proxy.b2bua.legs import Leg
 from proxy.b2bua.messages import Reject, digits
@@ -163,13 +165,23 @@ class Failover:
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    """One place a request goes: its Request-URI and the address it is sent to."""
+
+    ruri: str
+    dest: Address
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
-    """Where a new call or out-of-dialog request goes, and for which line."""
+    """Where a new call or out-of-dialog request goes, and for which line. ``forks``:
+    further targets an INVITE goes to in parallel (the other registered devices)."""
 
     ruri: str
     dest: Address
     line: LineConfig | None
     failover: Failover | None = None
+    forks: tuple[Target, ...] = ()
 
 
 class Router:
@@ -180,6 +192,8 @@ class Router:
     ) -> None:
         self.config = config
         self.registrar = registrar
+        self.identity = registrar.identity
+        self.identity.resolve = lambda uri, now: self.resolve(uri, None, now)
         self.lookups = lookups
         self.transports = tuple(transports)
         self._held_down: OrderedDict[tuple[str, int, str], float] = OrderedDict()
@@ -187,27 +201,45 @@ class Router:
     def route(self, side: Side, request: Request, source: Address, now: float) -> Route:
         """A new request from ``side``: where it goes. Raises :class:`Reject`."""
         if side is Side.INSIDE:
-            line = self.caller_line(request, source)
-            if line is None and self.config.inside.unknown_users == "reject":
-                raise Reject(403, "Forbidden")
-            upstreams = self.config.outside.upstream_uris
-            if upstreams:
-                ruris = tuple(self.retarget(request.uri, upstream) for upstream in upstreams)
-                return self.plan(upstreams, ruris, line, now)
-            return Route(request.uri, self.resolve(request.uri, None, now), line)
+            return self._outbound(request, source, now)
+        return self._inbound(request, now)
+
+    def _outbound(self, request: Request, source: Address, now: float) -> Route:
+        """From a phone: to ``[outside] upstream`` (in order, failing over), else to its
+        own Request-URI."""
+        line = self.caller_line(request, source, now)
+        if line is None and self.config.inside.unknown_users == "reject":
+            user = request.from_.uri
+            raise self.identity.refuse_unknown(source, user, request.method, now)
+        upstreams = self.config.outside.upstream_uris
+        if upstreams:
+            ruris = tuple(self.retarget(request.uri, upstream) for upstream in upstreams)
+            return self.plan(upstreams, ruris, line, now)
+        return Route(request.uri, self.resolve(request.uri, None, now), line)
+
+    def _inbound(self, request: Request, now: float) -> Route:
+        """From outside: to every registered device of the user (the one a ``;bnd=``
+        Request-URI names, if any), else to the line's static contact."""
         try:
-            user = SipUri.parse(request.uri).user
+            uri = SipUri.parse(request.uri)
         except SipHeaderError as exc:
             raise Reject(416, "Unsupported URI Scheme") from exc
-        line = self.config.line_for_user(digits(user)) if user else None
-        if line is None:
+        aor = digits(uri.user) if uri.user else ""
+        line = self.config.line_for_user(aor) if aor else None
+        if line is None and (not aor or self.config.inside.unknown_users == "reject"):
             raise Reject(404, "Not Found")
-        binding = self.registrar.binding(line, now)
-        if binding is not None:
-            return Route(binding.contact, binding.flow, line)
-        if line.contact:
-            return Route(line.contact, self.resolve(line.contact, None, now), line)
-        raise Reject(480, "Temporarily Unavailable")
+        bindings = self.registrar.targets(aor, now)
+        token = uri.param(BINDING_PARAM)
+        chosen = [b for b in bindings if b.token == token] if token else []
+        targets = [Target(b.contact, b.flow) for b in chosen or bindings]
+        if not targets and line is not None and line.contact:
+            targets = [Target(line.contact, self.resolve(line.contact, None, now))]
+        if not targets:
+            if line is None:
+                raise Reject(404, "Not Found")
+            raise Reject(480, "Temporarily Unavailable")
+        first = targets[-1]  # the most recent registration leads
+        return Route(first.ruri, first.dest, line, forks=tuple(reversed(targets[:-1])))
 
     def retarget(self, ruri: str, upstream: str) -> str:
         """A phone that uses the proxy as its server dials ``user@<proxy inside>``: the
@@ -227,9 +259,12 @@ class Router:
             dataclasses_replace(uri, scheme=target.scheme, host=target.host, port=target.port)
         )
 
-    def caller_line(self, request: Request, source: Address) -> LineConfig | None:
-        """The line a request from the inside claims (From), else the line whose phone
-        it came from (registered flow or static contact)."""
+    def caller_line(self, request: Request, source: Address, now: float) -> LineConfig | None:
+        """The line a request from the inside claims (From), when it comes from that
+        line's phone (:mod:`proxy.b2bua.identity`; any other source gets 403); else the
+        line whose phone it came from (a registered flow or the static contact: an
+        ``allowed_sources`` entry may use a line, it does not make every request from
+        there the line's), else None (an unknown user)."""
         try:
             user = request.from_.sip_uri().user
         except SipHeaderError:
@@ -237,18 +272,18 @@ class Router:
         if user and is_decimal(digits(user)):
             line = self.config.line_for_user(digits(user))
             if line is not None:
+                if not self.identity.is_phone(line, source, now):
+                    raise self.identity.refuse(line, source, request.method, now)
+                return line
+        for binding in self.registrar.bindings.at_flow(source.host, source.port):
+            line = self.config.line_for_user(binding.aor)
+            if line is not None and binding.expires_at > now:
                 return line
         for line in self.config.lines:
-            binding = self.registrar.bindings.get(line.user_key)
-            if binding and (binding.flow.host, binding.flow.port) == (source.host, source.port):
-                return line
             if line.contact:
-                try:
-                    uri = SipUri.parse(line.contact)
-                except SipHeaderError:
-                    continue
-                if (bare_host(uri.host), uri.port or 5060) == (source.host, source.port):
-                    return line
+                with contextlib.suppress(Unresolved):
+                    if self.identity.static_contact(line, source, now):
+                        return line
         return None
 
     # --- targets, failover, hold-down -------------------------------------------------

@@ -273,8 +273,9 @@ class SecureLegs:
         settings = call.security.settings if call.security else None
         if settings is None:
             return []
-        if call.media is not None and settings.tone is not None:
-            self.media.apply(PlayTone(call.media.session.id, Side.INSIDE, 0, settings.tone))
+        audio = call.media.audio_index() if call.media is not None else None
+        if call.media is not None and audio is not None and settings.tone is not None:
+            self.media.apply(PlayTone(call.media.session.id, Side.INSIDE, audio, settings.tone))
         mode = settings.callerid_refresh
         if mode == "off":
             return []
@@ -331,7 +332,9 @@ class SecureLegs:
         if tx.request.method == "INVITE" and 200 <= response.status < 300:
             if response.body and call.media is not None:
                 with contextlib.suppress(SdpError):  # learn where the phone now sends from
-                    call.media.relay_sdp(context.leg.side, response.body)
+                    leg = context.leg
+                    host = leg.flow.host if leg.flow else None
+                    call.media.relay_sdp(leg.side, response.body, signal_host=host)
             return self.sides.ack(context.leg, tx.request.cseq.number)
         if response.status >= 300:
             log.info("call %d: the phone answered the caller-ID refresh %s with %d", call.id,

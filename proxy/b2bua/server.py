@@ -18,6 +18,7 @@ from proxy.admin.http import AdminHttp
 from proxy.admin.routes import build_routes, load_token, warn_if_exposed
 from proxy.b2bua.config import Config, load_config
 from proxy.b2bua.core import B2BUA, Outbound
+from proxy.b2bua.identity import open_lines
 from proxy.b2bua.lifecycle import Lifecycle
 from proxy.b2bua.line_keys import Security, load_security
 from proxy.b2bua.reload import plan_reload
@@ -228,8 +229,10 @@ class ProxyServer:
 
     def status(self) -> dict[str, Any]:
         stats = self.core.stats
+        now = self._now()
+        registrations = self.core.registrations(now)
         return {
-            "calls": self.core.active_calls(),
+            "calls": self.core.active_calls(now),
             "draining": self.core.draining,
             "drain": self.core.drain.describe(self._now()),
             "stats": {
@@ -241,9 +244,10 @@ class ProxyServer:
                 "responses": stats.responses,
                 "secured": stats.secured,
                 "clear_reasons": stats.clear_reasons,
+                **self.core.features(),
             },
-            "bindings": {k: v.contact for k, v in self.core.bindings.items()},
-            "registrations_upstream": len(self.core.registrar.upstream),
+            "bindings": registrations.pop("bindings"),
+            "registrations": registrations,
             "sip": {
                 "transactions": {
                     side.value: layer.snapshot() for side, layer in self.core.layers.items()
@@ -364,7 +368,7 @@ class ProxyServer:
 
 
 def _log_security(config: Config, security: Security) -> None:
-    for warning in security.warnings:
+    for warning in (*security.warnings, *open_lines(config)):
         log.warning("%s: %s", config.source, warning)
     for error in security.errors:
         log.warning("%s", error)

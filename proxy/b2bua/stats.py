@@ -36,6 +36,10 @@ class Stats:
     """Calls whose outside leg became SRTP (x-sipura)."""
     clear_reasons: dict[str, int] = field(default_factory=dict)
     """Why secure attempts ended in the clear, by ClearReason value."""
+    fax_clear: int = 0
+    """Secured calls whose T.38 fax went through unprotected (``xsipura.t38 = clear``)."""
+    fax_refused: int = 0
+    """T.38 re-offers refused with 488 on secured calls (``xsipura.t38 = refuse``)."""
     metrics: CallMetrics = field(default_factory=CallMetrics)
     """The Prometheus-only totals: calls by direction, secure calls by role, handshake
     durations, media counters of released sessions."""

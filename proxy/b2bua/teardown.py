@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 
 from proxy.b2bua.calls import CallTable
-from proxy.b2bua.legs import Call, CallState, Leg, RelayedRequest
+from proxy.b2bua.legs import Branch, Call, CallState, Leg, RelayedRequest
 from proxy.b2bua.sides import Outbound, SipSides
+from proxy.media.engine import Side
 from proxy.sip.message import Request
+from proxy.sip.transaction import ClientTransaction
 
 log = logging.getLogger("sipura.b2bua")
 
@@ -57,22 +59,34 @@ class Teardown:
             self.calls.finish(call)
         return out
 
-    def cancel_call(self, call: Call, now: float) -> list[Outbound]:
-        """End an unanswered call: 487 to the caller, CANCEL to the callee (when allowed)."""
+    def cancel_call(
+        self, call: Call, now: float, status: int = 487, reason: str = "Request Terminated"
+    ) -> list[Outbound]:
+        """End an unanswered call: 487 (or ``status``) to the caller, CANCEL to every
+        branch toward the callee (each once it has answered provisionally, §9.1)."""
         call.cancelled = True
-        out = self.sides.respond(call.a.side, call.invite_server, 487, "Request Terminated", now,
+        out = self.sides.respond(call.a.side, call.invite_server, status, reason, now,
                                  to_tag=call.a.local_tag)  # fmt: skip
-        if call.got_provisional:
-            out += self.send_cancel(call, now)
+        for branch in call.branches:
+            if branch.pending:
+                out += self.cancel_branch(call, branch, now)
         return out
 
-    def send_cancel(self, call: Call, now: float) -> list[Outbound]:
-        """CANCEL the B leg's INVITE (RFC 3261 §9.1: only after a provisional response)."""
-        ctx = call.invite_client
-        if ctx is None or call.cancel_sent:
+    def cancel_branch(self, call: Call, branch: Branch, now: float) -> list[Outbound]:
+        """CANCEL one branch's INVITE, if it answered provisionally and was not
+        cancelled yet (else its first provisional answer triggers it)."""
+        tx = branch.invite_client
+        if tx is None or branch.cancel_sent or not branch.got_provisional:
             return []
-        call.cancel_sent = True
-        invite = ctx.request
+        branch.cancel_sent = True
+        return self.cancel_transaction(branch.leg.side, tx, now, RelayedRequest(call, call.a, None))
+
+    def cancel_transaction(
+        self, side: Side, tx: ClientTransaction, now: float, context: object
+    ) -> list[Outbound]:
+        """The CANCEL of the INVITE ``tx`` (RFC 3261 §9.1: same Request-URI, Via branch,
+        Route, Call-ID, From, To and CSeq number)."""
+        invite = tx.request
         cancel = Request(method="CANCEL", uri=invite.uri)
         cancel.add("Via", str(invite.top_via))
         for route in invite.get_all("route"):
@@ -83,6 +97,5 @@ class Teardown:
         cancel.add("Call-ID", invite.call_id)
         cancel.add("CSeq", f"{invite.cseq.number} CANCEL")
         self.sides.brand(cancel, request=True)
-        context = RelayedRequest(call, call.a, None)
-        _, out = self.sides.send_request(call.b.side, cancel, ctx.dest, now, context)
+        _, out = self.sides.send_request(side, cancel, tx.dest, now, context)
         return out

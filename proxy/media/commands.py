@@ -88,11 +88,16 @@ class SetRemote:
 
     Until a packet arrives the engine sends to this address; the first packet from
     ``ip`` (any port, for NAT) becomes the peer (symmetric RTP latching), and after that
-    packets from anywhere else are dropped. Hold (``ip`` 0.0.0.0 / ``::`` or
+    packets from anywhere else are dropped. ``latch`` ``"any"`` (the core detected NAT,
+    or ``[media] latch = "any"``): the first packet from any address latches. Either
+    way a packet from the exact SDP address and port takes the latch over, and on an
+    SRTP side only a packet that authenticated latches. Hold (``ip`` 0.0.0.0 / ``::`` or
     ``rtp_port`` 0) stops sending to that side until a new address is set; a changed
     address re-arms latching. ``rtcp_mux``: RTCP shares the RTP port on that side.
-    Raises ``ValueError`` (a port out of range, an address not of the side's family) or
-    ``IndexError`` (no such stream) when applied."""
+    ``kind`` ``"rtp"``, or the m-line's non-RTP transport (``"udptl"`` for T.38,
+    ``"udp"``): a non-RTP stream is relayed byte for byte, never SRTP-processed,
+    renumbered or mixed with a tone. Raises ``ValueError`` (a port out of range, an
+    address not of the side's family) or ``IndexError`` (no such stream) when applied."""
 
     session: int
     side: Side
@@ -101,6 +106,8 @@ class SetRemote:
     rtp_port: int
     rtcp_port: int
     rtcp_mux: bool = False
+    latch: str = "sdp"
+    kind: str = "rtp"
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,7 @@ class RelayLeg:
         "hold",
         "index",
         "ip",
+        "latch_any",
         "mux",
         "no_destination",
         "packets_decrypted",
@@ -108,6 +109,7 @@ class RelayLeg:
         "rtcp_rx",
         "rtcp_send",
         "rtcp_tx",
+        "rtp",
         "rtp_dest",
         "rtp_peer",
         "rtp_send",
@@ -155,6 +157,11 @@ class RelayLeg:
         self.stale_until = -math.inf
         self.expected_ip: str | None = None
         """The SDP's IP: the only source allowed to latch. None: accept nothing yet."""
+        self.latch_any = False
+        """NAT (``SetRemote.latch == "any"``): the first source from anywhere latches."""
+        self.rtp = True
+        """An RTP stream; False: UDPTL or another datagram protocol, relayed as it is
+        (never SRTP-processed, renumbered or mixed with a tone)."""
         self.rtp_peer: SockAddr | None = None
         """Latched RTP source; None until latched."""
         self.rtcp_peer: SockAddr | None = None

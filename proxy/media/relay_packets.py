@@ -201,7 +201,9 @@ class RtpSocket(RelaySocket):
         a = self.a
         latch = addr != a.rtp_peer
         if latch and (
-            a.rtp_peer is not None or addr[0] != a.expected_ip or (a.stale and a.stale_source(addr))
+            (a.rtp_peer is not None and (addr[0], addr[1]) != a.sdp_rtp)
+            or (addr[0] != a.expected_ip and not a.latch_any)
+            or (a.stale and a.stale_source(addr))
         ):
             a.dropped_wrong_source(addr, "RTP")
             return
@@ -264,8 +266,8 @@ class RtcpSocket(RelaySocket):
         a = self.a
         latch = addr != a.rtcp_peer
         if latch and (
-            a.rtcp_peer is not None
-            or addr[0] != a.expected_ip
+            (a.rtcp_peer is not None and (addr[0], addr[1]) != a.sdp_rtcp)
+            or (addr[0] != a.expected_ip and not a.latch_any)
             or (a.stale and a.stale_source(addr))
         ):
             a.dropped_wrong_source(addr, "RTCP")

@@ -123,6 +123,8 @@ class RelaySession:
         address = check_remote(leg.ip, command.ip, rtp_port, rtcp_port)
         ip = str(address)
         leg.mux = command.rtcp_mux
+        leg.latch_any = command.latch == "any"
+        leg.rtp = command.kind == "rtp"
         if address.is_unspecified or rtp_port == 0:
             # Hold: send nothing. The peer keeps its latch (a sendonly phone still sends
             # music on hold from where it was) unless it announced a new address.
@@ -153,9 +155,9 @@ class RelaySession:
         context = self._context(side, command.keys)
         remote_keys = command.remote_keys
         remote = context if remote_keys is None else self._context(side, remote_keys)
-        legs = self._legs[side]
+        legs = self._rtp_legs(side)
         if command.index is not None:
-            legs = [self._leg(side, command.index)]
+            legs = [leg for leg in (self._leg(side, command.index),) if leg.rtp]
         if command.index in (None, 0):
             self._new_key(side, remote)
         for leg in legs:
@@ -169,7 +171,7 @@ class RelaySession:
         side = Side(command.side)
         context = self._context(side, command.keys)
         self._new_key(side, context)
-        for leg in self._legs[side]:
+        for leg in self._rtp_legs(side):
             current = leg.tx
             leg.rx = context
             leg.rtcp_rx = context if command.srtcp else None
@@ -187,7 +189,7 @@ class RelaySession:
         side = Side(command.side)
         context = self._context(side, command.keys)
         self._new_key(side, context)
-        for leg in self._legs[side]:
+        for leg in self._rtp_legs(side):
             previous = leg.tx
             leg.tx = leg.rx = context
             leg.rtcp_tx = leg.rtcp_rx = context if command.srtcp else None
@@ -207,6 +209,8 @@ class RelaySession:
 
     def play_tone(self, command: PlayTone) -> None:
         leg = self._leg(command.side, command.index)
+        if not leg.rtp:
+            return  # UDPTL or other non-RTP data: never mixed into
         mixer = None if command.tone is None else ToneMixer(command.tone)
         leg.tone = None if mixer is None or mixer.done else mixer
 
@@ -241,6 +245,10 @@ class RelaySession:
             self._set_closed()
 
     # --- keys -------------------------------------------------------------------------
+
+    def _rtp_legs(self, side: Side) -> list[RelayLeg]:
+        """The side's RTP streams: SRTP never touches a non-RTP one (T.38 UDPTL)."""
+        return [leg for leg in self._legs[side] if leg.rtp]
 
     def _context(self, side: Side, keys: SrtpKeys) -> SrtpContext:
         """The libsrtp context for ``keys`` on ``side``: the one the side already uses if

@@ -22,11 +22,12 @@ import re
 from dataclasses import dataclass
 
 from proxy.sip.message import MAX_MESSAGE, MessageTooLarge, blank_line, declared_length
+from proxy.sip.pingpong import PING
 
 __all__ = ["Frame", "Oversized", "StreamFramer"]
 
 _KEEPALIVES = re.compile(rb"[\r\n]*")
-"""CRLFs between messages: RFC 5626 §3.5.1 keep-alives, or stray line ends (§7.5)."""
+"""Stray line ends between messages (RFC 3261 §7.5), once the pings are counted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +55,25 @@ class StreamFramer:
         """The size of the message being framed once its head is complete (0: not yet)."""
         self._skip = 0
         """Body bytes of an :class:`Oversized` message still to arrive and be dropped."""
+        self._pings = 0
+        """RFC 5626 keep-alive pings (CRLF CRLF between messages) not yet answered."""
 
     @property
     def pending(self) -> int:
         """Bytes of an unfinished message: buffered, or still to skip. 0 between messages
-        (keep-alive CRLFs do not count)."""
-        return len(self._buffer) - self._start + self._skip  # feed() consumed keep-alives
+        (keep-alives, and the first half of a ping still on its way, do not count)."""
+        unread = len(self._buffer) - self._start
+        if self._total == 0 and unread < len(PING) and self._ping_prefix():
+            unread = 0
+        return unread + self._skip
+
+    def take_pings(self) -> int:
+        """How many pings arrived since the last call: each is owed one CRLF (pong)."""
+        pings, self._pings = self._pings, 0
+        return pings
+
+    def _ping_prefix(self) -> bool:
+        return PING.startswith(bytes(self._buffer[self._start :]))
 
     def feed(self, data: bytes) -> list[Frame]:
         """The messages ``data`` completes, in order. Raises
@@ -81,6 +95,11 @@ class StreamFramer:
     def _next(self) -> Frame | None:
         buffer = self._buffer
         if self._total == 0:
+            while buffer.startswith(PING, self._start):  # RFC 5626 §4.4.1 keep-alive
+                self._start += len(PING)
+                self._pings += 1
+            if len(buffer) - self._start < len(PING) and self._ping_prefix():
+                return None  # maybe the first half of a ping: wait for the rest
             match = _KEEPALIVES.match(buffer, self._start)
             assert match is not None  # the pattern matches the empty string
             self._start = start = match.end()

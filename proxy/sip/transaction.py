@@ -219,7 +219,8 @@ class ClientTransaction(_Timed):
 @dataclass(eq=False, slots=True)
 class ServerTransaction(_Timed):
     request: Request
-    """The request's headers a response copies, no body (:data:`SERVER_KEEPS`)."""
+    """The request's headers a response copies, no body (:data:`SERVER_KEEPS`): read
+    anything else from the request :class:`RequestReceived` carried."""
     source: Address
     key: tuple[str, str, str]
     invite: bool
@@ -230,6 +231,8 @@ class ServerTransaction(_Timed):
     context: object = None
     kept: int = 0
     cost: int = 0
+    had_body: bool = False
+    """The request carried a body (an INVITE's offer): its answer is not an offer."""
     id: int = field(default_factory=lambda: next(_ids))
     _heap: list[tuple[float, int, _Timed]] | None = field(default=None, repr=False)
     _retransmit: float | None = None
@@ -530,6 +533,7 @@ class TransactionLayer:
         invite = request.method == "INVITE"
         tx = ServerTransaction(
             request=slim_request(request, SERVER_KEEPS),
+            had_body=bool(request.body),
             source=source,
             key=key,
             invite=invite,

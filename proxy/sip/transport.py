@@ -40,6 +40,7 @@ from proxy.ratelimit import LogLimiter
 from proxy.sip.connections import ConnectionTable, Refusal, TcpLimits
 from proxy.sip.framing import Oversized, StreamFramer
 from proxy.sip.message import MAX_MESSAGE, SipParseError
+from proxy.sip.pingpong import PONG
 from proxy.sip.stateless import stateless_response
 from proxy.sip.transaction import Address
 
@@ -120,6 +121,9 @@ class _Tcp(asyncio.Protocol):
         except SipParseError as exc:
             owner.framing_lost(self, exc)
             return
+        pongs = self._framer.take_pings()  # RFC 5626 keep-alive: a CRLF answers each
+        if pongs and self.transport is not None:
+            self.transport.write(PONG * pongs)
         address = Address(*self.remote, self.kind, self.id)
         for frame in frames:
             if isinstance(frame, Oversized):

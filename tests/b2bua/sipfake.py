@@ -76,6 +76,7 @@ user_agent = ""
 max_calls = {max_calls}
 [[line]]
 user_id = "+14085551234"
+allowed_sources = ["10.0.0.10"]
 [[line]]
 user_id = "14085555678"
 contact = "sip:10.0.0.20:5062"

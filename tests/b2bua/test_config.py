@@ -144,7 +144,9 @@ def assert_one_line(error: ConfigError, source: str = SOURCE) -> None:
 def test_example_file_loads() -> None:
     config = load_config(EXAMPLE)
     assert config.source == str(EXAMPLE)
-    assert config.inside == SideConfig("127.0.0.1", 5070, "127.0.0.1", unknown_users="relay")
+    assert config.inside == SideConfig(
+        "127.0.0.1", 5070, "127.0.0.1", unknown_users="relay", keepalive_s=30.0
+    )
     assert config.outside.upstream == "sip:127.0.0.1:5090"
     assert config.outside.registrar == "sip:127.0.0.1:5090"
     assert (config.media.port_min, config.media.port_max) == (20000, 29999)
@@ -158,6 +160,8 @@ def test_example_file_documents_every_key() -> None:
         "port_min", "port_max", "rtp_timeout_s", "t1_ms", "t2_ms", "t4_ms", "transports",
         "user_agent", "max_forwards", "level", "format", "max_calls", "[admin]", "[[line]]",
         "user_id", "contact", "[xsipura]", "workers", "mini_certificate", "srtp_private_key",
+        "keepalive_s", "rtp_timeout_onhold_s", "latch", "timer_c_s", "max_bindings_per_aor",
+        "max_aors", "t38", "allowed_sources",
         "secure_by_default", "require_secure", "trusted_ca", "grace_ms", "handshake_timeout_ms",
         "probe_unadvertised", "callerid_refresh", "srtcp", "start_delay_ms", "tone",
     ):  # fmt: skip
@@ -182,7 +186,7 @@ def test_contract_example_and_defaults() -> None:
     assert sip.user_agent.startswith("sipura-proxy/")
     assert (config.log.level, config.log.format) == ("info", "text")
     assert config.limits.max_calls == 0
-    assert config.media.rtp_timeout_s == 0
+    assert config.media.rtp_timeout_s == 60
     assert config.admin == AdminConfig()
     assert not config.admin.enabled
     assert config.xsipura == XsipuraConfig()
@@ -306,7 +310,7 @@ def test_durations_are_seconds_inside_the_code() -> None:
     x = config.xsipura
     assert (x.grace_s, x.handshake_timeout_s, x.start_delay_s) == (1.234, 3.0, 0.05)
     defaults = parse_config(emit(base()))
-    assert durations(defaults) == (0.5, 4.0, 5.0, 0.0, 2.0, 5.0, 0.2)
+    assert durations(defaults) == (0.5, 4.0, 5.0, 60.0, 2.0, 5.0, 0.2)
     for value in (*durations(defaults), *durations(config)):
         assert isinstance(value, float)
 

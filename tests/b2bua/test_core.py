@@ -838,9 +838,9 @@ def test_register_kept_locally_without_registrar(w: World) -> None:
     ok = register_locally(w, expires=120).response
     assert ok.status == 200
     assert NameAddr.parse(ok.get_all("contact")[0]).param("expires") == "120"
-    assert w.core.bindings[LINE1].flow == PHONE
+    assert [b.flow for b in w.core.bindings.live(LINE1, w.now)] == [PHONE]
     register_locally(w, expires=0)
-    assert LINE1 not in w.core.bindings
+    assert not w.core.bindings.live(LINE1, w.now)
 
 
 def test_register_unknown_user_rejected_when_configured() -> None:
@@ -897,7 +897,7 @@ def test_register_relayed_with_own_contact_and_challenge() -> None:
     relayed = only(out).response
     assert relayed.status == 401 and relayed.get("www-authenticate") == challenge
     assert relayed.call_id == "reg1@10.0.0.10"
-    assert LINE1 not in w.core.bindings
+    assert not w.core.bindings.live(LINE1, w.now)
     auth = f'Digest username="{LINE1}", realm="itsp", nonce="n1", uri="sip:itsp.example.net"'
     second = only(w.phone(phone_register(2, [("Authorization", auth)], "3600"))).request
     assert second.get("authorization") == auth
@@ -913,7 +913,7 @@ def test_register_relayed_with_own_contact_and_challenge() -> None:
     assert ok.status == 200
     confirmed = NameAddr.parse(ok.get_all("contact")[0])
     assert confirmed.sip_uri().host == "10.0.0.10" and confirmed.param("expires") == "600"
-    assert w.core.bindings[LINE1].flow == PHONE
+    assert [b.flow for b in w.core.bindings.live(LINE1, w.now)] == [PHONE]
     # calls for the line now reach the phone
     out = w.upstream(upstream_invite())
     assert only(pick(out, IN, method="INVITE")).dest == PHONE
@@ -921,7 +921,7 @@ def test_register_relayed_with_own_contact_and_challenge() -> None:
     third = only(w.phone(phone_register(3, [("Authorization", auth)], "0"))).request
     assert third.get("expires") == "0"
     w.upstream(build_response(third, 200, to_tag="r1"), registrar)
-    assert LINE1 not in w.core.bindings
+    assert not w.core.bindings.live(LINE1, w.now)
     w.settle()
 
 
@@ -1418,9 +1418,12 @@ def test_rtp_timeout_hangs_up_a_silent_call() -> None:
     assert all("RTP timeout" in (b.request.get("reason") or "") for b in byes)
 
 
-def test_rtp_timeout_off_by_default(w: World) -> None:
+def test_rtp_timeout_is_60_s_by_default(w: World) -> None:
     outbound_call(w)
-    assert not pick(w.advance(600), method="BYE")
+    assert not pick(w.advance(59), method="BYE")
+    byes = pick(w.advance(2), method="BYE")
+    assert {bye.side for bye in byes} == {IN, OUT}
+    assert all(bye.request.get("reason") == 'SIP;cause=200;text="RTP timeout"' for bye in byes)
 
 
 def test_a_uri_naming_the_proxy_is_retargeted_to_the_upstream(w: World) -> None:

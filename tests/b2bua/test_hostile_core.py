@@ -43,7 +43,6 @@ from sipfake import (
 )
 
 from proxy.b2bua.core import Outbound
-from proxy.b2bua.registrar import MAX_UPSTREAM_REGISTRATIONS
 from proxy.sip.headers import NameAddr
 from proxy.sip.message import Request, Response
 from proxy.sip.stateless import stateless_response
@@ -94,7 +93,8 @@ def test_non_ascii_expires_is_answered_with_the_default(expires: str | None, par
     ok = only(w.phone(register(expires=expires, contact_params=params))).response
     assert ok.status == 200
     assert NameAddr.parse(ok.get_all("contact")[0]).param("expires") == "3600"
-    assert w.core.bindings[LINE1].expires_at == w.now + 3600
+    [binding] = w.core.bindings.of(LINE1)
+    assert binding.expires_at == w.now + 3600
     w.settle()
     assert len(w.core.layers[IN]) == 0
 
@@ -105,7 +105,8 @@ def test_non_ascii_expires_from_the_registrar_falls_back() -> None:
     reply = build_response(relayed, 200, to_tag="r", headers=[("Expires", "²")],
                            contact=f"{relayed.get_all('contact')[0]};expires=٣")  # fmt: skip
     ok = only(w.upstream(reply, REGISTRAR)).response
-    assert ok.status == 200 and w.core.bindings[LINE1].expires_at == w.now + 3600
+    [binding] = w.core.bindings.of(LINE1)
+    assert ok.status == 200 and binding.expires_at == w.now + 3600
 
 
 def test_bad_rack_and_max_forwards_digits_are_not_numbers() -> None:
@@ -232,7 +233,7 @@ def test_arbitrary_values_in_every_header_the_core_reads(
     assert w.core.calls == {} and w.media.all_returned()
 
 
-# --- registration state lives as long as the binding ---------------------------------------
+# --- registration state lives as long as the binding (decision 45), its flow held -------
 
 
 def test_bindings_expire_and_are_forgotten() -> None:
@@ -244,38 +245,6 @@ def test_bindings_expire_and_are_forgotten() -> None:
     assert LINE1 in w.core.bindings
     w.advance(2.0)
     assert LINE1 not in w.core.bindings
-
-
-def test_upstream_registrations_are_pruned_with_their_binding() -> None:
-    """Regression: REGISTER Call-IDs were never forgotten (31 MB for 5,000)."""
-    w = World(make_config(registrar="sip:203.0.113.8:5060", unknown_users="relay"))
-    for index in range(300):
-        user = "+14085551234" if index % 3 == 0 else f"1555000{index:04d}"
-        relayed = only(w.phone(register(user=user, expires="120"))).request
-        reply = build_response(relayed, 200, to_tag="r",
-                               contact=f"{relayed.get_all('contact')[0]};expires=120")  # fmt: skip
-        assert only(w.upstream(reply, REGISTRAR)).response.status == 200
-    registrar = w.core.registrar
-    assert len(registrar.upstream) == 300
-    w.advance(121.0)
-    assert len(registrar.upstream) == 0 and registrar.bindings == {}
-    # An unanswered REGISTER is remembered only for a transaction's lifetime...
-    only(w.phone(register(call_id="pending@phone")))
-    assert "pending@phone" in registrar.upstream
-    w.advance(70.0)
-    assert "pending@phone" not in registrar.upstream
-    assert MAX_UPSTREAM_REGISTRATIONS >= 1000  # ...and never more than this many at once
-
-
-def test_unregistration_forgets_the_upstream_registration() -> None:
-    w = World(make_config(registrar="sip:203.0.113.8:5060"))
-    relayed = only(w.phone(register(call_id="r1@phone"))).request
-    w.upstream(build_response(relayed, 200, to_tag="r", contact=relayed.get_all("contact")[0]),
-               REGISTRAR)  # fmt: skip
-    assert "r1@phone" in w.core.registrar.upstream
-    relayed = only(w.phone(register(call_id="r1@phone", expires="0", cseq=2))).request
-    w.upstream(build_response(relayed, 200, to_tag="r"), REGISTRAR)
-    assert "r1@phone" not in w.core.registrar.upstream and LINE1 not in w.core.bindings
 
 
 def test_a_registered_tcp_flow_is_held_while_the_binding_lives() -> None:

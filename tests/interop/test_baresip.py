@@ -236,7 +236,8 @@ def test_inside_phone_calls_outside_through_proxy(rig: Rig) -> None:
                        "audio_codecs=PCMU,PCMA", CALLEE_HZ)  # fmt: skip
     caller = rig.phone("caller", f"<sip:{LINE}@127.0.0.1>;regint=0;audio_codecs=PCMU,PCMA",
                        CALLER_HZ)  # fmt: skip
-    rig.proxy.write_config(upstream=callee.sip_port, lines=[{"user_id": LINE}], sip=UDP_ONLY)
+    line = {"user_id": LINE, "allowed_sources": [f"127.0.0.1:{caller.sip_port}"]}
+    rig.proxy.write_config(upstream=callee.sip_port, lines=[line], sip=UDP_ONLY)
     rig.proxy.run(rig.procs)
     callee.start(rig.procs)
 

@@ -272,13 +272,22 @@ def test_latching_follows_nat_port_then_drops_other_sources(run: Runner) -> None
         assert await natted.recv() == (rtp(3), inside)
         assert sdp_phone.queue.empty()
 
-        # After latching, even the SDP's own address is someone else: no injection.
-        sdp_phone.send(rtp(667), inside)
+        # After latching, any other source is dropped: no injection ...
         stranger.send(rtp(668), inside)
         natted.send(rtp(4), inside)
         assert (await pbx.recv())[0] == rtp(4)
+        assert stat(session, INSIDE, "wrong_source") == 2
+        # ... except the exact SDP address and port, which always wins the latch (a peer
+        # on another port of the phone's IP must not keep the stream).
+        sdp_phone.send(rtp(5), inside)
+        assert (await pbx.recv())[0] == rtp(5)
+        pbx.send(rtp(6), outside)
+        assert await sdp_phone.recv() == (rtp(6), inside)
+        natted.send(rtp(667), inside)
+        sdp_phone.send(rtp(7), inside)
+        assert (await pbx.recv())[0] == rtp(7)
         assert stat(session, INSIDE, "wrong_source") == 3
-        assert stat(session, INSIDE, "packets_in") == 2
+        assert stat(session, INSIDE, "packets_in") == 4
         await engine.close()
 
     run(test)
@@ -881,6 +890,93 @@ def test_srtp_first_packet_latches_only_once_authenticated(run: Runner) -> None:
         pbx.send(far_end.protect(rtp(4, ssrc=0xABCD)), outside)
         assert (await phone.recv())[0] == rtp(4, ssrc=0xABCD)
         assert stat(session, OUTSIDE, "wrong_source") == 1
+        await engine.close()
+
+    run(test)
+
+
+def test_latch_any_takes_the_first_source_from_anywhere(run: Runner) -> None:
+    """NAT: the SDP names an address the phone's packets never come from."""
+
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("nat", 1)
+        phone, pbx, sdp_only = await peer(), await peer(), await peer(OTHER_HOST)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        engine.apply(SetRemote(session.id, INSIDE, 0, OTHER_HOST, sdp_only.port,
+                               sdp_only.port + 1, latch="any"))  # fmt: skip
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx.port + 1))
+        phone.send(rtp(1), inside)  # from 127.0.0.1, the SDP said 127.0.0.2
+        assert (await pbx.recv())[0] == rtp(1)
+        pbx.send(rtp(2), outside)
+        assert await phone.recv() == (rtp(2), inside)  # the NAT's address, not the SDP's
+        stranger = await peer()
+        stranger.send(rtp(666), inside)  # latched: nobody else
+        phone.send(rtp(3), inside)
+        assert (await pbx.recv())[0] == rtp(3)
+        assert stat(session, INSIDE, "wrong_source") == 1
+        # "sdp" (the default): the same packet from another IP is dropped.
+        engine.apply(SetRemote(session.id, INSIDE, 0, OTHER_HOST, sdp_only.port + 2,
+                               sdp_only.port + 3))  # fmt: skip
+        phone.send(rtp(4), inside)
+        sdp_only.send(rtp(5), inside)  # (another port of the SDP's IP: latches)
+        assert (await pbx.recv())[0] == rtp(5)
+        assert stat(session, INSIDE, "wrong_source") == 2
+        await engine.close()
+
+    run(test)
+
+
+def test_latch_any_on_an_srtp_side_latches_only_authenticated_packets(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("nat-srtp", 1)
+        phone, pbx = await peer(), await peer()
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone.port + 1))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, OTHER_HOST, 40000, 40001, latch="any"))
+        engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
+        far_end = SrtpContext(KEY, SALT)
+        outside = session.local(OUTSIDE, 0)
+        forger = await peer()
+        forger.send(rtp(1, ssrc=0xABCD) + bytes(10), outside)  # no key: never latches
+        pbx.send(far_end.protect(rtp(2, ssrc=0xABCD)), outside)
+        assert (await phone.recv())[0] == rtp(2, ssrc=0xABCD)
+        phone.send(rtp(3), session.local(INSIDE, 0))
+        wire, _ = await pbx.recv()  # the authenticated source holds the latch
+        assert far_end.unprotect(wire)[12:] == rtp(3)[12:]
+        assert stat(session, OUTSIDE, "srtp_auth") == 1
+        await engine.close()
+
+    run(test)
+
+
+def test_a_non_rtp_stream_is_never_srtp_processed_renumbered_or_mixed(run: Runner) -> None:
+    """T.38 UDPTL beside the audio on a side that is SRTP: relayed byte for byte."""
+
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("fax", 2)
+        phone, pbx, phone_fax, pbx_fax = await peer(), await peer(), await peer(), await peer()
+        for side, audio, fax in ((INSIDE, phone, phone_fax), (OUTSIDE, pbx, pbx_fax)):
+            engine.apply(SetRemote(session.id, side, 0, HOST, audio.port, audio.port + 1))
+            engine.apply(SetRemote(session.id, side, 1, HOST, fax.port, fax.port + 1,
+                                   kind="udptl"))  # fmt: skip
+        engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
+        engine.apply(SetTxSsrc(session.id, OUTSIDE, 0x5151))
+        engine.apply(PlayTone(session.id, INSIDE, 1, Tone.parse("1000@-10;1(*/0/1)")))
+        udptl = b"\x00\x01" + bytes(range(40))  # looks nothing like RTP
+        rtp_like = rtp(9)  # and one that does: still not touched
+        for data in (udptl, rtp_like):
+            phone_fax.send(data, session.local(INSIDE, 1))
+            assert (await pbx_fax.recv())[0] == data
+            pbx_fax.send(data, session.local(OUTSIDE, 1))
+            assert (await phone_fax.recv())[0] == data
+        assert stat(session, OUTSIDE, "packets_encrypted", 1) == 0
+        assert stat(session, INSIDE, "tone_packets", 1) == 0
+        # the audio stream beside it is protected as usual
+        phone.send(rtp(1), session.local(INSIDE, 0))
+        wire, _ = await pbx.recv()
+        assert SrtpContext(KEY, SALT).unprotect(wire)[8:12] == (0x5151).to_bytes(4, "big")
         await engine.close()
 
     run(test)

@@ -73,6 +73,46 @@ def test_tcp_accept_receive_and_answer_on_the_same_connection(runner: asyncio.Ru
     runner.run(asyncio.wait_for(scenario(), 10))
 
 
+def test_take_pings() -> None:
+    from proxy.sip.pingpong import take_pings
+
+    buffer = bytearray(b"\r\n\r\n\r\n\r\nINVITE")
+    assert take_pings(buffer) == 2 and buffer == bytearray(b"INVITE")
+    half = bytearray(b"\r\n")
+    assert take_pings(half) == 0 and half == bytearray(b"\r\n")
+
+
+def test_tcp_keepalive_ping_gets_a_pong(runner: asyncio.Runner) -> None:
+    """RFC 5626 §4.4.1: CRLF CRLF between messages is answered with one CRLF, also when
+    the ping arrives in two reads or right after a message."""
+
+    async def scenario() -> None:
+        got: list[bytes] = []
+        transport = SipTransport("inside", "127.0.0.1", 0, lambda d, a: got.append(d))
+        await transport.start(("tcp",))
+        try:
+            assert transport._server is not None
+            port = transport._server.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"\r\n\r\n")
+            assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\r\n"
+            writer.write(b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"\r\n" + OPTIONS + b"\r\n\r\n")
+            assert await asyncio.wait_for(reader.readexactly(4), 5) == b"\r\n\r\n"
+            for _ in range(200):
+                if got:
+                    break
+                await asyncio.sleep(0.01)
+            assert got == [OPTIONS]
+            writer.close()
+        finally:
+            transport.close()
+
+    runner.run(asyncio.wait_for(scenario(), 10))
+
+
 # --- limits: message size, TCP connections and timeouts -----------------------------------
 
 BIG_OPTIONS = OPTIONS.replace(b"Content-Length: 0", b"Content-Length: 5000") + b"x" * 5000
