@@ -224,3 +224,16 @@ def test_reassembles_chunked_messages(message: bytes | Path, chunks: list[int]) 
 def test_blank_line_is_the_regular_expression(data: bytes, pos: int) -> None:
     match = re.compile(rb"\r?\n\r?\n").search(data, pos)
     assert blank_line(data, pos) == (None if match is None else match.span())
+
+
+def test_keepalive_pings_are_counted_and_half_a_ping_waits() -> None:
+    """RFC 5626 §4.4.1: CRLF CRLF between messages is a ping owed one pong; a lone CRLF
+    may be the first half of one, so it waits (and does not start the message timer)."""
+    framer = StreamFramer()
+    assert framer.feed(b"\r\n\r\n\r\n\r\n") == [] and framer.take_pings() == 2
+    assert framer.feed(b"\r\n") == [] and framer.take_pings() == 0
+    assert framer.pending == 0
+    assert framer.feed(b"\r\n" + BASE + b"\r\n\r\n") == [BASE]
+    assert framer.take_pings() == 2 and framer.take_pings() == 0
+    assert framer.feed(b"\r\n" + BASE) == [BASE]  # a stray CRLF before a message
+    assert framer.take_pings() == 0 and framer.pending == 0
