@@ -42,6 +42,7 @@ from proxy.runtime import (
 )
 from proxy.sip.connections import TcpLimits, auto_max_connections
 from proxy.sip.headers import MEMOS
+from proxy.sip.memo import forget_all as forget_memos
 from proxy.sip.message import CANONICAL_MEMO
 from proxy.sip.transaction import Address
 from proxy.sip.transport import SipTransport, TlsSettings, TransportLimits
@@ -400,7 +401,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     except OSError as exc:
         server.close()
         raise RuntimeError(f"cannot listen: {exc}") from exc
-    start_heap_trimming()
+    start_heap_trimming(release=forget_memos)
     try:
         await Lifecycle(server).run(ready)
     finally:

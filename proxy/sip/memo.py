@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["TextMemo", "memoise_text"]
+__all__ = ["TextMemo", "forget_all", "memoise_text"]
 
 _T = TypeVar("_T")
 
@@ -43,6 +43,18 @@ class TextMemo(Generic[_T]):
         return {"entries": len(self.table), "text_chars": self.text_chars()}
 
 
+_ALL: list[TextMemo[object]] = []
+
+
+def forget_all() -> None:
+    """Empty every memo table: after a flood they hold the flood's values, allocated all
+    through it, which keep otherwise empty allocator pages resident. The edge calls
+    this before a full collection (:func:`proxy.runtime.start_heap_trimming`); the
+    working set refills in a few messages."""
+    for memo in _ALL:
+        memo.table.clear()
+
+
 def memoise_text(
     compute: Callable[[str], _T], *, max_entries: int, max_text: int
 ) -> tuple[Callable[[str], _T], TextMemo[_T]]:
@@ -52,6 +64,7 @@ def memoise_text(
     exceptions are not cached.
     """
     memo: TextMemo[_T] = TextMemo(max_entries, max_text)
+    _ALL.append(memo)  # type: ignore[arg-type]  # only its table is touched
     table = memo.table
 
     def cached(text: str) -> _T:

@@ -530,3 +530,14 @@ def test_scanning_splitters_agree_with_the_character_loop(value: str) -> None:
     except SipHeaderError:
         return
     assert parsed.uri == "sip:a@b"
+
+
+def test_forget_all_empties_every_memo() -> None:
+    from proxy.sip.memo import forget_all
+
+    NameAddr.parse('"A" <sip:a@example.com>;tag=1')
+    canonical("X-Forget-Me")
+    assert len(MEMOS["name_addr"]) and len(CANONICAL_MEMO)
+    forget_all()
+    assert all(len(memo) == 0 for memo in (*MEMOS.values(), CANONICAL_MEMO))
+    assert NameAddr.parse('"A" <sip:a@example.com>;tag=1').tag == "1"  # refills on use

@@ -241,3 +241,40 @@ def test_runtime_raises_the_descriptor_limit_and_trims_the_heap() -> None:
         return started
 
     assert asyncio.run(trimming()) is True  # glibc: malloc_trim is there
+
+
+def test_heap_returner_collects_fully_only_for_pinned_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full collection (it empties the interpreter's free lists, whose spare objects
+    pinned a flood's arenas) runs only when resident memory stands 20 MB above its low
+    point while the live objects are back near theirs, at most once a minute; a trim
+    runs every time."""
+    from proxy import runtime
+
+    resident, blocks = [100 * MB], [200_000]
+    collections: list[int] = []
+    trims: list[int] = []
+    monkeypatch.setattr(runtime, "_resident", lambda: resident[0])
+    monkeypatch.setattr(runtime.sys, "getallocatedblocks", lambda: blocks[0])
+    monkeypatch.setattr(runtime.gc, "collect", lambda: collections.append(1) or 0)
+    released: list[int] = []
+    returner = runtime._HeapReturner(lambda pad: trims.append(pad) or 1,
+                                     lambda: released.append(1))  # fmt: skip
+    resident[0], blocks[0] = 160 * MB, 600_000  # a flood: the memory is in use
+    returner.run(10.0)
+    assert collections == []
+    blocks[0] = 235_000  # over: objects being freed...
+    returner.run(15.0)
+    assert collections == []
+    blocks[0] = 230_000  # ...and freed, the pages still held
+    returner.run(20.0)
+    assert len(collections) == 1
+    returner.run(30.0)
+    assert len(collections) == 1  # at most once a minute
+    returner.run(80.0)
+    assert len(collections) == 2
+    resident[0] = 105 * MB  # back near the low point: nothing to do
+    returner.run(200.0)
+    assert len(collections) == 2 and len(trims) == 6
+    assert len(released) == 2  # caches emptied before each full collection
