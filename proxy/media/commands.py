@@ -90,14 +90,16 @@ class SetRemote:
     ``ip`` (any port, for NAT) becomes the peer (symmetric RTP latching), and after that
     packets from anywhere else are dropped. ``latch`` ``"any"`` (the core detected NAT,
     or ``[media] latch = "any"``): the first packet from any address latches. Either
-    way a packet from the exact SDP address and port takes the latch over, and on an
-    SRTP side only a packet that authenticated latches. Hold (``ip`` 0.0.0.0 / ``::`` or
-    ``rtp_port`` 0) stops sending to that side until a new address is set; a changed
-    address re-arms latching. ``rtcp_mux``: RTCP shares the RTP port on that side.
-    ``kind`` ``"rtp"``, or the m-line's non-RTP transport (``"udptl"`` for T.38,
-    ``"udp"``): a non-RTP stream is relayed byte for byte, never SRTP-processed,
-    renumbered or mixed with a tone. Raises ``ValueError`` (a port out of range, an
-    address not of the side's family) or ``IndexError`` (no such stream) when applied."""
+    way a packet from the exact SDP address and port takes the latch over (counted as
+    ``relatched``), and on an SRTP side only a packet that authenticated latches. Hold
+    (``ip`` 0.0.0.0 / ``::`` or ``rtp_port`` 0) stops sending to that side until a new
+    address is set; a changed address re-arms latching. ``rtcp_mux``: RTCP shares the
+    RTP port on that side. Whatever port RTCP arrives on, only a valid compound RTCP
+    packet is relayed (:mod:`proxy.media.rtcp`). ``kind`` ``"rtp"``, or the m-line's
+    non-RTP transport (``"udptl"`` for T.38, ``"udp"``): a non-RTP stream is relayed
+    byte for byte, never SRTP-processed, renumbered or mixed with a tone. Raises
+    ``ValueError`` (a port out of range, an address not of the side's family) or
+    ``IndexError`` (no such stream) when applied."""
 
     session: int
     side: Side
@@ -132,9 +134,11 @@ class AcceptSrtp:
     """Start accepting SRTP under ``keys`` from ``side`` without sending it (the caller
     after sending Caller Final, profile §3). Packets from ``side`` are tried with
     ``keys``; if that fails, with the key being sent now, if any (a re-key), and
-    otherwise relayed as plain RTP when the side sends plain now (no plain is accepted
-    once the side's grace window has passed). Only an authenticated packet latches.
-    ``srtcp``: RTCP from ``side`` is SRTCP too."""
+    otherwise relayed as plain RTP when the side sends plain now and the packet is the
+    peer's plain stream going on (its SSRC and next sequence numbers:
+    :mod:`proxy.media.grace`), until a packet under ``keys`` authenticates (the peer has
+    switched). Only an authenticated packet latches. ``srtcp``: RTCP from ``side`` is
+    SRTCP too."""
 
     session: int
     side: Side
@@ -147,13 +151,18 @@ class SwitchSrtp:
     """Switch-over (profile §3): from now on, packets sent toward ``side`` are protected
     with ``keys``. Packets from ``side`` are tried with ``keys``, then with the previous
     key (a re-key: it stays valid until now + ``grace_s``), then, if ``side`` was plain
-    before this switch and the grace window is still open, relayed as plain RTP;
-    otherwise dropped and counted (``srtp_auth`` or ``srtp_replay``, and
-    ``plain_after_grace`` if the packet looked plain). A re-key does not reopen plain,
+    before this switch and the grace window is still open, relayed as plain RTP if it
+    is the peer's plain stream going on (:mod:`proxy.media.grace`: else dropped as
+    ``grace_not_rtp``, ``grace_wrong_ssrc`` or ``grace_bad_sequence``); otherwise
+    dropped and counted (``srtp_auth`` or ``srtp_replay``, and ``plain_after_grace`` if
+    the packet looked plain). The window closes early when a packet from ``side``
+    authenticates under ``keys``, and does not open if one already has (the peer
+    switched first). A re-key does not reopen plain,
     and a replayed SRTP packet is never relayed as plain. Only an authenticated packet
     latches. "Now" is the engine's clock when it applies the command; the grace window
     is a deadline read only when a packet fails to authenticate. ``srtcp``: protect and
-    unprotect RTCP as well; otherwise RTCP stays in the clear. ``grace_s`` must be
+    unprotect RTCP as well; otherwise RTCP stays in the clear, and toward ``side`` only
+    its SR, RR, SDES and BYE packets leave (:mod:`proxy.media.rtcp`). ``grace_s`` must be
     finite and >= 0 (``ValueError``)."""
 
     session: int

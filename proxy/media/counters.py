@@ -28,6 +28,9 @@ COUNTERS: tuple[str, ...] = (
     "plain_after_grace",
     "tone_packets",
     "tone_skipped",
+    "relatched",
+    "grace_ssrc",
+    "grace_seq",
     *DROP_REASONS,
 )
 """A leg's counters (attributes of :class:`proxy.media.relay_leg.RelayLeg`) as a flat

@@ -58,10 +58,28 @@ DROP_REASONS = (
     "srtp_replay",
     "srtp_protect",
     "send_error",
+    "grace_not_rtp",
+    "grace_wrong_ssrc",
+    "grace_bad_sequence",
+    "rtcp_invalid",
+    "rtcp_stripped",
 )
 """Why the relay dropped a packet. A drop is counted on the side where it happened:
-``wrong_source``, ``srtp_auth`` and ``srtp_replay`` on the side the packet arrived from;
-``no_destination``, ``srtp_protect`` and ``send_error`` on the side it was going to."""
+``wrong_source``, ``srtp_auth``, ``srtp_replay``, the ``grace_*`` reasons and
+``rtcp_invalid`` on the side the packet arrived from; ``no_destination``,
+``srtp_protect``, ``send_error`` and ``rtcp_stripped`` on the side it was going to.
+
+* ``grace_not_rtp``, ``grace_wrong_ssrc``, ``grace_bad_sequence``: a packet from an SRTP
+  side that authenticated under no key while plain was still allowed (accepting before
+  the switch-over, or the grace window after it), and that is not the peer's plain
+  stream going on: not shaped like RTP (or, for RTCP, not a valid compound packet),
+  another SSRC than the peer's last plain packet before the window opened, or a
+  sequence number that does not continue the peer's (see :mod:`proxy.media.grace`);
+* ``rtcp_invalid``: a datagram on an RTCP port (or RTCP on a muxed RTP port) that is not
+  a valid compound RTCP packet (RFC 3550 §6.1, appendix A.2; :mod:`proxy.media.rtcp`);
+* ``rtcp_stripped``: per RTCP packet of a compound (or the profile extension or padding
+  of one) left out toward a side whose RTP is SRTP while its RTCP is in the clear: only
+  SR, RR, SDES and BYE go there."""
 
 
 class StreamStats(TypedDict):
@@ -91,6 +109,16 @@ class StreamStats(TypedDict):
     """Packets toward this side whose payload a tone was mixed into."""
     tone_skipped: int
     """Packets toward this side during a tone that could not carry it (not PT 0/8)."""
+    relatched: int
+    """Times the exact address and port of this side's SDP took the latch over from
+    another source (another port of the same IP, or any address with ``latch="any"``)."""
+    grace_ssrc: int
+    """The SSRC plain RTP from this side must carry while plain is allowed on an SRTP
+    side (the peer's last plain packet before the window opened); -1: none known yet
+    (the first plain packet in the window will set it)."""
+    grace_seq: int
+    """The sequence number of the last plain packet from this side in that window (or
+    before it opened): the next one must follow it closely; -1: none."""
     drops: dict[str, int]
 
 

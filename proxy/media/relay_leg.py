@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from proxy.media.engine import DROP_REASONS, Side, StreamStats
+from proxy.media.grace import plain_reference, refuse_plain_rtcp, refuse_plain_rtp
 from proxy.media.srtp import SrtpContext, SrtpError, SrtpReplayError
 from proxy.media.tones import ToneMixer
 from proxy.ratelimit import LogLimiter
@@ -41,6 +42,16 @@ log = logging.getLogger("sipura.media")
 _noise = LogLimiter(log)
 """Wrong-source drops, one line per source address per 10 s with the count held back:
 a spoofing flood costs a few lines (bounded keys, :mod:`proxy.ratelimit`)."""
+
+
+_WHY: dict[str, str] = {
+    "grace_not_rtp": "not shaped like RTP/RTCP, in the window for the peer's plain packets",
+    "grace_wrong_ssrc": "not the peer's SSRC, in the window for its plain packets",
+    "grace_bad_sequence": "not the peer's next sequence numbers, in the window for its "
+    "plain packets",
+    "rtcp_invalid": "not a valid compound RTCP packet",
+}
+"""The log text of each refusal :meth:`RelayLeg.refused` counts."""
 
 
 def flush_noise(now: float) -> None:
@@ -88,6 +99,11 @@ class RelayLeg:
         "clock",
         "expected_ip",
         "family",
+        "grace_bad_sequence",
+        "grace_not_rtp",
+        "grace_seq",
+        "grace_ssrc",
+        "grace_wrong_ssrc",
         "hold",
         "index",
         "ip",
@@ -100,14 +116,18 @@ class RelayLeg:
         "packets_out",
         "plain_accepted",
         "plain_after_grace",
+        "plain_last",
         "plain_until",
         "port",
+        "relatched",
         "rtcp_dest",
+        "rtcp_invalid",
         "rtcp_packets_in",
         "rtcp_packets_out",
         "rtcp_peer",
         "rtcp_rx",
         "rtcp_send",
+        "rtcp_stripped",
         "rtcp_tx",
         "rtp",
         "rtp_dest",
@@ -193,7 +213,15 @@ class RelayLeg:
         """The previous key, tried second until ``alt_until`` (a re-key)."""
         self.alt_until = -math.inf
         self.plain_until = -math.inf
-        """Until then a packet that authenticates under no key is relayed as plain."""
+        """Until then a packet that authenticates under no key may be relayed as plain,
+        if it is the peer's plain stream going on (:mod:`proxy.media.grace`)."""
+        self.plain_last: bytes | None = None
+        """The last RTP packet relayed from this side while it had no receive key: where
+        the reference of the plain window comes from when it opens."""
+        self.grace_ssrc = -1
+        """The SSRC plain RTP must carry while the plain window is open; -1: none."""
+        self.grace_seq = -1
+        """Sequence number of the last plain packet taken (or of the reference)."""
         self.rx_first = False
         """No packet has authenticated under ``rx`` yet (the session is told once)."""
         self.tone: ToneMixer | None = None
@@ -215,6 +243,12 @@ class RelayLeg:
         self.plain_after_grace = 0
         self.tone_packets = 0
         self.tone_skipped = 0
+        self.relatched = 0
+        self.grace_not_rtp = 0
+        self.grace_wrong_ssrc = 0
+        self.grace_bad_sequence = 0
+        self.rtcp_invalid = 0
+        self.rtcp_stripped = 0
 
     def adopt(self, old: RelayLeg) -> None:
         """Take over ``old``'s bound pair (sockets, port, transports, stale sources).
@@ -232,6 +266,15 @@ class RelayLeg:
         for sock in self.sockets:
             sock.a = self
 
+    def open_plain(self, until: float) -> None:
+        """Plain packets from this side may be relayed until ``until`` (if they pass the
+        rules of :mod:`proxy.media.grace`). The reference is taken from the last plain
+        packet when the side had no receive key yet; otherwise the window already open
+        (accepting before the switch-over) keeps the reference it has."""
+        if self.rx is None:
+            self.grace_ssrc, self.grace_seq = plain_reference(self.plain_last)
+        self.plain_until = until
+
     def dropped_wrong_source(self, addr: SockAddr, what: str) -> None:
         """A packet from an address that is not this leg's peer was dropped: counted,
         and logged (rate-limited) once the leg knows its peer's IP. Before that (the SDP
@@ -247,6 +290,15 @@ class RelayLeg:
                    addr[0], addr[1], self.side, self.port,
                    f"latched {peer[0]}:{peer[1]}" if peer else f"expected {expected}")  # fmt: skip
 
+    def refused(self, reason: str) -> None:
+        """A packet from this side was dropped for ``reason`` (a plain-window rule,
+        invalid RTCP): counted, and logged, rate-limited per reason and peer IP."""
+        setattr(self, reason, getattr(self, reason) + 1)
+        peer = str(self.expected_ip)
+        _noise.log(logging.INFO, reason, peer, self.clock(),
+                   "media: packet from the %s peer %s dropped on port %d: %s (%s)",
+                   self.side, peer, self.port, _WHY[reason], reason)  # fmt: skip
+
     def stale_source(self, addr: SockAddr) -> bool:
         """``addr`` is where the previous call on this pair had its peer, and that call
         ended too recently: its late packets must not latch into this one."""
@@ -258,11 +310,17 @@ class RelayLeg:
         return False
 
     def latch_rtp(self, addr: SockAddr) -> None:
+        """``addr`` becomes the peer: the first source to latch, or the SDP's exact
+        address taking over from another source (counted)."""
+        if self.rtp_peer is not None:
+            self.relatched += 1
         self.rtp_peer = addr
         if not self.hold:
             self.rtp_dest = addr
 
     def latch_rtcp(self, addr: SockAddr) -> None:
+        if self.rtcp_peer is not None:
+            self.relatched += 1
         self.rtcp_peer = addr
         if not self.hold and self.sdp_rtcp is not None:
             self.rtcp_dest = addr
@@ -312,6 +370,9 @@ class RelayLeg:
             plain_after_grace=self.plain_after_grace,
             tone_packets=self.tone_packets,
             tone_skipped=self.tone_skipped,
+            relatched=self.relatched,
+            grace_ssrc=self.grace_ssrc,
+            grace_seq=self.grace_seq,
             drops={reason: getattr(self, reason) for reason in DROP_REASONS},
         )
 
@@ -322,8 +383,10 @@ class RelayLeg:
         ``rx`` (``error``): (packet to relay, authenticated?) or None to drop it.
 
         Tries the previous key while it is valid, then takes the packet as plain while
-        that is allowed. A replayed packet is dropped even then: it is a duplicate of
-        SRTP already relayed, and its ciphertext must not reach the phone as audio."""
+        that is allowed and it is the peer's plain stream going on (rules P1-P3 of
+        :mod:`proxy.media.grace`, each refusal counted by its reason). A replayed packet
+        is dropped even then: it is a duplicate of SRTP already relayed, and its
+        ciphertext must not reach the phone as audio."""
         replay = isinstance(error, SrtpReplayError)
         now = self.clock()
         alt = self.rx_alt
@@ -344,6 +407,15 @@ class RelayLeg:
             self.srtp_replay += 1
             return None
         if now < self.plain_until:
+            if rtcp:
+                refusal = refuse_plain_rtcp(data, self.grace_ssrc)
+            else:
+                refusal = refuse_plain_rtp(data, self.grace_ssrc, self.grace_seq)
+            if refusal is not None:
+                self.refused(refusal)
+                return None
+            if not rtcp:  # the reference moves on (or is set, if there was none)
+                self.grace_ssrc, self.grace_seq = plain_reference(data)
             self.plain_accepted += 1
             return data, False
         self.srtp_auth += 1

@@ -26,6 +26,7 @@ from typing import Protocol, cast
 
 from proxy.media.engine import Side
 from proxy.media.relay_leg import RelayLeg, SendTo, SockAddr, refuse
+from proxy.media.rtcp import clear_compound, valid_compound
 from proxy.media.srtp import SrtpError
 
 __all__ = ["Owner", "RelaySocket", "RtcpSocket", "RtpSocket", "relay_rtcp", "take_pair"]
@@ -76,7 +77,12 @@ def mix_tone(b: RelayLeg, data: bytes) -> bytes:
 def relay_rtcp(a: RelayLeg, b: RelayLeg, session: Owner, data: bytes) -> bool:
     """Relay one RTCP packet from side ``a`` to side ``b``. True if it came from a's peer
     for sure (it passed SRTCP authentication, or ``a`` sends plain): it may latch.
-    Per-packet path, inlined on purpose (see the module docstring)."""
+
+    Only a valid compound packet is relayed (rule C1 of :mod:`proxy.media.rtcp`, checked
+    on the plain text: after SRTCP unprotect), and toward a side whose RTP is SRTP while
+    its RTCP is in the clear, only its SR/RR/SDES/BYE part (rule C2). Per-packet path
+    (RTCP only: a few packets per call and second), inlined on purpose (see the module
+    docstring)."""
     size = len(data)
     authentic = a.rx is None
     rx = a.rtcp_rx
@@ -93,6 +99,9 @@ def relay_rtcp(a: RelayLeg, b: RelayLeg, session: Owner, data: bytes) -> bool:
             authentic = True
             if a.rx_first:
                 session.authenticated(a.side)
+    if not valid_compound(data):
+        a.refused("rtcp_invalid")
+        return False
     a.packets_in += 1
     a.bytes_in += size
     a.rtcp_packets_in += 1
@@ -111,6 +120,11 @@ def relay_rtcp(a: RelayLeg, b: RelayLeg, session: Owner, data: bytes) -> bool:
             b.srtp_protect += 1
             return authentic
         b.packets_encrypted += 1
+    elif b.tx is not None:  # SRTP, with RTCP in the clear: SR/RR/SDES/BYE only
+        data, stripped = clear_compound(data)
+        b.rtcp_stripped += stripped
+        if not data:
+            return authentic
     try:
         send(data, dest)
     except SEND_FAILURES:
@@ -226,6 +240,8 @@ class RtpSocket(RelaySocket):
                 a.packets_decrypted += 1
                 if a.rx_first:
                     self.session.authenticated(a.side)
+        else:
+            a.plain_last = data  # the reference of a plain window (proxy.media.grace)
         if latch:
             a.latch_rtp(addr)
         a.packets_in += 1

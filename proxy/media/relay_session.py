@@ -9,13 +9,15 @@ process, or in a media worker process that received the command over its channel
 SRTP (profile §3) is per side, for all of its streams, in four fields per leg: ``tx``
 (the key packets toward the side are protected with), ``rx`` (the key packets from it
 are tried with first), ``rx_alt`` (the previous key after a re-key, until
-``alt_until``) and ``plain_until`` (until when a packet that does not authenticate is
-still relayed as plain RTP: forever while only accepting, then the grace window after
-the switch-over from clear). This is the only place that turns :class:`SrtpKeys` into
-libsrtp contexts, and keys equal to those of a context the side already uses get that
-context back (:meth:`RelaySession._context`), so its replay window and rollover counter
-carry on: a ``SwitchSrtp`` after an ``AcceptSrtp`` of the same keys continues the stream
-that accepting already authenticated.
+``alt_until``) and ``plain_until`` (until when a packet that does not authenticate may
+still be relayed as plain RTP: forever while only accepting, then the grace window after
+the switch-over from clear, and never again once a packet from the side authenticated;
+only the peer's plain stream going on is taken, :mod:`proxy.media.grace`). This is the
+only place that turns :class:`SrtpKeys` into libsrtp contexts, and keys equal to those
+of a context the side already uses get that context back
+(:meth:`RelaySession._context`), so its replay window and rollover counter carry on: a
+``SwitchSrtp`` after an ``AcceptSrtp`` of the same keys continues the stream that
+accepting already authenticated.
 """
 
 from __future__ import annotations
@@ -171,15 +173,17 @@ class RelaySession:
         side = Side(command.side)
         context = self._context(side, command.keys)
         self._new_key(side, context)
+        # Plain stays closed if the peer already sends under this key (it switched).
+        plain_until = -math.inf if side in self._authentic else math.inf
         for leg in self._rtp_legs(side):
             current = leg.tx
-            leg.rx = context
-            leg.rtcp_rx = context if command.srtcp else None
             if current is None:  # still plain: so is the peer, until it switches
+                leg.open_plain(plain_until)  # (before rx is set: see open_plain)
                 leg.rx_alt = None
-                leg.plain_until = math.inf
             elif current is not context:  # a re-key: the key in use stays valid
                 leg.rx_alt, leg.alt_until = current, math.inf
+            leg.rx = context
+            leg.rtcp_rx = context if command.srtcp else None
 
     def switch_srtp(self, command: SwitchSrtp) -> None:
         grace_s = command.grace_s
@@ -189,15 +193,17 @@ class RelaySession:
         side = Side(command.side)
         context = self._context(side, command.keys)
         self._new_key(side, context)
+        # No grace for plain if the peer already sends under this key (it switched).
+        plain_until = -math.inf if side in self._authentic else deadline
         for leg in self._rtp_legs(side):
             previous = leg.tx
-            leg.tx = leg.rx = context
-            leg.rtcp_tx = leg.rtcp_rx = context if command.srtcp else None
             if previous is None:  # from clear: the peer's plain RTP for the grace window
+                leg.open_plain(plain_until)  # (before rx is set: see open_plain)
                 leg.rx_alt = None
-                leg.plain_until = deadline
             elif previous is not context:  # re-key: the old key for the grace window
                 leg.rx_alt, leg.alt_until = previous, deadline
+            leg.tx = leg.rx = context
+            leg.rtcp_tx = leg.rtcp_rx = context if command.srtcp else None
 
     def clear_srtp(self, command: ClearSrtp) -> None:
         self._clear(Side(command.side))
@@ -268,6 +274,7 @@ class RelaySession:
         for leg in self._legs[side]:
             leg.tx = leg.rx = leg.rtcp_tx = leg.rtcp_rx = leg.rx_alt = None
             leg.alt_until = leg.plain_until = -math.inf
+            leg.grace_ssrc = leg.grace_seq = -1
 
     def _new_key(self, side: Side, rx: SrtpContext | None) -> None:
         """``rx`` becomes the side's first receive key: if it is another key than now,
@@ -282,9 +289,11 @@ class RelaySession:
 
     def authenticated(self, side: Side) -> None:
         """A packet from ``side`` authenticated under its ``rx`` key for the first time
-        (called by the packet handler)."""
+        (called by the packet handler). The peer has switched: the window for its plain
+        packets closes now, on every stream of the side (:mod:`proxy.media.grace`)."""
         for leg in self._legs[side]:
             leg.rx_first = False
+            leg.plain_until = -math.inf
         self._authentic.add(side)
         if side in self._watched:
             self._watched.discard(side)

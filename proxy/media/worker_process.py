@@ -58,7 +58,11 @@ FLUSH_S = 0.1
 FIRST_PACKET_S = 0.01
 """Period of the check for sessions whose first packet arrived (while there are any)."""
 STATS_BATCH = 100
-"""Sessions per Stats message (a session with one stream is ~300 bytes encoded)."""
+"""Sessions per Stats message at most (a session with one stream is ~250 bytes encoded)."""
+STATS_INTS = 3000
+"""Counters per Stats message at most: even at 21 bytes each (a 20-digit int and a comma)
+a message stays under :data:`channel.MAX_MESSAGE`, however many streams the sessions
+have (a leg has 26 counters; a session with four streams, 208)."""
 BATCH = 32
 """Reports per batch at most; a batch also stays under :data:`channel.MAX_MESSAGE`."""
 MAX_QUEUE = 100_000
@@ -277,15 +281,20 @@ class WorkerProcess:
 
     def flush(self) -> None:
         batch: list[tuple[int, tuple[int, ...]]] = []
+        ints = 0
         last = self.last
         for sid, session in self.sessions.items():
             counters = session.counters()
             if last.get(sid) != counters:
                 last[sid] = counters
+                if batch and ints + len(counters) > STATS_INTS:
+                    self.send(ch.Stats(tuple(batch)))
+                    batch, ints = [], 0
                 batch.append((sid, counters))
+                ints += len(counters)
                 if len(batch) >= STATS_BATCH:
                     self.send(ch.Stats(tuple(batch)))
-                    batch = []
+                    batch, ints = [], 0
         if batch:
             self.send(ch.Stats(tuple(batch)))
 

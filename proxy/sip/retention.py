@@ -6,7 +6,7 @@ requests/s. So a server transaction keeps only what a retransmission or a respon
 needs (:func:`slim_request`); a client transaction keeps its request whole (a failover
 re-sends it), but only the proxy's own requests and relayed ones, which each needed an
 admitted server transaction first. Every transaction is charged against one
-:class:`RetainedBytes` budget (docs/decisions.md §54).
+:class:`RetainedBytes` budget (docs/decisions.md §56).
 """
 
 from __future__ import annotations

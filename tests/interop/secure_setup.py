@@ -30,12 +30,12 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xsipura_ua import CaKey, check_pattern, pattern_source
+from xsipura_ua import CaKey, Subscriber, XsipuraUA, check_pattern, pattern_source
 
 import testkit.capture
 from proxy.demo.phone import Phone, payload_for
@@ -164,6 +164,49 @@ def dump_on_failure(*proxies: ProxyProc, extra: Callable[[], str] | None = None)
             with contextlib.suppress(Exception):
                 print(extra())
         raise
+
+
+# --------------------------------------------------------------------------- the UA upstream
+
+UA_NUMBER = "16505550100"
+UA_NAME = "Uma Agent"
+UA_TAG = 0x55
+
+
+@dataclass
+class UpstreamRig:
+    """A proxy whose outside.upstream is the test UA's port; one line per scenario."""
+
+    pki: Pki
+    proxy: ProxyProc
+    ua_socket: socket.socket
+    """Holds the UA's port (the proxy's upstream) between tests."""
+    ua_identity: Subscriber
+    phones: dict[str, PhoneSpec] = field(default_factory=dict)
+
+    @property
+    def ua_port(self) -> int:
+        return int(self.ua_socket.getsockname()[1])
+
+    @contextlib.asynccontextmanager
+    async def ua(self, **kwargs: Any) -> AsyncIterator[XsipuraUA]:
+        """The test UA on the upstream port, answering as ``UA_NUMBER``."""
+        port = self.ua_port
+        options: dict[str, Any] = {
+            "name": "ua", "port": port, "user": UA_NUMBER, "identity": self.ua_identity,
+            "trusted_ca": [self.pki.ca.n], "payload_source": pattern_source(UA_TAG),
+            "grace": 1.0,
+        }  # fmt: skip
+        options.update(kwargs)
+        self.ua_socket.close()
+        try:
+            async with XsipuraUA(**options) as ua:
+                yield ua
+        finally:
+            await asyncio.sleep(0.05)  # its transport closes on a later loop turn
+            self.ua_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with contextlib.suppress(OSError):
+                self.ua_socket.bind((HOST, port))
 
 
 # --------------------------------------------------------------------------- /status

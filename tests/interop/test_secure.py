@@ -19,11 +19,10 @@ import asyncio
 import contextlib
 import itertools
 import shutil
-import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Coroutine, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,16 @@ from typing import Any
 import pytest
 from secure_setup import (
     HOST,
+    UA_NAME,
+    UA_NUMBER,
+    UA_TAG,
     Capture,
     Line,
     PhoneSpec,
     Pki,
     ProxyProc,
     TestPhone,
+    UpstreamRig,
     Watcher,
     audio_report,
     classify_outside_flows,
@@ -215,47 +218,6 @@ def _check_wire(flows: dict[tuple[int, int], list[str]]) -> None:
 # ======================================================================================
 # 2, 4, 5. One proxy against the independent UA (the proxy's upstream)
 # ======================================================================================
-
-UA_NUMBER = "16505550100"
-UA_NAME = "Uma Agent"
-UA_TAG = 0x55
-
-
-@dataclass
-class UpstreamRig:
-    """Proxy U: outside.upstream is the test UA's port; one line per scenario."""
-
-    pki: Pki
-    proxy: ProxyProc
-    ua_socket: socket.socket
-    """Holds the UA's port (the proxy's upstream) between tests."""
-    ua_identity: Subscriber
-    phones: dict[str, PhoneSpec] = field(default_factory=dict)
-
-    @property
-    def ua_port(self) -> int:
-        return int(self.ua_socket.getsockname()[1])
-
-    @contextlib.asynccontextmanager
-    async def ua(self, **kwargs: Any) -> AsyncIterator[XsipuraUA]:
-        """The test UA on the upstream port, answering as ``UA_NUMBER``."""
-        port = self.ua_port
-        options: dict[str, Any] = {
-            "name": "ua", "port": port, "user": UA_NUMBER, "identity": self.ua_identity,
-            "trusted_ca": [self.pki.ca.n], "payload_source": pattern_source(UA_TAG),
-            "grace": 1.0,
-        }  # fmt: skip
-        options.update(kwargs)
-        self.ua_socket.close()
-        try:
-            async with XsipuraUA(**options) as ua:
-                yield ua
-        finally:
-            await asyncio.sleep(0.05)  # its transport closes on a later loop turn
-            self.ua_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            with contextlib.suppress(OSError):
-                self.ua_socket.bind((HOST, port))
-
 
 U_LINES = {  # scenario: (name, number, secure_by_default)
     "caller": ("Paul Caller", "14155550001", True),

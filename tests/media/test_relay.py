@@ -31,6 +31,7 @@ from proxy.media.commands import (
     SwitchSrtp,
     WatchSrtp,
 )
+from proxy.media.counters import COUNTERS
 from proxy.media.engine import DROP_REASONS, MediaEngine, Side
 from proxy.media.ports import PortsExhausted
 from proxy.media.relay import RelayEngine, RelaySession
@@ -89,6 +90,9 @@ def free(engine: RelayEngine) -> int:
     """Pairs an allocation can have: free in the allocator or pooled for reuse."""
     return engine.ports.available + engine.pooled
 
+
+COUNTS = frozenset(COUNTERS) - {"grace_ssrc", "grace_seq"}
+"""The counters of a leg (the rest of its stats is state)."""
 
 POOLS = pytest.mark.parametrize("pool", [0, 256], ids=["unpooled", "pooled"])
 
@@ -288,6 +292,7 @@ def test_latching_follows_nat_port_then_drops_other_sources(run: Runner) -> None
         assert (await pbx.recv())[0] == rtp(7)
         assert stat(session, INSIDE, "wrong_source") == 3
         assert stat(session, INSIDE, "packets_in") == 4
+        assert stat(session, INSIDE, "relatched") == 1
         await engine.close()
 
     run(test)
@@ -606,7 +611,8 @@ def test_released_pairs_are_reused_first_in_first_out(run: Runner) -> None:
         for side in (INSIDE, OUTSIDE):
             counters = session.stats()[side][0]
             assert counters["drops"] == dict.fromkeys(DROP_REASONS, 0)
-            assert all(value == 0 for key, value in counters.items() if key != "drops")
+            assert all(value == 0 for key, value in counters.items() if key in COUNTS)
+            assert counters["grace_ssrc"] == counters["grace_seq"] == -1
         inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
         phone.send(rtp(5), inside)
         assert await pbx.recv() == (rtp(5), outside)
@@ -1017,9 +1023,13 @@ def test_stats_names_every_drop_reason(run: Runner) -> None:
             "plain_after_grace",
             "tone_packets",
             "tone_skipped",
+            "relatched",
+            "grace_ssrc",
+            "grace_seq",
             "drops",
         }
-        assert all(value == 0 for key, value in counters.items() if key != "drops")
+        assert all(value == 0 for key, value in counters.items() if key in COUNTS)
+        assert counters["grace_ssrc"] == counters["grace_seq"] == -1  # no reference yet
         await engine.close()
 
     run(test)
@@ -1067,6 +1077,8 @@ def test_accept_before_switch(run: Runner) -> None:
         session, phone, pbx = await call(engine)
         inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
         far_end = SrtpContext(KEY, SALT)
+        pbx.send(far(0), outside)  # the far end's plain stream, before stage 2
+        await expect(phone, far(0))
         engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
 
         # Accepting, not sending: the phone's RTP still leaves in the clear ...
@@ -1084,6 +1096,11 @@ def test_accept_before_switch(run: Runner) -> None:
         assert stat(session, OUTSIDE, "plain_accepted") == 2
         assert stat(session, OUTSIDE, "packets_decrypted") == 1
         assert stat(session, OUTSIDE, "packets_encrypted") == 0
+        # The peer has switched: nothing it sends in the clear is genuine any more.
+        pbx.send(far(4), outside)
+        pbx.send(far_end.protect(far(5)), outside)
+        await expect(phone, far(5))
+        assert stat(session, OUTSIDE, "srtp_auth") == 1
 
         # The Callee Final arrives: switch-over (with the same keys: the context that
         # accepted carries on). From now on the phone's RTP is SRTP.
@@ -1105,6 +1122,8 @@ def test_switch_grace_window_then_plain_is_dropped_and_counted(run: Runner) -> N
         session, phone, pbx = await call(engine)
         inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
         far_end = SrtpContext(KEY, SALT)
+        pbx.send(far(0), outside)  # the caller's plain stream before stage 2
+        await expect(phone, far(0))
         # The callee: switches when it sends the Callee Final, without accepting first.
         engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), grace_s=2.0))
         phone.send(rtp(1), inside)
@@ -1117,26 +1136,29 @@ def test_switch_grace_window_then_plain_is_dropped_and_counted(run: Runner) -> N
         srtp_2 = far_end.protect(far(2))
         pbx.send(srtp_2, outside)
         await expect(phone, far(2))
-        # A duplicate SRTP packet is dropped even now: its ciphertext is no audio.
+        # It switched: the window is closed, though the clock has not reached its end.
+        pbx.send(far(3), outside)
+        # A duplicate SRTP packet is dropped: its ciphertext is no audio.
         pbx.send(srtp_2, outside)
-        pbx.send(far_end.protect(far(3)), outside)
-        await expect(phone, far(3))
+        pbx.send(far_end.protect(far(4)), outside)
+        await expect(phone, far(4))
         assert stat(session, OUTSIDE, "srtp_replay") == 1
+        assert stat(session, OUTSIDE, "srtp_auth") == 1
 
         # After the window: plain RTP is dropped, as an auth failure that looks plain.
         clock.now += 0.2
-        pbx.send(far(4), outside)
+        pbx.send(far(5), outside)
         pbx.send(b"\x00" * 40, outside)  # not even RTP: an auth failure, not "plain"
-        tampered = bytearray(far_end.protect(far(5)))
+        tampered = bytearray(far_end.protect(far(6)))
         tampered[-1] ^= 1
         pbx.send(bytes(tampered), outside)
-        pbx.send(far_end.protect(far(6)), outside)
-        await expect(phone, far(6))
-        assert stat(session, OUTSIDE, "srtp_auth") == 3
-        assert stat(session, OUTSIDE, "plain_after_grace") == 2  # far(4) and the tampered
+        pbx.send(far_end.protect(far(7)), outside)
+        await expect(phone, far(7))
+        assert stat(session, OUTSIDE, "srtp_auth") == 4
+        assert stat(session, OUTSIDE, "plain_after_grace") == 3  # far(3), far(5), tampered
         assert stat(session, OUTSIDE, "plain_accepted") == 1
         assert stat(session, OUTSIDE, "packets_decrypted") == 3
-        assert stat(session, OUTSIDE, "packets_in") == 4
+        assert stat(session, OUTSIDE, "packets_in") == 5
 
         # libsrtp refuses to protect a packet too short to be RTP: dropped and counted.
         phone.send(b"\x80\x00\x00", inside)
@@ -1154,6 +1176,8 @@ def test_grace_window_on_the_real_clock(run: Runner) -> None:
         engine = make_engine()
         session, phone, pbx = await call(engine)
         outside = session.local(OUTSIDE, 0)
+        pbx.send(far(0), outside)
+        await expect(phone, far(0))
         engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), grace_s=0.2))  # now=None
         pbx.send(far(1), outside)
         await expect(phone, far(1))
@@ -1249,6 +1273,8 @@ def test_authenticated_report_fires_once_per_key(run: Runner) -> None:
             watcher.watch("none")
 
         # A watch for a key that is replaced before it authenticates is forgotten.
+        pbx.send(far(0), outside)
+        await expect(phone, far(0))
         engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(OTHER_KEY, SALT)))
         watcher.watch("stale")
         engine.apply(AcceptSrtp(session.id, OUTSIDE, k1))
@@ -1361,8 +1387,11 @@ def test_handler_may_switch_over_from_inside_the_packet_handler(run: Runner) -> 
         await expect(phone, far(1))
         phone.send(rtp(1), inside)
         assert far_end.unprotect((await pbx.recv())[0]) == rtp(1)
-        pbx.send(far(2), outside)  # the grace window started at that packet
-        await expect(phone, far(2))
+        # The switch came from the peer's SRTP: no grace window for its plain RTP.
+        pbx.send(far(2), outside)
+        pbx.send(far_end.protect(far(3)), outside)
+        await expect(phone, far(3))
+        assert stat(session, OUTSIDE, "srtp_auth") == 1
         await engine.close()
 
     run(test)
@@ -1391,21 +1420,26 @@ def test_srtcp_authenticates_too_and_fires_the_report(run: Runner) -> None:
 def test_latching_while_accepting_needs_an_authenticated_packet(run: Runner) -> None:
     async def test() -> None:
         engine = make_engine()
-        session, phone, pbx = await call(engine)
+        session, phone, old_pbx = await call(engine)
         outside = session.local(OUTSIDE, 0)
+        old_pbx.send(far(0), outside)  # the far end's plain stream (the reference) ...
+        await expect(phone, far(0))
+        pbx = await peer()  # ... then it moves (a re-INVITE): latching starts over
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx.port + 1))
         engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
         far_end = SrtpContext(KEY, SALT)
         forger = await peer()  # the PBX's IP, another port, no key
-        forger.send(far(1), outside)  # plain is accepted while accepting ...
+        forger.send(far(1), outside)  # its plain stream going on is accepted ...
         await expect(phone, far(1))
         forger.send(far(2), outside)
         await expect(phone, far(2))  # ... but it did not latch: the PBX still can
         pbx.send(far_end.protect(far(3)), outside)
         await expect(phone, far(3))
         forger.send(far(4), outside)  # now the PBX is the peer
-        pbx.send(far(5), outside)
+        pbx.send(far_end.protect(far(5)), outside)
         await expect(phone, far(5))
         assert stat(session, OUTSIDE, "wrong_source") == 1
+        assert stat(session, OUTSIDE, "relatched") == 0  # latching started over
         await engine.close()
 
     run(test)
@@ -1529,3 +1563,346 @@ def test_tone_is_mixed_toward_the_phone_only_while_it_sounds(run: Runner) -> Non
         await engine.close()
 
     run(test)
+
+
+# --------------------------------------------------------------------------- hostile peers
+#
+# What the relay takes from a secured side's address that is not the peer's SRTP (plain
+# windows: proxy.media.grace), what it takes on RTCP ports (proxy.media.rtcp), and who
+# may take a latch over. The rules themselves are tested as pure functions in
+# test_packet_rules.py; here, that the relay applies them, through commands and sockets.
+
+
+def forged_srtp(seq: int, ssrc: int = FAR_SSRC) -> bytes:
+    """What an attacker who saw the stream can send: the peer's SSRC and next sequence
+    number, then bytes that only look encrypted, and a tag it cannot compute."""
+    return rtp(seq, ssrc=ssrc, payload=bytes((seq * 7 + i) & 0xFF for i in range(170)))
+
+
+def test_grace_takes_only_the_peers_plain_stream_and_closes_on_its_srtp(run: Runner) -> None:
+    async def test() -> None:
+        clock = FakeClock()
+        engine = clocked_engine(clock)
+        session, phone, pbx = await call(engine)
+        inside, outside = session.local(INSIDE, 0), session.local(OUTSIDE, 0)
+        far_end = SrtpContext(KEY, SALT)
+        pbx.send(far(100), outside)  # the peer's plain stream: the reference
+        await expect(phone, far(100))
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), grace_s=2.0))
+        assert (stat(session, OUTSIDE, "grace_ssrc"), stat(session, OUTSIDE, "grace_seq")) == (
+            FAR_SSRC, 100)  # fmt: skip
+        phone.send(rtp(1), inside)
+        assert far_end.unprotect((await pbx.recv())[0]) == rtp(1)
+
+        clock.now += 1.0  # the grace window is open; the peer has not switched yet
+        for junk in (
+            b"\x00" * 40,  # P1: not RTP
+            b"\x40" + far(101)[1:],  # P1: version 1
+            far(101)[:1] + bytes((200,)) + far(101)[2:],  # P1: PT 72 + marker: RTCP's
+            rtp(101, ssrc=FAR_SSRC + 1),  # P2: another SSRC
+            far(100),  # P3: a duplicate
+            far(99),  # P3: late
+            far(100 + 33),  # P3: too far ahead
+        ):
+            pbx.send(junk, outside)
+        pbx.send(far(101), outside)  # the peer's stream going on
+        await expect(phone, far(101))
+        pbx.send(far(101 + 32), outside)  # 31 lost: still the peer's stream
+        await expect(phone, far(133))
+        drops = session.stats()[OUTSIDE][0]["drops"]
+        assert (drops["grace_not_rtp"], drops["grace_wrong_ssrc"], drops["grace_bad_sequence"]
+                ) == (3, 1, 3)  # fmt: skip
+        assert drops["srtp_auth"] == 0 and stat(session, OUTSIDE, "plain_accepted") == 2
+        assert stat(session, OUTSIDE, "grace_seq") == 133
+
+        # The peer's first SRTP packet closes the window: 50 forged packets with its SSRC
+        # and its next sequence numbers, sent while the clock is still within the grace
+        # window, are all dropped.
+        pbx.send(far_end.protect(far(134)), outside)
+        await expect(phone, far(134))
+        for seq in range(135, 185):
+            pbx.send(forged_srtp(seq), outside)
+        pbx.send(far(185), outside)  # and plain from the peer is no longer taken either
+        pbx.send(far_end.protect(far(186)), outside)
+        await expect(phone, far(186))
+        assert stat(session, OUTSIDE, "srtp_auth") == 51
+        assert stat(session, OUTSIDE, "plain_accepted") == 2
+        await engine.close()
+
+    run(test)
+
+
+def test_no_plain_before_the_switch_the_first_in_the_window_is_the_reference(run: Runner
+                                                                          ) -> None:  # fmt: skip
+    """The peer's first packets were queued behind the switch-over (a busy worker), or it
+    started sending late: its first plain packet in the window sets the reference."""
+
+    async def test() -> None:
+        clock = FakeClock()
+        engine = clocked_engine(clock)
+        session, phone, pbx = await call(engine)
+        outside = session.local(OUTSIDE, 0)
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), grace_s=2.0))
+        assert stat(session, OUTSIDE, "grace_ssrc") == -1
+        pbx.send(b"\x00" * 40, outside)  # P1 still applies, and sets nothing
+        pbx.send(far(1), outside)
+        await expect(phone, far(1))
+        assert (stat(session, OUTSIDE, "grace_ssrc"), stat(session, OUTSIDE, "grace_seq")) == (
+            FAR_SSRC, 1)  # fmt: skip
+        pbx.send(rtp(2, ssrc=0x5555), outside)  # from now on: the peer's stream only
+        pbx.send(far(50), outside)
+        pbx.send(far(2), outside)
+        await expect(phone, far(2))
+        assert stat(session, OUTSIDE, "grace_not_rtp") == 1
+        assert stat(session, OUTSIDE, "grace_wrong_ssrc") == 1
+        assert stat(session, OUTSIDE, "grace_bad_sequence") == 1
+        await engine.close()
+
+    run(test)
+
+
+def test_accepting_before_the_switch_takes_only_the_peers_plain_stream(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        outside = session.local(OUTSIDE, 0)
+        pbx.send(far(7), outside)
+        await expect(phone, far(7))
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
+        pbx.send(forged_srtp(30), outside)  # 22 ahead: taken as plain, the limit of P3 ...
+        await expect(phone, forged_srtp(30))
+        pbx.send(forged_srtp(70), outside)  # ... but not 40 ahead of that
+        pbx.send(rtp(31, ssrc=0x5555), outside)
+        pbx.send(far(31), outside)
+        await expect(phone, far(31))
+        assert stat(session, OUTSIDE, "grace_bad_sequence") == 1
+        assert stat(session, OUTSIDE, "grace_wrong_ssrc") == 1
+        # A second AcceptSrtp (other keys, still plain) keeps the reference it has.
+        engine.apply(AcceptSrtp(session.id, OUTSIDE, SrtpKeys(OTHER_KEY, OTHER_SALT)))
+        pbx.send(far(32), outside)
+        await expect(phone, far(32))
+        # ClearSrtp (the handshake failed): plain again, no window, no reference.
+        engine.apply(ClearSrtp(session.id, OUTSIDE))
+        assert stat(session, OUTSIDE, "grace_ssrc") == -1
+        pbx.send(rtp(1, ssrc=0x5555), outside)
+        await expect(phone, rtp(1, ssrc=0x5555))
+        await engine.close()
+
+    run(test)
+
+
+def test_srtcp_in_the_grace_window_takes_only_the_peers_valid_rtcp(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("c", 1)
+        phone, pbx = await peer(), await peer()
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone.port, rtcp_mux=True))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx.port, rtcp_mux=True))
+        outside = session.local(OUTSIDE, 0)
+        pbx.send(far(1), outside)
+        await expect(phone, far(1))
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), 2.0, srtcp=True))
+        pbx.send(rtcp_sr(0x5555), outside)  # P2: not the peer's SSRC
+        pbx.send(rtcp_sr(FAR_SSRC) + bytes(14), outside)  # P1: not a valid compound
+        pbx.send(rtcp_sr(FAR_SSRC), outside)
+        await expect(phone, rtcp_sr(FAR_SSRC))
+        assert stat(session, OUTSIDE, "grace_wrong_ssrc") == 1
+        assert stat(session, OUTSIDE, "grace_not_rtp") == 1
+        await engine.close()
+
+    run(test)
+
+
+def sdes_app(ssrc: int = 0x11223344) -> bytes:
+    """An SDES (CNAME "phone") and an APP packet carrying ``LEAK``: 16 + 20 bytes."""
+    sdes = struct.pack("!BBHI", 0x81, 202, 3, ssrc) + b"\x01\x05phone\x00"
+    app = struct.pack("!BBHI", 0x80, 204, 4, ssrc) + b"name" + b"LEAK" * 2
+    return sdes + app
+
+
+def test_rtcp_ports_relay_only_valid_compound_rtcp(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("c", 1)
+        phone, phone_rtcp, pbx, pbx_rtcp = await peer(), await peer(), await peer(), await peer()
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone_rtcp.port))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx_rtcp.port))
+        ip, inside_rtp = session.local(INSIDE, 0)
+        inside_rtcp = (ip, inside_rtp + 1)
+        outside_rtcp = (ip, session.local(OUTSIDE, 0)[1] + 1)
+        squatter = await peer()  # the phone's IP, another port: an invalid packet first
+        squatter.send(rtp(0), inside_rtcp)
+        for seq in range(20):  # RTP sent to an RTCP port: never relayed, on a plain call too
+            phone_rtcp.send(rtp(seq), inside_rtcp)
+        phone_rtcp.send(rtcp_sr() + b"\x00", inside_rtcp)  # framing that does not add up
+        phone_rtcp.send(rtcp_sr() + sdes_app(), inside_rtcp)
+        await expect(pbx_rtcp, rtcp_sr() + sdes_app())  # a plain leg: relayed as it is
+        assert stat(session, INSIDE, "rtcp_invalid") == 22
+        assert stat(session, INSIDE, "rtcp_packets_in") == 1
+        pbx_rtcp.send(rtp(1), outside_rtcp)
+        pbx_rtcp.send(rtcp_sr(FAR_SSRC), outside_rtcp)
+        await expect(phone_rtcp, rtcp_sr(FAR_SSRC))
+        assert stat(session, OUTSIDE, "rtcp_invalid") == 1
+        # An invalid packet does not latch: the phone's RTCP latched, not the squatter.
+        assert session.legs(INSIDE)[0].rtcp_peer == (HOST, phone_rtcp.port)
+        assert stat(session, INSIDE, "relatched") == 0
+        await engine.close()
+
+    run(test)
+
+
+def test_rtcp_on_a_muxed_port_is_checked_too(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("c", 1)
+        phone, pbx = await peer(), await peer()
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone.port, rtcp_mux=True))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx.port, rtcp_mux=True))
+        inside = session.local(INSIDE, 0)
+        phone.send(rtp(1, pt=0xC8), inside)  # marker + PT 72: taken for RTCP, not valid
+        phone.send(rtcp_sr(), inside)
+        await expect(pbx, rtcp_sr())
+        assert stat(session, INSIDE, "rtcp_invalid") == 1
+        await engine.close()
+
+    run(test)
+
+
+def test_rtcp_toward_a_secured_side_in_the_clear_is_sr_rr_sdes_bye_only(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("c", 1)
+        phone, phone_rtcp, pbx, pbx_rtcp = await peer(), await peer(), await peer(), await peer()
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone_rtcp.port))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx_rtcp.port))
+        ip, inside_rtp = session.local(INSIDE, 0)
+        inside_rtcp = (ip, inside_rtp + 1)
+        outside_rtcp = (ip, session.local(OUTSIDE, 0)[1] + 1)
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), 2.0))  # SRTCP off
+        for seq in range(20):
+            phone_rtcp.send(rtp(seq), inside_rtcp)
+        phone_rtcp.send(rtcp_sr() + sdes_app(), inside_rtcp)
+        await expect(pbx_rtcp, rtcp_sr() + sdes_app()[:16])  # the APP packet left out
+        assert stat(session, INSIDE, "rtcp_invalid") == 20
+        assert stat(session, OUTSIDE, "rtcp_stripped") == 1
+        phone_rtcp.send(sdes_app()[16:], inside_rtcp)  # an APP alone: nothing left to send
+        phone_rtcp.send(rtcp_sr(), inside_rtcp)
+        await expect(pbx_rtcp, rtcp_sr())
+        assert stat(session, OUTSIDE, "rtcp_stripped") == 2
+        assert stat(session, INSIDE, "rtcp_invalid") == 20
+        # Toward the phone (plain) nothing is stripped.
+        pbx_rtcp.send(rtcp_sr(FAR_SSRC) + sdes_app(FAR_SSRC), outside_rtcp)
+        await expect(phone_rtcp, rtcp_sr(FAR_SSRC) + sdes_app(FAR_SSRC))
+        # SRTCP on: the compound leaves whole, encrypted.
+        engine.apply(SwitchSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT), 2.0, srtcp=True))
+        phone_rtcp.send(rtcp_sr() + sdes_app(), inside_rtcp)
+        wire, _ = await pbx_rtcp.recv()
+        assert SrtpContext(KEY, SALT).unprotect_rtcp(wire) == rtcp_sr() + sdes_app()
+        assert stat(session, OUTSIDE, "rtcp_stripped") == 2
+        await engine.close()
+
+    run(test)
+
+
+def test_the_exact_sdp_source_takes_the_rtcp_latch_over(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("c", 1)
+        phone, phone_rtcp, pbx, pbx_rtcp = await peer(), await peer(), await peer(), await peer()
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone_rtcp.port))
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx_rtcp.port))
+        ip, inside_rtp = session.local(INSIDE, 0)
+        inside_rtcp = (ip, inside_rtp + 1)
+        outside_rtcp = (ip, session.local(OUTSIDE, 0)[1] + 1)
+        squatter = await peer()  # the phone's IP, another port, first
+        squatter.send(rtcp_sr(0x666), inside_rtcp)
+        await expect(pbx_rtcp, rtcp_sr(0x666))
+        pbx_rtcp.send(rtcp_sr(FAR_SSRC), outside_rtcp)
+        await expect(squatter, rtcp_sr(FAR_SSRC))
+        phone_rtcp.send(rtcp_sr(), inside_rtcp)  # the SDP's exact RTCP address
+        await expect(pbx_rtcp, rtcp_sr())
+        squatter.send(rtcp_sr(0x666), inside_rtcp)
+        pbx_rtcp.send(rtcp_sr(FAR_SSRC), outside_rtcp)
+        await expect(phone_rtcp, rtcp_sr(FAR_SSRC))
+        assert squatter.queue.empty()
+        assert stat(session, INSIDE, "relatched") == 1
+        assert stat(session, INSIDE, "wrong_source") == 1
+        await engine.close()
+
+    run(test)
+
+
+def test_on_an_srtp_side_the_sdp_source_takes_over_only_when_authenticated(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
+        far_end = SrtpContext(KEY, SALT)
+        outside = session.local(OUTSIDE, 0)
+        natted = await peer()  # the PBX's own packets, through a port-rewriting NAT
+        natted.send(far_end.protect(far(1)), outside)
+        await expect(phone, far(1))
+        pbx.send(forged_srtp(2), outside)  # from the SDP's address, not authenticated
+        natted.send(far_end.protect(far(3)), outside)
+        await expect(phone, far(3))  # the NAT's port still holds the latch
+        assert stat(session, OUTSIDE, "relatched") == 0
+        pbx.send(far_end.protect(far(4)), outside)  # authenticated from the SDP's address
+        await expect(phone, far(4))
+        natted.send(far_end.protect(far(5)), outside)
+        pbx.send(far_end.protect(far(6)), outside)
+        await expect(phone, far(6))
+        assert stat(session, OUTSIDE, "relatched") == 1
+        assert stat(session, OUTSIDE, "wrong_source") == 1
+        assert stat(session, OUTSIDE, "srtp_auth") == 1
+        await engine.close()
+
+    run(test)
+
+
+def test_with_latch_any_the_exact_sdp_source_still_takes_over(run: Runner) -> None:
+    async def test() -> None:
+        engine = make_engine()
+        session = engine.allocate("c", 1)
+        phone, pbx, elsewhere = await peer(), await peer(), await peer(OTHER_HOST)
+        engine.apply(SetRemote(session.id, INSIDE, 0, HOST, phone.port, phone.port + 1,
+                               latch="any"))  # fmt: skip
+        engine.apply(SetRemote(session.id, OUTSIDE, 0, HOST, pbx.port, pbx.port + 1))
+        inside = session.local(INSIDE, 0)
+        elsewhere.send(rtp(1), inside)  # first from anywhere: latches
+        await expect(pbx, rtp(1))
+        phone.send(rtp(2), inside)
+        await expect(pbx, rtp(2))
+        elsewhere.send(rtp(3), inside)
+        phone.send(rtp(4), inside)
+        await expect(pbx, rtp(4))
+        assert stat(session, INSIDE, "relatched") == 1
+        await engine.close()
+
+    run(test)
+
+
+def test_refusals_are_logged_rate_limited_with_their_reason(
+    run: Runner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from proxy.media import relay_leg
+    from proxy.ratelimit import LogLimiter
+
+    monkeypatch.setattr(relay_leg, "_noise", LogLimiter(relay_leg.log))  # nothing held yet
+
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, _pbx = await call(engine)
+        inside_rtcp = (HOST, session.local(INSIDE, 0)[1] + 1)
+        for seq in range(5):
+            phone.send(rtp(seq), inside_rtcp)
+        await settle()
+        assert stat(session, INSIDE, "rtcp_invalid") == 5
+        await engine.close()
+
+    with caplog.at_level(logging.INFO, logger="sipura.media"):
+        run(test)
+    lines = [r.getMessage() for r in caplog.records if "rtcp_invalid" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "inside peer 127.0.0.1" in lines[0] and "not a valid compound RTCP" in lines[0]

@@ -502,9 +502,15 @@ def test_stats_from_short_counters_is_all_zero() -> None:
 
 
 def test_channel_message_sizes_fit() -> None:
-    """A full stats batch of single-stream sessions stays under the message limit."""
-    from proxy.media.worker_process import STATS_BATCH
+    """A full stats batch stays under the message limit, whatever the sessions' streams
+    and however large their counters (the batch is cut by sessions and by counters)."""
+    from proxy.media.counters import COUNTERS
+    from proxy.media.worker_process import STATS_BATCH, STATS_INTS
 
-    counters = tuple(2**40 for _ in range(36))
-    batch = ch.Stats(tuple((2**40 + i, counters) for i in range(STATS_BATCH)))
-    assert len(ch.encode(batch)) < ch.MAX_MESSAGE
+    one_stream = 2 * len(COUNTERS)
+    for streams in (1, 2, 4, 8):
+        width = streams * one_stream
+        sessions = max(1, min(STATS_BATCH, STATS_INTS // width))
+        counters = tuple(2**64 - 1 for _ in range(width))
+        batch = ch.Stats(tuple((2**40 + i, counters) for i in range(sessions)))
+        assert len(ch.encode(batch)) < ch.MAX_MESSAGE, streams
