@@ -102,9 +102,11 @@ FULL_COLLECTION_SLACK = 20 * 1024 * 1024
 """Resident memory this far above its low point calls for a full collection, when the
 interpreter's live objects are back near their low point (the memory is pinned, not
 in use)."""
-LIVE_BLOCKS_SLACK = 50_000
+LIVE_BLOCKS_SLACK = 150_000
 """Live allocator blocks (``sys.getallocatedblocks``) above their low point still
-counted as "back near it": the free lists alone may hold tens of thousands."""
+counted as "back near it": the free lists and the full memo tables (~13,000 parsed
+header values) alone hold on the order of 100,000; 900 calls up hold several times
+more."""
 SETTLED_BLOCKS = 10_000
 """Live blocks changing less than this between two trims: the burst's objects are gone
 (a collection earlier, while they were still being freed, would only see the free lists
