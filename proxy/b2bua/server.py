@@ -34,9 +34,19 @@ from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
 from proxy.media.worker_pool import WorkerPool
 from proxy.metrics import MediaTotals
-from proxy.runtime import install_fast_loop, tune_gc
+from proxy.runtime import (
+    descriptor_limit,
+    install_fast_loop,
+    raise_descriptor_limit,
+    start_heap_trimming,
+    tune_gc,
+)
+from proxy.sip.connections import TcpLimits, auto_max_connections
+from proxy.sip.headers import MEMOS
+from proxy.sip.memo import forget_all as forget_memos
+from proxy.sip.message import CANONICAL_MEMO
 from proxy.sip.transaction import Address
-from proxy.sip.transport import SipTransport, TlsSettings
+from proxy.sip.transport import SipTransport, TlsSettings, TransportLimits
 from proxy.xsipura.trust import CHECKED_MCS
 
 log = logging.getLogger("sipura.server")
@@ -47,7 +57,7 @@ tenth of T1). Every call leaves a trail of transaction timers (retransmission, K
 x-sipura's start): one wake-up and poll of the whole core each, ~4 per plain and ~6 per
 secured call. With the default timers the shortest is the 100 ms x-sipura media check
 (T1 is 500 ms), so firing up to 10 ms late changes no outcome, and lets the timers of
-calls set up together share a wake-up (decisions.md §54)."""
+calls set up together share a wake-up (decisions.md §61)."""
 
 
 class ProxyServer:
@@ -84,6 +94,7 @@ class ProxyServer:
         )  # fmt: skip
         self.core = B2BUA(config, self.media, self.security, resolver=self.resolver)
         self.media.on_event = self._media_event_soon
+        limits = transport_limits(config)
         self.transports = {
             side: SipTransport(
                 side.value,
@@ -94,9 +105,11 @@ class ProxyServer:
                     cfg.tls_listen, self.tls.server, self.tls.client, config.tls.handshake_timeout_s
                 ),
                 lambda dest, side=side: self._transport_failed(side, dest),  # type: ignore[misc]
+                limits=limits,
             )
             for side, cfg in ((Side.INSIDE, config.inside), (Side.OUTSIDE, config.outside))
         }
+        self.core.registrar.on_flow = self._hold_flow
         self._timer: asyncio.Handle | None = None
         self._arm_scheduled = False
         self._grid = min(TIMER_GRID_S, config.sip.t1_s / 10)
@@ -206,6 +219,11 @@ class ProxyServer:
             self._timer = self._loop.call_at(when, self._fire)
             self._timer_at = when
 
+    def _hold_flow(self, flow: Address, held: bool) -> None:
+        """The registrar keeps (or lets go of) a phone's connection: bindings are only
+        ever made on the inside."""
+        self.transports[Side.INSIDE].hold_flow(flow, held)
+
     def _media_event_soon(self, event: MediaEvent) -> None:
         """The media engine reports an event (media flowing, SRTP authenticated, sessions
         lost): a call waiting for the phone's RTP hears of its first packet here, instead
@@ -258,6 +276,18 @@ class ProxyServer:
             },
             "bindings": registrations.pop("bindings"),
             "registrations": registrations,
+            "sip": {
+                "transactions": {
+                    side.value: layer.snapshot() for side, layer in self.core.layers.items()
+                },
+                "transports": {
+                    side.value: transport.snapshot() for side, transport in self.transports.items()
+                },
+                "caches": {
+                    **{name: memo.snapshot() for name, memo in MEMOS.items()},
+                    "header_names": CANONICAL_MEMO.snapshot(),
+                },
+            },
             "media": {
                 "sessions": self.media.sessions,
                 "pooled_pairs": self.media.pooled,
@@ -373,6 +403,21 @@ def _log_security(config: Config, security: Security) -> None:
         log.warning("%s", error)
 
 
+def transport_limits(config: Config) -> TransportLimits:
+    """What each SIP listener accepts, from ``[sip]`` and ``[limits]``."""
+    limits = config.limits
+    max_tcp = limits.max_tcp_connections or auto_max_connections(descriptor_limit())
+    return TransportLimits(
+        max_message=config.sip.max_message_bytes,
+        tcp=TcpLimits(
+            max_connections=max_tcp,
+            max_per_source=limits.max_tcp_connections_per_source,
+            idle_timeout_s=config.sip.tcp_idle_timeout_s,
+            message_timeout_s=config.sip.tcp_message_timeout_s,
+        ),
+    )
+
+
 def setup_logging(config: Config) -> None:
     configure_logging(config.log.level, config.log.format)
 
@@ -384,6 +429,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     except OSError as exc:
         server.close()
         raise RuntimeError(f"cannot listen: {exc}") from exc
+    start_heap_trimming(release=forget_memos)
     try:
         await Lifecycle(server).run(ready)
     finally:
@@ -395,7 +441,8 @@ def run(config: Config) -> int:
     setup_logging(config)
     tune_gc()
     loop_name = install_fast_loop()
-    log.info("sipura-proxy starting (%s event loop)", loop_name)
+    descriptors = raise_descriptor_limit()
+    log.info("sipura-proxy starting (%s event loop, %d descriptors)", loop_name, descriptors)
     try:
         asyncio.run(serve(config))
     except RuntimeError as exc:

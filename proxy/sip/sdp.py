@@ -348,6 +348,8 @@ def _rewrite_rtcp(media: Media, new_port: int | None, address: str) -> str:
     rtcp = media.rtcp
     if new_port is None:
         port = rtcp.port
+    elif new_port == 0:
+        port = 0  # a declined stream: nothing to send RTCP to
     elif media.rtcp_mux and rtcp.port == media.port:
         port = new_port  # RFC 5761: "RTCP is on the RTP port"
     else:

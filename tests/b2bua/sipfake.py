@@ -521,7 +521,7 @@ def wires(out: Iterable[Outbound]) -> list[Wire]:
             msg = parse_message(item.data, stream=item.dest.reliable)
         except SipParseError:
             head = item.data.split(b"\r\n")
-            assert re.match(rb"^SIP/2\.0 (400|505) [ -~]+$", head[0]), item.data[:80]
+            assert re.match(rb"^SIP/2\.0 (400|413|505) [ -~]+$", head[0]), item.data[:80]
             assert [h.split(b":", 1)[0] for h in head[1:7]] == [
                 b"Via",
                 b"From",
