@@ -1,6 +1,6 @@
 """The rtpengine reference of the capacity bench: our own userspace-only, loopback-only
 rtpengine (``--table=-1``, ``--interface=127.0.0.1``), driven over its ng control
-protocol (``ngclient.NG``), bridging a plain RTP/AVP caller to an RTP/SAVP callee with
+protocol (``testkit.rtpengine.NG``), bridging a plain RTP/AVP caller to an RTP/SAVP callee with
 SDES AES_CM_128_HMAC_SHA1_80; and the check, on sampled packets, that the SRTP it sends
 authenticates under the key it advertised (independently, with pylibsrtp).
 
@@ -16,7 +16,6 @@ import base64
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -28,9 +27,9 @@ from typing import Any
 
 import pylibsrtp
 from cap_common import HOST, SRTP_LEN, BenchError, pin
-from ngclient import NG
 
 from testkit.ports import free_port, free_port_range
+from testkit.rtpengine import NG, rtpengine_binary
 
 SUITE = "AES_CM_128_HMAC_SHA1_80"
 RTPE_SUITES_OFF = [
@@ -52,11 +51,6 @@ OVERRUN_MARK = b"UDP receive queue"
 SAMPLE_CALLS = 16
 """Calls whose SRTP is checked per step (both directions, two packets each)."""
 PAYLOAD = bytes((j * 7 + 3) & 0xFF for j in range(160))
-
-
-def rtpengine_binary() -> str | None:
-    exe = shutil.which("rtpengine") or "/usr/bin/rtpengine"
-    return exe if os.access(exe, os.X_OK) else None
 
 
 def rtpengine_version() -> str | None:

@@ -209,7 +209,13 @@ class InviteAnswers:
     ) -> list[Outbound]:  # fmt: skip
         """A late offer in the 2xx, and no media ports for it: confirm and hang up the
         B leg, 503 to the caller."""
-        log.warning("call %d: no media ports for the offer in the answer", call.id)
+        self.sides.refusal(
+            503,
+            "media ports exhausted",
+            call.a.flow,
+            now,
+            f"call {call.id}: no media ports for the offer in the answer",
+        )
         self.forking.won(call, context.branch or call.branches[0], now)
         self.learn_remote(leg, response, now)
         self.sides.stats.calls_failed += 1

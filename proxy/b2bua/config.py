@@ -165,6 +165,16 @@ class SideConfig:
         port = self.advertise_port if self.advertise_port is not None else self.listen_port
         return host, port
 
+    def advertised_for(self, transport: str) -> tuple[str, int]:
+        """:attr:`advertised` for messages sent over ``transport``: over TLS, the TLS
+        listener's port (a peer that opens a connection to our Contact, for its ACK or
+        BYE, must reach the TLS listener, not the UDP/TCP one), on the advertised host
+        if one is set. Without a TLS listener there is nothing better to say."""
+        tls = self.tls_listen
+        if transport != "tls" or tls is None:
+            return self.advertised
+        return (self.advertise_host if self.advertise_host is not None else tls[0]), tls[1]
+
 
 @dataclass(frozen=True)
 class MediaConfig:
@@ -215,6 +225,13 @@ class SipConfig:
     user_agent: str | None = DEFAULT_USER_AGENT
     """``None`` (configured as ``""``) means no User-Agent/Server header at all."""
     max_forwards: int = 70
+    max_message_bytes: int = 65535
+    """A larger message is answered 413 (when it can be) and never processed."""
+    tcp_idle_timeout_s: float = 600.0
+    """A TCP connection silent both ways this long is closed (registered flows excepted)."""
+    tcp_message_timeout_s: float = 10.0
+    """A TCP message (headers and body) must arrive whole within this time of its first
+    byte, and an accepted connection must deliver its first message this soon."""
     timer_c_s: float = 180.0
     """RFC 3261 §16.6 Timer C: a call ringing this long without a final answer is
     cancelled (408 to the caller); 0: off."""
@@ -296,6 +313,12 @@ class LimitsConfig:
     """Admission limits; ``max_calls`` 0 means unlimited."""
 
     max_calls: int = 0
+    max_tcp_connections: int | None = None
+    """Accepted TCP connections per listener (as many opened); None (``"auto"``): from
+    the descriptor limit (:func:`proxy.sip.connections.auto_max_connections`)."""
+    max_tcp_connections_per_source: int = 50
+    max_streams_per_call: int = 4
+    """Media streams (``m=`` lines) anchored per call; the others are declined (port 0)."""
     max_bindings_per_aor: int = 10
     """Contacts one address-of-record may register (RFC 3261 §10); also the most
     branches an inbound call forks into."""
@@ -594,6 +617,7 @@ def _media(t: Table, limits: Table) -> MediaConfig:
 
 def _sip(t: Table) -> SipConfig:
     t.check_keys(("t1_ms", "t2_ms", "t4_ms", "transports", "user_agent", "max_forwards",
+                  "max_message_bytes", "tcp_idle_timeout_s", "tcp_message_timeout_s",
                   "timer_c_s"))  # fmt: skip
     t1 = t.integer("t1_ms", 500, minimum=1)
     t2 = t.integer("t2_ms", 4000, minimum=1)
@@ -611,6 +635,9 @@ def _sip(t: Table) -> SipConfig:
         transports=_transports(t),
         user_agent=user_agent.strip() or None,
         max_forwards=t.integer("max_forwards", 70, minimum=1, maximum=255),
+        max_message_bytes=t.integer("max_message_bytes", 65535, minimum=1500, maximum=1 << 20),
+        tcp_idle_timeout_s=float(t.integer("tcp_idle_timeout_s", 600, minimum=1)),
+        tcp_message_timeout_s=float(t.integer("tcp_message_timeout_s", 10, minimum=1)),
         timer_c_s=float(t.integer("timer_c_s", 180, minimum=0)),
     )
 
@@ -736,7 +763,9 @@ def _key_source(t: Table, name: str) -> KeySource | None:
 
 
 def _limits(t: Table, inside: SideConfig, outside: SideConfig, media: MediaConfig) -> LimitsConfig:
-    t.check_keys(("max_calls", "workers", "max_bindings_per_aor", "max_aors"))
+    t.check_keys(("max_calls", "workers", "max_tcp_connections",
+                  "max_tcp_connections_per_source", "max_streams_per_call",
+                  "max_bindings_per_aor", "max_aors"))  # fmt: skip
     max_calls = t.integer("max_calls", 0, minimum=0)
     # Each call holds one port pair per leg; when both legs' media share an address the
     # two pairs come from the same range, so the limit can never be reached past this.
@@ -747,8 +776,16 @@ def _limits(t: Table, inside: SideConfig, outside: SideConfig, media: MediaConfi
             f"{max_calls} calls need more RTP port pairs than media.port_min..port_max "
             f"holds (room for {capacity} calls)",
         )
+    tcp = t.data.get("max_tcp_connections", "auto")
+    if isinstance(tcp, str) and tcp != "auto":
+        raise t.error("max_tcp_connections", f'expected an integer >= 1 or "auto", got {show(tcp)}')
     return LimitsConfig(
         max_calls=max_calls,
+        max_tcp_connections=None
+        if tcp == "auto"
+        else t.integer("max_tcp_connections", 0, minimum=1),
+        max_tcp_connections_per_source=t.integer("max_tcp_connections_per_source", 50, minimum=1),
+        max_streams_per_call=t.integer("max_streams_per_call", 4, minimum=1, maximum=64),
         max_bindings_per_aor=t.integer("max_bindings_per_aor", 10, minimum=1, maximum=1000),
         max_aors=t.integer("max_aors", 10000, minimum=1),
     )

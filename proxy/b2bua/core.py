@@ -51,8 +51,8 @@ from proxy.b2bua.messages import (
     ALLOW,
     ONE_SHOT_METHODS,
     Reject,
-    bad_request,
     check_addresses,
+    max_forwards,
     unsupported_requirements,
 )
 from proxy.b2bua.out_of_dialog import OneShot, OutOfDialog
@@ -67,10 +67,11 @@ from proxy.b2bua.status import describe_bindings, describe_call
 from proxy.b2bua.teardown import Teardown
 from proxy.b2bua.transfer import Transfers
 from proxy.logsetup import bind_call
-from proxy.media.commands import MediaEvent, SessionsLost, SrtpAuthenticated
+from proxy.media.commands import MediaEvent, MediaFlowing, SessionsLost, SrtpAuthenticated
 from proxy.media.engine import MediaEngine, Side
 from proxy.sip.headers import SipHeaderError
 from proxy.sip.message import Request, SipParseError, parse_message
+from proxy.sip.stateless import stateless_response
 from proxy.sip.transaction import (
     AckReceived,
     Address,
@@ -177,6 +178,7 @@ class B2BUA:
             CallTimer.SESSION_EXPIRES: self.timers.on_session_expired,
         }
         self._media_events: dict[type[MediaEvent], Handler] = {
+            MediaFlowing: self.secure.on_media_flowing,
             SrtpAuthenticated: self.secure.on_srtp_authenticated,
             SessionsLost: self.watch.on_sessions_lost,
         }
@@ -248,14 +250,16 @@ class B2BUA:
     def receive(self, side: Side, data: bytes, source: Address, now: float) -> list[Outbound]:
         """One message from the network. Never raises for bad input."""
         try:
-            message = parse_message(data, stream=source.reliable)
+            message = parse_message(
+                data, stream=source.reliable, max_size=self.config.sip.max_message_bytes
+            )
             check_addresses(message)
         except SipParseError as exc:
             self.stats.bad_messages += 1
             self.sides.noise.log(logging.INFO, "malformed_message", source.host, now,
                                  "%s: dropped malformed message from %s:%s: %s", side.value,
                                  source.host, source.port, exc)  # fmt: skip
-            reply = bad_request(data, str(exc), exc.status)
+            reply = stateless_response(data, exc.status, str(exc))
             if reply is None:
                 return []
             self.stats.count_response(exc.status)
@@ -373,11 +377,23 @@ class B2BUA:
 
     def _on_request_event(self, side: Side, event: RequestReceived, now: float) -> list[Outbound]:
         tx = event.tx
+        request = event.request
         try:
-            return self._on_request(side, tx, event.request, now)
+            return self._on_request(side, tx, request, now)
         except Reject as rejection:
+            if rejection.cause:
+                self.sides.refusal(rejection.status, rejection.cause, tx.source, now,
+                                   f"{request.method} {request.uri} from {tx.source.host}:"
+                                   f"{tx.source.port}")  # fmt: skip
             return self.sides.respond(side, tx, rejection.status, rejection.reason, now,
                                       to_tag=new_tag(), extra=rejection.extra)  # fmt: skip
+        except (SipHeaderError, SipParseError) as exc:
+            # A header the handlers read turned out malformed (``Expires: ²``): the
+            # request is answered, never left to leak its transaction.
+            self.stats.bad_messages += 1
+            log.info("%s: bad %s from %s:%s: %s", side.value, request.method, tx.source.host,
+                     tx.source.port, exc)  # fmt: skip
+            return self.sides.respond(side, tx, 400, "Bad Request", now, to_tag=new_tag())
         except Unresolved as pending:
 
             def again(now: float) -> list[Outbound]:
@@ -385,6 +401,9 @@ class B2BUA:
 
             if self.lookups.park(pending.query, again):
                 return []
+            self.sides.refusal(503, "name lookups backlog", tx.source, now,
+                               f"{request.method} {request.uri}: too many requests already "
+                               f"wait for {pending.query}")  # fmt: skip
             return self.sides.respond(side, tx, 503, "Service Unavailable", now,
                                       to_tag=new_tag(), extra=[("Retry-After", "5")])  # fmt: skip
 
@@ -397,8 +416,7 @@ class B2BUA:
         to_tag = request.to.tag
         if not to_tag:  # a new call, probe or registration: refused while draining
             self.drain.refuse_new(method, tx.source, now)
-        max_forwards = request.get("max-forwards")
-        if max_forwards is not None and int(max_forwards.strip()) == 0:
+        if max_forwards(request) == 0:
             if method == "OPTIONS":
                 return self.out_of_dialog.options(side, tx, now)
             raise Reject(483, "Too Many Hops")  # in a dialog too: it cannot be relayed

@@ -95,7 +95,7 @@ class Dialogs:
             if kind:
                 return self.secure.on_info(call, tx, request, now)
         if method == "BYE":
-            handled = self._bye(side, tx, call, leg, now)
+            handled = self._bye(side, tx, call, leg, now, bye_reason(request))
             if handled is not None:
                 return handled
         if method == "INVITE":
@@ -124,9 +124,10 @@ class Dialogs:
                 leg.dest = self.router.leg_dest(leg, now)
 
     def _bye(
-        self, side: Side, tx: ServerTransaction, call: Call, leg: Leg, now: float
+        self, side: Side, tx: ServerTransaction, call: Call, leg: Leg, now: float, why: str
     ) -> list[Outbound] | None:
-        """A BYE the proxy answers itself; None when it is to be relayed."""
+        """A BYE the proxy answers itself; None when it is to be relayed. ``why``: the BYE
+        and its Reason, for the call's summary (the server transaction keeps no Reason)."""
         if leg is call.a and call.ringing:
             # The caller hangs up an early dialog: the INVITE ends as if CANCELled.
             log.info("call %d: BYE from the caller before the answer", call.id)
@@ -137,7 +138,7 @@ class Dialogs:
         if call.state is CallState.TERMINATING:
             return self.sides.respond(side, tx, 200, "OK", now)  # BYEs crossed: one is enough
         call.state = CallState.TERMINATING
-        call.end(PARTIES[side], bye_reason(tx.request))
+        call.end(PARTIES[side], why)
         log.info("call %d: BYE from the %s side", call.id, side.value)
         if call.other(leg).remote_tag is None:  # early: nothing to hang up on the far side
             self.calls.finish(call)
@@ -324,7 +325,7 @@ class Dialogs:
         relayed.body = response.body
         if response.body and response.content_type == "application/sdp":
             from_leg = source if source is not None else call.other(origin)
-            offer = not stx.request.body  # a late offer, in the answer to a bodiless INVITE
+            offer = not stx.had_body  # a late offer, in the answer to a bodiless INVITE
             relayed.body = self.relay_sdp(call, from_leg, response.body, now, offer=offer,
                                           final=status >= 200)  # fmt: skip
         self.sides.advertise(origin.side, relayed)

@@ -19,7 +19,8 @@ Three things are decided here per stream, from the SDP and the SIP it came in:
 * **hold** (sendonly, inactive or a null address in the last SDP from a side): the
   RTP-timeout check uses ``[media] rtp_timeout_onhold_s`` then.
 
-Every m-line of an offer is anchored: an offer with more m-lines than the call's media
+Every m-line of an offer is anchored, up to ``[limits] max_streams_per_call`` (the
+others are declined with port 0): an offer with more m-lines than the call's media
 session has streams (the usual ``m=audio 0`` + ``m=image ... udptl t38`` re-INVITE)
 anchors the extra ones on a further session of the same call.
 """
@@ -86,6 +87,7 @@ class MediaHandle:
         "_sessions",
         "last_sent",
         "latch_setting",
+        "max_streams",
         "sdes_keys",
         "session",
         "streams",
@@ -94,6 +96,7 @@ class MediaHandle:
     def __init__(
         self, engine: MediaEngine, session: MediaSession, streams: int,
         media_ip: dict[Side, str], latch_setting: str = "auto", allocate: Allocate | None = None,
+        *, max_streams: int = 4,
     ) -> None:  # fmt: skip
         self._engine = engine
         self.session = session
@@ -101,6 +104,9 @@ class MediaHandle:
         self.streams = streams
         self._media_ip = media_ip
         self.latch_setting = latch_setting
+        self.max_streams = max_streams
+        """``[limits] max_streams_per_call``: m-lines beyond are declined (port 0); four
+        INVITEs with 62 m-lines each once bound 992 of 1,000 ports."""
         self._allocate = allocate
         self._sessions: list[MediaSession] = [session]
         """Every session of the call, the first one first; stream i is on the session
@@ -177,7 +183,9 @@ class MediaHandle:
         ports: list[int | None] = []
         for index, media in enumerate(sdp.media):
             if index >= self.streams:
-                ports.append(None)  # no ports for it: passes through as is
+                # Beyond [limits] max_streams_per_call: declined (RFC 3264 §6, §8.2);
+                # beyond what ports could be found for: passes through as is.
+                ports.append(0 if index >= self.max_streams else None)
                 continue
             self._kinds[index] = stream_kind(media.protocol)
             ip, rtp_port, rtcp_port, rtcp_mux = connection_endpoint(sdp, index)
@@ -200,13 +208,14 @@ class MediaHandle:
             )
             ports.append(None if rtp_port == 0 else session.local(to_side, local_index)[1])
         self._held[from_side] = on_hold(sdp)
-        rewritten = rewrite_sdp(body, self._media_ip[to_side], ports)
+        rewritten = rewrite_sdp(body, self._media_ip[to_side], ports, sdp)
         self.last_sent[to_side] = rewritten
         return rewritten
 
     def _grow(self, wanted: int) -> None:
         """Anchor every m-line: allocate a further session for streams beyond the ones
         the call has (no ports left: those streams pass through unanchored, logged)."""
+        wanted = min(wanted, self.max_streams)
         if wanted <= self.streams or self._allocate is None:
             return
         try:

@@ -2,19 +2,25 @@
 
 A B2BUA owns a few headers per leg and passes every other one through as received
 (decision 11). Everything that decides which is which, and every small rewrite of an
-owned or semi-owned value (RAck's CSeq, a ``*18``/``*19`` prefix, a 400 for an
-unparsable request), lives here, free of call state, so each rule can be read and tested
-on its own.
+owned or semi-owned value (RAck's CSeq, a ``*18``/``*19`` prefix), lives here, free of
+call state, so each rule can be read and tested on its own. (The 400 for an unparsable
+request is :func:`proxy.sip.stateless.stateless_response`.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterable
 from dataclasses import replace
 
-from proxy.sip.headers import NameAddr, SipHeaderError, SipUri, split_header_values
+from proxy.sip.headers import (
+    NameAddr,
+    SipHeaderError,
+    SipUri,
+    is_decimal,
+    parse_decimal,
+    split_header_values,
+)
 from proxy.sip.message import Request, SipMessage, SipParseError, canonical
 
 OWNED_HEADERS = frozenset(
@@ -35,13 +41,21 @@ XSIPURA = "x-sipura"
 
 
 class Reject(Exception):
-    """Refuse the request being handled with this final response (and headers)."""
+    """Refuse the request being handled with this final response (and headers).
 
-    def __init__(self, status: int, reason: str, extra: Iterable[tuple[str, str]] = ()) -> None:
+    ``cause`` says why in the operator's terms when the refusal is the proxy's own
+    limit, not the request's fault (a 503: ``max_calls (100) reached``, ``media ports
+    exhausted``...): such refusals are logged, rate-limited (:meth:`SipSides.refusal`).
+    """
+
+    def __init__(
+        self, status: int, reason: str, extra: Iterable[tuple[str, str]] = (), *, cause: str = ""
+    ) -> None:
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
         self.extra = list(extra)
+        self.cause = cause
 
 
 def digits(user: str | None) -> str:
@@ -60,10 +74,16 @@ def supports_xsipura(message: SipMessage) -> bool:
     return any(v.strip().lower() == XSIPURA for v in message.get_all("supported"))
 
 
+def max_forwards(request: Request) -> int | None:
+    """The request's Max-Forwards (None when absent; the parser checked it is 0..255)."""
+    value = request.get("max-forwards")
+    return None if value is None else parse_decimal(value, maximum=255, what="Max-Forwards")
+
+
 def forwarded_max_forwards(request: Request, default: int) -> int:
     """Max-Forwards for the relayed copy: one less than received, else the default."""
-    value = request.get("max-forwards")
-    return int(value) - 1 if value else default
+    value = max_forwards(request)
+    return default if value is None else value - 1
 
 
 def contact_target(values: list[str]) -> str | None:
@@ -102,7 +122,7 @@ def rewrite_rack(message: SipMessage, invite_cseq: int) -> None:
         if canonical(name) != "rack":
             continue
         parts = value.split()
-        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+        if len(parts) == 3 and is_decimal(parts[0]) and is_decimal(parts[1]):
             message.headers[index] = (name, f"{parts[0]} {invite_cseq} {parts[2]}")
 
 
@@ -130,43 +150,3 @@ def strip_star_code(original: Request) -> tuple[Request, bool | None]:
         if to_uri.user and to_uri.user.startswith(("*18", "*19")):
             request.set("To", str(to.with_uri(str(replace(to_uri, user=to_uri.user[3:])))))
     return request, forced
-
-
-_HEADER_LINE = re.compile(rb"^(via|v|from|f|to|t|call-id|i|cseq)[ \t]*:(.*)$", re.I | re.M)
-
-
-def bad_request(data: bytes, reason: str, status: int = 400) -> bytes | None:
-    """A 400 for an unparsable *request*, when enough of it survives to address one.
-
-    RFC 4475 asks elements to answer what they can; a response needs Via, From, To,
-    Call-ID and CSeq, copied byte for byte even when one of them is the broken part (the
-    reply goes to the source address, so a broken Via cannot misroute it; CR, LF and NUL
-    never get through the line-based copy). Responses and hopeless requests are dropped.
-    """
-    head = data.split(b"\r\n\r\n", 1)[0]
-    first = head.split(b"\n", 1)[0].rstrip(b"\r")
-    if first.startswith(b"SIP/") or not re.match(
-        rb"^[A-Za-z!%*_+`'~.-]+[ \t]+\S.*[ \t]SIP/", first
-    ):
-        return None
-    found: dict[str, bytes] = {}
-    for match in _HEADER_LINE.finditer(head):
-        key = canonical(match.group(1).decode("ascii"))
-        value = match.group(2).strip()
-        if b"\x00" in value or b"\r" in value:
-            return None
-        found.setdefault(key, value)
-    if not {"via", "from", "to", "call-id", "cseq"} <= found.keys():
-        return None
-    safe_reason = re.sub(r"[^\x20-\x7e]", "?", reason)[:100]
-    phrase = "Version Not Supported" if status == 505 else "Bad Request"
-    lines = [f"SIP/2.0 {status} {phrase} ({safe_reason})".encode()]
-    lines += [
-        b"Via: " + found["via"],
-        b"From: " + found["from"],
-        b"To: " + found["to"],
-        b"Call-ID: " + found["call-id"],
-        b"CSeq: " + found["cseq"],
-        b"Content-Length: 0",
-    ]
-    return b"\r\n".join(lines) + b"\r\n\r\n"

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,7 @@ from proxy.b2bua.messages import ALLOW, Reject, copy_end_to_end, digits, forward
 from proxy.b2bua.sides import Outbound, SipSides
 from proxy.media.engine import Side
 from proxy.ratelimit import LogLimiter
-from proxy.sip.headers import NameAddr, SipHeaderError, SipUri, bare_host
+from proxy.sip.headers import NameAddr, SipHeaderError, SipUri, bare_host, parse_decimal
 from proxy.sip.message import Request, Response
 from proxy.sip.transaction import Address, ClientTransaction, ServerTransaction, response_to
 
@@ -106,6 +107,10 @@ class Registrar:
         """Phone REGISTER Call-ID -> the upstream registration's (Call-ID, CSeq, From
         tag); least recently used first, bounded, pruned with the bindings."""
         self._log: LogLimiter = sides.noise
+        self.on_flow: Callable[[Address, bool], None] | None = None
+        """Set by the I/O edge: a binding's stream connection must be kept open however
+        long it is idle (True), or may be closed again (False)."""
+        self._held: Counter[Address] = Counter()
 
     def targets(self, aor: str, now: float) -> list[Binding]:
         """The live contacts of ``aor`` (a line's user key, or a relayed user)."""
@@ -200,6 +205,9 @@ class Registrar:
             self.bindings.put(binding)
         except BindingsFull as exc:
             raise self._full(aor, flow, str(exc), now) from exc
+        self._hold(binding.flow, True)
+        if old is not None:
+            self._hold(old.flow, False)
         self.sides.stats.registrations += 1
         if old is None:
             log.info("registered %s: %s from %s:%s/%s%s (expires %d s)", aor, binding.contact,
@@ -239,7 +247,21 @@ class Registrar:
         registration ids of its phone's REGISTER Call-ID go with it."""
         if self.keepalive is not None:
             self.keepalive.untrack(binding)
+        self._hold(binding.flow, False)
         self._prune(binding.aor, binding.register_call_id)
+
+    def _hold(self, flow: Address, held: bool) -> None:
+        """Count the bindings on a stream connection; tell the edge on 0 <-> 1, so it
+        keeps the connection open however long it is idle while a binding lives on it
+        (RFC 5626: inbound calls go down the connection the phone registered on)."""
+        if not flow.reliable or flow.conn is None:
+            return
+        self._held[flow] += 1 if held else -1
+        count = self._held[flow]
+        if count <= 0:
+            del self._held[flow]
+        if self.on_flow is not None and count == (1 if held else 0):
+            self.on_flow(flow, held)
 
     def _prune(self, aor: str, call_id: str) -> None:
         """Forget a phone registration's upstream ids once no binding of its AOR uses
@@ -365,13 +387,14 @@ class Registrar:
 
 
 def _seconds(text: str | None) -> int | None:
-    """A delta-seconds value (ASCII digits only); None when absent or malformed."""
+    """A delta-seconds value (the one ASCII-only rule, ``parse_decimal``); None when
+    absent or malformed (``Expires: ²``)."""
     if text is None:
         return None
-    value = text.strip()
-    if not value or len(value) > 10 or not (value.isascii() and value.isdigit()):
+    try:
+        return parse_decimal(text, what="Expires")
+    except SipHeaderError:
         return None
-    return int(value)
 
 
 def granted_expires(relay: RegisterRelay, response: Response) -> dict[str, int]:

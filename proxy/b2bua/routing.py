@@ -32,7 +32,7 @@ from proxy.b2bua.config import Config, LineConfig
 from proxy.b2bua.legs import Leg
 from proxy.b2bua.messages import Reject, digits
 from proxy.media.engine import Side
-from proxy.sip.headers import NameAddr, SipHeaderError, SipUri, bare_host
+from proxy.sip.headers import NameAddr, SipHeaderError, SipUri, bare_host, is_decimal
 from proxy.sip.message import Request
 from proxy.sip.transaction import Address
 
@@ -269,7 +269,7 @@ class Router:
             user = request.from_.sip_uri().user
         except SipHeaderError:
             user = None
-        if user and digits(user).isdigit():
+        if user and is_decimal(digits(user)):
             line = self.config.line_for_user(digits(user))
             if line is not None:
                 if not self.identity.is_phone(line, source, now):

@@ -129,14 +129,20 @@ class SdesCall:
 
     def toward_outside(self, body: bytes, offer: bool) -> tuple[bytes, list[StreamKeys]]:
         """An SDP from the phone on its way out: add the proxy's keys."""
+        if offer and not self._offers_keys():
+            return body, []  # nothing to add: not worth a parse (every plain offer)
         sdp = parse_sdp(body)
         if offer:
             return self._offer_out(body, sdp), []
         return self._answer_out(body, sdp)
 
+    def _offers_keys(self) -> bool:
+        # declined once: a re-offer must not turn the call around
+        return self.enabled and self.state is not SdesState.DECLINED
+
     def _offer_out(self, body: bytes, sdp: Sdp) -> bytes:
-        if not self.enabled or self.state is SdesState.DECLINED:
-            return body  # declined once: a re-offer must not turn the call around
+        if not self._offers_keys():
+            return body
         protocol = secure_protocol if self.policy.mode == "require" else plain_protocol
         edits: list[CryptoEdit | None] = []
         for index, media in enumerate(sdp.media):

@@ -135,6 +135,9 @@ class CallSecurity:
         self._caller: hs.CallerHandshake | None = None
         self._callee: hs.CalleeHandshake | None = None
         self._start_at: float | None = None
+        self.awaiting_media = False
+        """Caller: the start delay passed without the phone's RTP, and the media engine
+        reports when it flows (see :meth:`wait_for_media`)."""
         self.handshake_started: float | None = None
         """When the first x-sipura message of the call went out (caller: the Caller
         Hello) or came in (callee): ``sipura_handshake_seconds`` runs from here to
@@ -166,6 +169,22 @@ class CallSecurity:
         """Caller: media does not flow yet; look again shortly."""
         if self._start_at is not None:
             self._start_at = now + MEDIA_CHECK_INTERVAL
+
+    def wait_for_media(self) -> None:
+        """Caller: media does not flow yet, and the media engine will say when it does
+        (:meth:`media_flowing`): no deadline meanwhile, so nothing polls."""
+        if self._start_at is not None:
+            self._start_at = None
+            self.awaiting_media = True
+
+    def media_flowing(self, now: float) -> bool:
+        """The phone's first RTP packet arrived: True if this call was waiting for it
+        (stage 2 may start now)."""
+        if not self.awaiting_media:
+            return False
+        self.awaiting_media = False
+        self._start_at = now
+        return True
 
     def start(self, now: float, local_ssrc: int) -> list[Action]:
         """Caller: send the Caller Hello, with the SSRC the proxy relays toward the peer."""

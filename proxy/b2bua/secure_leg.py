@@ -31,6 +31,7 @@ from proxy.logsetup import bind_call
 from proxy.media.commands import (
     AcceptSrtp,
     ClearSrtp,
+    MediaFlowing,
     PlayTone,
     SetTxSsrc,
     SrtpAuthenticated,
@@ -163,8 +164,11 @@ class SecureLegs:
             return []  # stage 2 runs in a confirmed dialog only (profile §2)
         out: list[Outbound] = []
         if security.ready_to_start(now):
-            if not _phone_media_flows(call):
-                security.postpone(now)  # profile §2: after the dialog *and* media
+            if not _phone_media_flows(call):  # profile §2: after the dialog *and* media
+                if self.media.reports_flowing:
+                    security.wait_for_media()  # a MediaFlowing event starts it
+                else:
+                    security.postpone(now)  # look again in 100 ms
             elif call.media is not None:
                 sid = call.media.session.id
                 self.media.apply(SetTxSsrc(sid, Side.OUTSIDE, call.secure_ssrc))
@@ -173,6 +177,17 @@ class SecureLegs:
         if deadline is not None and deadline <= now:
             out += self._run(call, security.poll(now), now)
         return out + self._rearm(call)
+
+    def on_media_flowing(self, event: MediaFlowing, now: float) -> list[Outbound]:
+        """The first packet of a session's side arrived: a caller that waits for the
+        phone's RTP starts stage 2 now."""
+        if event.side is not Side.INSIDE:
+            return []
+        call = self.calls.by_media(event.session)
+        if call is None or call.security is None or not call.security.media_flowing(now):
+            return []
+        with bind_call(call.fields()):
+            return self.on_timer(call, now)
 
     def on_srtp_authenticated(self, event: SrtpAuthenticated, now: float) -> list[Outbound]:
         """Media reports SRTP that authenticated under the key last handed to it (a

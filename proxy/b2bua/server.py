@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 from typing import Any
 
@@ -33,11 +34,30 @@ from proxy.media.engine import Side
 from proxy.media.relay import RelayEngine
 from proxy.media.worker_pool import WorkerPool
 from proxy.metrics import MediaTotals
-from proxy.runtime import install_fast_loop, tune_gc
+from proxy.runtime import (
+    descriptor_limit,
+    install_fast_loop,
+    raise_descriptor_limit,
+    start_heap_trimming,
+    tune_gc,
+)
+from proxy.sip.connections import TcpLimits, auto_max_connections
+from proxy.sip.headers import MEMOS
+from proxy.sip.memo import forget_all as forget_memos
+from proxy.sip.message import CANONICAL_MEMO
 from proxy.sip.transaction import Address
-from proxy.sip.transport import SipTransport, TlsSettings
+from proxy.sip.transport import SipTransport, TlsSettings, TransportLimits
+from proxy.xsipura.trust import CHECKED_MCS
 
 log = logging.getLogger("sipura.server")
+
+TIMER_GRID_S = 0.01
+"""The core's timers fire on a 10 ms grid (finer if ``[sip] t1_ms`` is under 100 ms: a
+tenth of T1). Every call leaves a trail of transaction timers (retransmission, K, J, L;
+x-sipura's start): one wake-up and poll of the whole core each, ~4 per plain and ~6 per
+secured call. With the default timers the shortest is the 100 ms x-sipura media check
+(T1 is 500 ms), so firing up to 10 ms late changes no outcome, and lets the timers of
+calls set up together share a wake-up (decisions.md §61)."""
 
 
 class ProxyServer:
@@ -56,7 +76,6 @@ class ProxyServer:
                 log_format=config.log.format,
                 fast_path=config.media.fast_path,
             )
-            self.media.on_wakeup = self._wake
         else:
             self.media = RelayEngine(
                 port_min=config.media.port_min,
@@ -77,6 +96,7 @@ class ProxyServer:
         )  # fmt: skip
         self.core = B2BUA(config, self.media, self.security, resolver=self.resolver)
         self.media.on_event = self._media_event_soon
+        limits = transport_limits(config)
         self.transports = {
             side: SipTransport(
                 side.value,
@@ -87,10 +107,15 @@ class ProxyServer:
                     cfg.tls_listen, self.tls.server, self.tls.client, config.tls.handshake_timeout_s
                 ),
                 lambda dest, side=side: self._transport_failed(side, dest),  # type: ignore[misc]
+                limits=limits,
             )
             for side, cfg in ((Side.INSIDE, config.inside), (Side.OUTSIDE, config.outside))
         }
+        self.core.registrar.on_flow = self._hold_flow
         self._timer: asyncio.Handle | None = None
+        self._arm_scheduled = False
+        self._grid = min(TIMER_GRID_S, config.sip.t1_s / 10)
+        self._closed = False
         self._timer_at: float | None = None
         """The deadline ``_timer`` was armed for: uvloop's ``call_at`` with a time already
         past returns a plain Handle, which has no ``when()``."""
@@ -125,6 +150,8 @@ class ProxyServer:
             transport.close()
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
+        self._closed = True  # nothing re-arms the timer any more
         if self._admin is not None:
             self._admin.close()
         self.media.close_now()
@@ -163,28 +190,46 @@ class ProxyServer:
             self.media.flush()  # media commands first: see WorkerPool.flush
         for item in out:
             self.transports[item.side].send(item.data, item.dest)
-        self._arm()
+        self._arm_soon()
+
+    def _arm_soon(self) -> None:
+        """Re-arm the timer once the messages of this loop iteration are handled: under
+        load the transport hands over many datagrams per wake-up, and the core's next
+        deadline is only needed after the last of them."""
+        if not self._arm_scheduled and self._loop is not None:
+            self._arm_scheduled = True
+            self._loop.call_soon(self._arm_now)
+
+    def _arm_now(self) -> None:
+        self._arm_scheduled = False
+        if not self._closed:
+            self._arm()
 
     def _arm(self) -> None:
+        """One timer, at the core's next deadline rounded up to the grid (:data:`TIMER_GRID_S`)."""
         assert self._loop is not None
         deadline = self.core.next_deadline()
+        grid = self._grid
+        when = None if deadline is None else math.ceil(deadline / grid) * grid
         if self._timer is not None:
             armed = self._timer_at
-            if deadline is not None and armed is not None and abs(armed - deadline) < 0.001:
+            if when is not None and armed is not None and abs(armed - when) < grid / 2:
                 return
             self._timer.cancel()
             self._timer = None
-        if deadline is not None:
-            self._timer = self._loop.call_at(deadline, self._fire)
-            self._timer_at = deadline
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._fire)
+            self._timer_at = when
 
-    def _wake(self) -> None:
-        """Media counters arrived that may let the core act (a first packet): poll soon."""
-        if self._loop is not None:
-            self._loop.call_soon(self._poll)
+    def _hold_flow(self, flow: Address, held: bool) -> None:
+        """The registrar keeps (or lets go of) a phone's connection: bindings are only
+        ever made on the inside."""
+        self.transports[Side.INSIDE].hold_flow(flow, held)
 
     def _media_event_soon(self, event: MediaEvent) -> None:
-        """The media engine reports an event (SRTP authenticated, sessions lost). Called
+        """The media engine reports an event (media flowing, SRTP authenticated, sessions
+        lost): a call waiting for the phone's RTP hears of its first packet here, instead
+        of polling or of a poll of the whole core per first packet. Called
         from inside a packet handler or a channel reader: the core gets it on the next
         loop iteration, not from in there."""
         if self._loop is not None:
@@ -233,6 +278,18 @@ class ProxyServer:
             },
             "bindings": registrations.pop("bindings"),
             "registrations": registrations,
+            "sip": {
+                "transactions": {
+                    side.value: layer.snapshot() for side, layer in self.core.layers.items()
+                },
+                "transports": {
+                    side.value: transport.snapshot() for side, transport in self.transports.items()
+                },
+                "caches": {
+                    **{name: memo.snapshot() for name, memo in MEMOS.items()},
+                    "header_names": CANONICAL_MEMO.snapshot(),
+                },
+            },
             "media": {
                 "sessions": self.media.sessions,
                 "pooled_pairs": self.media.pooled,
@@ -241,6 +298,7 @@ class ProxyServer:
                 "packet_path": self.media.packet_path,
             },
             "lines_mc_expired": sorted(self.security.expired),
+            "xsipura": {"mc_cache": CHECKED_MCS.snapshot()},
         }
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -348,6 +406,21 @@ def _log_security(config: Config, security: Security) -> None:
         log.warning("%s", error)
 
 
+def transport_limits(config: Config) -> TransportLimits:
+    """What each SIP listener accepts, from ``[sip]`` and ``[limits]``."""
+    limits = config.limits
+    max_tcp = limits.max_tcp_connections or auto_max_connections(descriptor_limit())
+    return TransportLimits(
+        max_message=config.sip.max_message_bytes,
+        tcp=TcpLimits(
+            max_connections=max_tcp,
+            max_per_source=limits.max_tcp_connections_per_source,
+            idle_timeout_s=config.sip.tcp_idle_timeout_s,
+            message_timeout_s=config.sip.tcp_message_timeout_s,
+        ),
+    )
+
+
 def setup_logging(config: Config) -> None:
     configure_logging(config.log.level, config.log.format)
 
@@ -359,6 +432,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     except OSError as exc:
         server.close()
         raise RuntimeError(f"cannot listen: {exc}") from exc
+    start_heap_trimming(release=forget_memos)
     try:
         await Lifecycle(server).run(ready)
     finally:
@@ -370,7 +444,8 @@ def run(config: Config) -> int:
     setup_logging(config)
     tune_gc()
     loop_name = install_fast_loop()
-    log.info("sipura-proxy starting (%s event loop)", loop_name)
+    descriptors = raise_descriptor_limit()
+    log.info("sipura-proxy starting (%s event loop, %d descriptors)", loop_name, descriptors)
     try:
         asyncio.run(serve(config))
     except RuntimeError as exc:

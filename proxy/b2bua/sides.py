@@ -25,6 +25,7 @@ from proxy.media.engine import Side
 from proxy.ratelimit import LogLimiter
 from proxy.sip.headers import format_hostport
 from proxy.sip.message import Request, Response, SipMessage
+from proxy.sip.retention import RetainedBytes
 from proxy.sip.transaction import (
     Address,
     ClientTransaction,
@@ -58,9 +59,12 @@ class SipSides:
         """The core's one limiter for repeated log lines (malformed messages, refusals),
         keyed by (reason, source); :class:`~proxy.b2bua.core.B2BUA` flushes it."""
         timers = Timers(config.sip.t1_s, config.sip.t2_s, config.sip.t4_s)
+        budget = RetainedBytes()
+        """One budget for both sides: a request relayed from one side holds a server
+        transaction there and a client transaction on the other."""
         self.layers = {
-            Side.INSIDE: TransactionLayer(timers),
-            Side.OUTSIDE: TransactionLayer(timers),
+            Side.INSIDE: TransactionLayer(timers, budget),
+            Side.OUTSIDE: TransactionLayer(timers, budget),
         }
         self.configs: dict[Side, SideConfig] = {
             Side.INSIDE: config.inside,
@@ -73,12 +77,12 @@ class SipSides:
         return self.configs[side].advertised
 
     def via(self, side: Side, transport: str) -> str:
-        host, port = self.advertised(side)
+        host, port = self.configs[side].advertised_for(transport)
         hostport = format_hostport(host, port)
         return f"SIP/2.0/{transport.upper()} {hostport};branch={new_branch()};rport"
 
     def contact(self, side: Side, transport: str, user: str = "sipura") -> str:
-        host, port = self.advertised(side)
+        host, port = self.configs[side].advertised_for(transport)
         suffix = "" if transport == "udp" else f";transport={transport}"
         return f"<sip:{user}@{format_hostport(host, port)}{suffix}>"
 
@@ -131,6 +135,14 @@ class SipSides:
         self.brand(response)
         self.stats.count_response(status)
         return self.wrap(side, self.layers[side].respond(tx, response, now))
+
+    def refusal(
+        self, status: int, cause: str, source: Address | None, now: float, detail: str
+    ) -> None:
+        """Log a refusal the proxy's own limits caused (rate-limited per cause and
+        source; the count of the lines held back comes with the next one)."""
+        host = source.host if source is not None else "-"
+        self.noise.log(logging.WARNING, cause, host, now, "%d (%s): %s", status, cause, detail)
 
     def send_response(
         self, side: Side, tx: ServerTransaction, response: Response, now: float

@@ -44,6 +44,7 @@ __all__ = [
     "ClearSrtp",
     "MediaCommand",
     "MediaEvent",
+    "MediaFlowing",
     "PlayTone",
     "Release",
     "SessionsLost",
@@ -254,6 +255,17 @@ class SessionsLost:
     reason: str
 
 
-MediaEvent: TypeAlias = SrtpAuthenticated | SessionsLost
+@dataclass(frozen=True, slots=True)
+class MediaFlowing:
+    """The first packet from ``side`` reached stream 0 of the session (once per side
+    and session, from an engine whose ``reports_flowing`` is true). The x-sipura caller
+    starts stage 2 only once the phone's RTP flows (profile §2): told so, a call waiting
+    for it polls nothing."""
+
+    session: int
+    side: Side
+
+
+MediaEvent: TypeAlias = SrtpAuthenticated | SessionsLost | MediaFlowing
 
 EVENT_TYPES: Final[tuple[type[MediaEvent], ...]] = get_args(MediaEvent)

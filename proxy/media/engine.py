@@ -153,6 +153,11 @@ class MediaSession(Protocol):
 
 
 class MediaEngine(Protocol):
+    reports_flowing: bool
+    """True when the engine reports each session's first packet per side as a
+    :class:`~proxy.media.commands.MediaFlowing` event; otherwise whoever waits for
+    media reads :meth:`MediaSession.stats` again from time to time."""
+
     on_event: Callable[[MediaEvent], None] | None
     """Set by the I/O edge: called with every event the engine reports, from the event
     loop (a packet handler, a channel reader or a callback), never from inside

@@ -108,6 +108,9 @@ class RelayEngine:
         )
         self.on_event: Callable[[MediaEvent], None] | None = None
         """See :attr:`MediaEngine.on_event`: called from a packet handler or a callback."""
+        self.reports_flowing = False
+        """No ``MediaFlowing`` from here: the per-packet path stays as it is, and the
+        core reads ``stats()`` (in-process, a dictionary) while it waits for media."""
         self.on_closed: Callable[[RelaySession], object] | None = None
         """Called when a released session's sockets are all closed (or pooled)."""
 

@@ -152,12 +152,12 @@ class RelaySession:
         if command.keys is None:
             self._clear(side)
             return
-        context = self._context(side, command.keys)
-        remote_keys = command.remote_keys
-        remote = context if remote_keys is None else self._context(side, remote_keys)
         legs = self._rtp_legs(side)
         if command.index is not None:
             legs = [leg for leg in (self._leg(side, command.index),) if leg.rtp]
+        context = self._context(side, command.keys, legs)
+        remote_keys = command.remote_keys
+        remote = context if remote_keys is None else self._context(side, remote_keys, legs)
         if command.index in (None, 0):
             self._new_key(side, remote)
         for leg in legs:
@@ -254,14 +254,16 @@ class RelaySession:
         """The side's RTP streams: SRTP never touches a non-RTP one (T.38 UDPTL)."""
         return [leg for leg in self._legs[side] if leg.rtp]
 
-    def _context(self, side: Side, keys: SrtpKeys) -> SrtpContext:
-        """The libsrtp context for ``keys`` on ``side``: the one the side already uses if
-        it was made from equal keys (its replay window and ROC carry on), else a new one.
+    def _context(
+        self, side: Side, keys: SrtpKeys, legs: list[RelayLeg] | None = None
+    ) -> SrtpContext:
+        """The libsrtp context for ``keys`` on ``side``: the one the legs being keyed
+        (default: the side's first stream, which x-sipura keys for all) already use if it
+        was made from equal keys (its replay window and ROC carry on), else a new one.
         Reusing a key with fresh libsrtp state would repeat the key stream, so equal keys
-        must never get a second context."""
-        legs = self._legs[side]
-        if legs:
-            leg = legs[0]
+        must never get a second context; SDES keys each stream on its own (``legs`` is
+        that stream), so its contexts are looked for there, not on stream 0."""
+        for leg in legs if legs is not None else self._legs[side][:1]:
             for context in (leg.rx, leg.tx, leg.rx_alt):
                 if context is not None and context.keys == keys:
                     return context

@@ -26,8 +26,9 @@ from the latest counters the worker pushed (every 100 ms for sessions that chang
 once on a session's first inbound packet per side). A fired ``WatchSrtp`` comes back as
 an :class:`~proxy.media.channel.Authenticated` report and leaves through
 :attr:`WorkerPool.on_event` as :class:`~proxy.media.commands.SrtpAuthenticated`, unless
-a later watch or key overtook it. :attr:`WorkerPool.on_wakeup` is called when a report
-may let the B2BUA act (first packets). :meth:`WorkerPool.flush` sends the queued
+a later watch or key overtook it. A session's first packet per side (stream 0) leaves
+as :class:`~proxy.media.commands.MediaFlowing` (:attr:`WorkerPool.reports_flowing`),
+and :attr:`WorkerPool.on_wakeup` is called as well. :meth:`WorkerPool.flush` sends the queued
 commands before the server transmits the SIP they belong to: a worker learns a peer's
 address before that peer can have been told where to send.
 
@@ -59,7 +60,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from proxy.media import channel as ch
-from proxy.media.commands import MediaCommand, MediaEvent, Release, SessionsLost, SrtpAuthenticated
+from proxy.media.commands import (
+    MediaCommand,
+    MediaEvent,
+    MediaFlowing,
+    Release,
+    SessionsLost,
+    SrtpAuthenticated,
+)
 from proxy.media.engine import MediaEngine, Side
 from proxy.media.packet_path import resolve
 from proxy.media.ports import PortAllocator, PortsExhausted
@@ -149,6 +157,8 @@ class WorkerPool:
         callback), never re-entrantly."""
         self.on_wakeup: Callable[[], object] | None = None
         """Called when counters arrive that may let the B2BUA act (a first packet)."""
+        self.reports_flowing = True
+        """Every session's first packet per side is a ``MediaFlowing`` event."""
 
     def __repr__(self) -> str:
         alive = sum(w.alive for w in self._workers)
@@ -318,7 +328,9 @@ class WorkerPool:
         for sid, counters in message.sessions:
             session = w.sessions.get(sid)
             if session is not None:
-                wake = session.update(counters) or wake
+                for side in session.update(counters):
+                    wake = True
+                    self._emit(MediaFlowing(sid, side))
         return wake
 
     def _authenticated(self, w: WorkerSlot, message: ch.Authenticated) -> bool:

@@ -104,19 +104,20 @@ class WorkerSession:
     def stats(self) -> dict[Side, list[StreamStats]]:
         return stats_from(self._counters, self._streams)
 
-    def update(self, packed: bytes) -> bool:
+    def update(self, packed: bytes) -> list[Side]:
         """New counters from the worker (packed, :class:`~proxy.media.channel.Stats`);
-        True if a side of stream 0 saw its first packet."""
+        the sides whose stream 0 saw its first packet."""
         old = self._counters
         self._counters = counters = unpack_counters(packed)
         width = len(COUNTERS)
-        for base in (0, self._streams * width):
+        started: list[Side] = []
+        for side, base in ((Side.INSIDE, 0), (Side.OUTSIDE, self._streams * width)):
             at = base + _INSIDE_PACKETS
             before = old[at] if len(old) > at else 0
             after = counters[at] if len(counters) > at else 0
             if before == 0 and after > 0:
-                return True
-        return False
+                started.append(side)
+        return started
 
     def fired(self, side: Side, watch: int) -> bool:
         """The worker reports that watch number ``watch`` of ``side`` fired: True if it

@@ -9,34 +9,54 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any
+
+from proxy.sip.memo import TextMemo, memoise_text
 
 MAGIC_COOKIE = "z9hG4bK"
 
 
-_T = TypeVar("_T")
-_PARSED: dict[tuple[type, str], object] = {}
-"""Parsed header values by (type, text). The values are immutable (frozen dataclasses,
-edited only through ``with_*`` copies), so one parse serves every message that repeats
-the text: From/To/CSeq/Via are otherwise parsed dozens of times per call."""
-_PARSED_MAX = 8192
-
-
-def _memoised(kind: type[_T], text: str, parse: Callable[[str], _T]) -> _T:
-    hit = _PARSED.get((kind, text))
-    if hit is None:
-        hit = parse(text)
-        if len(_PARSED) >= _PARSED_MAX:
-            _PARSED.clear()  # cheap and bounded; the working set refills in a few messages
-        _PARSED[(kind, text)] = hit
-    assert isinstance(hit, kind)
-    return hit
+MEMO_MAX_TEXT = 256
+"""Header values longer than this are parsed every time, never cached (see
+:mod:`proxy.sip.memo`): real From/To/Via/CSeq values are well under 200 characters."""
 
 
 class SipHeaderError(ValueError):
     """A header value we needed to understand is malformed."""
+
+
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+"""Not ``str.isdigit``/``\\d``: they accept ``²`` or ``٣``, which ``int()`` then rejects
+or converts (``Expires: ²`` raised deep in the core and left a transaction unanswered)."""
+
+
+def is_decimal(text: str) -> bool:
+    """Only ASCII digits (at least one), as :func:`parse_decimal` reads them; for digit
+    strings that are not quantities (a telephone number's user part), so no range."""
+    return _ASCII_DIGITS.fullmatch(text) is not None
+
+
+def parse_decimal(text: str, *, maximum: int = 2**32 - 1, what: str = "value") -> int:
+    """The one rule for every numeric SIP value: ASCII digits only, surrounding SP/HT
+    ignored, leading zeros allowed, at most ``maximum`` (RFC 3261 §25.1 ``1*DIGIT``).
+
+    Expires, Max-Forwards, CSeq, Content-Length, RSeq/RAck, Session-Expires, Min-SE,
+    Retry-After and ``expires=`` parameters all go through here (their callers cut the
+    number out of the value first). Raises :class:`SipHeaderError` for anything else:
+    a sign, a fraction, a non-ASCII digit, an empty value, a number out of range.
+    """
+    stripped = text.strip(" \t")
+    if not _ASCII_DIGITS.fullmatch(stripped):
+        raise SipHeaderError(f"{what} is not a number: {text[:20]!r}")
+    digits = stripped.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+        raise SipHeaderError(f"{what} out of range: {stripped[:20]}")
+    return int(digits)
+
+
+_LIST_SYNTAX = re.compile(r'[",<>\\]')
+"""The characters that decide where a comma-joined header splits."""
 
 
 def split_header_values(value: str) -> list[str]:
@@ -44,17 +64,21 @@ def split_header_values(value: str) -> list[str]:
     if "," not in value:  # the common case: one value, no scan needed
         stripped = value.strip()
         return [stripped] if stripped else []
+    if '"' not in value and "<" not in value:  # nothing can hide a comma: no scan needed
+        return [part for part in (v.strip() for v in value.split(",")) if part]
     values: list[str] = []
     depth = 0
     quoted = False
-    escaped = False
+    escaped_at = -1
     start = 0
-    for index, char in enumerate(value):
-        if escaped:
-            escaped = False
-        elif quoted:
+    for match in _LIST_SYNTAX.finditer(value):  # only the characters that matter
+        index = match.start()
+        if index == escaped_at:
+            continue
+        char = value[index]
+        if quoted:
             if char == "\\":
-                escaped = True
+                escaped_at = index + 1
             elif char == '"':
                 quoted = False
         elif char == '"':
@@ -73,7 +97,9 @@ def split_header_values(value: str) -> list[str]:
 _PARAM_NAME = re.compile(r"[A-Za-z0-9\-.!%*_+`'~\[\]:/&$()]+")
 """RFC 3261 token (generic-param) and paramchar (uri-parameter) characters."""
 
-_QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_QUOTED = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+"""A quoted string, its loop unrolled (runs of plain characters at C speed)."""
+_QUOTED_STRING = re.compile(_QUOTED, re.S)
 _BAD_UNQUOTED_VALUE = re.compile(r'[\s",<>]')
 
 
@@ -112,25 +138,28 @@ def _param_tail(text: str) -> list[tuple[str, str | None]]:
     return _split_params(text[1:])
 
 
+_UNTIL_UNQUOTED_SEMICOLON = re.compile(rf'(?:[^";]++|{_QUOTED})*+', re.S)
+_UNTIL_UNQUOTED_LT = re.compile(rf'(?:[^"<]++|{_QUOTED})*+', re.S)
+"""Everything up to the first ``;`` / ``<`` outside a quoted string (a backslash escapes
+inside quotes only). Regular expressions, not a loop over characters: header values
+come from the network, and a per-character Python loop cost ~4 ms for a 30 KB value."""
+
+
 def _split_outside_quotes(text: str, separator: str) -> list[str]:
+    """``text`` split at every ``separator`` (``;``) outside quotes."""
+    assert separator == ";"
+    if '"' not in text:
+        return text.split(separator)
     parts: list[str] = []
-    quoted = False
-    escaped = False
     start = 0
-    for index, char in enumerate(text):
-        if escaped:
-            escaped = False
-        elif char == "\\" and quoted:
-            escaped = True
-        elif char == '"':
-            quoted = not quoted
-        elif char == separator and not quoted:
-            parts.append(text[start:index])
-            start = index + 1
-    if quoted:
-        raise SipHeaderError("unterminated quoted string")
-    parts.append(text[start:])
-    return parts
+    while True:
+        end = _UNTIL_UNQUOTED_SEMICOLON.match(text, start).end()  # type: ignore[union-attr]
+        parts.append(text[start:end])
+        if end == len(text):
+            return parts
+        if text[end] == '"':
+            raise SipHeaderError("unterminated quoted string")
+        start = end + 1
 
 
 def _format_params(params: list[tuple[str, str | None]]) -> str:
@@ -173,8 +202,8 @@ def parse_hostport(text: str) -> tuple[str, int | None]:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise SipHeaderError(f"bad IPv6 reference {host[:60]!r}") from None
-    port = int(match.group(2)) if match.group(2) else None
-    if port is not None and not 0 < port < 65536:
+    port = parse_decimal(match.group(2), maximum=65535, what="port") if match.group(2) else None
+    if port == 0:
         raise SipHeaderError(f"port out of range in {text[:60]!r}")
     return host, port
 
@@ -215,7 +244,7 @@ class SipUri:
     @classmethod
     def parse(cls, text: str) -> SipUri:
         """Parse (memoised by text: a call's messages repeat the same values)."""
-        return _memoised(cls, text, cls._parse)
+        return _parse_uri(text)
 
     @classmethod
     def _parse(cls, text: str) -> SipUri:
@@ -286,7 +315,7 @@ class NameAddr:
     @classmethod
     def parse(cls, text: str) -> NameAddr:
         """Parse (memoised by text: a call's messages repeat the same values)."""
-        return _memoised(cls, text, cls._parse)
+        return _parse_name_addr(text)
 
     @classmethod
     def _parse(cls, text: str) -> NameAddr:
@@ -360,18 +389,12 @@ def _check_display(display: str) -> None:
 
 
 def _find_unquoted(text: str, char: str) -> int:
-    quoted = False
-    escaped = False
-    for index, current in enumerate(text):
-        if escaped:
-            escaped = False
-        elif current == "\\" and quoted:
-            escaped = True
-        elif current == '"':
-            quoted = not quoted
-        elif current == char and not quoted:
-            return index
-    return -1
+    """Index of the first ``char`` (``<``) outside a quoted string, or -1."""
+    assert char == "<"
+    if '"' not in text:
+        return text.find(char)
+    end = _UNTIL_UNQUOTED_LT.match(text).end()  # type: ignore[union-attr]
+    return end if end < len(text) and text[end] == char else -1
 
 
 _VIA = re.compile(
@@ -390,7 +413,7 @@ class Via:
     @classmethod
     def parse(cls, text: str) -> Via:
         """Parse (memoised by text: a call's messages repeat the same values)."""
-        return _memoised(cls, text, cls._parse)
+        return _parse_via(text)
 
     @classmethod
     def _parse(cls, text: str) -> Via:
@@ -432,17 +455,32 @@ class CSeq:
     @classmethod
     def parse(cls, text: str) -> CSeq:
         """Parse (memoised by text: a call's messages repeat the same values)."""
-        return _memoised(cls, text, cls._parse)
+        return _parse_cseq(text)
 
     @classmethod
     def _parse(cls, text: str) -> CSeq:
         match = _CSEQ.fullmatch(text.strip())
         if not match:
             raise SipHeaderError(f"bad CSeq {text[:40]!r}")
-        digits = match.group(1).lstrip("0") or "0"
-        if len(digits) > 10 or int(digits) >= 2**31:
-            raise SipHeaderError("CSeq number must be < 2**31")
-        return cls(int(digits), match.group(2))
+        number = parse_decimal(match.group(1), maximum=2**31 - 1, what="CSeq number")
+        return cls(number, match.group(2))
 
     def __str__(self) -> str:
         return f"{self.number} {self.method}"
+
+
+# Parsed values by text: immutable (frozen dataclasses, edited only through ``with_*``
+# copies), so one parse serves every message that repeats the text. Bounded in entries
+# and in text length (proxy.sip.memo).
+_parse_uri, URI_MEMO = memoise_text(SipUri._parse, max_entries=2048, max_text=MEMO_MAX_TEXT)
+_parse_name_addr, NAME_ADDR_MEMO = memoise_text(
+    NameAddr._parse, max_entries=4096, max_text=MEMO_MAX_TEXT
+)
+_parse_via, VIA_MEMO = memoise_text(Via._parse, max_entries=2048, max_text=MEMO_MAX_TEXT)
+_parse_cseq, CSEQ_MEMO = memoise_text(CSeq._parse, max_entries=1024, max_text=MEMO_MAX_TEXT)
+MEMOS: dict[str, TextMemo[Any]] = {
+    "uri": URI_MEMO,
+    "name_addr": NAME_ADDR_MEMO,
+    "via": VIA_MEMO,
+    "cseq": CSEQ_MEMO,
+}

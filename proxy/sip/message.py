@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from proxy.sip.headers import (
     CSeq,
@@ -27,11 +26,17 @@ from proxy.sip.headers import (
     SipUri,
     Via,
     has_uri_scheme,
+    parse_decimal,
     split_header_values,
 )
+from proxy.sip.memo import memoise_text
 
 SIP_VERSION = "SIP/2.0"
 MAX_MESSAGE = 65535
+"""Default size cap of one message (``[sip] max_message_bytes``)."""
+MAX_CONTENT_LENGTH = 2**31 - 1
+"""A larger Content-Length is malformed; one above the message cap is merely too large
+(a stream can skip the body and answer 413 without losing its framing)."""
 
 COMPACT_FORMS = {
     "a": "accept-contact",
@@ -78,7 +83,26 @@ _STATUS_LINE = re.compile(r"(SIP/[0-9]+\.[0-9]+) ([0-9]{3})(?: (.*))?", re.I | r
 _PRINTABLE_ASCII = re.compile(r"[!-~]+")
 _WORD = r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+"
 _CALL_ID = re.compile(rf"{_WORD}(?:@{_WORD})?")
-_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+
+
+def blank_line(data: bytes | bytearray, pos: int = 0) -> tuple[int, int] | None:
+    """Where the header section ends: the first ``\r?\n\r?\n`` at or after ``pos``
+    (CRLF CRLF, tolerating bare LF), as (start, end), or None. The parser and the TCP
+    framer both cut here, so they agree on where a message ends. Two ``find`` calls run
+    at C speed where the equivalent regular expression tried every position (0.6 ms
+    for a message with a 30 KB header)."""
+    crlf = data.find(b"\n\r\n", pos)
+    stop = len(data) if crlf < 0 else crlf + 3
+    lf = data.find(b"\n\n", pos, stop)
+    if lf >= 0 and (crlf < 0 or lf <= crlf):
+        at, end = lf, lf + 2
+    elif crlf >= 0:
+        at, end = crlf, crlf + 3
+    else:
+        return None
+    if at > pos and data[at - 1] == 0x0D:  # the CR of a CRLF
+        at -= 1
+    return at, end
 
 
 class SipParseError(ValueError):
@@ -96,17 +120,26 @@ class SipVersionError(SipParseError):
     status = 505
 
 
-@lru_cache(maxsize=2048)
-def _valid_name(name: str) -> bool:
+class MessageTooLarge(SipParseError):
+    """Larger than ``[sip] max_message_bytes``: 413 when the request can be answered."""
+
+    status = 413
+
+
+def _is_token(name: str) -> bool:
     return _TOKEN.fullmatch(name) is not None
 
 
-@lru_cache(maxsize=2048)
-def canonical(name: str) -> str:
-    """Header name -> lookup form (compact forms expanded, case folded); cached: it runs
-    on every header of every lookup."""
+def _canonical(name: str) -> str:
     lowered = name.strip().lower()
     return COMPACT_FORMS.get(lowered, lowered)
+
+
+_valid_name, _ = memoise_text(_is_token, max_entries=2048, max_text=64)
+canonical, CANONICAL_MEMO = memoise_text(_canonical, max_entries=2048, max_text=64)
+"""Header name -> lookup form (compact forms expanded, case folded); memoised, since it
+runs on every header of every lookup, for names up to 64 characters (a longer name is a
+made-up one: computed, never stored)."""
 
 
 @dataclass(slots=True)
@@ -330,16 +363,18 @@ class Response(SipMessage):
 
 def _split_head(data: bytes) -> tuple[bytes, bytes]:
     """Head and body around the first empty line (CRLF, tolerating bare LF)."""
-    match = _BLANK_LINE.search(data)
-    if match is None:
+    found = blank_line(data)
+    if found is None:
         raise SipParseError("no blank line after the headers")
-    return data[: match.start()], data[match.end() :]
+    return data[: found[0]], data[found[1] :]
 
 
 def _unfold(head: str) -> Iterator[str]:
     """Header lines with continuation lines (leading SP/HT) joined (RFC 3261 §7.3.1)."""
     current: str | None = None
-    for line in re.split(r"\r\n|\n", head):
+    for line in head.split("\n"):
+        if line.endswith("\r"):
+            line = line[:-1]
         if line[:1] in (" ", "\t"):
             if current is None:
                 raise SipParseError("continuation line before the first header")
@@ -353,14 +388,11 @@ def _unfold(head: str) -> Iterator[str]:
 
 
 def _decimal(text: str, what: str, limit: int) -> int:
-    """An ASCII decimal number <= ``limit`` (leading zeros allowed, no sign)."""
-    text = text.strip(" \t")
-    if not text or not text.isascii() or not text.isdigit():
-        raise SipParseError(f"{what} is not a number")
-    digits = text.lstrip("0") or "0"
-    if len(digits) > len(str(limit)) or int(digits) > limit:
-        raise SipParseError(f"{what} {text[:20]} out of range")
-    return int(digits)
+    """:func:`~proxy.sip.headers.parse_decimal`, failing as a parse error."""
+    try:
+        return parse_decimal(text, maximum=limit, what=what)
+    except SipHeaderError as exc:
+        raise SipParseError(str(exc)) from None
 
 
 def _content_length(values: list[str]) -> int | None:
@@ -368,19 +400,21 @@ def _content_length(values: list[str]) -> int | None:
         return None
     if len(values) > 1:
         raise SipParseError("more than one Content-Length header")
-    return _decimal(values[0], "Content-Length", MAX_MESSAGE)
+    return _decimal(values[0], "Content-Length", MAX_CONTENT_LENGTH)
 
 
-def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
+def parse_message(
+    data: bytes, *, stream: bool = False, max_size: int = MAX_MESSAGE
+) -> Request | Response:
     """Parse one complete SIP message.
 
     ``stream`` is True for TCP framing, where Content-Length is mandatory and exact; for
     UDP a missing Content-Length means "the rest of the datagram" (RFC 3261 §18.3), a
     larger-than-available one is an error and octets past it are ignored (RFC 4475
-    §3.1.1.8).
+    §3.1.1.8). More than ``max_size`` bytes raise :class:`MessageTooLarge`.
     """
-    if len(data) > MAX_MESSAGE:
-        raise SipParseError("message too large")
+    if len(data) > max_size:
+        raise MessageTooLarge(f"message of {len(data)} bytes exceeds {max_size}")
     data = data.lstrip(b"\r\n")  # RFC 3261 §7.5: ignore CRLFs before the start line
     head_bytes, body = _split_head(data)
     try:
@@ -488,25 +522,12 @@ def _check_mandatory(message: Request | Response) -> None:
             _decimal(max_forwards, "Max-Forwards", 255)
 
 
-def frame_stream(buffer: bytearray) -> bytes | None:
-    """Cut one message off the front of a TCP receive buffer (RFC 3261 §18.3).
-
-    Returns None until a whole message is buffered. CRLF keep-alives (RFC 5626 §3.5.1)
-    before a message are consumed. Raises SipParseError when the head is unusable (the
-    connection must then be closed: framing is lost). The head is delimited and the
-    Content-Length found exactly as :func:`parse_message` does, so both agree on where
-    the message ends.
-    """
-    skip = len(buffer) - len(buffer.lstrip(b"\r\n"))
-    if skip:
-        del buffer[:skip]
-    match = _BLANK_LINE.search(buffer)
-    if match is None:
-        if len(buffer) > MAX_MESSAGE:
-            raise SipParseError("header section too large")
-        return None
-    head = bytes(buffer[: match.start()]).decode("latin-1")
-    lines = list(_unfold(head))[1:]
+def declared_length(head: bytes) -> int:
+    """The Content-Length of a stream message's header section (start line included,
+    blank line excluded), read exactly as :func:`parse_message` reads it, so the framer
+    and the parser agree on where a message ends. Raises :class:`SipParseError` when it
+    is missing (mandatory on a stream), repeated or not a number."""
+    lines = list(_unfold(head.decode("latin-1")))[1:]
     values = [
         value.strip(" \t")
         for name, colon, value in (line.partition(":") for line in lines)
@@ -515,11 +536,4 @@ def frame_stream(buffer: bytearray) -> bytes | None:
     length = _content_length(values)
     if length is None:
         raise SipParseError("Content-Length is mandatory over TCP")
-    total = match.end() + length
-    if total > MAX_MESSAGE:
-        raise SipParseError("message too large")
-    if len(buffer) < total:
-        return None
-    message = bytes(buffer[:total])
-    del buffer[:total]
-    return message
+    return length

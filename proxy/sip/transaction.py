@@ -21,13 +21,29 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import random
+import re
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
+from proxy.ratelimit import LogLimiter
 from proxy.sip.headers import MAGIC_COOKIE, Via, bare_host
 from proxy.sip.message import Request, Response, SipMessage, SipParseError
+from proxy.sip.retention import (
+    SERVER_KEEPS,
+    TX_OVERHEAD,
+    RetainedBytes,
+    slim_request,
+    text_size,
+)
+
+log = logging.getLogger("sipura.transaction")
+
+UNANSWERED_BACKSTOP = 10
+"""A non-INVITE request unanswered for this many timer F periods gets a 500."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,17 +191,26 @@ class _Timed:
 @dataclass(eq=False, slots=True)
 class ClientTransaction(_Timed):
     request: Request
+    """The whole request: the transaction user may send it again to another target
+    (RFC 3263 failover after a 503, a timeout or a transport failure). Charged in full
+    against the budget."""
     dest: Address
     key: tuple[str, str]
     invite: bool
     state: State
     data: bytes
+    """The bytes to retransmit (the request, then the ACK of an error response); empty
+    once nothing will be retransmitted (a reliable transport, a final response)."""
     interval: float
     context: object = None
     """Opaque to the layer: the transaction user's bookkeeping (which call, which leg)."""
-    last_response: Response | None = None
+    last_status: int = 0
     cancel_sent: bool = False
     """INVITE only: a CANCEL went out, so timer B guards the wait for the final (§9.1)."""
+    kept: int = 0
+    """Characters of ``request`` (what it is charged for it)."""
+    cost: int = 0
+    """What it is charged against the layer's :class:`RetainedBytes` right now."""
     id: int = field(default_factory=lambda: next(_ids))
     _heap: list[tuple[float, int, _Timed]] | None = field(default=None, repr=False)
     _retransmit: float | None = None
@@ -195,6 +220,8 @@ class ClientTransaction(_Timed):
 @dataclass(eq=False, slots=True)
 class ServerTransaction(_Timed):
     request: Request
+    """The request's headers a response copies, no body (:data:`SERVER_KEEPS`): read
+    anything else from the request :class:`RequestReceived` carried."""
     source: Address
     key: tuple[str, str, str]
     invite: bool
@@ -203,6 +230,10 @@ class ServerTransaction(_Timed):
     last_status: int = 0
     interval: float = 0.0
     context: object = None
+    kept: int = 0
+    cost: int = 0
+    had_body: bool = False
+    """The request carried a body (an INVITE's offer): its answer is not an offer."""
     id: int = field(default_factory=lambda: next(_ids))
     _heap: list[tuple[float, int, _Timed]] | None = field(default=None, repr=False)
     _retransmit: float | None = None
@@ -223,6 +254,26 @@ def _server_key(request: Request) -> tuple[str, str, str]:
 
 def _client_key(message: SipMessage, method: str) -> tuple[str, str]:
     return message.top_via.branch or "", method
+
+
+_OWN_VIA = re.compile(r"SIP/2\.0/[A-Z]+ [A-Za-z0-9.:\[\]-]+;branch=(z9hG4bK[0-9a-f]+);rport")
+"""The Via the proxy writes on every request it sends (``SipSides.via``)."""
+
+
+def _sent_key(request: Request, method: str) -> tuple[str, str]:
+    """:func:`_client_key` of a request the proxy is about to send. Its top Via is the
+    proxy's own, freshly branched, so a full parse (~11 µs, once per request sent) is
+    never served from the parse cache; the branch is read off the text when the text
+    has exactly the proxy's form, and parsed as any other Via otherwise."""
+    for hname, value in request.headers:
+        if hname == "Via":
+            own = _OWN_VIA.fullmatch(value)
+            if own is not None:
+                return own.group(1), method
+            break
+        if hname.lower() in ("via", "v"):
+            break
+    return _client_key(request, method)
 
 
 def build_ack_for_error(request: Request, response: Response) -> Request:
@@ -258,15 +309,119 @@ def response_to(
 class TransactionLayer:
     """All transactions of one SIP side."""
 
-    def __init__(self, timers: Timers | None = None) -> None:
+    def __init__(self, timers: Timers | None = None, budget: RetainedBytes | None = None) -> None:
         self.timers = timers or Timers()
+        self.budget = budget or RetainedBytes()
+        self.retained = 0
+        """What this layer's transactions are charged (its share of ``budget``)."""
         self._clients: dict[tuple[str, str], ClientTransaction] = {}
         self._servers: dict[tuple[str, str, str], ServerTransaction] = {}
         self._accepted: dict[tuple[str, int, str], ServerTransaction] = {}
+        self._completed: OrderedDict[tuple[str, str, str], ServerTransaction] = OrderedDict()
+        """Answered non-INVITE server transactions, oldest first (what :meth:`_shed` may
+        end early)."""
         self._heap: list[tuple[float, int, _Timed]] = []
+        self._notes = LogLimiter(log)
+        self.shed = 0
+        """Transactions ended early to admit new requests (:meth:`_shed`)."""
 
     def __len__(self) -> int:
         return len(self._clients) + len(self._servers)
+
+    def snapshot(self) -> dict[str, int]:
+        """For ``/status``: transactions alive, bytes they hold, requests refused."""
+        return {
+            "server": len(self._servers),
+            "client": len(self._clients),
+            "retained_bytes": self.retained,
+            "budget_used_bytes": self.budget.used,
+            "budget_bytes": self.budget.limit,
+            "shed": self.shed,
+            "refused": self.budget.refused,
+        }
+
+    # --- memory accounting ------------------------------------------------------------
+
+    def _charge(self, tx: ClientTransaction | ServerTransaction) -> None:
+        """Re-charge ``tx`` after what it holds changed."""
+        held = tx.data if isinstance(tx, ClientTransaction) else tx.last_response
+        cost = TX_OVERHEAD + tx.kept + len(held or b"")
+        self.budget.used += cost - tx.cost
+        self.retained += cost - tx.cost
+        tx.cost = cost
+
+    def _release(self, tx: ClientTransaction | ServerTransaction) -> None:
+        self.budget.used -= tx.cost
+        self.retained -= tx.cost
+        tx.cost = 0
+
+    def _end_server(self, stx: ServerTransaction) -> None:
+        stx.state = State.TERMINATED
+        stx.retransmit_at = None
+        del self._servers[stx.key]
+        self._completed.pop(stx.key, None)
+        self._release(stx)
+        # Timer entries set earlier (the backstop's, 320 s out) stay on the heap until
+        # their time: they must not keep the texts of an ended transaction alive.
+        stx.request = slim_request(stx.request, frozenset())
+        stx.last_response = None
+
+    def _shed(self, method: str) -> bool:
+        """Make room by ending the oldest answered non-INVITE server transactions early.
+
+        They only absorb retransmissions of requests already answered (timer J, 32 s
+        over UDP), so under a flood their state is the cheapest to give up: the cost is
+        that such a retransmission, if one still comes, is processed again. Returns
+        whether the budget admits ``method`` now."""
+        while self._completed and not self.budget.admits(method):
+            _, oldest = self._completed.popitem(last=False)
+            if self._servers.get(oldest.key) is oldest:
+                self._end_server(oldest)
+                self.shed += 1
+        self._compact_heap()
+        return self.budget.admits(method)
+
+    def _compact_heap(self) -> None:
+        """Drop stale timer entries once they outnumber the live ones: with lazy
+        deletion, every transaction ended before its deadline (shed, answered early)
+        leaves entries behind until their time, and a flood must not grow the heap."""
+        heap = self._heap
+        if len(heap) <= 4 * len(self) + 4096:
+            return
+        heap[:] = [entry for entry in heap if self._due(entry[2], entry[0])]
+        heapq.heapify(heap)
+
+    def _backstop(self) -> float:
+        """How long a non-INVITE request may wait for the transaction user's answer:
+        timer F ten times over (320 s by default), room for a relay that fails over
+        through several targets, each given its own timer F (RFC 3263)."""
+        return UNANSWERED_BACKSTOP * self.timers.timeout
+
+    def _unanswered(self, stx: ServerTransaction, now: float) -> list[Transmit]:
+        """A backstop, not a protocol timer: the transaction user answers every request
+        (a relayed one with the far side's answer or a 408 of its own at timer F), so a
+        non-INVITE request still unanswered after :meth:`_backstop` is a bug upstream of
+        here. It gets a 500, and the transaction ends like any answered one: no request
+        is left without an answer and no state outlives its timers."""
+        waited = self._backstop()
+        self._notes.log(logging.WARNING, "unanswered", stx.source.host, now,
+                        "%s from %s:%s unanswered for %.0f s: 500", stx.request.method,
+                        stx.source.host, stx.source.port, waited)  # fmt: skip
+        response = response_to(stx.request, 500, "Server Internal Error",
+                               to_tag=f"{_unique.getrandbits(48):012x}")  # fmt: skip
+        return self.respond(stx, response, now)
+
+    def _overloaded(self, request: Request, source: Address, now: float) -> list[Transmit]:
+        """A stateless 503: the transactions already hold the whole budget."""
+        self.budget.refused += 1
+        self._notes.log(logging.WARNING, "transaction_budget", source.host, now,
+                        "transactions hold %d bytes (budget %d): 503 to %s from %s:%s",
+                        self.budget.used, self.budget.limit, request.method, source.host,
+                        source.port)  # fmt: skip
+        response = response_to(request, 503, "Service Unavailable",
+                                to_tag=f"{_unique.getrandbits(48):012x}")  # fmt: skip
+        response.add("Retry-After", "5")
+        return [Transmit(response.serialize(), source)]
 
     # --- client side ------------------------------------------------------------------
 
@@ -292,17 +447,22 @@ class TransactionLayer:
         tx = ClientTransaction(
             request=request,
             dest=dest,
-            key=_client_key(request, request.method),
+            key=_sent_key(request, request.method),
             invite=invite,
             state=State.CALLING if invite else State.TRYING,
-            data=data,
+            data=b"" if dest.reliable else data,
             interval=t.t1,
             context=context,
             _heap=self._heap,
         )
         tx.retransmit_at = None if dest.reliable else now + t.t1
         tx.timeout_at = now + t.timeout
+        tx.kept = text_size(request) + len(request.body)
+        replaced = self._clients.get(tx.key)
+        if replaced is not None:
+            self._release(replaced)
         self._clients[tx.key] = tx
+        self._charge(tx)
         return tx, [Transmit(data, dest)]
 
     def send_stateless(self, message: SipMessage, dest: Address) -> list[Transmit]:
@@ -322,27 +482,28 @@ class TransactionLayer:
         t = self.timers
         if tx.invite:
             if tx.state in (State.CALLING, State.PROCEEDING):
+                tx.last_status = status
                 if status < 200:
                     tx.state = State.PROCEEDING
                     tx.retransmit_at = None
                     if not tx.cancel_sent:
                         tx.timeout_at = None  # timer B runs only in "Calling" (§17.1.1.2)
-                    tx.last_response = response
                     return [ResponseReceived(tx, response)], []
                 if status < 300:
                     # RFC 6026 Accepted: absorb nothing, pass every 2xx to the TU.
                     tx.state = State.ACCEPTED
                     tx.retransmit_at = None
                     tx.timeout_at = now + t.timeout
-                    tx.last_response = response
+                    tx.data = b""
+                    self._charge(tx)
                     return [ResponseReceived(tx, response)], []
                 tx.state = State.COMPLETED
                 tx.retransmit_at = None
                 tx.timeout_at = now + (0 if tx.dest.reliable else 32.0)
-                tx.last_response = response
-                ack = build_ack_for_error(tx.request, response)
-                tx.data = ack.serialize()
-                return [ResponseReceived(tx, response)], [Transmit(tx.data, tx.dest)]
+                ack = build_ack_for_error(tx.request, response).serialize()
+                tx.data = b"" if tx.dest.reliable else ack
+                self._charge(tx)
+                return [ResponseReceived(tx, response)], [Transmit(ack, tx.dest)]
             if tx.state is State.ACCEPTED and 200 <= status < 300:
                 return [ResponseReceived(tx, response)], []
             if tx.state is State.COMPLETED and status >= 300:
@@ -350,13 +511,15 @@ class TransactionLayer:
             return [], []
         # non-INVITE
         if tx.state in (State.TRYING, State.PROCEEDING):
-            tx.last_response = response
+            tx.last_status = status
             if status < 200:
                 tx.state = State.PROCEEDING
                 return [ResponseReceived(tx, response)], []
             tx.state = State.COMPLETED
             tx.retransmit_at = None
             tx.timeout_at = now + (0 if tx.dest.reliable else t.t4)
+            tx.data = b""  # timer K only absorbs retransmitted responses
+            self._charge(tx)
             return [ResponseReceived(tx, response)], []
         return [], []
 
@@ -386,9 +549,12 @@ class TransactionLayer:
             if tx.last_response is not None and tx.state is not State.TERMINATED:
                 return [], [Transmit(tx.last_response, tx.source)]
             return [], []
+        if not self.budget.admits(request.method) and not self._shed(request.method):
+            return [], self._overloaded(request, source, now)
         invite = request.method == "INVITE"
         tx = ServerTransaction(
-            request=request,
+            request=slim_request(request, SERVER_KEEPS),
+            had_body=bool(request.body),
             source=source,
             key=key,
             invite=invite,
@@ -396,12 +562,16 @@ class TransactionLayer:
             _heap=self._heap,
         )
         self._servers[key] = tx
+        tx.kept = text_size(tx.request)
         out: list[Transmit] = []
         if invite:
             trying = response_to(request, 100, "Trying")
             tx.last_response = trying.serialize()
             tx.last_status = 100
             out.append(Transmit(tx.last_response, source))
+        else:
+            tx.timeout_at = now + self._backstop()  # see _unanswered
+        self._charge(tx)
         return [RequestReceived(tx, request)], out
 
     @staticmethod
@@ -416,6 +586,7 @@ class TransactionLayer:
         status = response.status
         tx.last_response = data
         tx.last_status = status
+        self._charge(tx)
         t = self.timers
         reliable = tx.source.reliable
         if status < 200:
@@ -434,6 +605,7 @@ class TransactionLayer:
         else:
             tx.state = State.COMPLETED
             tx.timeout_at = now + (0 if reliable else t.timeout)
+            self._completed[tx.key] = tx
         return [Transmit(data, tx.source)]
 
     # --- input and timers ---------------------------------------------------------------
@@ -490,6 +662,7 @@ class TransactionLayer:
         """Fire every timer due at ``now`` (only the transactions with one due)."""
         events: list[TransactionEvent] = []
         out: list[Transmit] = []
+        self._notes.flush(now, logging.WARNING)
         heap = self._heap
         while heap and heap[0][0] <= now:
             when, _, tx = heapq.heappop(heap)
@@ -512,6 +685,7 @@ class TransactionLayer:
             ctx.state = State.TERMINATED
             ctx.retransmit_at = None
             del self._clients[ctx.key]
+            self._release(ctx)
             return  # a timed-out request is not retransmitted one last time
         if ctx.retransmit_at is not None and now >= ctx.retransmit_at:
             out.append(Transmit(ctx.data, ctx.dest))  # timers A / E
@@ -525,13 +699,14 @@ class TransactionLayer:
         out: list[Transmit],
     ) -> None:  # fmt: skip
         if stx.timeout_at is not None and now >= stx.timeout_at:
+            if not stx.invite and stx.state in (State.TRYING, State.PROCEEDING):
+                out.extend(self._unanswered(stx, now))
+                return
             if stx.invite and stx.state in (State.COMPLETED, State.ACCEPTED):
                 events.append(TransactionTimeout(stx))  # timer H / L: no ACK (J is not)
             if stx.state is State.ACCEPTED:
                 self._accepted.pop(self._ack_key(stx.request), None)
-            stx.state = State.TERMINATED
-            stx.retransmit_at = None
-            del self._servers[stx.key]
+            self._end_server(stx)
             return
         if stx.retransmit_at is not None and now >= stx.retransmit_at:
             if stx.last_response is not None:

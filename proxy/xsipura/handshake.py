@@ -27,7 +27,7 @@ from enum import Enum, StrEnum
 from proxy.xsipura import messages as msg
 from proxy.xsipura.mc import MalformedCertificate, MiniCertificate
 from proxy.xsipura.rsa import PrivateKey, RsaError, decrypt_type2, encrypt_type2
-from proxy.xsipura.trust import McStatus, TrustStore, ca_fingerprint
+from proxy.xsipura.trust import McStatus, TrustStore
 
 MASTER_KEY_LENGTH = 16
 MASTER_SALT_LENGTH = 16
@@ -196,17 +196,16 @@ def _verify_peer(
 ) -> tuple[MiniCertificate, PeerIdentity]:
     """The profile's check 2: a valid MC under a trusted CA, not expired."""
     try:
-        certificate = hello.certificate()
+        certificate, verdict = trust.check(hello.mc, now_utc)  # decoded and verified once
     except MalformedCertificate as exc:
         raise _Refused(ClearReason.BAD_CERTIFICATE, str(exc)) from exc
-    verdict = trust.verify(certificate, now_utc)
     if not verdict.ok or verdict.ca is None:
         raise _Refused(
             _VERDICT_REASONS[verdict.status],
             f"peer MC {certificate.user_id!r}: {verdict.message}",
         )
     identity = PeerIdentity.from_certificate(
-        certificate, ca_fingerprint(verdict.ca), verdict.sample_ca
+        certificate, trust.fingerprint(verdict.ca), verdict.sample_ca
     )
     return certificate, identity
 
@@ -442,8 +441,12 @@ class CalleeHandshake:
         self.session: SecureSession | None = None
         self._peer: tuple[int, PeerIdentity] | None = None
         self._accepted_final: bytes | None = None
-        self._awaiting_srtp = False
-        self._deadline: float | None = None
+        self._grace_deadline: float | None = None
+        """The lost-Final fallback (§2a): when the session in force falls back to clear
+        unless SRTP under it authenticates first. Only authenticated SRTP or the fallback
+        itself end it: a re-key, good or bad, runs beside it and never cancels it."""
+        self._final_deadline: float | None = None
+        """A Hello was accepted: when the handshake is given up if no Caller Final came."""
 
     @property
     def secured(self) -> bool:
@@ -452,7 +455,8 @@ class CalleeHandshake:
         )
 
     def next_deadline(self) -> float | None:
-        return self._deadline
+        deadlines = [d for d in (self._grace_deadline, self._final_deadline) if d is not None]
+        return min(deadlines) if deadlines else None
 
     def receive_request(self, body: bytes | str, now: float, now_utc: datetime) -> list[Event]:
         """An x-sipura INFO body arrived on the dialog."""
@@ -492,8 +496,7 @@ class CalleeHandshake:
         self._peer = (hello.ssrc, identity)
         self._accepted_final = None
         self.state = CalleeState.HELLO_ACCEPTED
-        self._awaiting_srtp = False
-        self._deadline = now + self._half_done_timeout
+        self._final_deadline = now + self._half_done_timeout
         reply = msg.CalleeHello(ssrc=self._local_ssrc, mc=self._certificate.encode())
         return [SendResponse(200, "OK", msg.encode_body(reply))]
 
@@ -525,10 +528,12 @@ class CalleeHandshake:
         generation = 0 if self.session is None else self.session.generation + 1
         self.session = SecureSession(keys, self._local_ssrc, peer_ssrc, identity, generation)
         self._accepted_final = raw
+        self._peer = None
         self.state = CalleeState.SECURED
-        # Fall back if no SRTP authenticates within the grace window (§2a, lost Final).
-        self._awaiting_srtp = generation == 0
-        self._deadline = now + self._grace if self._awaiting_srtp else None
+        self._final_deadline = None
+        if generation == 0:
+            # Fall back if no SRTP authenticates within the grace window (§2a, lost Final).
+            self._grace_deadline = now + self._grace
         return [
             SendResponse(200, "OK", msg.encode_body(msg.CalleeFinal())),
             Secured(self.session),
@@ -536,19 +541,16 @@ class CalleeHandshake:
 
     def srtp_authenticated(self, now: float) -> list[Event]:
         """The media layer saw the caller's SRTP authenticate under the current key."""
-        if self._awaiting_srtp:
-            self._awaiting_srtp = False
-            self._deadline = None
+        self._grace_deadline = None
         return []
 
     def handle_timer(self, now: float) -> list[Event]:
-        if self._deadline is None or now < self._deadline:
-            return []
-        self._deadline = None
-        if self.state is CalleeState.HELLO_ACCEPTED:
-            return self._abandon(ClearReason.TIMEOUT, "no Caller Final after the Callee Hello")
-        if self.state is CalleeState.SECURED and self._awaiting_srtp:
-            self._awaiting_srtp = False
+        if self._grace_deadline is not None and now >= self._grace_deadline:
+            # No SRTP authenticated: the caller never switched (its Final was lost), so
+            # the call falls back to clear, and any re-key under way goes with it.
+            self._grace_deadline = None
+            self._final_deadline = None
+            self._peer = None
             self.session = None
             self.state = CalleeState.CLEAR
             return [
@@ -557,6 +559,10 @@ class CalleeHandshake:
                     "no SRTP from the caller authenticated within the grace window",
                 )
             ]
+        if self._final_deadline is not None and now >= self._final_deadline:
+            self._final_deadline = None
+            if self.state is CalleeState.HELLO_ACCEPTED:
+                return self._abandon(ClearReason.TIMEOUT, "no Caller Final after the Callee Hello")
         return []
 
     def _reject(
@@ -565,10 +571,14 @@ class CalleeHandshake:
         return [SendResponse(status, reason_phrase), *self._abandon(reason, detail)]
 
     def _abandon(self, reason: ClearReason, detail: str) -> list[Event]:
+        """Give up the handshake under way. A session in force keeps its keys *and* its
+        lost-Final fallback: a bad re-key Hello must neither break a working call nor
+        leave one whose caller never switched silent for ever."""
         self._peer = None
-        self._deadline = None
+        self._final_deadline = None
         if self.session is not None:
             self.state = CalleeState.SECURED
             return [RekeyFailed(reason, detail)]
+        self._grace_deadline = None
         self.state = CalleeState.CLEAR
         return [StayClear(reason, detail)]

@@ -46,7 +46,8 @@ class MalformedCertificate(ValueError):
 
 
 def _is_printable_ascii(text: str) -> bool:
-    return all(0x20 <= ord(c) <= 0x7E for c in text)
+    """Only 0x20..0x7E (for ASCII text, ``isprintable`` is exactly that range)."""
+    return text.isascii() and text.isprintable()
 
 
 def _encode_text(text: str, width: int, what: str) -> bytes:

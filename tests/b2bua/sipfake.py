@@ -226,6 +226,10 @@ class FakeMedia:
         self.by_id: dict[int, FakeSession] = {}
         self.ips = {Side.INSIDE: "10.0.0.1", Side.OUTSIDE: "192.0.2.1"}
         self.on_event: Callable[[MediaEvent], None] | None = None
+        self.reports_flowing = False
+        """Like the in-process relay: no ``MediaFlowing``, the core reads ``stats()``
+        (tests move ``packets_in``); :meth:`report` a ``MediaFlowing`` after setting
+        this to play a worker pool."""
         self._ids = itertools.count(1)
 
     def allocate(self, call_id: str, streams: int) -> FakeSession:
@@ -517,7 +521,7 @@ def wires(out: Iterable[Outbound]) -> list[Wire]:
             msg = parse_message(item.data, stream=item.dest.reliable)
         except SipParseError:
             head = item.data.split(b"\r\n")
-            assert re.match(rb"^SIP/2\.0 (400|505) [ -~]+$", head[0]), item.data[:80]
+            assert re.match(rb"^SIP/2\.0 (400|413|505) [ -~]+$", head[0]), item.data[:80]
             assert [h.split(b":", 1)[0] for h in head[1:7]] == [
                 b"Via",
                 b"From",

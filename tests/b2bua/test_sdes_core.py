@@ -146,3 +146,24 @@ def test_a_reinvite_with_the_same_key_keeps_ours_and_a_new_key_gets_a_new_one() 
     renewed, keys = state.sdes.toward_outside(sipfake.sdp("10.0.0.20", 4002), offer=False)
     assert crypto_of(parse_sdp(renewed).media[0])[0][0].key != first.key
     assert keys[0].receive == new_peer
+
+
+def test_over_tls_via_and_contact_name_the_tls_listener() -> None:
+    """A peer reached over TLS sends its ACK and BYE to our Contact, opening a connection
+    there if it does not reuse ours (baresip does not): it must be the TLS listener's
+    port, not the UDP/TCP one with ``;transport=tls`` (found by the baresip interop test:
+    its BYE never arrived)."""
+    text = sipfake.CONFIG.format(
+        unknown_users="relay",
+        outside_extra='upstream = "sip:203.0.113.5:5061;transport=tls"\n'
+        'tls_listen = "192.0.2.1:5071"',
+        max_calls=0,
+        sip_extra='transports = ["udp", "tls"]\n[tls]\ncertificate = "proxy.crt"\n'
+        'private_key = "@proxy.key"',
+    )
+    w = World(parse_config(text, "test.toml"))
+    _, b = start_call(w)
+    assert b.dest.transport == "tls"
+    assert b.request.get("via").startswith("SIP/2.0/TLS 192.0.2.1:5071;")
+    assert b.request.get("contact").endswith("@192.0.2.1:5071;transport=tls>")
+    assert b"a=crypto" in b.request.body  # sdes defaults to "offer" over TLS

@@ -52,6 +52,7 @@ from proxy.media.commands import (
     EVENT_TYPES,
     AcceptSrtp,
     ClearSrtp,
+    MediaFlowing,
     PlayTone,
     SetRemote,
     SetTxSsrc,
@@ -1086,6 +1087,40 @@ def test_hello_waits_for_media(pki: Pki) -> None:
     assert pick(w.advance(2.0), OUT, method="INFO") == []
     call.session.packets_in += 1
     assert only(pick(w.advance(0.5), OUT, method="INFO"))
+
+
+def test_hello_waits_for_a_media_flowing_event_without_polling(pki: Pki) -> None:
+    """An engine that reports first packets (the worker pool): once the start delay has
+    passed without the phone's RTP, the call has no deadline at all until the engine
+    says the RTP flows, and then the Caller Hello leaves at once."""
+    w = make_world(pki)
+    w.media.reports_flowing = True
+    call = call_out(w, media_flows=False)
+    assert pick(w.advance(0.3), OUT, method="INFO") == []
+    polled: list[float] = []
+    poll = w.core.poll
+    w.core.poll = lambda now: polled.append(now) or poll(now)  # type: ignore[method-assign]
+    assert pick(w.advance(5.0), OUT, method="INFO") == []
+    assert len(polled) <= 2, polled  # the end of advance() itself, no 100 ms checks
+    session = call.session
+    w.media.report(MediaFlowing(session.id, OUT))  # the far end's packets do not count
+    assert pick(w.advance(0.0), OUT, method="INFO") == []
+    session.packets_in += 1
+    w.media.report(MediaFlowing(session.id, IN))
+    hello = only(pick(w.advance(0.0), OUT, method="INFO"), "Caller Hello")
+    assert isinstance(msg.decode_body(hello.request.body), msg.CallerHello)
+    assert secure_state(w)["state"] == "handshaking"
+    w.media.report(MediaFlowing(session.id, IN))  # a late duplicate changes nothing
+    assert pick(w.advance(0.0), OUT, method="INFO") == []
+
+
+def test_media_flowing_before_the_start_delay_changes_nothing(pki: Pki) -> None:
+    w = make_world(pki)
+    w.media.reports_flowing = True
+    call = call_out(w)
+    w.media.report(MediaFlowing(call.session.id, IN))
+    assert pick(w.advance(0.1), OUT, method="INFO") == []
+    assert only(pick(w.advance(0.15), OUT, method="INFO"), "Caller Hello at the start delay")
 
 
 def test_security_deadline_of_a_hung_up_call_does_not_spin(pki: Pki) -> None:

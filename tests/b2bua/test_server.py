@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import math
 from collections.abc import Iterator
 
 import pytest
 
 from proxy.b2bua.config import parse_config
-from proxy.b2bua.server import ProxyServer
+from proxy.b2bua.server import TIMER_GRID_S, ProxyServer
 
 LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
 
@@ -65,6 +66,54 @@ def test_timer_armed_for_a_deadline_already_past(
                     break
                 await asyncio.sleep(0.01)
             assert len(polled) == 1
+        finally:
+            server.close()
+
+    runner.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_timers_of_nearby_deadlines_share_one_wake_up(
+    runner: asyncio.Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edge arms its timer once per loop iteration, whatever the number of messages
+    handled in it, on a 10 ms grid: deadlines a few ms apart are polled together (the
+    poll sees every one of them due), never before the latest of them."""
+
+    async def scenario() -> None:
+        server = ProxyServer(parse_config(CONFIG))
+        loop = asyncio.get_running_loop()
+        server._loop = loop
+        grid = TIMER_GRID_S
+        base = math.ceil((loop.time() + 0.05) / grid) * grid
+        deadlines = [base + 0.001, base + 0.004, base + 0.009]
+        asked: list[float | None] = []
+
+        def next_deadline() -> float | None:
+            asked.append(deadlines[0] if deadlines else None)
+            return deadlines[0] if deadlines else None
+
+        polled: list[float] = []
+
+        def poll(now: float) -> list[object]:
+            polled.append(now)
+            while deadlines and deadlines[0] <= now:
+                deadlines.pop(0)
+            return []
+
+        monkeypatch.setattr(server.core, "next_deadline", next_deadline)
+        monkeypatch.setattr(server.core, "poll", poll)
+        try:
+            for _ in range(10):  # ten messages handled in one loop iteration
+                server._send([])
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert len(asked) == 1
+            for _ in range(100):
+                if not deadlines:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(polled) == 1 and polled[0] >= base + 0.009, (polled, base)
+            assert deadlines == []
         finally:
             server.close()
 

@@ -92,9 +92,10 @@ class Baresip:
     @classmethod
     def configure(
         cls, base: Path, name: str, *, sip_port: int, rtp_ports: tuple[int, int], wav: Path,
-        account: str,
+        account: str, extra: Sequence[tuple[str, str]] = (),
     ) -> Baresip:  # fmt: skip
-        """Write ``base/name/{config,accounts,contacts}``; ``account`` is the accounts line."""
+        """Write ``base/name/{config,accounts,contacts}``; ``account`` is the accounts line,
+        ``extra`` more config lines (``("module", "srtp.so")``, ``("sip_cafile", ...)``)."""
         path = base / name
         (path / "rec").mkdir(parents=True)
         lines = [
@@ -123,6 +124,7 @@ class Baresip:
             ("snd_path", str(path / "rec")),
             ("ringback_disabled", "yes"),
             ("statmode_default", "off"),
+            *extra,
         ]
         (path / "config").write_text("".join(f"{k}\t\t{v}\n" for k, v in lines))
         (path / "accounts").write_text(account + "\n")

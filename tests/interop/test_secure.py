@@ -182,9 +182,13 @@ async def _back_to_back(
             await until(lambda: not wa.status["calls"] and not wb.status["calls"], 5,
                         "the proxies to drop the calls")  # fmt: skip
             for watcher in (wa, wb):
-                stats = (await watcher.refresh())["stats"]
+                status = await watcher.refresh()
+                stats = status["stats"]
                 assert stats["secured"] == 2, stats
                 assert stats["clear_reasons"] == {}, stats
+                # each proxy checked two peer MCs (one per role), once each
+                cache = status["xsipura"]["mc_cache"]
+                assert cache["entries"] == 2 and cache["misses"] == 2, cache
     finally:
         for phone in phones:
             phone.close()

@@ -44,6 +44,9 @@ MESSAGES: list[ch.ChannelMessage] = [
     SetSrtp(1, OUT, KEYS),
     SetSrtp(1, OUT, SrtpKeys(KEY, SALT[:14], "AES_CM_128_HMAC_SHA1_32"), srtcp=False),
     SetSrtp(1, OUT, None),
+    SetSrtp(
+        1, OUT, KEYS, remote_keys=SrtpKeys(SALT, KEY[:14], "AES_CM_128_HMAC_SHA1_32"), index=1
+    ),  # SDES: the peer's key, one stream
     AcceptSrtp(1, OUT, KEYS),
     AcceptSrtp(1, OUT, KEYS, srtcp=True),
     SwitchSrtp(1, OUT, KEYS, 2.0),

@@ -25,6 +25,7 @@ from proxy.media.commands import (
     ClearSrtp,
     MediaCommand,
     MediaEvent,
+    MediaFlowing,
     PlayTone,
     Release,
     SessionsLost,
@@ -211,6 +212,49 @@ def test_worker_engine_relays_plain_and_srtp_and_reports_counters(path: str) -> 
             assert w.proc is not None and w.proc.poll() is not None
 
     run(scenario)
+
+
+def test_worker_reports_the_first_packet_of_each_side_once() -> None:
+    """``MediaFlowing`` per side of a session, on its first packet only: what lets an
+    x-sipura caller wait for the phone's RTP without polling."""
+    lo, hi = free_range(16)
+
+    async def scenario() -> None:
+        engine = WorkerPool(HOST, HOST, lo, hi, 1)
+        assert engine.reports_flowing
+        events: list[MediaEvent] = []
+        engine.on_event = events.append
+        engine.start()
+        phone, pbx = Peer(), Peer()
+        try:
+            session = engine.allocate("call-1", 1)
+            quiet = engine.allocate("call-2", 1)
+            connect(engine, session, phone, pbx)
+            inside, outside = session.local(Side.INSIDE, 0), session.local(Side.OUTSIDE, 0)
+            assert await pbx.recv_after(phone, rtp(1), inside) == rtp(1)
+            await until(lambda: events, "the phone side's first packet reported")
+            assert events == [MediaFlowing(session.id, Side.INSIDE)]
+            for seq in range(2, 6):
+                assert await pbx.recv_after(phone, rtp(seq), inside) == rtp(seq)
+            assert await phone.recv_after(pbx, rtp(1, 0x99), outside) == rtp(1, 0x99)
+            await until(lambda: len(events) > 1, "the far side's first packet reported")
+            await until(lambda: session.stats()[Side.INSIDE][0]["packets_in"] == 5, "stats")
+            assert events == [
+                MediaFlowing(session.id, Side.INSIDE),
+                MediaFlowing(session.id, Side.OUTSIDE),
+            ]
+            assert quiet.stats()[Side.INSIDE][0]["packets_in"] == 0
+        finally:
+            phone.close()
+            pbx.close()
+            await engine.close()
+
+    run(scenario)
+
+
+def test_in_process_relay_does_not_report_media_flowing() -> None:
+    lo, hi = free_range(8)
+    assert RelayEngine(HOST, HOST, lo, hi).reports_flowing is False
 
 
 def test_worker_death_loses_only_its_sessions_and_a_replacement_starts() -> None:

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from proxy.sip.headers import (
     MAGIC_COOKIE,
+    MEMO_MAX_TEXT,
+    MEMOS,
     CSeq,
     NameAddr,
     SipHeaderError,
@@ -18,9 +20,12 @@ from proxy.sip.headers import (
     bare_host,
     format_hostport,
     has_uri_scheme,
+    parse_decimal,
     parse_hostport,
     split_header_values,
 )
+from proxy.sip.memo import memoise_text
+from proxy.sip.message import CANONICAL_MEMO, canonical
 
 # --- split_header_values -------------------------------------------------------------------
 
@@ -396,3 +401,143 @@ def test_sip_uri_generated_round_trip(
     assert SipUri.parse(str(uri)) == uri
     addr = NameAddr('"Some, One"', str(uri), [("tag", "x")])
     assert NameAddr.parse(str(addr)) == addr
+
+
+# --- numbers: one ASCII-only rule --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0", 0), ("3600", 3600), (" 70\t", 70), ("0000000000000042", 42), ("4294967295", 2**32 - 1)],
+)
+def test_parse_decimal_accepts_ascii_digits(text: str, expected: int) -> None:
+    assert parse_decimal(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", " ", "²", "٣", "１２", "3²", "+5", "-1", "1.5", "1e3", "0x10", "12 34", "4294967296",
+     "9" * 5000, "7\n", "\u00a05"],
+)  # fmt: skip
+def test_parse_decimal_rejects_everything_else(text: str) -> None:
+    """Regression: ``Expires: ²`` passed ``str.isdigit`` and raised deep in the core."""
+    with pytest.raises(SipHeaderError):
+        parse_decimal(text)
+
+
+def test_parse_decimal_maximum_and_what() -> None:
+    assert parse_decimal("255", maximum=255) == 255
+    with pytest.raises(SipHeaderError, match="Max-Forwards out of range"):
+        parse_decimal("256", maximum=255, what="Max-Forwards")
+    with pytest.raises(SipHeaderError, match="Expires is not a number"):
+        parse_decimal("²", what="Expires")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=30))
+def test_parse_decimal_is_total(text: str) -> None:
+    try:
+        value = parse_decimal(text)
+    except SipHeaderError:
+        return
+    assert 0 <= value <= 2**32 - 1
+    assert text.strip(" \t").isascii()
+
+
+@pytest.mark.parametrize("value", ["²", "1²", "\u0663"])
+def test_non_ascii_digits_in_cseq_and_port_are_rejected(value: str) -> None:
+    with pytest.raises(SipHeaderError):
+        CSeq.parse(f"{value} INVITE")
+    with pytest.raises(SipHeaderError):
+        parse_hostport(f"example.com:{value}")
+
+
+# --- caches: bounded in entries and in value size -----------------------------------------------
+
+
+def test_memo_bounds_entries_and_text_size() -> None:
+    calls: list[str] = []
+
+    def compute(text: str) -> int:
+        calls.append(text)
+        return len(text)
+
+    cached, memo = memoise_text(compute, max_entries=3, max_text=5)
+    assert [cached("ab"), cached("ab")] == [2, 2]
+    assert calls == ["ab"]
+    assert cached("x" * 6) == 6 and cached("x" * 6) == 6
+    assert len(memo) == 1 and calls.count("x" * 6) == 2  # too long: never stored
+    for text in ("c", "d", "e"):
+        cached(text)
+    assert len(memo) <= 3
+    assert memo.text_chars() <= 3 * 5
+
+
+def test_unique_huge_header_values_do_not_fill_the_caches() -> None:
+    """Regression: 2,100 datagrams with unique 30 KB values pinned 252 MB."""
+    for index in range(300):
+        pad = f"{index:04d}" + "x" * 30_000
+        NameAddr.parse(f'"{pad}" <sip:a@example.com>;tag={index}')
+        SipUri.parse(f"sip:{pad}@example.com")
+        with contextlib.suppress(SipHeaderError):
+            Via.parse(f"SIP/2.0/UDP example.com;branch=z9hG4bK{pad}")
+        canonical(f"X-{pad}")
+    for memo in (*MEMOS.values(), CANONICAL_MEMO):
+        assert memo.text_chars() <= memo.max_entries * memo.max_text
+        assert all(len(text) <= memo.max_text for text in memo.table)
+    assert MEMO_MAX_TEXT <= 256
+
+
+def test_memoised_parse_still_returns_equal_values() -> None:
+    text = '"Alice" <sip:alice@example.com>;tag=1'
+    assert NameAddr.parse(text) is NameAddr.parse(text)  # short: served from the cache
+    long = '"' + "A" * 300 + '" <sip:alice@example.com>;tag=1'
+    assert NameAddr.parse(long) == NameAddr.parse(long)
+    assert NameAddr.parse(long) is not NameAddr.parse(long)
+
+
+def _split_reference(value: str) -> list[str]:
+    """The character-by-character splitter the scanning versions replaced."""
+    values: list[str] = []
+    depth, quoted, escaped, start = 0, False, False, 0
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted:
+            if char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == "<":
+            depth += 1
+        elif char == ">":
+            depth = max(0, depth - 1)
+        elif char == "," and depth == 0:
+            values.append(value[start:index].strip())
+            start = index + 1
+    values.append(value[start:].strip())
+    return [v for v in values if v]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet='",<>\\; ab', max_size=40))
+def test_scanning_splitters_agree_with_the_character_loop(value: str) -> None:
+    assert split_header_values(value) == _split_reference(value)
+    try:
+        parsed = NameAddr.parse(f"{value} <sip:a@b>")
+    except SipHeaderError:
+        return
+    assert parsed.uri == "sip:a@b"
+
+
+def test_forget_all_empties_every_memo() -> None:
+    from proxy.sip.memo import forget_all
+
+    NameAddr.parse('"A" <sip:a@example.com>;tag=1')
+    canonical("X-Forget-Me")
+    assert len(MEMOS["name_addr"]) and len(CANONICAL_MEMO)
+    forget_all()
+    assert all(len(memo) == 0 for memo in (*MEMOS.values(), CANONICAL_MEMO))
+    assert NameAddr.parse('"A" <sip:a@example.com>;tag=1').tag == "1"  # refills on use

@@ -1,4 +1,4 @@
-"""SIP message parsing, editing, serialisation and TCP framing (proxy.sip.message).
+"""SIP message parsing, editing and serialisation (proxy.sip.message).
 
 The RFC 4475 torture corpus (tests/data/rfc4475) drives the parser tests: every message
 the RFC calls valid must parse and survive a serialise/parse round trip; every invalid one
@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 from proxy.sip.headers import NameAddr, SipUri
 from proxy.sip.message import (
     MAX_MESSAGE,
+    MessageTooLarge,
     Request,
     Response,
     SipMessage,
     SipParseError,
     SipVersionError,
     canonical,
-    frame_stream,
     parse_message,
 )
 
@@ -590,8 +590,14 @@ def test_empty_via_header_rejected() -> None:
 
 
 def test_message_too_large() -> None:
-    with pytest.raises(SipParseError, match="too large"):
+    with pytest.raises(MessageTooLarge, match="exceeds 65535") as info:
         parse_message(base() + b"x" * MAX_MESSAGE)
+    assert info.value.status == 413
+    assert isinstance(info.value, SipParseError)
+    small = base().replace(b"hello", b"x" * 100).replace(b"Length: 5", b"Length: 100")
+    assert parse_message(small).body == b"x" * 100
+    with pytest.raises(MessageTooLarge):
+        parse_message(small, max_size=len(small) - 1)
 
 
 # --- SipMessage editing --------------------------------------------------------------------
@@ -742,70 +748,6 @@ def test_start_line_abstract() -> None:
         SipMessage().serialize()
 
 
-# --- TCP framing ---------------------------------------------------------------------------
-
-
-def test_frame_stream_partial_then_complete() -> None:
-    data = base()
-    buffer = bytearray()
-    for index in range(len(data) - 1):
-        buffer.append(data[index])
-        assert frame_stream(buffer) is None
-    buffer.append(data[-1])
-    assert frame_stream(buffer) == data
-    assert buffer == b""
-    assert frame_stream(buffer) is None
-
-
-def test_frame_stream_two_messages_and_keepalives() -> None:
-    first, second = base(), base(Content_Length="0").replace(b"hello", b"")
-    buffer = bytearray(b"\r\n\r\n" + first + b"\r\n" + second + b"\r\n\r\nINVITE")
-    assert frame_stream(buffer) == first
-    assert frame_stream(buffer) == second
-    assert frame_stream(buffer) is None
-    assert buffer == b"INVITE"
-    keepalive = bytearray(b"\r\n\r\n")
-    assert frame_stream(keepalive) is None
-    assert keepalive == b""
-
-
-def test_frame_stream_content_length_anywhere_and_compact() -> None:
-    data = base().replace(b"Content-Length: 5\r\n", b"", 1)
-    data = data.replace(b"Via:", b"l  :  5\r\nVia:", 1)  # compact, not last, odd spacing
-    buffer = bytearray(data + b"OPTIONS")
-    assert frame_stream(buffer) == data
-    assert buffer == b"OPTIONS"
-    assert parse_message(data, stream=True).body == b"hello"
-    folded = base().replace(b"Content-Length: 5", b"Content-Length:\r\n 5", 1)
-    assert frame_stream(bytearray(folded)) == folded
-
-
-def test_frame_stream_errors() -> None:
-    no_length = base().replace(b"Content-Length: 5\r\n", b"", 1)
-    with pytest.raises(SipParseError, match="mandatory"):
-        frame_stream(bytearray(no_length))
-    for value in (b"-1", b"abc", b"5, 6", b"9" * 5000):
-        with pytest.raises(SipParseError, match="Content-Length"):
-            frame_stream(
-                bytearray(base().replace(b"Content-Length: 5", b"Content-Length: " + value))
-            )
-    with pytest.raises(SipParseError, match="more than one"):
-        frame_stream(bytearray(base().replace(b"Via:", b"l: 5\r\nVia:", 1)))
-    with pytest.raises(SipParseError, match="too large"):
-        frame_stream(bytearray(base(Content_Length=str(MAX_MESSAGE))))
-    with pytest.raises(SipParseError, match="too large"):
-        frame_stream(bytearray(b"OPTIONS " + b"x" * MAX_MESSAGE))
-    assert frame_stream(bytearray(b"OPTIONS " + b"x" * 1000)) is None
-
-
-def test_frame_stream_agrees_with_parse_message_on_head_end() -> None:
-    # a bare-LF blank line ends the head for both functions
-    data = b"OPTIONS sip:a@b SIP/2.0\nContent-Length: 0\n\nX-Next: 1\r\n\r\n"
-    buffer = bytearray(data)
-    frame = frame_stream(buffer)
-    assert frame == b"OPTIONS sip:a@b SIP/2.0\nContent-Length: 0\n\n"
-
-
 # --- properties ----------------------------------------------------------------------------
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -868,46 +810,3 @@ def test_parse_mutated_messages_raises_only_parse_error(data: bytes) -> None:
         return
     # whatever parses must serialise into something that parses the same way
     assert_round_trip(message)
-
-
-@FAST
-@given(st.binary(max_size=400), st.lists(st.integers(1, 64), max_size=8))
-def test_frame_stream_arbitrary_bytes_terminates(data: bytes, chunks: list[int]) -> None:
-    buffer = bytearray()
-    rest = data
-    for size in [*chunks, len(data)]:
-        buffer += rest[:size]
-        rest = rest[size:]
-        for _ in range(len(data) + 2):  # each frame consumes at least 2 octets
-            before = len(buffer)
-            try:
-                frame = frame_stream(buffer)
-            except SipParseError:
-                return
-            if frame is None:
-                assert len(buffer) <= before
-                break
-            assert 2 <= len(frame) <= before - len(buffer)
-            with contextlib.suppress(SipParseError):
-                parse_message(frame, stream=True)
-        else:
-            pytest.fail("frame_stream kept returning frames")
-
-
-@FAST
-@given(st.sampled_from([base(), load("wsinv"), load("mpart01"), load("esc01")]),
-       st.lists(st.integers(1, 300), min_size=1, max_size=10))  # fmt: skip
-def test_frame_stream_reassembles_chunked_messages(message: bytes, chunks: list[int]) -> None:
-    stream = b"\r\n".join([message, message, b""])
-    buffer = bytearray()
-    frames: list[bytes] = []
-    position = 0
-    sizes = iter([*chunks, len(stream)])
-    while position < len(stream):
-        size = next(sizes, len(stream))
-        buffer += stream[position : position + size]
-        position += size
-        while (frame := frame_stream(buffer)) is not None:
-            frames.append(frame)
-    assert frames == [message, message]
-    assert all(parse_message(f, stream=True).body == parse_message(message).body for f in frames)

@@ -11,6 +11,7 @@ import pytest
 
 from proxy.sip.headers import CSeq
 from proxy.sip.message import Request, Response, parse_message
+from proxy.sip.retention import TX_OVERHEAD, RetainedBytes
 from proxy.sip.transaction import (
     AckReceived,
     Address,
@@ -454,7 +455,10 @@ def test_server_invite_answers_100_trying_at_once() -> None:
     events, out = layer.receive(inv, source, 0.0)
     assert len(events) == 1 and isinstance(events[0], RequestReceived)
     tx = events[0].tx
-    assert events[0].request is inv and tx.request is inv
+    assert events[0].request is inv  # the transaction user gets the whole request
+    assert tx.request.method == "INVITE" and tx.request.uri == inv.uri
+    assert [name for name, _ in tx.request.headers] == ["Via", "Via", "From", "To", "Call-ID",
+                                                         "CSeq"]  # fmt: skip
     assert tx.invite and state_of(tx) is State.PROCEEDING
     assert len(out) == 1 and out[0].dest == source
     trying = parse_response(out[0].data)
@@ -611,7 +615,30 @@ def test_server_non_invite_provisional_resent_on_retransmission() -> None:
     sent = layer.respond(tx, trying, 0.1)
     assert state_of(tx) is State.PROCEEDING
     assert layer.receive(options(), UAC, 0.5) == ([], sent)
-    assert layer.next_deadline() is None
+    assert layer.next_deadline() == 320.0  # only the backstop: 10 x 64*T1 unanswered
+
+
+def test_unanswered_non_invite_gets_a_500_from_the_backstop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The transaction user answers every request; should it ever fail to, the request
+    still gets an answer and its transaction still ends (no state outlives its timers).
+    The backstop leaves room for a relay failing over through several targets."""
+    layer = TransactionLayer()
+    tx = server_tx(layer, options(), UAC, 0.0)
+    with caplog.at_level("WARNING", logger="sipura.transaction"):
+        log = drive(layer, 319.9)
+        assert log == []
+        [(when, events, out)] = drive(layer, 320.0)
+    assert when == 320.0 and events == []
+    reply = parse_response(out[0].data)
+    assert reply.status == 500 and reply.to.tag is not None
+    assert state_of(tx) is State.COMPLETED
+    assert "unanswered for 320 s: 500" in caplog.text
+    drive(layer, 400.0)
+    assert len(layer) == 0 and layer.retained == 0
+    invite_tx = server_tx(layer, invite(), UAC, 400.0)  # an INVITE may ring for ever
+    assert layer.next_deadline() is None and state_of(invite_tx) is State.PROCEEDING
 
 
 def test_server_non_invite_tcp_timer_j_zero() -> None:
@@ -787,3 +814,184 @@ def test_no_retransmission_when_the_timeout_fires_at_the_same_instant() -> None:
     assert len(sent_at(log)) == 2 * 63
     assert events_of(log) == [(32.0, TransactionTimeout(tx)), (32.0, TransactionTimeout(stx))]
     assert len(layer) == 0
+
+
+@pytest.mark.parametrize(
+    "vias",
+    [
+        ["SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK00ff00ff00ff00ff;rport"],  # the proxy's own
+        ["SIP/2.0/TLS [2001:db8::1]:5061;branch=z9hG4bKa1b2c3d4e5f60718;rport"],
+        ["SIP/2.0/UDP 192.0.2.1:5060;rport;branch=z9hG4bKabc"],  # other shapes: parsed
+        ["SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKABC;rport"],
+        ["SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKabc;rport, SIP/2.0/UDP h;branch=z9hG4bKdef"],
+        ["SIP/2.0/UDP 192.0.2.1:5060 ;branch=z9hG4bKabc;rport"],
+    ],
+)
+@pytest.mark.parametrize("name", ["Via", "v", "via"])
+def test_a_sent_request_is_matched_by_its_top_via_branch(vias: list[str], name: str) -> None:
+    """The key of a request the layer sends is its top Via's branch, whatever the Via
+    looks like (the proxy's own form is read without a full parse)."""
+    layer = TransactionLayer()
+    request = Request(method="OPTIONS", uri="sip:uas@198.51.100.20")
+    request.add("Via" if name == "v" else name, vias[0])  # a later Via of another spelling
+    request.add(name, "SIP/2.0/UDP 203.0.113.9;branch=z9hG4bKlater")
+    for header, value in (("From", f"<sip:a@b>;tag={FROM_TAG}"), ("To", "<sip:c@d>"),
+                          ("Call-ID", CALL_ID), ("CSeq", "1 OPTIONS")):  # fmt: skip
+        request.add(header, value)
+    tx, _ = layer.send_request(request, UAS, 0.0)
+    assert tx.key == (request.top_via.branch, "OPTIONS")
+    response = parse_message(response_to(request, 200, "OK", to_tag="t").serialize())
+    events, _ = layer.receive(response, UAS, 0.1)
+    assert [type(e) for e in events] == [ResponseReceived]
+
+
+# --- what a transaction keeps, and the memory budget ---------------------------------------
+
+PAD = "x" * 60_000
+
+
+def test_server_transaction_keeps_no_body_and_no_foreign_header() -> None:
+    """Regression: each 64 KB request was kept whole for the 32 s of timer J."""
+    layer = TransactionLayer()
+    big = request("OPTIONS", branch="z9hG4bKbig", extra=(f"X-Pad: {PAD}",))
+    big.body = PAD.encode()
+    tx = server_tx(layer, big, UAC, 0.0)
+    assert tx.request.body == b""
+    assert all(name.lower() != "x-pad" for name, _ in tx.request.headers)
+    layer.respond(tx, response_to(tx.request, 200, "OK", to_tag="t"), 0.0)
+    assert layer.retained < 4096
+    assert layer.snapshot()["server"] == 1
+
+
+def test_client_transaction_drops_what_it_will_never_send_again() -> None:
+    layer = TransactionLayer()
+    big = request("MESSAGE", branch="z9hG4bKmsg", extra=(f"X-Pad: {PAD}",))
+    tx, out = layer.send_request(big, UAS, 0.0)
+    assert out[0].data == big.serialize()  # sent whole...
+    assert tx.data == out[0].data  # ...and kept for timer E over UDP
+    assert tx.request is big  # whole: a failover sends it again to another target...
+    assert layer.retained > 2 * len(PAD)  # ...and charged for it, and for its bytes
+    layer.receive(response(big, 200), UAS, 0.3)
+    assert tx.data == b""  # timer K only absorbs retransmitted responses
+    assert len(PAD) < layer.retained < len(PAD) + 4096
+    drive(layer, 10.0)
+    assert layer.retained == 0
+    tcp, _ = layer.send_request(request("MESSAGE", branch="z9hG4bKtcp"), UAS_TCP, 0.0)
+    assert tcp.data == b""  # nothing is retransmitted over TCP
+
+
+def test_client_invite_keeps_only_the_ack_after_an_error() -> None:
+    layer = TransactionLayer()
+    inv = invite(extra=(f"X-Pad: {PAD}",))
+    tx, _ = layer.send_request(inv, UAS, 0.0)
+    _, out = layer.receive(response(inv, 486), UAS, 0.1)
+    assert tx.data == out[0].data and parse_request(tx.data).method == "ACK"
+    assert layer.retained < len(PAD) + 4096  # the INVITE itself, not its bytes twice
+    assert tx.last_status == 486
+
+
+def test_budget_is_released_when_transactions_end() -> None:
+    layer = TransactionLayer()
+    for index in range(50):
+        tx = server_tx(layer, options(branch=f"z9hG4bKo{index}"), UAC, 0.0)
+        layer.respond(tx, response_to(tx.request, 200, "OK", to_tag="t"), 0.0)
+        layer.send_request(options(branch=f"z9hG4bKc{index}"), UAS, 0.0)
+    assert layer.retained == layer.budget.used > 50 * 2 * TX_OVERHEAD
+    drive(layer, 100.0)
+    assert len(layer) == 0
+    assert layer.retained == layer.budget.used == 0
+
+
+def answered_options(layer: TransactionLayer, branch: str, now: float) -> ServerTransaction:
+    tx = server_tx(layer, options(branch=branch), UAC, now)
+    layer.respond(tx, response_to(tx.request, 200, "OK", to_tag="t"), now)
+    return tx
+
+
+def test_spent_budget_sheds_the_oldest_answered_transactions_first() -> None:
+    """A flood of answered requests cannot crowd out new ones: the oldest answered
+    non-INVITE transactions end early (they only absorb retransmissions)."""
+    budget = RetainedBytes(limit=10 * TX_OVERHEAD)
+    layer = TransactionLayer(budget=budget)
+    index = 0
+    while budget.admits("OPTIONS"):
+        answered_options(layer, f"z9hG4bKf{index}", float(index))
+        index += 1
+    first_count = len(layer)
+    newest = answered_options(layer, "z9hG4bKnew", 100.0)
+    assert len(layer) == first_count  # one in, the oldest out
+    assert layer.shed == 1 and budget.refused == 0
+    assert budget.used <= budget.limit + newest.cost
+    # The shed one's retransmission is a new request now; a live one is still absorbed.
+    assert isinstance(layer.receive(options(branch="z9hG4bKf0"), UAC, 101.0)[0][0],
+                      RequestReceived)  # fmt: skip
+    assert layer.receive(options(branch=f"z9hG4bKf{index - 1}"), UAC, 101.0)[0] == []
+
+
+def test_spent_budget_with_nothing_to_shed_answers_503_statelessly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    budget = RetainedBytes(limit=10 * TX_OVERHEAD)
+    layer = TransactionLayer(budget=budget)
+    index = 0
+    while budget.admits("INVITE"):  # calls in progress: nothing may be ended early
+        server_tx(layer, invite(branch=f"z9hG4bKi{index}"), UAC, 0.0)
+        index += 1
+    alive = len(layer)
+    with caplog.at_level("WARNING", logger="sipura.transaction"):
+        for extra in range(20):
+            events, out = layer.receive(options(branch=f"z9hG4bKx{extra}"), UAC, 0.1)
+            assert events == []
+            reply = parse_response(out[0].data)
+            assert reply.status == 503 and reply.get("retry-after") == "5"
+            assert reply.to.tag is not None
+    assert len(layer) == alive  # no state for a refused request
+    assert budget.refused == 20 and layer.shed == 0
+    assert len([r for r in caplog.records if "503 to OPTIONS" in r.message]) == 1
+    # CANCEL and BYE free state: they still get a transaction (up to 1.25x the budget).
+    [received], _ = layer.receive(bye(), UAC, 0.2)
+    assert isinstance(received, RequestReceived)
+    for tx in list(layer._servers.values()):
+        layer.respond(tx, response_to(tx.request, 486, "Busy Here", to_tag="t"), 0.3)
+    drive(layer, 100.0)
+    assert budget.used == 0
+    assert isinstance(layer.receive(options(branch="z9hG4bKnew"), UAC, 101.0)[0][0],
+                      RequestReceived)  # fmt: skip
+
+
+def test_layers_can_share_one_budget() -> None:
+    budget = RetainedBytes()
+    inside, outside = TransactionLayer(budget=budget), TransactionLayer(budget=budget)
+    server_tx(inside, options(), UAC, 0.0)
+    outside.send_request(options(branch="z9hG4bKout"), UAS, 0.0)
+    assert budget.used == inside.retained + outside.retained
+    assert inside.snapshot()["budget_used_bytes"] == budget.used
+
+
+def test_shed_transactions_free_their_texts_and_the_heap_stays_bounded() -> None:
+    """Shed transactions still have timer entries on the heap (lazy deletion): those
+    entries must not keep their texts alive, and must not pile up under a flood."""
+    budget = RetainedBytes(limit=50 * TX_OVERHEAD)
+    layer = TransactionLayer(budget=budget)
+    first = answered_options(layer, "z9hG4bKfirst", 0.0)
+    for index in range(6_000):
+        answered_options(layer, f"z9hG4bKh{index}", 0.001 * index)
+    assert layer.shed > 5_000 and len(layer) < 60
+    assert first.request.headers == [] and first.last_response is None
+    assert len(layer._heap) <= 4 * len(layer) + 4096 + 2
+    assert budget.used <= budget.limit + 2 * TX_OVERHEAD
+
+
+def test_ended_transactions_left_on_the_heap_hold_no_texts() -> None:
+    """Regression (found by bench/flood.py): an answered transaction ends at timer J,
+    but its backstop entry (320 s) stays on the heap until its time; it kept the 30 KB
+    texts of 800 flood requests alive for five minutes."""
+    layer = TransactionLayer()
+    big = request("OPTIONS", branch="z9hG4bKbig", extra=(f"X-Pad: {PAD}",))
+    big.set("From", f'"{PAD}" <sip:alice@example.com>;tag=1')
+    tx = server_tx(layer, big, UAC, 0.0)
+    layer.respond(tx, response_to(tx.request, 200, "OK", to_tag="t"), 0.0)
+    layer.poll(40.0)  # timer J; next_deadline() is not asked, as under a busy flood
+    assert len(layer) == 0
+    assert any(entry[2] is tx for entry in layer._heap)  # still referenced...
+    assert tx.request.headers == [] and tx.last_response is None  # ...but holds nothing

@@ -1112,7 +1112,8 @@ def test_failed_rekey_bad_final(setup: Setup) -> None:
 
 
 def test_failed_rekey_timeouts(setup: Setup) -> None:
-    caller, callee, _ = secured(setup)
+    caller, callee, trace = secured(setup)
+    callee.srtp_authenticated(trace.time + 0.1)  # media flows under the first key
     old = (caller.session, callee.session)
     caller.rekey(50.0)
     [failed] = caller.transaction_timeout(82.0)
@@ -1153,4 +1154,114 @@ def test_a_different_final_after_switch_over_is_refused(setup: Setup) -> None:
     assert events[0].status == 400  # type: ignore[union-attr]
     assert only(events, hs.RekeyFailed).reason is R.OUT_OF_ORDER
     assert callee.session is session
+    assert callee.state is hs.CalleeState.SECURED
+
+
+# --- a failed re-key keeps the lost-Final fallback ---------------------------------------------
+
+
+def switched_but_caller_did_not(setup: Setup) -> tuple[hs.CalleeHandshake, float]:
+    """The callee took a Final and switched; its 200 was lost, so the caller never did.
+    Returns the callee and the time it switched (its grace window runs from there)."""
+    _, callee, trace = lose_callee_final(setup)
+    assert callee.next_deadline() == pytest.approx(trace.time + hs.DEFAULT_GRACE)
+    return callee, trace.time
+
+
+def bad_hellos(setup: Setup, pki: Pki) -> dict[str, str]:
+    stranger = pki.issue("Mallory", "15550009999", datetime(2031, 1, 1, tzinfo=UTC),
+                         ca=pki.other_ca)  # fmt: skip
+    return {
+        "garbage": "not base64 at all!",
+        "untrusted_ca": messages.encode_body(
+            messages.CallerHello(ssrc=CALLER_SSRC, mc=stranger.certificate.encode())
+        ),
+        "ssrc_changed": messages.encode_body(
+            messages.CallerHello(ssrc=0x0C0C0C0C, mc=setup.caller_party.certificate.encode())
+        ),
+        "final_without_hello": final_for(setup.callee_party.certificate.subscriber_key),
+    }
+
+
+@pytest.mark.parametrize("kind", ["garbage", "untrusted_ca", "ssrc_changed", "final_without_hello"])
+def test_bad_rekey_during_grace_keeps_the_lost_final_fallback(
+    setup: Setup, pki: Pki, kind: str
+) -> None:
+    """Regression: ``_abandon`` cleared the only deadline, so a bad INFO during the grace
+    window left the callee encrypting for a caller that never switched: silence."""
+    callee, switched_at = switched_but_caller_did_not(setup)
+    events = callee.receive_request(bad_hellos(setup, pki)[kind], switched_at + 0.5, NOW_UTC)
+    assert events[0].status in (400, 488)  # type: ignore[union-attr]
+    assert only(events, hs.RekeyFailed)
+    assert callee.state is hs.CalleeState.SECURED  # the keys in force still work
+    assert callee.next_deadline() == pytest.approx(switched_at + hs.DEFAULT_GRACE)
+    assert callee.handle_timer(switched_at + hs.DEFAULT_GRACE - 0.01) == []
+    fallback = callee.handle_timer(switched_at + hs.DEFAULT_GRACE)
+    assert [type(e) for e in fallback] == [hs.StayClear]
+    assert fallback[0].reason is R.NO_AUTHENTICATED_SRTP  # type: ignore[union-attr]
+    assert callee.session is None
+    assert callee.state is hs.CalleeState.CLEAR
+    assert callee.next_deadline() is None
+
+
+def test_good_rekey_hello_during_grace_keeps_the_fallback(setup: Setup) -> None:
+    """A Hello that passes every check but is never followed by a Final does not stop
+    the fallback either; the fallback also ends the half-done re-key."""
+    callee, switched_at = switched_but_caller_did_not(setup)
+    events = callee.receive_request(caller_hello_body(setup), switched_at + 0.5, NOW_UTC)
+    assert events[0].status == 200  # type: ignore[union-attr]
+    assert callee.state is hs.CalleeState.HELLO_ACCEPTED
+    assert callee.next_deadline() == pytest.approx(switched_at + hs.DEFAULT_GRACE)
+    fallback = callee.handle_timer(switched_at + hs.DEFAULT_GRACE)
+    assert [e.reason for e in fallback] == [R.NO_AUTHENTICATED_SRTP]  # type: ignore[union-attr]
+    assert callee.state is hs.CalleeState.CLEAR
+    assert callee.next_deadline() is None
+    late_final = callee.receive_request(
+        final_for(setup.callee_party.certificate.subscriber_key), switched_at + 3.0, NOW_UTC
+    )
+    assert late_final[0].status == 400  # type: ignore[union-attr]
+    assert callee.session is None
+
+
+def test_bad_rekey_after_srtp_flows_leaves_the_keys_for_good(setup: Setup, pki: Pki) -> None:
+    caller, callee, trace = secured(setup)
+    callee.srtp_authenticated(trace.time + 0.1)
+    session = callee.session
+    for index, body in enumerate(bad_hellos(setup, pki).values()):
+        events = callee.receive_request(body, trace.time + 1 + index, NOW_UTC)
+        assert only(events, hs.RekeyFailed)
+        assert callee.session is session
+        assert callee.state is hs.CalleeState.SECURED
+        assert callee.next_deadline() is None
+    assert callee.handle_timer(trace.time + 1000.0) == []
+    assert callee.session is session
+    assert caller.session is not None and caller.session.keys == session.keys  # type: ignore[union-attr]
+
+
+def test_half_done_rekey_times_out_beside_a_running_grace(setup: Setup) -> None:
+    """Grace longer than the half-done timeout: the re-key gives up first (RekeyFailed,
+    keys kept), the fallback still fires at its own time."""
+    caller, callee = setup.caller(), setup.callee(grace=10.0, half_done_timeout=3.0)
+    trace = run(caller, callee, on_response=response_on_step(1, lambda s, b: None))
+    switched_at = trace.time
+    callee.receive_request(caller_hello_body(setup), switched_at + 1.0, NOW_UTC)
+    assert callee.next_deadline() == pytest.approx(switched_at + 4.0)
+    [failed] = callee.handle_timer(switched_at + 4.0)
+    assert failed == hs.RekeyFailed(R.TIMEOUT, failed.detail)  # type: ignore[union-attr]
+    assert callee.state is hs.CalleeState.SECURED
+    assert callee.next_deadline() == pytest.approx(switched_at + 10.0)
+    assert [type(e) for e in callee.handle_timer(switched_at + 10.0)] == [hs.StayClear]
+
+
+def test_completed_rekey_during_grace_still_needs_authenticated_srtp(setup: Setup) -> None:
+    caller, callee = setup.caller(), setup.callee()
+    trace = run(caller, callee)
+    switched_at = trace.time - STEP  # the callee switched one hop before the caller
+    rekeyed = run(caller, callee, now=switched_at + 0.2, rekey=True)
+    assert rekeyed.statuses == [200, 200]
+    assert callee.session is not None and callee.session.generation == 1
+    assert callee.next_deadline() == pytest.approx(switched_at + hs.DEFAULT_GRACE)
+    assert callee.srtp_authenticated(switched_at + 1.0) == []
+    assert callee.next_deadline() is None
+    assert callee.handle_timer(switched_at + 100.0) == []
     assert callee.state is hs.CalleeState.SECURED

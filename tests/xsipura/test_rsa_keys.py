@@ -118,6 +118,25 @@ def test_type2_padding_never_contains_zero(subscriber: rsa.PrivateKey) -> None:
     assert len(calls) >= 3
 
 
+def test_type2_pads_with_exactly_the_bytes_given(subscriber: rsa.PrivateKey) -> None:
+    """A caller-supplied source (reproducible vectors) is used as is, zeros skipped in
+    order; the default source (OpenSSL's padding) gives a fresh block every time."""
+    drawn = bytes(range(1, 200))
+    message = bytes(range(16))
+    ciphertext = rsa.encrypt_type2(subscriber.public, message, lambda n: drawn[:n])
+    assert subscriber.private_op(ciphertext) == b"\x00\x02" + drawn[:45] + b"\x00" + message
+    stream = iter(bytes([0, 7, 0, 0, 9] * 40))
+    block = subscriber.private_op(
+        rsa.encrypt_type2(
+            subscriber.public, message, lambda n: bytes(next(stream) for _ in range(n))
+        )
+    )
+    assert block[2:47] == bytes([7, 9] * 23)[:45]
+    first = rsa.encrypt_type2(subscriber.public, message)
+    assert first != rsa.encrypt_type2(subscriber.public, message)
+    assert rsa.decrypt_type2(subscriber, first, 16) == message
+
+
 def test_type2_interoperates_with_cryptography(subscriber: rsa.PrivateKey) -> None:
     ck = subscriber.to_cryptography()
     message = secrets.token_bytes(16)

@@ -1,16 +1,28 @@
-"""Minimal rtpengine ng-protocol client: bencode over UDP with a cookie prefix.
+"""rtpengine for tests and benches: its ng-protocol client and a loopback instance.
 
-Copied from the rtpengine peer kit's ngclient.py (shared/peers/rtpengine), typed and linted.
-Wire format (rtpengine docs/ng_control_protocol.md): ``b"<cookie> <bencoded dict>"``; the
-reply carries the same cookie.
+:class:`NG` is bencode over UDP with a cookie prefix (copied from the rtpengine peer
+kit's ngclient.py, typed and linted). Wire format (rtpengine docs/ng_control_protocol.md):
+``b"<cookie> <bencoded dict>"``; the reply carries the same cookie.
+
+:func:`start_rtpengine` runs a userspace-only rtpengine (``--table=-1``, no kernel
+module) on 127.0.0.1 with a free ng port and a free media port range, as a
+:class:`testkit.processes.Processes` member (stopped by its PID), and waits until it
+answers an ng ``ping``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from testkit.ports import HOST, free_port, free_port_range
+from testkit.processes import Processes
 
 
 def bencode(obj: Any) -> bytes:
@@ -92,3 +104,43 @@ class NG:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def rtpengine_binary() -> str | None:
+    """The rtpengine daemon (Debian ``rtpengine-daemon``), or None."""
+    exe = shutil.which("rtpengine") or "/usr/bin/rtpengine"
+    return exe if os.access(exe, os.X_OK) else None
+
+
+@dataclass
+class Rtpengine:
+    """A running rtpengine of a test: its ng client and its media ports."""
+
+    ng: NG
+    ports: tuple[int, int]
+    log: Path
+
+
+def start_rtpengine(procs: Processes, workdir: Path, ports: int = 40) -> Rtpengine:
+    """Start one (see the module docstring); AssertionError if it does not come up."""
+    exe = rtpengine_binary()
+    assert exe is not None, "rtpengine is not installed"
+    ng_port = free_port()
+    port_min, port_max = free_port_range(ports)
+    log = workdir / "rtpengine.log"
+    argv = [exe, "--config-file=none", "--table=-1", f"--interface={HOST}",
+            f"--listen-ng={HOST}:{ng_port}", f"--port-min={port_min}", f"--port-max={port_max}",
+            "--foreground", "--log-stderr", "--log-level=6"]  # fmt: skip
+    proc = procs.start(argv, log)
+    ng = NG(HOST, ng_port, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            ng.cmd("ping")
+            break
+        except OSError:
+            assert proc.poll() is None, f"rtpengine exited: {log.read_text(errors='replace')}"
+            assert time.monotonic() < deadline, "rtpengine did not answer an ng ping in 10 s"
+            time.sleep(0.1)
+    ng.sock.settimeout(3.0)
+    return Rtpengine(ng, (port_min, port_max), log)
