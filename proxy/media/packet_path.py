@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.media.channel import pack_counters
@@ -51,6 +52,11 @@ class PacketPath(Protocol):
 
     name: str
     """``"python"`` or ``"fast"`` (``/status``)."""
+
+    before_packets: Callable[[], object] | None
+    """Called before each batch of packets is read, where a path reads a batch at once
+    (a media worker applies the commands already on its channel here): see
+    :class:`~proxy.media.fast_path.FastPath`."""
 
     def new_leg(
         self, side: Side, index: int, ip: str, family: socket.AddressFamily, clock: Clock
@@ -93,6 +99,12 @@ class PythonPath:
     """The Python packet path: asyncio datagram protocols, pylibsrtp, ``ToneMixer``."""
 
     name = "python"
+
+    def __init__(self) -> None:
+        self.before_packets: Callable[[], object] | None = None
+        """Never called: each socket is its own reader of the event loop, and the loop
+        runs readers in the order they became readable, so a command that arrived
+        before a packet is read before it anyway."""
 
     def new_leg(
         self, side: Side, index: int, ip: str, family: socket.AddressFamily, clock: Clock

@@ -107,6 +107,7 @@ class WorkerProcess:
         (which comes with sockets): a media command goes to the relay as it is."""
         engine.on_closed = self._closed
         engine.on_event = self._event
+        engine.path.before_packets = self._readable  # commands before the packets after them
 
     async def run(self) -> None:
         loop = self.loop = asyncio.get_running_loop()

@@ -569,3 +569,69 @@ def test_channel_message_sizes_fit() -> None:
         counters = ch.pack_counters(2**63 - 1 for _ in range(width))
         batch = ch.Stats(tuple((2**40 + i, counters) for i in range(sessions)))
         assert len(ch.encode(batch)) < ch.MAX_MESSAGE, streams
+
+
+@pytest.mark.parametrize("path", built_paths())
+def test_a_worker_applies_a_command_before_a_packet_that_came_after_it(path: str) -> None:
+    """Regression (found by bench/soak.py on the compiled path): the epoll set of the
+    compiled path is one descriptor for the event loop, readable as soon as any call's
+    packet waits, so it came before the channel and the drain read a packet that had
+    arrived *after* a ``SwitchSrtp``: the phone's first packet after the switch-over left
+    in the clear. Here the loop is held while another call's packet, the command and the
+    phone's packet arrive, in that order; what reaches the far end must be SRTP."""
+    from proxy.media.worker_process import WorkerProcess
+
+    lo, _hi = free_range(8)
+
+    def bound_pairs() -> tuple[list[tuple[socket.socket, socket.socket]], list[int]]:
+        pairs = []
+        for port in range(lo, lo + 8, 2):
+            rtp_sock, rtcp_sock = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                                   for _ in range(2))  # fmt: skip
+            rtp_sock.bind((HOST, port))
+            rtcp_sock.bind((HOST, port + 1))
+            pairs.append((rtp_sock, rtcp_sock))
+        return pairs, [s.fileno() for pair in pairs for s in pair]
+
+    async def scenario() -> None:
+        engine = RelayEngine(HOST, HOST, lo, lo + 7, pool_pairs=0,
+                             fast_path="on" if path == "fast" else "off")  # fmt: skip
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        theirs.setblocking(False)
+        worker = WorkerProcess(theirs, engine, 0)
+        running = asyncio.get_running_loop().create_task(worker.run())
+        pairs, fds = bound_pairs()
+        peers = [Peer() for _ in range(4)]  # call 1: phone, pbx; call 2: phone, pbx
+        phone, pbx, other_phone, other_pbx = peers
+        try:
+            # two calls of one stream: four sockets each
+            socket.send_fds(ours, [ch.encode(ch.Allocate(1, "call-1", 1))], fds[:4])
+            socket.send_fds(ours, [ch.encode(ch.Allocate(2, "call-2", 1))], fds[4:])
+            for sock in (s for pair in pairs for s in pair):
+                sock.close()
+            for sid, (inside, outside) in ((1, (phone, pbx)), (2, (other_phone, other_pbx))):
+                for side, peer in ((Side.INSIDE, inside), (Side.OUTSIDE, outside)):
+                    command = SetRemote(sid, side, 0, HOST, peer.port, peer.port + 1)
+                    ours.send(ch.encode(command))
+            assert await pbx.recv_after(phone, rtp(1), (HOST, lo)) == rtp(1)
+            assert await other_pbx.recv_after(other_phone, rtp(1, 0x99), (HOST, lo + 4)) == rtp(
+                1, 0x99
+            )
+            keys = SrtpKeys(bytes(range(16)), bytes(range(16, 32)))
+            # The loop is held from here: three arrivals in this order.
+            other_phone.send(rtp(2, 0x99), (HOST, lo + 4))
+            ours.send(ch.encode(SwitchSrtp(1, Side.OUTSIDE, keys, 2.0, True)))
+            phone.send(rtp(2), (HOST, lo))
+            await asyncio.sleep(0)
+            sent = await pbx.recv()
+            assert len(sent) == len(rtp(2)) + 10, "the packet after the switch left in the clear"
+            assert SrtpContext(keys.master_key, keys.master_salt).unprotect(sent) == rtp(2)
+            assert await other_pbx.recv() == rtp(2, 0x99)
+        finally:
+            worker.stop()
+            await running
+            ours.close()
+            for peer in peers:
+                peer.close()
+
+    run(scenario)
