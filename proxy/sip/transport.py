@@ -249,8 +249,9 @@ class SipTransport:
                 cap = (limits.max_connections if refusal is Refusal.MAX_CONNECTIONS
                        else limits.max_per_source)  # fmt: skip
                 self._note(refusal.value, conn.remote[0],
-                           "%s: TCP connection from %s:%s refused: %s (%d) reached",
-                           self.name, *conn.remote, refusal.value, cap)  # fmt: skip
+                           "%s: %s connection from %s:%s refused: %s (%d) reached",
+                           self.name, conn.kind.upper(), *conn.remote, refusal.value,
+                           cap)  # fmt: skip
                 return False
         self._by_id[conn.id] = conn
         self._by_remote[(*conn.remote, conn.kind)] = conn
@@ -272,8 +273,8 @@ class SipTransport:
         return self.table.hold(flow.conn, held)
 
     def framing_lost(self, conn: _Tcp, exc: SipParseError) -> None:
-        self._note("framing_lost", conn.remote[0], "%s: TCP %s:%s: framing lost (%s); closing",
-                   self.name, *conn.remote, exc)  # fmt: skip
+        self._note("framing_lost", conn.remote[0], "%s: %s %s:%s: framing lost (%s); closing",
+                   self.name, conn.kind.upper(), *conn.remote, exc)  # fmt: skip
         conn.close()
 
     def too_large(self, data: bytes, source: Address, size: int, conn: _Tcp | None = None) -> None:
@@ -298,8 +299,8 @@ class SipTransport:
             if conn is None:
                 self.table.remove(conn_id)
                 continue
-            self._note(reason.value, conn.remote[0], "%s: TCP %s:%s closed: %s",
-                       self.name, *conn.remote, reason.value)  # fmt: skip
+            self._note(reason.value, conn.remote[0], "%s: %s %s:%s closed: %s",
+                       self.name, conn.kind.upper(), *conn.remote, reason.value)  # fmt: skip
             conn.close()
         self._notes.flush(now)
         if self._loop is not None:
@@ -384,6 +385,9 @@ class SipTransport:
             "too_large": dict(self.too_large_count),
             "tls_failures": self.tls_failures,
             "tls_handshakes_failed": self.tls_handshakes_failed,
+            "tls_handshakes_in_progress": (
+                0 if self._tls_listener is None else self._tls_listener.in_progress
+            ),
         }
 
     def close(self) -> None:
