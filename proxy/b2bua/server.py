@@ -365,6 +365,9 @@ class ProxyServer:
                 user_ids.get(key, key): when.timestamp()
                 for key, when in self.security.mc_expiry().items()
             },
+            sip_transports={
+                side.value: transport.counters() for side, transport in self.transports.items()
+            },
         )
 
     def reload(self) -> tuple[bool, str]:

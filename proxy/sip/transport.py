@@ -39,8 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+from proxy.metrics import TransportCounters
 from proxy.ratelimit import LogLimiter
-from proxy.sip.connections import ConnectionTable, Refusal, TcpLimits
+from proxy.sip.connections import Closing, ConnectionTable, Refusal, TcpLimits
 from proxy.sip.framing import Oversized, StreamFramer
 from proxy.sip.message import MAX_MESSAGE, SipParseError
 from proxy.sip.pingpong import PONG
@@ -55,6 +56,8 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 """UDP socket buffer asked for (the kernel caps it at net.core.rmem_max/wmem_max)."""
 MAX_PENDING_CONNECT = 64
 """Messages queued per TCP connection being opened; beyond that they are dropped."""
+MESSAGE_TRANSPORTS = ("udp", "tcp", "tls")
+"""The transports a message can arrive over (the ``transport`` label of ``/metrics``)."""
 SWEEP_INTERVAL_S = 1.0
 """How often TCP connections are checked against their timeouts."""
 
@@ -389,6 +392,18 @@ class SipTransport:
                 0 if self._tls_listener is None else self._tls_listener.in_progress
             ),
         }
+
+    def counters(self) -> TransportCounters:
+        """What ``/metrics`` reports of this listener: the refusals and failures the
+        snapshot counts, each reason and transport present from the start."""
+        stats = self.table.stats
+        return TransportCounters(
+            connections_refused={r.value: stats.refused[r.value] for r in Refusal},
+            connections_closed={c.value: stats.closed[c.value] for c in Closing},
+            messages_too_large={t: self.too_large_count[t] for t in MESSAGE_TRANSPORTS},
+            tls_handshakes_failed=self.tls_handshakes_failed,
+            tls_connect_failures=self.tls_failures,
+        )
 
     def close(self) -> None:
         if self._sweeper is not None:
