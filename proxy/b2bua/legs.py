@@ -169,6 +169,9 @@ class Call:
     state: CallState = CallState.INVITING
     media: MediaHandle | None = None
     cancelled: bool = False
+    cancel_reason: str | None = None
+    """The ``Reason`` (RFC 3326) of the CANCELs toward the callee when the proxy itself
+    ended the ringing call (a drain's end, a policy): a late CANCEL carries it too."""
     branches: list[Branch] = field(default_factory=list)
     """Every INVITE sent toward the callee (one, or a fork per registered device); the
     one that answered becomes :attr:`b`."""

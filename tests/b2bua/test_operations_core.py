@@ -134,6 +134,7 @@ def test_hang_up_all_ends_answered_and_ringing_calls(
     out = w.upstream(build_response(ringing_b.request, 180, to_tag="up2"))
     quiet_invite, quiet_b = start_call(w)  # no provisional yet: no CANCEL may go out
     w.core.start_drain(w.now, 30)
+    w.advance(30)
 
     out = wires(w, w.core.hang_up_all(w.now))
     byes = pick(out, method="BYE")
@@ -143,12 +144,22 @@ def test_hang_up_all_ends_answered_and_ringing_calls(
         assert bye.dest == (PHONE if bye.side is IN else UPSTREAM)
     cancel = only(pick(out, OUT, method="CANCEL")).request
     assert cancel.call_id == ringing_b.request.call_id
-    terminated = pick(out, IN, status=487)
-    assert sorted(t.response.call_id for t in terminated) == sorted(
+    assert cancel.get("reason") == SHUTDOWN
+    # the callers of the ringing calls: 503, as a new INVITE gets while draining
+    assert not pick(out, IN, status=487)
+    unavailable = pick(out, IN, status=503)
+    assert sorted(t.response.call_id for t in unavailable) == sorted(
         [ringing_invite.call_id, quiet_invite.call_id]
     )
+    for final in unavailable:
+        assert final.response.get("retry-after") == "1"
+        assert final.response.get("reason") == SHUTDOWN
+        assert final.response.to.tag  # the caller's leg keeps its To tag
     assert w.core.drain.hung_up == 3
     assert len(w.core.calls) == 3  # they leave as the far ends answer
+    lines = [r.getMessage() for r in records.records if "drain's end" in r.getMessage()]
+    assert len(lines) == 3 and sum("ringing" in line for line in lines) == 2
+    assert not pick(wires(w, w.core.hang_up_all(w.now)), method="CANCEL")  # only once
 
     for bye in byes:
         w.send(bye.side, build_response(bye.request, 200), bye.dest)
@@ -156,8 +167,11 @@ def test_hang_up_all_ends_answered_and_ringing_calls(
     w.upstream(build_response(ringing_b.request, 487, to_tag="up2"))
     w.upstream(build_response(quiet_b.request, 180, to_tag="up3"))  # its CANCEL now
     late = only(pick(w.sent[-3:], OUT, method="CANCEL")).request
+    assert late.call_id == quiet_b.request.call_id
+    assert late.get("reason") == SHUTDOWN  # held back, with the same Reason
     w.upstream(build_response(late, 200))
     w.upstream(build_response(quiet_b.request, 487, to_tag="up3"))
+    assert not pick(w.sent, IN, status=487), "the callers got their 503 only"
     assert w.core.calls == {} and w.media.all_returned()
     assert answered.a_ok.status == 200
 
@@ -167,6 +181,8 @@ def test_hang_up_all_ends_answered_and_ringing_calls(
         assert record.summary["ended_by"] == "proxy"  # type: ignore[attr-defined]
         assert record.summary["end_reason"] == "proxy shutting down"  # type: ignore[attr-defined]
     assert sum(r.summary["answered"] for r in ended) == 1  # type: ignore[attr-defined]
+    lines = [r.getMessage() for r in records.records if "drain's end" in r.getMessage()]
+    assert len(lines) == 3, "one line per call, however many messages followed"
 
 
 def wires(w: World, out: list[sipfake.Outbound]) -> list[sipfake.Wire]:
