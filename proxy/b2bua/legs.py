@@ -201,7 +201,9 @@ class Call:
     end_reason: str = ""
     """How or why: ``BYE``, ``CANCEL``, ``486 Busy Here``, ``RTP timeout``..."""
     media_final: dict[Side, list[StreamStats]] | None = None
-    """The media counters when the session was released (the summary's packets)."""
+    """The media counters of the released session, final (the summary's packets)."""
+    ended_at: float | None = None
+    """When the call left the table (its summary may wait for final media counters)."""
     log_fields: dict[str, object] = field(default_factory=dict, repr=False)
     """``call``/``call_id``/``line`` for log lines about this call (:mod:`proxy.logsetup`),
     built once by :meth:`fields`."""

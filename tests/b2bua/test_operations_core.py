@@ -43,6 +43,7 @@ from sipfake import (
 )
 
 from proxy.logsetup import CallContextFilter
+from proxy.media.commands import MediaReleased
 from proxy.sip.message import Request
 from proxy.sip.transaction import Address
 
@@ -211,6 +212,50 @@ def test_counters_by_direction_and_media_totals_survive_the_call(w: World) -> No
     w.phone(build_response(invite, 486, "Busy Here", to_tag=tag()))
     assert metrics.calls_by_direction == {"outbound": 1, "inbound": 1}
     assert w.core.stats.calls_total == 2
+
+
+def test_with_workers_totals_and_summary_wait_for_the_final_counters(
+    records: pytest.LogCaptureFixture,
+) -> None:
+    """An engine in other processes reports a released session's final counters later
+    (``MediaReleased``): the totals and the summary line hold those, not the last
+    periodic report, and the call's end is the time it left the table."""
+    media = sipfake.FakeMedia()
+    media.reports_final = True
+    w = World(media=media)
+    call = outbound_call(w)
+    session = w.media.sessions[-1]
+    session.packets_in = 240  # the last report
+    w.advance(5.0)
+    out = w.phone(call.phone.request("BYE"))
+    w.upstream(build_response(only(pick(out, OUT, method="BYE")).request, 200))
+    assert w.core.calls == {} and session.released
+    metrics = w.core.stats.metrics
+    assert metrics.media_released.packets[("inside", "in")] == 0  # not the stale 240
+    assert not summaries(records), "the summary waits for the final counters"
+    assert w.core.features()["media_final_awaited"] == 1
+
+    w.advance(0.2)
+    session.packets_in = 250  # what the worker counted until its sockets closed
+    w.media.report(MediaReleased(session.id, session.stats()))
+    assert metrics.media_released.packets[("inside", "in")] == 250
+    (record,) = summaries(records)
+    summary = record.summary  # type: ignore[attr-defined]
+    assert summary["media"]["inside"]["packets_in"] == 250
+    assert summary["talk_s"] == pytest.approx(5.0)  # ended at the BYE, not at the report
+    assert w.core.features()["media_final_awaited"] == 0
+    w.media.report(MediaReleased(session.id, session.stats()))  # a duplicate: ignored
+    assert metrics.media_released.packets[("inside", "in")] == 250
+
+    # shutdown before a worker's report: the last reported counters, and the summary
+    call = outbound_call(w)
+    w.media.sessions[-1].packets_in = 30
+    out = w.phone(call.phone.request("BYE"))
+    w.upstream(build_response(only(pick(out, OUT, method="BYE")).request, 200))
+    assert len(summaries(records)) == 1
+    w.core.media_closing(w.now)
+    assert len(summaries(records)) == 2
+    assert metrics.media_released.packets[("inside", "in")] == 280
 
 
 def test_malformed_messages_logged_once_per_source_with_the_count(
