@@ -90,6 +90,10 @@ YOUNG_S = 10.0
 """A replacement that dies sooner than this counts toward the restart back-off."""
 MAX_BACKOFF_S = 30.0
 START_FAILURE_LOG_S = 60.0
+FINAL_COUNTERS_WAIT_S = 5.0
+"""How long a released session waits for its worker's ``Closed`` (normally a few ms):
+then its last reported counters are final and the call's summary is written, so a
+worker that never answers cannot hold released sessions (and summaries) for ever."""
 """At most one "cannot start" line per worker slot in this long (with the count)."""
 WORKER_MODULE: Final = "proxy.media.worker_process"
 """What a worker runs: ``python -m`` this."""
@@ -449,7 +453,23 @@ class WorkerPool:
             self._live.pop(session.id, None)
             session.worker.sessions.pop(session.id, None)
             session.worker.closing[session.id] = session  # final counters with Closed
+            if self._loop is not None:
+                self._loop.call_later(FINAL_COUNTERS_WAIT_S, self._overdue, session)
         session.worker.send(command)
+
+    def _overdue(self, session: WorkerSession) -> None:
+        """``session`` was released :data:`FINAL_COUNTERS_WAIT_S` ago: if its ``Closed``
+        has not come, its last reported counters are final."""
+        w = session.worker
+        if w.closing.get(session.id) is not session:
+            return  # Closed came (or the worker died and its sessions were settled)
+        del w.closing[session.id]
+        self._noise.log(logging.WARNING, "final-counters", str(w.index),
+                        self._loop.time() if self._loop is not None else 0.0,
+                        "media worker %d: no final counters for session %d after %.0f s; "
+                        "using the last reported", w.index, session.id,
+                        FINAL_COUNTERS_WAIT_S)  # fmt: skip
+        self._emit(MediaReleased(session.id, session.stats()))
 
 
 _REPORTS: Final[dict[type, Callable[[WorkerPool, WorkerSlot, Any], bool]]] = {

@@ -609,6 +609,53 @@ def test_released_session_reports_its_final_counters_exactly(path: str) -> None:
     run(scenario)
 
 
+def test_a_release_the_worker_never_answers_is_settled_with_the_last_counters(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that is alive but never sends the ``Closed`` of a released session (here:
+    stopped) cannot hold the session, and the call's summary, for ever: after the wait
+    the last reported counters are final, once, with one log line."""
+    import proxy.media.worker_pool as worker_pool
+
+    monkeypatch.setattr(worker_pool, "FINAL_COUNTERS_WAIT_S", 0.3)
+    lo, hi = free_range(16)
+
+    async def scenario() -> None:
+        engine = WorkerPool(HOST, HOST, lo, hi, 1)
+        events: list[MediaEvent] = []
+        engine.on_event = events.append
+        engine.start()
+        phone, pbx = Peer(), Peer()
+        proc = None
+        try:
+            session = engine.allocate("call-1", 1)
+            connect(engine, session, phone, pbx)
+            inside = session.local(Side.INSIDE, 0)
+            assert await pbx.recv_after(phone, rtp(1), inside) == rtp(1)
+            await until(lambda: session.stats()[Side.INSIDE][0]["packets_in"] == 1, "1st")
+            proc = engine._workers[session.worker_index].proc
+            assert proc is not None
+            proc.send_signal(signal.SIGSTOP)
+            engine.apply(Release(session.id))
+            engine.flush()
+            await until(lambda: any(isinstance(e, MediaReleased) for e in events), "overdue")
+            assert only_released(events, session.id)[Side.INSIDE][0]["packets_in"] == 1
+            proc.send_signal(signal.SIGCONT)
+            proc = None
+            await until(lambda: not engine._workers[0].ports_of, "the late Closed")
+            await asyncio.sleep(0.2)  # the late Closed adds no second event
+            assert len([e for e in events if isinstance(e, MediaReleased)]) == 1
+            assert "no final counters for session" in caplog.text
+        finally:
+            if proc is not None:
+                proc.send_signal(signal.SIGCONT)
+            phone.close()
+            pbx.close()
+            await engine.close()
+
+    run(scenario)
+
+
 def only_released(events: list[MediaEvent], sid: int) -> dict[Side, list[StreamStats]]:
     released = [e for e in events if isinstance(e, MediaReleased)]
     assert [e.session for e in released] == [sid]
