@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proxy.b2bua.deadlines import Deadlines
 from proxy.sip.headers import SipHeaderError, SipUri, bare_host
@@ -54,6 +54,22 @@ class Binding:
 
     def expires_in(self, now: float) -> int:
         return max(0, round(self.expires_at - now))
+
+    @property
+    def target(self) -> str:
+        """The contact as the Request-URI of requests to the phone: without URI headers.
+
+        A REGISTER's Contact may carry them (``<sip:u@h?Route=...>``: RFC 4475
+        "regescrt", which a registrar must accept), but a Request-URI may not (RFC 3261
+        §19.1.1), and turning them into header fields as §19.1.5 describes would let a
+        registration put a Route (or anything else) into every request the proxy sends
+        toward it: they are dropped."""
+        if "?" not in self.contact:
+            return self.contact
+        try:
+            return str(replace(SipUri.parse(self.contact), headers=""))
+        except SipHeaderError:
+            return self.contact
 
 
 def binding_key(uri: str) -> str:

@@ -81,7 +81,7 @@ class Keepalive:
     def _probe(self, binding: Binding, now: float) -> list[Outbound]:
         host, port = self.sides.advertised(Side.INSIDE)
         flow = binding.flow
-        request = Request(method="OPTIONS", uri=binding.contact)
+        request = Request(method="OPTIONS", uri=binding.target)
         request.add("Via", self.sides.via(Side.INSIDE, flow.transport))
         request.add("Max-Forwards", "1")  # for the phone itself, never to be forwarded
         request.add("From", f"<sip:sipura@{format_hostport(host, port)}>;tag={new_tag()}")

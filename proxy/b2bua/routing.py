@@ -231,7 +231,7 @@ class Router:
         bindings = self.registrar.targets(aor, now)
         token = uri.param(BINDING_PARAM)
         chosen = [b for b in bindings if b.token == token] if token else []
-        targets = [Target(b.contact, b.flow) for b in chosen or bindings]
+        targets = [Target(b.target, b.flow) for b in chosen or bindings]
         if not targets and line is not None and line.contact:
             targets = [Target(line.contact, self.resolve(line.contact, None, now))]
         if not targets:

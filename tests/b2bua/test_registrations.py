@@ -128,6 +128,23 @@ def test_relayed_user_without_a_line_receives_calls_in_the_clear() -> None:
     assert only(pick(out, OUT, status=404))
 
 
+def test_uri_headers_of_a_registered_contact_never_reach_a_request() -> None:
+    """RFC 4475 "regescrt": a Contact with an escaped header is registered, but calls and
+    keep-alives to it use the URI without its headers (a Request-URI may not carry them,
+    and the proxy does not turn them into a Route of its own requests)."""
+    w = World()
+    alice = Address("10.0.0.77", 5060)  # behind NAT: its Contact names another address
+    contact = "<sip:alice@10.0.0.41:5060?Route=%3Csip:203.0.113.66%3E>"
+    register(w, alice, user="alice", contact=contact)
+    call = call_in(w, uri="sip:alice@192.0.2.1")
+    request = call.forks[alice].request
+    assert request.uri == "sip:alice@10.0.0.41:5060"
+    assert request.get("route") is None
+    probe = only(pick(w.advance(30), IN, method="OPTIONS"))
+    assert probe.request.uri == "sip:alice@10.0.0.41:5060"
+    assert probe.request.get("route") is None
+
+
 # --- relayed upstream: one Contact per device ------------------------------------------
 
 
