@@ -16,7 +16,7 @@ malformed input raises :class:`SipParseError`, nothing else, so the transport ca
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from proxy.sip.headers import (
@@ -377,8 +377,14 @@ def _split_head(data: bytes) -> tuple[bytes, bytes]:
     return data[: found[0]], data[found[1] :]
 
 
-def _unfold(head: str) -> Iterator[str]:
-    """Header lines with continuation lines (leading SP/HT) joined (RFC 3261 §7.3.1)."""
+def _unfold(head: str) -> list[str]:
+    """Header lines with continuation lines (leading SP/HT) joined (RFC 3261 §7.3.1).
+
+    Most heads fold nothing: then the lines are the split itself (one CR each dropped),
+    without the line-by-line loop that joins continuations."""
+    if "\n " not in head and "\n\t" not in head and head[:1] not in (" ", "\t"):
+        return [line[:-1] if line[-1:] == "\r" else line for line in head.split("\n")]
+    lines: list[str] = []
     current: str | None = None
     for line in head.split("\n"):
         if line.endswith("\r"):
@@ -389,10 +395,11 @@ def _unfold(head: str) -> Iterator[str]:
             current += " " + line.strip(" \t")
             continue
         if current is not None:
-            yield current
+            lines.append(current)
         current = line
     if current is not None:
-        yield current
+        lines.append(current)
+    return lines
 
 
 def _decimal(text: str, what: str, limit: int) -> int:
@@ -429,10 +436,10 @@ def parse_message(
         head = head_bytes.decode("utf-8")
     except UnicodeDecodeError:
         head = head_bytes.decode("utf-8", "surrogateescape")
-    lines = list(_unfold(head))
+    lines = _unfold(head)
     if not lines or not lines[0]:
         raise SipParseError("empty start line")
-    if any("\r" in line for line in lines):
+    if "\r" in "".join(lines):
         raise SipParseError("bare CR in the header section")
     start, header_lines = lines[0], lines[1:]
     message: Request | Response
@@ -587,7 +594,7 @@ def declared_length(head: bytes) -> int:
     blank line excluded), read exactly as :func:`parse_message` reads it, so the framer
     and the parser agree on where a message ends. Raises :class:`SipParseError` when it
     is missing (mandatory on a stream), repeated or not a number."""
-    lines = list(_unfold(head.decode("latin-1")))[1:]
+    lines = _unfold(head.decode("latin-1"))[1:]
     values = [
         value.strip(" \t")
         for name, colon, value in (line.partition(":") for line in lines)
