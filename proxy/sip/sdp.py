@@ -148,10 +148,18 @@ class Endpoint(NamedTuple):
 # --------------------------------------------------------------------------- parsing
 
 
+_WELL_FORMED = re.compile(r"(?:[A-Za-z]=[^\r\n\x00]*)?\r?(?:\n(?:[A-Za-z]=[^\r\n\x00]*)?\r?)*")
+"""A body every line of which passes the checks of :func:`_split_lines`' loop (empty,
+or ``x=`` and no CR or NUL, each with one optional CR before its LF): one regular
+expression at C speed instead of four checks per line in Python."""
+
+
 def _split_lines(body: bytes) -> list[str]:
     if not isinstance(body, bytes | bytearray | memoryview):
         raise SdpError("SDP body must be bytes")
     text = bytes(body).decode("utf-8", "surrogateescape")
+    if _WELL_FORMED.fullmatch(text):
+        return [line for raw in text.split("\n") if (line := raw.removesuffix("\r"))]
     lines = []
     for raw in text.split("\n"):
         line = raw[:-1] if raw.endswith("\r") else raw
