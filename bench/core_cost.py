@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,6 +43,7 @@ from sipfake import (  # noqa: E402
 )
 
 from proxy.media.engine import Side  # noqa: E402
+from testkit.machine import describe  # noqa: E402
 
 
 def world(calls: int) -> World:
@@ -113,8 +112,7 @@ def main() -> int:
     parser.add_argument("--calls", default="0,500,2000")
     parser.add_argument("--messages", type=int, default=5000)
     args = parser.parse_args()
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, tree {ROOT}")  # fmt: skip
+    print(f"# {describe()}, tree {ROOT}")
     print(f"{'calls up':>9} {'µs CPU per message':>20}")
     for calls in (int(c) for c in args.calls.split(",")):
         best = min(measure(calls, args.messages) for _ in range(3))

@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import secrets
 import socket
@@ -58,6 +57,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's proxy and testkit (tests' and b
 
 from proxy.sip.message import Request, SipParseError, parse_message  # noqa: E402
 from proxy.sip.transaction import response_to  # noqa: E402
+from testkit.machine import describe  # noqa: E402
 from testkit.ports import free_port, media_range  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -617,10 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         nofile,
         args.keep,
     )
-    machine = (
-        f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, Linux "
-        f"{platform.release()}, Python {platform.python_version()}"
-    )
+    machine = describe()
     log(f"flood: {machine}; proxy RLIMIT_NOFILE {nofile[0]}:{nofile[1]}")
     results = []
     work = Path(tempfile.mkdtemp(prefix="sipura-flood-"))

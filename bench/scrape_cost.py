@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # this checkout's proxy and testkit (tests' and benches')
 
+from testkit.machine import describe  # noqa: E402
 from testkit.ports import free_port, media_range  # noqa: E402
 from testkit.processes import processes, wait_for  # noqa: E402
 from testkit.proxy import LocalProxy  # noqa: E402
@@ -63,8 +63,7 @@ def main() -> int:
     if sipp is None:
         print("sipp is not installed", file=sys.stderr)
         return 2
-    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}, "
-          f"Python {platform.python_version()}")  # fmt: skip
+    print(f"machine: {describe()}")
     work = Path(tempfile.mkdtemp(prefix="scrape-cost-"))
     uas_port = free_port()
     proxy = LocalProxy("proxy", work, media=media_range(2 * args.calls + 64))

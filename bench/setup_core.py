@@ -25,8 +25,6 @@ import cProfile
 import gc
 import io
 import itertools
-import os
-import platform
 import pstats
 import sys
 import time
@@ -67,6 +65,7 @@ from proxy.xsipura.keyfiles import generate_ca_key  # noqa: E402
 from proxy.xsipura.mc import encode_private_key_param  # noqa: E402
 from proxy.xsipura.provision import issue_line  # noqa: E402
 from proxy.xsipura.trust import TrustStore  # noqa: E402
+from testkit.machine import describe  # noqa: E402
 
 IN, OUT = Side.INSIDE, Side.OUTSIDE
 LINE = "14085551234"
@@ -332,8 +331,7 @@ def main() -> int:
     if args.calls < 1 or args.window < 1 or args.rounds < 1:
         print("setup_core: --calls, --window and --rounds must be >= 1", file=sys.stderr)
         return 2
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, tree {ROOT}")  # fmt: skip
+    print(f"# {describe()}, tree {ROOT}")
     if args.profile:
         profile = cProfile.Profile()
         cost = run(args.profile, args.calls, args.window, profile)

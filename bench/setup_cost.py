@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import collections
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -45,6 +44,7 @@ import benchua as ua  # noqa: E402
 from calldriver import CallDriver  # noqa: E402
 
 from proxy.demo.loopback import ProxyProcess  # noqa: E402
+from testkit.machine import cpu_ticks, describe  # noqa: E402
 from testkit.ports import free_port_range  # noqa: E402
 from testkit.processes import child_env  # noqa: E402
 from testkit.proxy import LocalProxy  # noqa: E402
@@ -55,28 +55,6 @@ PHONE_SSRC = 0x50000000
 
 def log(msg: str) -> None:
     print(f"[setup_cost {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of a process (all threads), in clock ticks; 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
-
-
-def machine() -> str:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{model}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
-            f"{platform.python_implementation()} {platform.python_version()}")  # fmt: skip
 
 
 @dataclass
@@ -270,7 +248,7 @@ async def main_async(args: argparse.Namespace) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     pacing = f"{args.rate:g} calls/s offered" if args.rate > 0 else "closed loop"
-    print(f"# {machine()}; {args.calls} calls per run, {pacing}, window {args.window}, "
+    print(f"# {describe()}; {args.calls} calls per run, {pacing}, window {args.window}, "
           f"{args.rounds} rounds interleaved, medians (min-max)")  # fmt: skip
     print(f"{'tree':<28} {'kind':<8} {'calls/s':>15} {'SIP ms/call':>18} "
           f"{'workers ms/call':>16} {'failed':>6}")  # fmt: skip

@@ -30,7 +30,6 @@ import asyncio
 import collections
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -46,6 +45,7 @@ sys.path[:0] = [str(REPO_ROOT), str(BENCH_DIR)]  # this checkout's proxy and tes
 import benchua as ua  # noqa: E402
 from calldriver import CallDriver, MediaResult, Pair  # noqa: E402
 
+from testkit.machine import describe  # noqa: E402
 from testkit.ports import free_port_range  # noqa: E402
 from testkit.proxy import LocalProxy  # noqa: E402
 
@@ -242,19 +242,6 @@ def judge(args: argparse.Namespace, warm: Snapshot, half: Snapshot, settled: Sna
     return problems
 
 
-def machine() -> str:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{model}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
-            f"{platform.python_implementation()} {platform.python_version()}")  # fmt: skip
-
-
 def print_report(report: dict[str, Any]) -> None:
     args = report["args"]
     out = report["outcome"]
@@ -333,7 +320,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
     problems = judge(args, snaps[1], snaps[2], snaps[-1], outcome, log_text)
     return {
-        "machine": machine(),
+        "machine": describe(),
         "args": {k: v for k, v in vars(args).items() if k not in ("json", "keep")},
         "calls_s": round(calls_s, 1),
         "calls_per_s": round(args.calls / calls_s, 1) if calls_s else 0.0,

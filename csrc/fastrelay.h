@@ -89,6 +89,7 @@ typedef struct RelayObject {
     int epfd;
     uint8_t *buf;
     long long wakeups, packets, registered;
+    PyObject *before; /* called after epoll_wait, before the packets: see Relay_drain */
 } RelayObject;
 
 typedef struct SocketObject {

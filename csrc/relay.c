@@ -205,6 +205,7 @@ static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 static void Relay_dealloc(RelayObject *self)
 {
+    Py_CLEAR(self->before);
     if (self->epfd >= 0)
         close(self->epfd);
     PyMem_Free(self->buf);
@@ -232,12 +233,25 @@ static PyObject *Relay_drain(RelayObject *self, PyObject *unused)
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     self->wakeups++;
-    /* What a packet calls may unregister (and free) sockets later in this batch. */
+    /* What a packet (or the hook below) calls may unregister (and free) sockets later in
+     * this batch. */
     for (int i = 0; i < n; i++) {
         ready[i] = events[i].data.ptr;
         Py_INCREF(ready[i]);
     }
     int failed = 0;
+    /* Every datagram read below arrived before the epoll_wait above (a socket is read
+     * once, its oldest datagram first). The hook runs now, after it: a media worker reads
+     * its channel there, so every command that arrived before a packet is applied before
+     * that packet is relayed, the order the signalling process relies on (a SwitchSrtp
+     * sent before the SIP message that lets the phone's next packet come). */
+    if (n > 0 && self->before != NULL && self->before != Py_None) {
+        PyObject *r = PyObject_CallNoArgs(self->before);
+        if (r == NULL)
+            failed = 1;
+        else
+            Py_DECREF(r);
+    }
     for (int i = 0; i < n; i++) {
         SocketObject *s = ready[i];
         if (!failed && s->registered && s->fd >= 0) {
@@ -277,6 +291,8 @@ static PyMemberDef Relay_members[] = {
     {"packets", T_LONGLONG, offsetof(RelayObject, packets), READONLY, "Datagrams received."},
     {"registered", T_LONGLONG, offsetof(RelayObject, registered), READONLY,
      "Sockets in the epoll set."},
+    {"before", T_OBJECT, offsetof(RelayObject, before), 0,
+     "Called by drain() after epoll_wait and before the first datagram is read (or None)."},
     {NULL},
 };
 

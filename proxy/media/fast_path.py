@@ -172,36 +172,37 @@ class FastPath:
     def __init__(self) -> None:
         self.relay = _fastrelay.Relay()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.before_packets: Callable[[], object] | None = None
-        """Called before each drain: a media worker reads its channel here."""
+
+    @property
+    def before_packets(self) -> Callable[[], object] | None:
+        """Called by each drain after it learnt which sockets are ready and before it
+        reads any (a media worker reads its channel here).
+
+        The event loop sees the whole epoll set as one descriptor, readable whenever any
+        of its sockets is: on a busy worker it is readable before the channel is, so the
+        loop runs the drain first, and without this hook the drain would relay a packet
+        that arrived *after* a command concerning it (measured with ``bench/soak.py``:
+        the phone's first packet after a switch-over left in the clear, 1.2 ms after the
+        ``SwitchSrtp`` had reached the worker, in 1-3 of 60 secured calls). Every
+        datagram a drain reads arrived before its ``epoll_wait``; reading the channel
+        right after that call applies every command that arrived before them first, the
+        order :meth:`~proxy.media.worker_pool.WorkerPool.flush` promises. It costs one
+        ``recvmsg`` (usually empty) per wake-up, not per packet."""
+        return self.relay.before
+
+    @before_packets.setter
+    def before_packets(self, hook: Callable[[], object] | None) -> None:
+        self.relay.before = hook
 
     def watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The loop calls :meth:`_drain` whenever a socket of the set is readable."""
+        """The loop calls ``drain()`` whenever a socket of the set is readable."""
         if self.loop is None:
-            loop.add_reader(self.relay.fileno(), self._drain)
+            loop.add_reader(self.relay.fileno(), self.relay.drain)
             self.loop = loop
-
-    def _drain(self) -> None:
-        """Commands first, then one datagram from each ready socket.
-
-        The event loop sees the whole epoll set as one descriptor, which is readable
-        whenever any of its sockets is: on a busy worker it is readable before the
-        channel is, so the loop would run ``drain()`` first, and ``drain()`` reads the
-        sockets as they are *now*, including a packet that arrived after a command that
-        concerns it (measured in ``bench/soak.py``: the phone's first packet after a
-        switch-over relayed in the clear 1.2 ms after the ``SwitchSrtp`` reached the
-        worker, 1-3 calls in 60; a peer's first packet dropped before its ``SetRemote``).
-        Reading the channel first keeps the order the signalling process relies on
-        (:meth:`~proxy.media.worker_pool.WorkerPool.flush`): a command sent before the
-        SIP message that lets a peer send is applied before that peer's packets. It
-        costs one ``recvmsg`` (usually empty) per wake-up, not per packet."""
-        before = self.before_packets
-        if before is not None:
-            before()
-        self.relay.drain()
 
     def close(self) -> None:
         """Stop watching (sockets still registered go on being watched by nobody)."""
+        self.relay.before = None  # the hook's owner refers to this path: no cycle left
         if self.loop is not None:
             if not self.loop.is_closed():
                 self.loop.remove_reader(self.relay.fileno())
