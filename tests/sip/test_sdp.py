@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from proxy.sip.sdp import (
@@ -486,6 +486,10 @@ def _outcome(split: object, body: bytes) -> tuple[str, object]:
 @given(st.lists(st.sampled_from(["v", "=", "0", "\r", "\n", "\r\n", "\x00", " ", "a", "é", "²"]))
        .map(lambda parts: "".join(parts).encode("utf-8", "surrogateescape"))
        | st.binary(max_size=40))  # fmt: skip
+@example(b"v=0\r\na=\x00\r\n")
+@example(b"v=0\r\r\nm=x")
+@example("é=1\n".encode())
+@example(b"v=0\n=x\n")
 def test_sdp_lines_split_as_the_line_by_line_checks_do(body: bytes) -> None:
     from proxy.sip.sdp import _split_lines
 
