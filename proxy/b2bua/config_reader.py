@@ -1,9 +1,10 @@
 """Checked reading of one TOML configuration file: tables, typed values, value syntax.
 
-:mod:`proxy.b2bua.config` says *which* tables and keys exist and what they mean; this
-module is the machinery every key goes through, so that all of them fail alike: a
-:class:`ConfigError` of one line, ``FILE: KEY: what is wrong``, that names the exact key
-(``line[2].contact``, ``xsipura.trusted_ca[1]``). :class:`Table` reads typed values
+:mod:`proxy.b2bua.config_schema` says *which* tables and keys exist and what they mean,
+and :mod:`proxy.b2bua.config_tables` reads each table; this module is the machinery
+every key goes through, so that all of them fail alike: a :class:`ConfigError` of one
+line, ``FILE: KEY: what is wrong``, that names the exact key (``line[2].contact``,
+``xsipura.trusted_ca[1]``). :class:`Table` reads typed values
 (a quoted ``"500"`` where an integer is wanted is an error, never coerced), rejects
 unknown keys with a did-you-mean hint, and resolves file paths against the config
 file's directory. The value parsers check syntax only (host, port, SIP URI, user id):
