@@ -24,6 +24,7 @@ __all__ = [
     "CallMetrics",
     "Histogram",
     "MediaTotals",
+    "TransportCounters",
     "direction_label",
 ]
 
@@ -125,3 +126,21 @@ class CallMetrics:
 
     def media_ended(self, stats: Mapping[Side, Iterable[StreamStats]]) -> None:
         self.media_released.add(stats)
+
+
+@dataclass(frozen=True, slots=True)
+class TransportCounters:
+    """What one side's SIP transport refused or failed, cumulative since start, every
+    label present from the start (at 0). Read at scrape time from
+    :meth:`proxy.sip.transport.SipTransport.counters`."""
+
+    connections_refused: Mapping[str, int]
+    """TCP and TLS connections refused, by reason (the config key that refused them)."""
+    connections_closed: Mapping[str, int]
+    """TCP and TLS connections closed by a timeout, by reason."""
+    messages_too_large: Mapping[str, int]
+    """Messages past ``max_message_bytes``, by transport (``udp``, ``tcp``, ``tls``)."""
+    tls_handshakes_failed: int
+    """Incoming TLS connections whose handshake failed or timed out."""
+    tls_connect_failures: int
+    """Outgoing TLS connections that could not be opened (connect or handshake)."""

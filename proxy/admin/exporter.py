@@ -24,7 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from proxy.metrics import Histogram, MediaTotals
+from proxy.metrics import Histogram, MediaTotals, TransportCounters
 
 __all__ = ["CONTENT_TYPE", "Exporter", "Snapshot"]
 
@@ -52,6 +52,8 @@ class Snapshot:
     sip_responses: Mapping[int, int]
     line_mc_expiry: Mapping[str, float] = field(default_factory=dict)
     """Unix time each line's Mini Certificate expires, by ``user_id``."""
+    sip_transports: Mapping[str, TransportCounters] = field(default_factory=dict)
+    """By ``side``: ``inside`` / ``outside``."""
 
 
 class _ProxyCollector(Collector):
@@ -102,6 +104,36 @@ class _ProxyCollector(Collector):
         yield _labelled(GaugeMetricFamily, "sipura_line_mc_expiry_timestamp_seconds",
                         "When each line's Mini Certificate expires (Unix time).", "user_id",
                         s.line_mc_expiry)  # fmt: skip
+        yield from _transport_families(s.sip_transports)
+
+
+def _transport_families(sides: Mapping[str, TransportCounters]) -> Iterator[Metric]:
+    """The SIP transports' refusals and failures, one series per side (and reason or
+    transport); the same counts ``/status`` shows under ``sip.transports``."""
+    refused = CounterMetricFamily("sipura_sip_connections_refused",
+                                  "TCP/TLS connections refused by a limit, by reason.",
+                                  labels=("side", "reason"))  # fmt: skip
+    closed = CounterMetricFamily("sipura_sip_connections_closed",
+                                 "TCP/TLS connections closed by a timeout, by reason.",
+                                 labels=("side", "reason"))  # fmt: skip
+    too_large = CounterMetricFamily("sipura_sip_messages_too_large",
+                                    "Messages past max_message_bytes (413 or dropped).",
+                                    labels=("side", "transport"))  # fmt: skip
+    handshakes = CounterMetricFamily("sipura_sip_tls_handshakes_failed",
+                                     "Incoming TLS handshakes that failed or timed out.",
+                                     labels=("side",))  # fmt: skip
+    connects = CounterMetricFamily("sipura_sip_tls_connect_failures",
+                                   "Outgoing TLS connections that could not be opened.",
+                                   labels=("side",))  # fmt: skip
+    for side, counters in sorted(sides.items()):
+        for family, values in ((refused, counters.connections_refused),
+                               (closed, counters.connections_closed),
+                               (too_large, counters.messages_too_large)):  # fmt: skip
+            for key, value in sorted(values.items()):
+                family.add_metric((side, key), value)
+        handshakes.add_metric((side,), counters.tls_handshakes_failed)
+        connects.add_metric((side,), counters.tls_connect_failures)
+    yield from (refused, closed, too_large, handshakes, connects)
 
 
 def _labelled(

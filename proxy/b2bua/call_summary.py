@@ -65,7 +65,9 @@ def media_summary(stats: Mapping[Side, Iterable[StreamStats]] | None) -> dict[st
 
 
 def summarize(call: Call, now: float) -> dict[str, Any]:
-    """The summary of a call that ended at ``now`` (its media already released)."""
+    """The summary of a call that ended at ``call.ended_at`` (else ``now``), its media
+    released and its counters final."""
+    now = call.ended_at if call.ended_at is not None else now
     talk = now - call.answered_at if call.answered_at is not None else 0.0
     return {
         "direction": direction_label(call.direction),

@@ -15,7 +15,9 @@ from enum import Enum
 from proxy.b2bua.deadlines import Deadlines
 from proxy.b2bua.legs import Call, CallState, Leg
 from proxy.b2bua.stats import Stats
-from proxy.media.engine import Side
+from proxy.media.engine import MediaSession, Side, StreamStats
+
+SessionStats = dict[Side, list[StreamStats]]
 
 log = logging.getLogger("sipura.b2bua")
 
@@ -36,11 +38,25 @@ class CallTimer(Enum):
 class CallTable:
     """Every live call, indexed by its legs, with its armed deadlines."""
 
-    def __init__(self, stats: Stats | None = None) -> None:
+    def __init__(self, stats: Stats | None = None, *, reports_final: bool = False) -> None:
         self.stats = stats if stats is not None else Stats()
+        self.reports_final = reports_final
+        """The media engine reports a released session's final counters later
+        (:attr:`MediaEngine.reports_final <proxy.media.engine.MediaEngine.reports_final>`):
+        the totals and the summary line wait for them (:meth:`media_released`)."""
         self.calls: dict[int, Call] = {}
         self.ended: list[Call] = []
-        """Calls dropped since :meth:`take_ended` last ran (for their summary line)."""
+        """Calls dropped since :meth:`take_ended` last ran (their end is stamped then)."""
+        self.ready: list[Call] = []
+        """Ended calls whose summary line can be written (their media counters final),
+        since :meth:`take_ready` last ran."""
+        self._releasing: dict[int, tuple[Call, MediaSession, bool]] = {}
+        """Released media sessions whose final counters are awaited: their call, the
+        session, whether it is the call's main one (the summary's)."""
+        self._awaited: dict[int, int] = {}
+        """Per call id: its sessions in :attr:`_releasing`."""
+        self._summary_due: dict[int, Call] = {}
+        """Ended calls whose summary waits for :attr:`_awaited` to reach none."""
         self._legs: dict[tuple[Side, str, str], tuple[Call, Leg]] = {}
         self._deadlines: Deadlines[tuple[int, CallTimer]] = Deadlines()
         self._media: dict[int, Call] = {}
@@ -84,19 +100,65 @@ class CallTable:
         for its summary."""
         for leg in call.all_legs():
             self.unindex(leg)
-        if self.calls.pop(call.id, None) is not None:
+        listed = self.calls.pop(call.id, None) is not None
+        if listed:
             self.ended.append(call)
         for kind in CallTimer:
             self._deadlines.arm((call.id, kind), None)
         if call.media is not None:
-            for session in call.media.sessions:
+            media, call.media = call.media, None
+            for session in media.sessions:
                 self._media.pop(session.id, None)
-                if session is not call.media.session:  # a fax stream's: totals only
-                    self.stats.media_released(session.stats())
-            call.media_final = call.media.session.stats()
-            self.stats.media_released(call.media_final)
-            call.media.release()
-            call.media = None
+                main = session is media.session  # else a fax stream's: totals only
+                if self.reports_final:
+                    self._releasing[session.id] = (call, session, main)
+                    self._awaited[call.id] = self._awaited.get(call.id, 0) + 1
+                else:
+                    self._session_final(call, session.stats(), main)
+            media.release()
+        if not listed:
+            return
+        if call.id in self._awaited:
+            self._summary_due[call.id] = call
+        else:
+            self.ready.append(call)
+
+    def _session_final(self, call: Call, stats: SessionStats, main: bool) -> None:
+        """One released session's final counters: into the totals, and into the summary
+        if it is the call's ``main`` session."""
+        self.stats.media_released(stats)
+        if main:
+            call.media_final = stats
+
+    def media_released(self, session_id: int, stats: SessionStats) -> None:
+        """The engine's final counters of a released session: the totals take them, and
+        the call's summary is ready once its last session's are in."""
+        entry = self._releasing.pop(session_id, None)
+        if entry is None:
+            return
+        call, _session, main = entry
+        self._session_final(call, stats, main)
+        left = self._awaited.pop(call.id) - 1
+        if left:
+            self._awaited[call.id] = left
+        elif (due := self._summary_due.pop(call.id, None)) is not None:
+            self.ready.append(due)
+
+    def flush_released(self) -> None:
+        """The engine is going away: the sessions still awaited take their last reported
+        counters, and their calls' summaries are ready (shutdown)."""
+        for session_id, (_call, session, _main) in list(self._releasing.items()):
+            self.media_released(session_id, session.stats())
+
+    @property
+    def releasing(self) -> int:
+        """Released media sessions whose final counters are awaited (``/status``)."""
+        return len(self._releasing)
+
+    def take_ready(self) -> list[Call]:
+        """The calls whose summary line can be written now."""
+        ready, self.ready = self.ready, []
+        return ready
 
     def take_ended(self) -> list[Call]:
         """The calls dropped since the last call (at most one event's worth)."""

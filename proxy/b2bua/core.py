@@ -67,7 +67,13 @@ from proxy.b2bua.status import describe_bindings, describe_call
 from proxy.b2bua.teardown import Teardown
 from proxy.b2bua.transfer import Transfers
 from proxy.logsetup import bind_call
-from proxy.media.commands import MediaEvent, MediaFlowing, SessionsLost, SrtpAuthenticated
+from proxy.media.commands import (
+    MediaEvent,
+    MediaFlowing,
+    MediaReleased,
+    SessionsLost,
+    SrtpAuthenticated,
+)
 from proxy.media.engine import MediaEngine, Side
 from proxy.sip.headers import SipHeaderError
 from proxy.sip.message import Request, SipParseError, parse_message
@@ -107,7 +113,7 @@ class B2BUA:
         """Wall clock for MC expiry only (injected: the core reads no clock itself)."""
         self.stats = Stats()
         self.sides = SipSides(config, self.stats)
-        self.table = CallTable(self.stats)
+        self.table = CallTable(self.stats, reports_final=media.reports_final)
         limits = config.limits
         bindings = Bindings(limits.max_bindings_per_aor, limits.max_aors)
         self.identity = LineIdentity(bindings, self.sides.noise)
@@ -181,6 +187,7 @@ class B2BUA:
             MediaFlowing: self.secure.on_media_flowing,
             SrtpAuthenticated: self.secure.on_srtp_authenticated,
             SessionsLost: self.watch.on_sessions_lost,
+            MediaReleased: self._on_media_released,
         }
 
     # --- state the edge and the operator read -----------------------------------------
@@ -218,6 +225,7 @@ class B2BUA:
             "replaces_mapped": self.transfers.mapped,
             "timer_c_fired": self.timers.timer_c_fired,
             "sessions_expired": self.timers.sessions_expired,
+            "media_final_awaited": self.table.releasing,
             "fax_clear": self.stats.fax_clear,
             "fax_refused": self.stats.fax_refused,
         }
@@ -368,10 +376,28 @@ class B2BUA:
         self._calls_ended(now)
         return out
 
+    def _on_media_released(self, event: MediaReleased, now: float) -> list[Outbound]:
+        """A released session's final counters (an engine in other processes): the
+        totals take them, and the call's summary line follows in :meth:`_calls_ended`."""
+        self.table.media_released(event.session, event.stats)
+        return []
+
+    def media_closing(self, now: float) -> None:
+        """The media engine is about to close (shutdown): the calls whose final media
+        counters have not come yet are summed and summarized with the last reported."""
+        self.table.flush_released()
+        self._calls_ended(now)
+
     def _calls_ended(self, now: float) -> None:
-        """The summary line of each call that ended while handling one input."""
-        if self.table.ended:
-            log_ended(self.table.take_ended(), now)
+        """Stamp the end of each call that ended while handling one input, and write the
+        summary line of each whose media counters are final (at once with the in-process
+        relay; when the engine's ``MediaReleased`` came, with workers)."""
+        table = self.table
+        if table.ended:
+            for call in table.take_ended():
+                call.ended_at = now
+        if table.ready:
+            log_ended(table.take_ready(), now)
 
     # --- dispatch ---------------------------------------------------------------------
 

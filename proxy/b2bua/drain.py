@@ -9,7 +9,9 @@ rotation, and its failover sends the refused INVITE to another instance) and REG
 dialog (re-INVITE, UPDATE, INFO, BYE...) and CANCEL go on, so calls in progress finish
 normally. When the drain runs out (``[run] drain_s``, or a second signal), every call
 left is hung up: BYE on both legs with ``Reason: SIP;cause=503;text="proxy shutting
-down"``, a call still ringing cancelled (487 to the caller, CANCEL to the callee).
+down"``; a call still ringing is answered 503 with ``Retry-After`` and the same Reason
+toward the caller, and CANCELled with that Reason toward the callee (a CANCEL held back
+until the callee's first provisional answer carries it too).
 
 Each refusal is counted (``/status``: ``drain.refused`` by method) and logged once per
 (method, source) per interval through the core's shared limiter.
@@ -25,7 +27,7 @@ from typing import Final
 from proxy.b2bua.calls import CallTable
 from proxy.b2bua.messages import Reject
 from proxy.b2bua.sides import Outbound, SipSides
-from proxy.b2bua.teardown import Teardown
+from proxy.b2bua.teardown import Teardown, reason_header
 from proxy.logsetup import bind_call
 from proxy.sip.transaction import Address
 
@@ -37,7 +39,13 @@ REFUSED_WHILE_DRAINING: Final = frozenset({"INVITE", "OPTIONS", "REGISTER"})
 """Out-of-dialog methods answered 503 while draining."""
 SHUTDOWN_REASON: Final = "proxy shutting down"
 SHUTDOWN_CAUSE: Final = 503
-"""The ``Reason`` of the BYEs that end the calls left when a drain runs out."""
+"""The ``Reason`` of the BYEs, CANCELs and 503s that end the calls left when a drain
+runs out."""
+_HUNG_UP: Final = {
+    True: "call %d: ringing at the drain's end: 503 to the caller, CANCEL to the callee (%s)",
+    False: "call %d: up at the drain's end: BYE on both legs (%s)",
+}
+"""The one line per call a drain's end logs, by whether the call was still ringing."""
 
 
 @dataclass(slots=True)
@@ -85,22 +93,33 @@ class Drain:
         return max(1, math.ceil(left))
 
     def hang_up_all(self, now: float, reason: str, cause: int) -> list[Outbound]:
-        """End every call now: BYE on both legs with ``Reason: SIP;cause=<cause>;
-        text="<reason>"``; a ringing call is cancelled; a call already ending is left
-        to finish."""
+        """End every call now, each with ``Reason: SIP;cause=<cause>;text="<reason>"``:
+        BYE on both legs of an answered call; a ringing one answered ``503`` with
+        ``Retry-After`` and that Reason toward the caller (as a new INVITE is while
+        draining: the caller's side may fail over to another instance) and CANCEL, with
+        that Reason, on every branch toward the callee. A call already ending is left to
+        finish. One log line per call hung up, and one with the total."""
         out: list[Outbound] = []
         for call in list(self.calls.calls.values()):
             if call.cancelled:
                 continue  # already being cancelled: its 487 ends it
             with bind_call(call.fields()):
-                call.end("proxy", reason)
-                sent = self.teardown.hang_up(call, now, reason, cause)
-            if sent:
-                self.hung_up += 1
+                ringing = call.ringing
+                final = (503, "Service Unavailable", self._final_headers(now, reason, cause))
+                sent = self.teardown.hang_up(call, now, reason, cause, final)
+                if sent:
+                    self.hung_up += 1
+                    log.info(_HUNG_UP[ringing], call.id, reason)
             out += sent
         if out:
             log.info("hung up %d calls (%s)", self.hung_up, reason)
         return out
+
+    def _final_headers(self, now: float, reason: str, cause: int) -> list[tuple[str, str]]:
+        return [
+            ("Retry-After", str(self.retry_after(now))),
+            ("Reason", reason_header(cause, reason)),
+        ]
 
     def describe(self, now: float) -> dict[str, object]:
         """The ``/status`` ``drain`` object."""

@@ -169,6 +169,9 @@ class Call:
     state: CallState = CallState.INVITING
     media: MediaHandle | None = None
     cancelled: bool = False
+    cancel_reason: str | None = None
+    """The ``Reason`` (RFC 3326) of the CANCELs toward the callee when the proxy itself
+    ended the ringing call (a drain's end, a policy): a late CANCEL carries it too."""
     branches: list[Branch] = field(default_factory=list)
     """Every INVITE sent toward the callee (one, or a fork per registered device); the
     one that answered becomes :attr:`b`."""
@@ -198,7 +201,9 @@ class Call:
     end_reason: str = ""
     """How or why: ``BYE``, ``CANCEL``, ``486 Busy Here``, ``RTP timeout``..."""
     media_final: dict[Side, list[StreamStats]] | None = None
-    """The media counters when the session was released (the summary's packets)."""
+    """The media counters of the released session, final (the summary's packets)."""
+    ended_at: float | None = None
+    """When the call left the table (its summary may wait for final media counters)."""
     log_fields: dict[str, object] = field(default_factory=dict, repr=False)
     """``call``/``call_id``/``line`` for log lines about this call (:mod:`proxy.logsetup`),
     built once by :meth:`fields`."""

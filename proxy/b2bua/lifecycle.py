@@ -37,6 +37,12 @@ HANGUP_GRACE_S = 2.0
 (answers to the BYEs) before it exits anyway."""
 
 
+MEDIA_FINAL_WAIT_S = 0.5
+"""After the last call ended, how long the process waits for the media workers' final
+counters of its sessions (a few ms), for exact totals and summaries; whatever is still
+missing then is summed from the last reports."""
+
+
 class Lifecycle:
     def __init__(self, server: ProxyServer, notifier: Notifier | None = None) -> None:
         self.server = server
@@ -118,6 +124,9 @@ class Lifecycle:
             deadline = loop.time() + HANGUP_GRACE_S
             while server.core.calls and loop.time() < deadline:
                 await asyncio.sleep(POLL_S)
+        deadline = loop.time() + MEDIA_FINAL_WAIT_S
+        while server.core.table.releasing and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # the workers' final counters of the last calls
         log.info("drained in %.2f s (%d calls hung up); exiting", loop.time() - started, left)
         self._stop.set()
 

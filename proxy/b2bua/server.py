@@ -154,6 +154,7 @@ class ProxyServer:
         self._closed = True  # nothing re-arms the timer any more
         if self._admin is not None:
             self._admin.close()
+        self.core.media_closing(self._now())
         self.media.close_now()
 
     def _on_message(self, side: Side, data: bytes, source: Address) -> None:
@@ -364,6 +365,9 @@ class ProxyServer:
             line_mc_expiry={
                 user_ids.get(key, key): when.timestamp()
                 for key, when in self.security.mc_expiry().items()
+            },
+            sip_transports={
+                side.value: transport.counters() for side, transport in self.transports.items()
             },
         )
 

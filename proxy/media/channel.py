@@ -121,9 +121,12 @@ class Authenticated:
 @dataclass(frozen=True, slots=True)
 class Closed:
     """Worker -> signalling process: every socket of ``session`` is closed, its ports are
-    free again."""
+    free again. ``counters``: the session's final counters, taken once no packet can be
+    counted any more (packed as :class:`Stats` has them; empty: none), so the totals and
+    the call's summary hold its last packets too, not only those of the last report."""
 
     session: int
+    counters: bytes = b""
 
 
 ChannelMessage: TypeAlias = MediaCommand | Allocate | Stats | Authenticated | Closed

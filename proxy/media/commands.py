@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias, get_args
 
-from proxy.media.engine import Side
+from proxy.media.engine import Side, StreamStats
 from proxy.media.tones import Tone
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "MediaCommand",
     "MediaEvent",
     "MediaFlowing",
+    "MediaReleased",
     "PlayTone",
     "Release",
     "SessionsLost",
@@ -266,6 +267,17 @@ class MediaFlowing:
     side: Side
 
 
-MediaEvent: TypeAlias = SrtpAuthenticated | SessionsLost | MediaFlowing
+@dataclass(frozen=True, slots=True)
+class MediaReleased:
+    """A released session's final counters (as :meth:`MediaSession.stats
+    <proxy.media.engine.MediaSession.stats>` has them), from an engine whose
+    ``reports_final`` is true: once per released session, exact once the session's
+    sockets are closed, the last reported ones if its worker died first."""
+
+    session: int
+    stats: dict[Side, list[StreamStats]] = field(hash=False)
+
+
+MediaEvent: TypeAlias = SrtpAuthenticated | SessionsLost | MediaFlowing | MediaReleased
 
 EVENT_TYPES: Final[tuple[type[MediaEvent], ...]] = get_args(MediaEvent)

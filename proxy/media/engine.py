@@ -157,6 +157,11 @@ class MediaEngine(Protocol):
     """True when the engine reports each session's first packet per side as a
     :class:`~proxy.media.commands.MediaFlowing` event; otherwise whoever waits for
     media reads :meth:`MediaSession.stats` again from time to time."""
+    reports_final: bool
+    """True when a released session's final counters come later, as one
+    :class:`~proxy.media.commands.MediaReleased` event per released session (counters
+    kept in another process); otherwise :meth:`MediaSession.stats` read just before the
+    ``Release`` is final."""
 
     on_event: Callable[[MediaEvent], None] | None
     """Set by the I/O edge: called with every event the engine reports, from the event

@@ -111,6 +111,8 @@ class RelayEngine:
         self.reports_flowing = False
         """No ``MediaFlowing`` from here: the per-packet path stays as it is, and the
         core reads ``stats()`` (in-process, a dictionary) while it waits for media."""
+        self.reports_final = False
+        """``stats()`` read before a ``Release`` is final: the packets are counted here."""
         self.on_closed: Callable[[RelaySession], object] | None = None
         """Called when a released session's sockets are all closed (or pooled)."""
 

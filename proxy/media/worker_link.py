@@ -56,6 +56,9 @@ class WorkerSlot:
         """Allocated and not released."""
         self.ports_of: dict[int, list[int]] = {}
         """RTP ports per session, until the worker reports its sockets closed."""
+        self.closing: dict[int, WorkerSession] = {}
+        """Released, until the worker reports its sockets closed (with its final
+        counters)."""
         self.queue: deque[tuple[bytes, list[socket.socket]]] = deque()
         """Datagrams the channel would not take yet (the worker is behind)."""
         self.writing = False

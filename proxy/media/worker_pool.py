@@ -23,7 +23,10 @@ A media command (:meth:`WorkerPool.apply`) is checked here as the relay would ch
 (so the core learns of a bad one at once), then sent as-is to the owning worker,
 fire-and-forget; the worker's relay applies it with its own table. ``stats()`` answers
 from the latest counters the worker pushed (every 100 ms for sessions that changed, at
-once on a session's first inbound packet per side). A fired ``WatchSrtp`` comes back as
+once on a session's first inbound packet per side), so they may miss a released
+session's last 100 ms: its final counters come with the worker's ``Closed`` and leave
+as :class:`~proxy.media.commands.MediaReleased` (:attr:`WorkerPool.reports_final`;
+the last reported ones for a session whose worker died). A fired ``WatchSrtp`` comes back as
 an :class:`~proxy.media.channel.Authenticated` report and leaves through
 :attr:`WorkerPool.on_event` as :class:`~proxy.media.commands.SrtpAuthenticated`, unless
 a later watch or key overtook it. A session's first packet per side (stream 0) leaves
@@ -55,7 +58,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -64,6 +67,7 @@ from proxy.media.commands import (
     MediaCommand,
     MediaEvent,
     MediaFlowing,
+    MediaReleased,
     Release,
     SessionsLost,
     SrtpAuthenticated,
@@ -159,6 +163,12 @@ class WorkerPool:
         """Called when counters arrive that may let the B2BUA act (a first packet)."""
         self.reports_flowing = True
         """Every session's first packet per side is a ``MediaFlowing`` event."""
+        self.reports_final = True
+        """Every released session's final counters are a ``MediaReleased`` event: the
+        worker's, sent with ``Closed``; the last reported, if the worker died first."""
+        self._lost: dict[int, WorkerSession] = {}
+        """Sessions lost with their worker and not released yet: their release is
+        answered at once with their last counters."""
 
     def __repr__(self) -> str:
         alive = sum(w.alive for w in self._workers)
@@ -258,6 +268,9 @@ class WorkerPool:
         w.disconnect()
         status = reap(w.proc, grace_s=grace_s)
         lost = self._drop_sessions(w)
+        self._lost.update((session.id, session) for session in lost)
+        self._finals_soon(w.closing.values())
+        w.closing.clear()
         w.ports_of.clear()
         w.ports = PortAllocator(w.port_min, w.port_max)
         pid = w.proc.pid if w.proc is not None else 0
@@ -277,6 +290,15 @@ class WorkerPool:
             self._live.pop(session.id, None)
         w.sessions.clear()
         return lost
+
+    def _finals_soon(self, sessions: Iterable[WorkerSession]) -> None:
+        """The ``MediaReleased`` of released sessions whose worker will not report them:
+        their last reported counters, on a later loop iteration (never from inside the
+        core's own call into the engine)."""
+        if self._loop is None:
+            return
+        for session in sessions:
+            self._loop.call_soon(self._emit, MediaReleased(session.id, session.stats()))
 
     def close_now(self) -> None:
         """Stop every worker: the channel closes, each worker releases its sessions and
@@ -342,6 +364,11 @@ class WorkerPool:
     def _closed(self, w: WorkerSlot, message: ch.Closed) -> bool:
         for port in w.ports_of.pop(message.session, ()):
             w.ports.release(port)
+        session = w.closing.pop(message.session, None)
+        if session is not None:
+            if message.counters:
+                session.update(message.counters)
+            self._emit(MediaReleased(session.id, session.stats()))
         return False
 
     def _emit(self, event: MediaEvent) -> None:
@@ -414,11 +441,14 @@ class WorkerPool:
         then sent to the session's worker as it is."""
         session = self._live.get(command.session)
         if session is None:
+            if type(command) is Release and (lost := self._lost.pop(command.session, None)):
+                self._finals_soon([lost])  # its worker died: the last counters are final
             return  # released, lost with its worker, or never allocated
         CHECKS[type(command)](session, command)
         if type(command) is Release:
             self._live.pop(session.id, None)
             session.worker.sessions.pop(session.id, None)
+            session.worker.closing[session.id] = session  # final counters with Closed
         session.worker.send(command)
 
 

@@ -10,13 +10,14 @@ the relay's own :meth:`RelayEngine.apply`, as it came; the per-packet path is th
 relay's own, untouched.
 
 What goes back: ``Closed`` when a released session's sockets are all closed (its ports
-may be handed out again), ``Authenticated`` once per fired ``WatchSrtp``, and ``Stats``:
-every :data:`FLUSH_S` the counters of the sessions whose counters changed (a tenth of the
-sessions every tenth of the period, so no report holds the packets up for long), and, checked
-every :data:`FIRST_PACKET_S`, at once for a session whose stream 0 just received its
-first packet on a side, because the B2BUA starts x-sipura only after the phone's first
-RTP and call set-up must not wait for the next periodic flush. Watching for that on a
-short timer over the not-yet-flowing sessions only keeps it off the per-packet path.
+may be handed out again) with the session's final counters, ``Authenticated`` once per
+fired ``WatchSrtp``, and ``Stats``: every :data:`FLUSH_S` the counters of the sessions
+whose counters changed (a tenth of the sessions every tenth of the period, so no report
+holds the packets up for long), and, checked every :data:`FIRST_PACKET_S`, at once for a
+session whose stream 0 just received its first packet on a side, because the B2BUA
+starts x-sipura only after the phone's first RTP and call set-up must not wait for the
+next periodic flush. Watching for that on a short timer over the not-yet-flowing
+sessions only keeps it off the per-packet path.
 
 The worker exits when the channel reaches end-of-file (the signalling process is gone or
 let it go) and on a message it cannot decode (logged: it is then out of step with the
@@ -216,7 +217,8 @@ class WorkerProcess:
             self.send(ch.Authenticated(sid, side, self.watches.get((sid, side), 0)))
 
     def _closed(self, session: RelaySession) -> None:
-        self.send(ch.Closed(session.id))
+        """Its sockets are closed: nothing more is counted, the counters are final."""
+        self.send(ch.Closed(session.id, session.packed_counters()))
 
     # --- sending ----------------------------------------------------------------------
 

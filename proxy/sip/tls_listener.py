@@ -64,6 +64,11 @@ class TlsListener:
         host, port = self.socket.getsockname()[:2]
         return str(host), int(port)
 
+    @property
+    def in_progress(self) -> int:
+        """Handshakes running now (at most :data:`MAX_HANDSHAKES`)."""
+        return len(self._handshakes)
+
     def start(self) -> None:
         self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
 

@@ -39,8 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+from proxy.metrics import TransportCounters
 from proxy.ratelimit import LogLimiter
-from proxy.sip.connections import ConnectionTable, Refusal, TcpLimits
+from proxy.sip.connections import Closing, ConnectionTable, Refusal, TcpLimits
 from proxy.sip.framing import Oversized, StreamFramer
 from proxy.sip.message import MAX_MESSAGE, SipParseError
 from proxy.sip.pingpong import PONG
@@ -55,6 +56,8 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 """UDP socket buffer asked for (the kernel caps it at net.core.rmem_max/wmem_max)."""
 MAX_PENDING_CONNECT = 64
 """Messages queued per TCP connection being opened; beyond that they are dropped."""
+MESSAGE_TRANSPORTS = ("udp", "tcp", "tls")
+"""The transports a message can arrive over (the ``transport`` label of ``/metrics``)."""
 SWEEP_INTERVAL_S = 1.0
 """How often TCP connections are checked against their timeouts."""
 
@@ -249,8 +252,9 @@ class SipTransport:
                 cap = (limits.max_connections if refusal is Refusal.MAX_CONNECTIONS
                        else limits.max_per_source)  # fmt: skip
                 self._note(refusal.value, conn.remote[0],
-                           "%s: TCP connection from %s:%s refused: %s (%d) reached",
-                           self.name, *conn.remote, refusal.value, cap)  # fmt: skip
+                           "%s: %s connection from %s:%s refused: %s (%d) reached",
+                           self.name, conn.kind.upper(), *conn.remote, refusal.value,
+                           cap)  # fmt: skip
                 return False
         self._by_id[conn.id] = conn
         self._by_remote[(*conn.remote, conn.kind)] = conn
@@ -272,8 +276,8 @@ class SipTransport:
         return self.table.hold(flow.conn, held)
 
     def framing_lost(self, conn: _Tcp, exc: SipParseError) -> None:
-        self._note("framing_lost", conn.remote[0], "%s: TCP %s:%s: framing lost (%s); closing",
-                   self.name, *conn.remote, exc)  # fmt: skip
+        self._note("framing_lost", conn.remote[0], "%s: %s %s:%s: framing lost (%s); closing",
+                   self.name, conn.kind.upper(), *conn.remote, exc)  # fmt: skip
         conn.close()
 
     def too_large(self, data: bytes, source: Address, size: int, conn: _Tcp | None = None) -> None:
@@ -298,8 +302,8 @@ class SipTransport:
             if conn is None:
                 self.table.remove(conn_id)
                 continue
-            self._note(reason.value, conn.remote[0], "%s: TCP %s:%s closed: %s",
-                       self.name, *conn.remote, reason.value)  # fmt: skip
+            self._note(reason.value, conn.remote[0], "%s: %s %s:%s closed: %s",
+                       self.name, conn.kind.upper(), *conn.remote, reason.value)  # fmt: skip
             conn.close()
         self._notes.flush(now)
         if self._loop is not None:
@@ -384,7 +388,22 @@ class SipTransport:
             "too_large": dict(self.too_large_count),
             "tls_failures": self.tls_failures,
             "tls_handshakes_failed": self.tls_handshakes_failed,
+            "tls_handshakes_in_progress": (
+                0 if self._tls_listener is None else self._tls_listener.in_progress
+            ),
         }
+
+    def counters(self) -> TransportCounters:
+        """What ``/metrics`` reports of this listener: the refusals and failures the
+        snapshot counts, each reason and transport present from the start."""
+        stats = self.table.stats
+        return TransportCounters(
+            connections_refused={r.value: stats.refused[r.value] for r in Refusal},
+            connections_closed={c.value: stats.closed[c.value] for c in Closing},
+            messages_too_large={t: self.too_large_count[t] for t in MESSAGE_TRANSPORTS},
+            tls_handshakes_failed=self.tls_handshakes_failed,
+            tls_connect_failures=self.tls_failures,
+        )
 
     def close(self) -> None:
         if self._sweeper is not None:

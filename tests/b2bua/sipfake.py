@@ -230,6 +230,10 @@ class FakeMedia:
         """Like the in-process relay: no ``MediaFlowing``, the core reads ``stats()``
         (tests move ``packets_in``); :meth:`report` a ``MediaFlowing`` after setting
         this to play a worker pool."""
+        self.reports_final = False
+        """Like the in-process relay: ``stats()`` before the release is final; a test
+        that plays a worker pool sets it (before the core is made) and :meth:`report`s
+        each ``MediaReleased``."""
         self._ids = itertools.count(1)
 
     def allocate(self, call_id: str, streams: int) -> FakeSession:

@@ -43,6 +43,7 @@ from sipfake import (
 )
 
 from proxy.logsetup import CallContextFilter
+from proxy.media.commands import MediaReleased
 from proxy.sip.message import Request
 from proxy.sip.transaction import Address
 
@@ -134,6 +135,7 @@ def test_hang_up_all_ends_answered_and_ringing_calls(
     out = w.upstream(build_response(ringing_b.request, 180, to_tag="up2"))
     quiet_invite, quiet_b = start_call(w)  # no provisional yet: no CANCEL may go out
     w.core.start_drain(w.now, 30)
+    w.advance(30)
 
     out = wires(w, w.core.hang_up_all(w.now))
     byes = pick(out, method="BYE")
@@ -143,12 +145,22 @@ def test_hang_up_all_ends_answered_and_ringing_calls(
         assert bye.dest == (PHONE if bye.side is IN else UPSTREAM)
     cancel = only(pick(out, OUT, method="CANCEL")).request
     assert cancel.call_id == ringing_b.request.call_id
-    terminated = pick(out, IN, status=487)
-    assert sorted(t.response.call_id for t in terminated) == sorted(
+    assert cancel.get("reason") == SHUTDOWN
+    # the callers of the ringing calls: 503, as a new INVITE gets while draining
+    assert not pick(out, IN, status=487)
+    unavailable = pick(out, IN, status=503)
+    assert sorted(t.response.call_id for t in unavailable) == sorted(
         [ringing_invite.call_id, quiet_invite.call_id]
     )
+    for final in unavailable:
+        assert final.response.get("retry-after") == "1"
+        assert final.response.get("reason") == SHUTDOWN
+        assert final.response.to.tag  # the caller's leg keeps its To tag
     assert w.core.drain.hung_up == 3
     assert len(w.core.calls) == 3  # they leave as the far ends answer
+    lines = [r.getMessage() for r in records.records if "drain's end" in r.getMessage()]
+    assert len(lines) == 3 and sum("ringing" in line for line in lines) == 2
+    assert not pick(wires(w, w.core.hang_up_all(w.now)), method="CANCEL")  # only once
 
     for bye in byes:
         w.send(bye.side, build_response(bye.request, 200), bye.dest)
@@ -156,8 +168,11 @@ def test_hang_up_all_ends_answered_and_ringing_calls(
     w.upstream(build_response(ringing_b.request, 487, to_tag="up2"))
     w.upstream(build_response(quiet_b.request, 180, to_tag="up3"))  # its CANCEL now
     late = only(pick(w.sent[-3:], OUT, method="CANCEL")).request
+    assert late.call_id == quiet_b.request.call_id
+    assert late.get("reason") == SHUTDOWN  # held back, with the same Reason
     w.upstream(build_response(late, 200))
     w.upstream(build_response(quiet_b.request, 487, to_tag="up3"))
+    assert not pick(w.sent, IN, status=487), "the callers got their 503 only"
     assert w.core.calls == {} and w.media.all_returned()
     assert answered.a_ok.status == 200
 
@@ -167,6 +182,8 @@ def test_hang_up_all_ends_answered_and_ringing_calls(
         assert record.summary["ended_by"] == "proxy"  # type: ignore[attr-defined]
         assert record.summary["end_reason"] == "proxy shutting down"  # type: ignore[attr-defined]
     assert sum(r.summary["answered"] for r in ended) == 1  # type: ignore[attr-defined]
+    lines = [r.getMessage() for r in records.records if "drain's end" in r.getMessage()]
+    assert len(lines) == 3, "one line per call, however many messages followed"
 
 
 def wires(w: World, out: list[sipfake.Outbound]) -> list[sipfake.Wire]:
@@ -195,6 +212,50 @@ def test_counters_by_direction_and_media_totals_survive_the_call(w: World) -> No
     w.phone(build_response(invite, 486, "Busy Here", to_tag=tag()))
     assert metrics.calls_by_direction == {"outbound": 1, "inbound": 1}
     assert w.core.stats.calls_total == 2
+
+
+def test_with_workers_totals_and_summary_wait_for_the_final_counters(
+    records: pytest.LogCaptureFixture,
+) -> None:
+    """An engine in other processes reports a released session's final counters later
+    (``MediaReleased``): the totals and the summary line hold those, not the last
+    periodic report, and the call's end is the time it left the table."""
+    media = sipfake.FakeMedia()
+    media.reports_final = True
+    w = World(media=media)
+    call = outbound_call(w)
+    session = w.media.sessions[-1]
+    session.packets_in = 240  # the last report
+    w.advance(5.0)
+    out = w.phone(call.phone.request("BYE"))
+    w.upstream(build_response(only(pick(out, OUT, method="BYE")).request, 200))
+    assert w.core.calls == {} and session.released
+    metrics = w.core.stats.metrics
+    assert metrics.media_released.packets[("inside", "in")] == 0  # not the stale 240
+    assert not summaries(records), "the summary waits for the final counters"
+    assert w.core.features()["media_final_awaited"] == 1
+
+    w.advance(0.2)
+    session.packets_in = 250  # what the worker counted until its sockets closed
+    w.media.report(MediaReleased(session.id, session.stats()))
+    assert metrics.media_released.packets[("inside", "in")] == 250
+    (record,) = summaries(records)
+    summary = record.summary  # type: ignore[attr-defined]
+    assert summary["media"]["inside"]["packets_in"] == 250
+    assert summary["talk_s"] == pytest.approx(5.0)  # ended at the BYE, not at the report
+    assert w.core.features()["media_final_awaited"] == 0
+    w.media.report(MediaReleased(session.id, session.stats()))  # a duplicate: ignored
+    assert metrics.media_released.packets[("inside", "in")] == 250
+
+    # shutdown before a worker's report: the last reported counters, and the summary
+    call = outbound_call(w)
+    w.media.sessions[-1].packets_in = 30
+    out = w.phone(call.phone.request("BYE"))
+    w.upstream(build_response(only(pick(out, OUT, method="BYE")).request, 200))
+    assert len(summaries(records)) == 1
+    w.core.media_closing(w.now)
+    assert len(summaries(records)) == 2
+    assert metrics.media_released.packets[("inside", "in")] == 280
 
 
 def test_malformed_messages_logged_once_per_source_with_the_count(

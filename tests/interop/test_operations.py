@@ -249,6 +249,35 @@ def test_drain_timeout_hangs_up_with_a_reason_and_exits_zero(
     print(f"SIGTERM with 3 calls up, drain_s = 1: exit 0 after {took:.2f} s")
 
 
+def test_drain_timeout_ends_ringing_calls_with_a_reason_on_both_sides(
+    start_proxy: ProxyFactory, sipp: Sipp, new_port: Callable[[], int], tmp_path: Path
+) -> None:
+    """Calls still ringing when ``drain_s`` runs out: the callee gets a CANCEL and the
+    caller a 503 with Retry-After, both with the shutdown Reason (the SIPp peers check
+    the headers), one log line per call, and the process exits 0 once the callee's 487s
+    are in."""
+    proxy, uas_port = token_proxy(start_proxy, new_port, tmp_path, run={"drain_s": 1})
+    assert proxy.process is not None
+    callee = sipp.uas("uas_ringing_drained.xml", uas_port, "udp", calls=2)
+    caller = sipp.uac("uac_ringing_drained.xml", proxy.inside, "udp", calls=2,
+                      extra=["-l", "2", "-r", "10"])  # fmt: skip
+    deadline = time.monotonic() + 10
+    while len(proxy.status()["calls"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [c["state"] for c in proxy.status()["calls"]] == ["early"] * 2
+    sent = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    code = proxy.process.wait(timeout=10)
+    took = time.monotonic() - sent
+    assert code == 0
+    sipp.check(caller, callee)  # the CANCELs and the 503s carried the Reason
+    assert 1.0 <= took < 3.0, took
+    log = proxy.log_text()
+    assert log.count("ringing at the drain's end: 503 to the caller, CANCEL to the callee") == 2
+    assert log.count("ended by proxy (proxy shutting down)") == 2
+    print(f"SIGTERM with 2 calls ringing, drain_s = 1: exit 0 after {took:.2f} s")
+
+
 def _wait_for_log(proxy: Proxy, text: str, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while text not in proxy.log_text():

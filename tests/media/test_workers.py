@@ -26,6 +26,7 @@ from proxy.media.commands import (
     MediaCommand,
     MediaEvent,
     MediaFlowing,
+    MediaReleased,
     PlayTone,
     Release,
     SessionsLost,
@@ -38,7 +39,7 @@ from proxy.media.commands import (
     WatchSrtp,
 )
 from proxy.media.counters import stats_from
-from proxy.media.engine import MediaEngine, Side
+from proxy.media.engine import MediaEngine, Side, StreamStats
 from proxy.media.packet_path import built_paths
 from proxy.media.ports import PortsExhausted
 from proxy.media.relay import RelayEngine
@@ -554,6 +555,64 @@ def test_stats_from_short_counters_is_all_zero() -> None:
     assert len(stats[Side.INSIDE]) == len(stats[Side.OUTSIDE]) == 2
     assert stats[Side.OUTSIDE][1]["packets_in"] == 0
     assert stats[Side.OUTSIDE][1]["drops"]["send_error"] == 0
+
+
+@pytest.mark.parametrize("path", built_paths())
+def test_released_session_reports_its_final_counters_exactly(path: str) -> None:
+    """Packets sent right before the release are in the session's final counters (the
+    ``MediaReleased`` event), not only those of the last periodic report; a session whose
+    worker died is answered with its last reported counters."""
+    lo, hi = free_range(16)
+    sent = 40
+
+    async def scenario() -> None:
+        engine = WorkerPool(HOST, HOST, lo, hi, 1, fast_path="on" if path == "fast" else "off")
+        events: list[MediaEvent] = []
+        engine.on_event = events.append
+        engine.start()
+        phone, pbx = Peer(), Peer()
+        try:
+            session = engine.allocate("call-1", 1)
+            inside = session.local(Side.INSIDE, 0)
+            connect(engine, session, phone, pbx)
+            assert await pbx.recv_after(phone, rtp(1), inside) == rtp(1)
+            await until(lambda: session.stats()[Side.INSIDE][0]["packets_in"] == 1, "1st")
+            for seq in range(2, sent + 1):
+                phone.send(rtp(seq), inside)
+            for _ in range(2, sent + 1):
+                await pbx.recv()  # relayed: counted in the worker, not reported yet
+            engine.apply(Release(session.id))
+            await until(lambda: any(isinstance(e, MediaReleased) for e in events), "final")
+            final = only_released(events, session.id)
+            assert final[Side.INSIDE][0]["packets_in"] == sent
+            assert final[Side.OUTSIDE][0]["packets_out"] == sent
+            assert final[Side.INSIDE][0]["bytes_in"] == sent * len(rtp(1))
+
+            # A worker that dies: its session's release is answered with what it had.
+            events.clear()
+            lost = engine.allocate("call-2", 1)
+            connect(engine, lost, phone, pbx)
+            assert await pbx.recv_after(phone, rtp(1), lost.local(Side.INSIDE, 0)) == rtp(1)
+            await until(lambda: lost.stats()[Side.INSIDE][0]["packets_in"] == 1, "reported")
+            worker = engine._workers[lost.worker_index].proc
+            assert worker is not None
+            worker.kill()
+            await until(lambda: any(isinstance(e, SessionsLost) for e in events), "lost")
+            engine.apply(Release(lost.id))
+            await until(lambda: any(isinstance(e, MediaReleased) for e in events), "final")
+            assert only_released(events, lost.id)[Side.INSIDE][0]["packets_in"] == 1
+        finally:
+            phone.close()
+            pbx.close()
+            await engine.close()
+
+    run(scenario)
+
+
+def only_released(events: list[MediaEvent], sid: int) -> dict[Side, list[StreamStats]]:
+    released = [e for e in events if isinstance(e, MediaReleased)]
+    assert [e.session for e in released] == [sid]
+    return released[0].stats
 
 
 def test_channel_message_sizes_fit() -> None:
