@@ -20,7 +20,6 @@ requests skip it.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from proxy.b2bua.config import Config, LineConfig
 from proxy.b2bua.legs import Leg
 from proxy.b2bua.messages import Reject, digits
 from proxy.media.engine import Side
-from proxy.sip.headers import NameAddr, SipHeaderError, SipUri, bare_host, is_decimal
+from proxy.sip.headers import NameAddr, SipHeaderError, SipUri, bare_host, ip_literal, is_decimal
 from proxy.sip.message import Request
 from proxy.sip.transaction import Address
 
@@ -365,10 +364,8 @@ class Router:
         host = bare_host(uri.param("maddr") or uri.host)
         secure = uri.scheme.lower() == "sips"
         transport = self._transport(uri, transport_hint, secure)
-        try:
-            literal = str(ipaddress.ip_address(host))
-        except ValueError:
-            literal = None
+        parsed = ip_literal(host)
+        literal = None if parsed is None else parsed[1]
         if literal is not None:
             chosen = self._supported(transport or ("tls" if secure else "udp"))
             port = uri.port or (5061 if chosen == "tls" else 5060)

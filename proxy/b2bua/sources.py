@@ -12,6 +12,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from proxy.sip.headers import ip_literal
+
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -45,10 +47,10 @@ class Source:
         return cls(network, port)
 
     def matches(self, host: str, port: int) -> bool:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
+        literal = ip_literal(host)
+        if literal is None:
             return False
+        address = literal[0]
         if self.port is not None and port != self.port:
             return False
         return address in self.network

@@ -478,7 +478,26 @@ _parse_name_addr, NAME_ADDR_MEMO = memoise_text(
 )
 _parse_via, VIA_MEMO = memoise_text(Via._parse, max_entries=2048, max_text=MEMO_MAX_TEXT)
 _parse_cseq, CSEQ_MEMO = memoise_text(CSeq._parse, max_entries=1024, max_text=MEMO_MAX_TEXT)
+
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _ip_literal(text: str) -> tuple[IpAddress, str] | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return address, str(address)
+
+
+ip_literal, IP_MEMO = memoise_text(_ip_literal, max_entries=1024, max_text=64)
+"""``text`` as an IP address and its normal spelling, or None when it is not one. Every
+call's SDP and next hop name the same few addresses, and ``ipaddress`` parses each octet
+in Python (a few µs a time). Not-an-address (None) is computed again at each use."""
+
 MEMOS: dict[str, TextMemo[Any]] = {
+    "ip": IP_MEMO,
     "uri": URI_MEMO,
     "name_addr": NAME_ADDR_MEMO,
     "via": VIA_MEMO,

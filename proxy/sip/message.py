@@ -16,7 +16,7 @@ malformed input raises :class:`SipParseError`, nothing else, so the transport ca
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from proxy.sip.headers import (
@@ -140,6 +140,10 @@ canonical, CANONICAL_MEMO = memoise_text(_canonical, max_entries=2048, max_text=
 """Header name -> lookup form (compact forms expanded, case folded); memoised, since it
 runs on every header of every lookup, for names up to 64 characters (a longer name is a
 made-up one: computed, never stored)."""
+_KNOWN_NAMES = CANONICAL_MEMO.table
+"""The memo's own table (emptied in place, never replaced): the header loops below look
+a name up here first, a dict lookup where calling :func:`canonical` costs a Python call
+per header; a miss (or the empty name, whose lookup form is falsy) still calls it."""
 
 
 @dataclass(slots=True)
@@ -154,17 +158,19 @@ class SipMessage:
     def get(self, name: str) -> str | None:
         """The first value of header ``name`` (canonical lookup), or None."""
         key = canonical(name)
+        known = _KNOWN_NAMES
         for hname, value in self.headers:
-            if canonical(hname) == key:
+            if (known.get(hname) or canonical(hname)) == key:
                 return value
         return None
 
     def get_all(self, name: str) -> list[str]:
         """Every value of ``name``; comma-joined multi-value headers are split."""
         key = canonical(name)
+        known = _KNOWN_NAMES
         values: list[str] = []
         for hname, value in self.headers:
-            if canonical(hname) == key:
+            if (known.get(hname) or canonical(hname)) == key:
                 if key in MULTI_VALUE_HEADERS:
                     values.extend(split_header_values(value))
                 else:
@@ -272,8 +278,9 @@ class SipMessage:
     @property
     def top_via(self) -> Via:
         """The first Via value only: every transaction lookup needs it, none the rest."""
+        known = _KNOWN_NAMES
         for hname, value in self.headers:
-            if canonical(hname) == "via":
+            if (known.get(hname) or canonical(hname)) == "via":
                 values = split_header_values(value)
                 if values:
                     try:
@@ -321,8 +328,9 @@ class SipMessage:
         lines = [self.start_line()]
         length = str(len(self.body))
         placed = False
+        known = _KNOWN_NAMES
         for hname, value in self.headers:
-            if canonical(hname) == "content-length":
+            if (known.get(hname) or canonical(hname)) == "content-length":
                 if not placed:
                     lines.append(f"{hname}: {length}")
                     placed = True
@@ -369,8 +377,14 @@ def _split_head(data: bytes) -> tuple[bytes, bytes]:
     return data[: found[0]], data[found[1] :]
 
 
-def _unfold(head: str) -> Iterator[str]:
-    """Header lines with continuation lines (leading SP/HT) joined (RFC 3261 §7.3.1)."""
+def _unfold(head: str) -> list[str]:
+    """Header lines with continuation lines (leading SP/HT) joined (RFC 3261 §7.3.1).
+
+    Most heads fold nothing: then the lines are the split itself (one CR each dropped),
+    without the line-by-line loop that joins continuations."""
+    if "\n " not in head and "\n\t" not in head and head[:1] not in (" ", "\t"):
+        return [line[:-1] if line[-1:] == "\r" else line for line in head.split("\n")]
+    lines: list[str] = []
     current: str | None = None
     for line in head.split("\n"):
         if line.endswith("\r"):
@@ -381,10 +395,11 @@ def _unfold(head: str) -> Iterator[str]:
             current += " " + line.strip(" \t")
             continue
         if current is not None:
-            yield current
+            lines.append(current)
         current = line
     if current is not None:
-        yield current
+        lines.append(current)
+    return lines
 
 
 def _decimal(text: str, what: str, limit: int) -> int:
@@ -421,10 +436,10 @@ def parse_message(
         head = head_bytes.decode("utf-8")
     except UnicodeDecodeError:
         head = head_bytes.decode("utf-8", "surrogateescape")
-    lines = list(_unfold(head))
+    lines = _unfold(head)
     if not lines or not lines[0]:
         raise SipParseError("empty start line")
-    if any("\r" in line for line in lines):
+    if "\r" in "".join(lines):
         raise SipParseError("bare CR in the header section")
     start, header_lines = lines[0], lines[1:]
     message: Request | Response
@@ -446,17 +461,44 @@ def parse_message(
             raise SipVersionError(f"unsupported version {version}")
         _check_request_uri(uri)
         message = Request(method=method, uri=uri)
+    seen = _SeenHeaders()
     headers: list[tuple[str, str]] = []
+    known = _KNOWN_NAMES
     for line in header_lines:
         name, colon, value = line.partition(":")
         name = name.rstrip(" \t")
         if not colon or not _valid_name(name):
             raise SipParseError(f"malformed header line {line[:40]!r}")
-        headers.append((name, value.strip(" \t")))
+        value = value.strip(" \t")
+        headers.append((name, value))
+        seen.note(known.get(name) or canonical(name), value)
     message.headers = headers
-    message.body = _body(message, body, stream)
-    _check_mandatory(message)
+    message.body = _body(seen.all_of["content-length"], body, stream)
+    _check_mandatory(message, seen)
     return message
+
+
+class _SeenHeaders:
+    """What the validation of a parsed message reads, gathered in the parse's own pass
+    over the headers: the first value of each header, every value of the headers it
+    checks one by one, and the first single-value header seen twice. Each check used to
+    be a lookup scanning the whole header list (a dozen scans per message)."""
+
+    __slots__ = ("all_of", "duplicate", "first")
+
+    def __init__(self) -> None:
+        self.first: dict[str, str] = {}
+        self.all_of: dict[str, list[str]] = {"content-length": [], "via": [], "contact": []}
+        self.duplicate: str | None = None
+
+    def note(self, key: str, value: str) -> None:
+        if key not in self.first:
+            self.first[key] = value
+        elif self.duplicate is None and key in SINGLE_VALUE_HEADERS:
+            self.duplicate = key
+        values = self.all_of.get(key)
+        if values is not None:
+            values.append(value)
 
 
 def _check_request_uri(uri: str) -> None:
@@ -472,8 +514,9 @@ def _check_request_uri(uri: str) -> None:
             raise SipParseError("Request-URI must not contain headers")
 
 
-def _body(message: SipMessage, body: bytes, stream: bool) -> bytes:
-    length = _content_length([v for h, v in message.headers if canonical(h) == "content-length"])
+def _body(lengths: list[str], body: bytes, stream: bool) -> bytes:
+    """The body the Content-Length values (every one, in order) delimit."""
+    length = _content_length(lengths)
     if length is None:
         if stream:
             raise SipParseError("Content-Length is mandatory over TCP")
@@ -485,41 +528,65 @@ def _body(message: SipMessage, body: bytes, stream: bool) -> bytes:
     return body[:length]
 
 
-def _check_mandatory(message: Request | Response) -> None:
+def _check_mandatory(message: Request | Response, seen: _SeenHeaders) -> None:
     """RFC 3261 §8.1.1: To, From, CSeq, Call-ID, Max-Forwards (requests), Via.
 
     Max-Forwards is optional here: RFC 2543 requests lack it (RFC 4475 §3.4.1). The
     single-value headers must appear once, Call-ID must be a ``word[@word]``, every Via
-    and Contact value must parse (the B2BUA rewrites both).
+    and Contact value must parse (the B2BUA rewrites both). The checks run in this order
+    on what the parse gathered (``seen``), the values the message's own accessors
+    (``from_``, ``to``, ``cseq``, ``call_id``, ``vias``, ``get_all("contact")``) return.
     """
-    counts: dict[str, int] = {}
-    for hname, _ in message.headers:
-        key = canonical(hname)
-        if key in SINGLE_VALUE_HEADERS:
-            counts[key] = counts.get(key, 0) + 1
-            if counts[key] > 1:
-                raise SipParseError(f"more than one {SINGLE_VALUE_HEADERS[key]} header")
-    message.from_  # noqa: B018 - parse for validation
-    message.to  # noqa: B018
-    cseq = message.cseq
-    if not _CALL_ID.fullmatch(message.call_id):
+    if seen.duplicate is not None:
+        raise SipParseError(f"more than one {SINGLE_VALUE_HEADERS[seen.duplicate]} header")
+    first = seen.first
+    _checked_name_addr(first.get("from"), "from")
+    _checked_name_addr(first.get("to"), "to")
+    cseq_text = first.get("cseq")
+    if cseq_text is None:
+        raise SipParseError("missing CSeq")
+    try:
+        cseq = CSeq.parse(cseq_text)
+    except SipHeaderError as exc:
+        raise SipParseError(str(exc)) from exc
+    call_id = first.get("call-id")
+    if not call_id:
+        raise SipParseError("missing Call-ID")
+    if not _CALL_ID.fullmatch(call_id.strip()):
         raise SipParseError("malformed Call-ID")
-    for hname, value in message.headers:
-        if canonical(hname) == "via" and not split_header_values(value):
-            raise SipParseError("empty Via header")
-    if not message.vias:
+    vias = [split_header_values(value) for value in seen.all_of["via"]]
+    if not all(vias):
+        raise SipParseError("empty Via header")
+    if not vias:
         raise SipParseError("missing Via")
-    for contact in message.get_all("contact"):
-        try:
-            NameAddr.parse(contact)
-        except SipHeaderError as exc:
-            raise SipParseError(f"Contact: {exc}") from exc
+    try:
+        for values in vias:
+            for via in values:
+                Via.parse(via)
+    except SipHeaderError as exc:
+        raise SipParseError(f"Via: {exc}") from exc
+    for value in seen.all_of["contact"]:
+        for contact in split_header_values(value):
+            try:
+                NameAddr.parse(contact)
+            except SipHeaderError as exc:
+                raise SipParseError(f"Contact: {exc}") from exc
     if isinstance(message, Request):
         if cseq.method != message.method:
             raise SipParseError("CSeq method does not match the request method")
-        max_forwards = message.get("max-forwards")
+        max_forwards = first.get("max-forwards")
         if max_forwards is not None:
             _decimal(max_forwards, "Max-Forwards", 255)
+
+
+def _checked_name_addr(value: str | None, name: str) -> None:
+    """What :meth:`SipMessage._name_addr` raises for this value, or nothing."""
+    if value is None:
+        raise SipParseError(f"missing {name.title()}")
+    try:
+        NameAddr.parse(value)
+    except SipHeaderError as exc:
+        raise SipParseError(f"{name.title()}: {exc}") from exc
 
 
 def declared_length(head: bytes) -> int:
@@ -527,7 +594,7 @@ def declared_length(head: bytes) -> int:
     blank line excluded), read exactly as :func:`parse_message` reads it, so the framer
     and the parser agree on where a message ends. Raises :class:`SipParseError` when it
     is missing (mandatory on a stream), repeated or not a number."""
-    lines = list(_unfold(head.decode("latin-1")))[1:]
+    lines = _unfold(head.decode("latin-1"))[1:]
     values = [
         value.strip(" \t")
         for name, colon, value in (line.partition(":") for line in lines)

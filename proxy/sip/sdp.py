@@ -26,12 +26,13 @@ Two deliberate refinements of "replace every address and port":
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
+
+from proxy.sip.headers import ip_literal
 
 __all__ = [
     "Connection",
@@ -147,10 +148,18 @@ class Endpoint(NamedTuple):
 # --------------------------------------------------------------------------- parsing
 
 
+_WELL_FORMED = re.compile(r"(?:[A-Za-z]=[^\r\n\x00]*)?\r?(?:\n(?:[A-Za-z]=[^\r\n\x00]*)?\r?)*")
+"""A body every line of which passes the checks of :func:`_split_lines`' loop (empty,
+or ``x=`` and no CR or NUL, each with one optional CR before its LF): one regular
+expression at C speed instead of four checks per line in Python."""
+
+
 def _split_lines(body: bytes) -> list[str]:
     if not isinstance(body, bytes | bytearray | memoryview):
         raise SdpError("SDP body must be bytes")
     text = bytes(body).decode("utf-8", "surrogateescape")
+    if _WELL_FORMED.fullmatch(text):
+        return [line for raw in text.split("\n") if (line := raw.removesuffix("\r"))]
     lines = []
     for raw in text.split("\n"):
         line = raw[:-1] if raw.endswith("\r") else raw
@@ -301,11 +310,11 @@ def connection_endpoint(sdp: Sdp, index: int) -> Endpoint:
     connection = media.connection or sdp.connection
     if connection is None:  # only possible for a rejected stream (port 0)
         return Endpoint(NULL_IPV4, 0, 0, media.rtcp_mux)
-    try:
-        ip = str(ipaddress.ip_address(connection.address))
-    except ValueError:
+    literal = ip_literal(connection.address)
+    if literal is None:
         message = f"connection address is not an IP address: {connection.address!r}"
-        raise SdpError(message) from None
+        raise SdpError(message)
+    ip = literal[1]
     rtp_port = media.port
     if media.rtcp is not None:
         rtcp_port = media.rtcp.port
@@ -319,10 +328,10 @@ def connection_endpoint(sdp: Sdp, index: int) -> Endpoint:
 
 def _media_address(media_ip: str) -> str:
     """``IN IP4 x`` / ``IN IP6 x`` for a validated, unicast media address."""
-    try:
-        address = ipaddress.ip_address(media_ip)
-    except ValueError:
-        raise ValueError(f"media_ip is not an IP address: {media_ip!r}") from None
+    literal = ip_literal(media_ip)
+    if literal is None:
+        raise ValueError(f"media_ip is not an IP address: {media_ip!r}")
+    address = literal[0]
     if address.is_unspecified:
         raise ValueError("media_ip must not be the unspecified address (that means hold)")
     return f"IN IP{address.version} {address}"

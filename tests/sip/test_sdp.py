@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from proxy.sip.sdp import (
@@ -458,3 +458,39 @@ def test_a_revived_port_zero_stream_without_c_gets_the_anchor_address() -> None:
     out = rewrite_sdp(body, "10.1.2.3", [4000])
     assert b"m=audio 4000 RTP/AVP 0\r\nc=IN IP4 10.1.2.3\r\n" in out
     assert connection_endpoint(parse_sdp(out), 0).ip == "10.1.2.3"
+
+
+def _split_lines_reference(body: bytes) -> list[str]:
+    """The line-by-line checks the one-expression fast path of the splitter stands for."""
+    lines = []
+    for raw in body.decode("utf-8", "surrogateescape").split("\n"):
+        line = raw[:-1] if raw.endswith("\r") else raw
+        if not line:
+            continue
+        if "\r" in line or "\x00" in line:
+            raise SdpError("bare CR or NUL inside an SDP line")
+        if len(line) < 2 or line[1] != "=" or not (line[0].isascii() and line[0].isalpha()):
+            raise SdpError(f"not an SDP line: {line[:40]!r}")
+        lines.append(line)
+    return lines
+
+
+def _outcome(split: object, body: bytes) -> tuple[str, object]:
+    try:
+        return "lines", split(body)  # type: ignore[operator]
+    except SdpError as exc:
+        return "error", str(exc)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(["v", "=", "0", "\r", "\n", "\r\n", "\x00", " ", "a", "é", "²"]))
+       .map(lambda parts: "".join(parts).encode("utf-8", "surrogateescape"))
+       | st.binary(max_size=40))  # fmt: skip
+@example(b"v=0\r\na=\x00\r\n")
+@example(b"v=0\r\r\nm=x")
+@example("é=1\n".encode())
+@example(b"v=0\n=x\n")
+def test_sdp_lines_split_as_the_line_by_line_checks_do(body: bytes) -> None:
+    from proxy.sip.sdp import _split_lines
+
+    assert _outcome(_split_lines, body) == _outcome(_split_lines_reference, body)
