@@ -242,6 +242,19 @@ static int unauthenticated(LegObject *a, uint8_t *data, int *len, srtp_err_statu
     return 0;
 }
 
+/* RelayLeg.renumber, in place (len >= 12, number_on ran): an index libsrtp refused as
+ * sent before continues at the last number + 1 */
+static void renumber(LegObject *b, uint8_t *data)
+{
+    long long out = ((long long)data[2] << 8) | data[3];
+    long long seq = (out - b->seq_offset) & 0xFFFF;
+    long long fresh = (b->seq_last + 1) & 0xFFFF;
+    b->seq_offset = (fresh - seq) & 0xFFFF;
+    b->seq_last = fresh;
+    data[2] = (uint8_t)(fresh >> 8);
+    data[3] = (uint8_t)fresh;
+}
+
 /* RelayLeg.number_on, in place (len >= 12) */
 static void number_on(LegObject *b, uint8_t *data)
 {
@@ -414,7 +427,12 @@ static int on_rtp(SocketObject *s, LegObject *a, uint8_t *data, int len,
     if (b->tx != NULL) {
         if (len >= 12)
             number_on(b, data);
-        if (protect(b->tx, data, &len, 0) != srtp_err_status_ok) {
+        srtp_err_status_t status = protect(b->tx, data, &len, 0);
+        if (is_replay(status) && len >= 12) { /* an index sent before: RelayLeg.renumber */
+            renumber(b, data);
+            status = protect(b->tx, data, &len, 0);
+        }
+        if (status != srtp_err_status_ok) {
             b->srtp_protect++;
             goto done;
         }

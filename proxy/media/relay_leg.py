@@ -349,6 +349,22 @@ class RelayLeg:
             return data
         return data[:2] + out.to_bytes(2, "big") + data[4:8] + ssrc + data[12:]
 
+    def renumber(self, data: bytes) -> bytes:
+        """``data``, numbered on by :meth:`number_on`, was refused by libsrtp as an index
+        already sent: the phone restarted its stream a little behind its last number
+        under the same SSRC (some phones do on resume, and a test phone that stops and
+        starts its sender does), which :meth:`number_on` took for reordering; passed on,
+        every packet would be refused until the phone's numbers caught up (up to
+        ``_REORDER_WINDOW`` packets: two seconds of silence one way). This packet and the
+        ones after it continue at the last number + 1. A true duplicate is then sent once
+        more under a new number, which the far end's jitter buffer drops by timestamp."""
+        out = (data[2] << 8) | data[3]
+        seq = (out - self.seq_offset) & 0xFFFF
+        fresh = (self.seq_last + 1) & 0xFFFF
+        self.seq_offset = (fresh - seq) & 0xFFFF
+        self.seq_last = fresh
+        return data[:2] + fresh.to_bytes(2, "big") + data[4:]
+
     def stats(self) -> StreamStats:
         return leg_stats(self)
 

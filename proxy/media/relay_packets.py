@@ -27,7 +27,7 @@ from typing import Protocol, cast
 from proxy.media.engine import Side
 from proxy.media.relay_leg import RelayLeg, SendTo, SockAddr, refuse
 from proxy.media.rtcp import clear_compound, valid_compound
-from proxy.media.srtp import SrtpError
+from proxy.media.srtp import SrtpError, SrtpProtectReplayError
 
 __all__ = ["Owner", "RelaySocket", "RtcpSocket", "RtpSocket", "relay_rtcp", "take_pair"]
 
@@ -269,6 +269,15 @@ class RtpSocket(RelaySocket):
                 data = b.number_on(data)
             try:
                 data = tx.protect(data)
+            except SrtpProtectReplayError:  # an index sent before: see RelayLeg.renumber
+                if len(data) < 12:
+                    b.srtp_protect += 1
+                    return
+                try:
+                    data = tx.protect(b.renumber(data))
+                except SrtpError:
+                    b.srtp_protect += 1
+                    return
             except SrtpError:
                 b.srtp_protect += 1
                 return

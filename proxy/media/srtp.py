@@ -51,6 +51,11 @@ class SrtpProtectError(SrtpError):
     """libsrtp refused to protect an outbound packet (e.g. index too old after a jump)."""
 
 
+class SrtpProtectReplayError(SrtpProtectError):
+    """libsrtp refused to protect an outbound packet because its index was sent before
+    (or is too old): the relay numbers it on afresh (:meth:`RelayLeg.renumber`)."""
+
+
 _REPLAY_MESSAGES = frozenset(
     {
         "replay check failed (bad index)",
@@ -128,10 +133,16 @@ class SrtpContext:
         return f"SrtpContext({self.keys.profile})"  # never show key material
 
     def protect(self, packet: bytes) -> bytes:
-        """RTP -> SRTP. Raises :class:`SrtpProtectError` if libsrtp refuses."""
+        """RTP -> SRTP. Raises :class:`SrtpProtectReplayError` for an index sent before,
+        :class:`SrtpProtectError` if libsrtp refuses otherwise."""
         try:
             return self._protect(packet)
-        except (pylibsrtp.Error, ValueError) as exc:
+        except pylibsrtp.Error as exc:
+            text = str(exc)
+            if text in _REPLAY_MESSAGES:
+                raise SrtpProtectReplayError(text) from None
+            raise SrtpProtectError(text) from None
+        except ValueError as exc:
             raise SrtpProtectError(str(exc)) from None
 
     def unprotect(self, packet: bytes) -> bytes:

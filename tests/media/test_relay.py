@@ -885,6 +885,40 @@ def test_a_new_stream_from_the_phone_carries_on_the_srtp_numbering(run: Runner) 
     run(test)
 
 
+def test_the_same_ssrc_restarting_a_little_behind_carries_on_the_numbering(
+    run: Runner,
+) -> None:
+    """Regression (found by the hold/resume interop test): a phone that stops and starts
+    its sender under the same SSRC at a number up to ``_REORDER_WINDOW`` behind its last
+    one looks like reordering to ``number_on``; libsrtp refused every such packet as an
+    index already sent (two seconds of silence one way). Each one refused is numbered on
+    afresh; a genuinely late packet that was never sent keeps its number."""
+
+    async def test() -> None:
+        engine = make_engine()
+        session, phone, pbx = await call(engine)
+        inside = session.local(INSIDE, 0)
+        far_end = SrtpContext(KEY, SALT)
+        engine.apply(SetTxSsrc(session.id, OUTSIDE, 0xCAFEF00D))
+        engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
+
+        async def relayed(seq: int) -> int:
+            phone.send(rtp(seq, ssrc=0x77), inside)
+            clear: bytes = far_end.unprotect((await pbx.recv())[0])
+            return int.from_bytes(clear[2:4], "big")
+
+        assert [await relayed(seq) for seq in (500, 501, 503)] == [500, 501, 503]
+        assert await relayed(502) == 502  # late, never sent: keeps its number
+        # The sender restarts behind under the same SSRC, at numbers it sent before.
+        assert [await relayed(seq) for seq in (501, 502, 503)] == [504, 505, 506]
+        assert await relayed(504) == 507  # and the stream goes on from there
+        assert stat(session, OUTSIDE, "srtp_protect") == 0
+        assert stat(session, OUTSIDE, "packets_encrypted") == 8
+        await engine.close()
+
+    run(test)
+
+
 def test_srtp_first_packet_latches_only_once_authenticated(run: Runner) -> None:
     async def test() -> None:
         engine = make_engine()
