@@ -423,3 +423,18 @@ class RemoteSpa(_Agent):
                 call.secured.set()
             else:
                 call.clear_reason = str(getattr(event, "reason", event))
+
+
+async def hang_up(phones: Phones, spa: RemoteSpa, phone: PhoneCall, timeout: float = 10.0) -> bool:
+    """The phone hangs up its call; True once the proxy answered the BYE with 200 (or the
+    call had ended already). Both agents forget the call either way."""
+    phones.hang_up(phone)
+    try:
+        async with asyncio.timeout(timeout):
+            await phone.ended.wait()
+    except TimeoutError:
+        return False
+    finally:
+        spa.forget(phone.index)
+        phones.calls.pop(phone.call_id, None)
+    return phone.bye_status in (0, 200)

@@ -217,16 +217,7 @@ class CallDriver:
     async def hang_up(self, pair: Pair, timeout: float = 10.0) -> bool:
         """The phone hangs up; True once the proxy answered its BYE with 200."""
         assert self.phones is not None
-        self.phones.hang_up(pair.phone)
-        try:
-            async with asyncio.timeout(timeout):
-                await pair.phone.ended.wait()
-        except TimeoutError:
-            return False
-        finally:
-            self.spa.forget(pair.phone.index)
-            self.phones.calls.pop(pair.phone.call_id, None)
-        return pair.phone.bye_status in (0, 200)
+        return await ua.hang_up(self.phones, self.spa, pair.phone, timeout)
 
 
 def _check_at_peer(data: bytes, ctx: SrtpContext | None, payload: bytes) -> bool:
