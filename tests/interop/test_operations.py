@@ -222,6 +222,22 @@ def test_sigterm_drains_calls_then_exits_zero(
     print(f"SIGTERM with 2 calls ending on their own: exit 0 after {drained:.2f} s")
 
 
+def sigterm_once_up(proxy: Proxy, calls: int, state: str) -> float:
+    """Wait (bounded) until ``calls`` calls are in ``state``, send SIGTERM, and return
+    how long the process took to exit, which it must do with status 0."""
+    assert proxy.process is not None
+    deadline = time.monotonic() + 10
+    while len(proxy.status()["calls"]) < calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [c["state"] for c in proxy.status()["calls"]] == [state] * calls
+    sent = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    code = proxy.process.wait(timeout=10)
+    took = time.monotonic() - sent
+    assert code == 0
+    return took
+
+
 def test_drain_timeout_hangs_up_with_a_reason_and_exits_zero(
     start_proxy: ProxyFactory, sipp: Sipp, new_port: Callable[[], int], tmp_path: Path
 ) -> None:
@@ -232,15 +248,7 @@ def test_drain_timeout_hangs_up_with_a_reason_and_exits_zero(
     callee = sipp.uas("uas_hung_up.xml", uas_port, "udp", calls=3)
     caller = sipp.uac("uac_hung_up.xml", proxy.inside, "udp", calls=3,
                       extra=["-l", "3", "-r", "10"])  # fmt: skip
-    deadline = time.monotonic() + 10
-    while len(proxy.status()["calls"]) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [c["state"] for c in proxy.status()["calls"]] == ["confirmed"] * 3
-    sent = time.monotonic()
-    proxy.process.send_signal(signal.SIGTERM)
-    code = proxy.process.wait(timeout=10)
-    took = time.monotonic() - sent
-    assert code == 0
+    took = sigterm_once_up(proxy, 3, "confirmed")
     sipp.check(caller, callee)  # every BYE carried the Reason, both sides answered it
     assert 1.0 <= took < 3.0, took
     log = proxy.log_text()
@@ -261,15 +269,7 @@ def test_drain_timeout_ends_ringing_calls_with_a_reason_on_both_sides(
     callee = sipp.uas("uas_ringing_drained.xml", uas_port, "udp", calls=2)
     caller = sipp.uac("uac_ringing_drained.xml", proxy.inside, "udp", calls=2,
                       extra=["-l", "2", "-r", "10"])  # fmt: skip
-    deadline = time.monotonic() + 10
-    while len(proxy.status()["calls"]) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [c["state"] for c in proxy.status()["calls"]] == ["early"] * 2
-    sent = time.monotonic()
-    proxy.process.send_signal(signal.SIGTERM)
-    code = proxy.process.wait(timeout=10)
-    took = time.monotonic() - sent
-    assert code == 0
+    took = sigterm_once_up(proxy, 2, "early")
     sipp.check(caller, callee)  # the CANCELs and the 503s carried the Reason
     assert 1.0 <= took < 3.0, took
     log = proxy.log_text()
