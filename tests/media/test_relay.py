@@ -848,6 +848,27 @@ def test_announced_ssrc_replaces_the_phones_on_the_srtp_side(run: Runner) -> Non
     run(test)
 
 
+Relayed = Callable[[bytes], Coroutine[Any, Any, bytes]]
+
+
+async def srtp_toward_the_far_end(engine: RelayEngine) -> tuple[RelaySession, Relayed]:
+    """A call whose outside is SRTP under the announced SSRC ``0xCAFEF00D``, and a
+    function that sends one packet from the phone and returns it as the far end
+    decrypts it (the numbering tests)."""
+    session, phone, pbx = await call(engine)
+    inside = session.local(INSIDE, 0)
+    far_end = SrtpContext(KEY, SALT)
+    engine.apply(SetTxSsrc(session.id, OUTSIDE, 0xCAFEF00D))
+    engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
+
+    async def relayed(packet: bytes) -> bytes:
+        phone.send(packet, inside)
+        clear: bytes = far_end.unprotect((await pbx.recv())[0])
+        return clear
+
+    return session, relayed
+
+
 def test_a_new_stream_from_the_phone_carries_on_the_srtp_numbering(run: Runner) -> None:
     """A phone that starts a new RTP stream (new SSRC, sequence number far behind; e.g. on
     resume after hold) must not be refused by libsrtp as "index too old": toward the SRTP
@@ -855,17 +876,7 @@ def test_a_new_stream_from_the_phone_carries_on_the_srtp_numbering(run: Runner) 
 
     async def test() -> None:
         engine = make_engine()
-        session, phone, pbx = await call(engine)
-        inside = session.local(INSIDE, 0)
-        far_end = SrtpContext(KEY, SALT)
-        engine.apply(SetTxSsrc(session.id, OUTSIDE, 0xCAFEF00D))
-        engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
-
-        async def relayed(packet: bytes) -> bytes:
-            phone.send(packet, inside)
-            clear: bytes = far_end.unprotect((await pbx.recv())[0])
-            return clear
-
+        session, relayed = await srtp_toward_the_far_end(engine)
         first = [await relayed(rtp(seq)) for seq in (40000, 40001, 40003)]  # a loss: kept
         assert first == [rtp(s, ssrc=0xCAFEF00D) for s in (40000, 40001, 40003)]
         assert await relayed(rtp(40002)) == rtp(40002, ssrc=0xCAFEF00D)  # late: kept
@@ -896,16 +907,10 @@ def test_the_same_ssrc_restarting_a_little_behind_carries_on_the_numbering(
 
     async def test() -> None:
         engine = make_engine()
-        session, phone, pbx = await call(engine)
-        inside = session.local(INSIDE, 0)
-        far_end = SrtpContext(KEY, SALT)
-        engine.apply(SetTxSsrc(session.id, OUTSIDE, 0xCAFEF00D))
-        engine.apply(SetSrtp(session.id, OUTSIDE, SrtpKeys(KEY, SALT)))
+        session, relay = await srtp_toward_the_far_end(engine)
 
         async def relayed(seq: int) -> int:
-            phone.send(rtp(seq, ssrc=0x77), inside)
-            clear: bytes = far_end.unprotect((await pbx.recv())[0])
-            return int.from_bytes(clear[2:4], "big")
+            return int.from_bytes((await relay(rtp(seq, ssrc=0x77)))[2:4], "big")
 
         assert [await relayed(seq) for seq in (500, 501, 503)] == [500, 501, 503]
         assert await relayed(502) == 502  # late, never sent: keeps its number
